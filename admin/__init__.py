@@ -1,0 +1,1 @@
+"""`raee-admin`: the operator's command line (tasks, ingest, classify, eval, demo)."""

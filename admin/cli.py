@@ -1,0 +1,277 @@
+"""`raee-admin`: manage tasks, ingest labelled data, classify, evaluate, and run the demo."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from tqdm import tqdm
+
+from raee_server.datafile import FORMATS, Row, read_rows
+from raee_server.errors import RaeeError
+from raee_server.settings import Settings
+from raee_server.tasks import TaskSpec, parse_label_flag
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEMO_SENTENCES = [
+    "a gorgeous, witty and deeply moving film",
+    "the plot is a tedious mess and the jokes fall flat",
+    "an unremarkable sequel that nobody asked for",
+]
+
+
+class Context:
+    """Settings from flags and RAEE_* variables; the engine is opened on first use (it loads models)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engine: Any = None
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from raee_server.engine import Engine
+
+            click.echo(f"loading backbone {self.settings.backbone} and encoder {self.settings.encoder} ...", err=True)
+            self._engine = Engine.open(self.settings)
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
+def friendly_errors(func: F) -> F:
+    """Report a RaeeError as one line on stderr and exit 2: never a traceback for a user mistake."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RaeeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="stores directory [RAEE_DATA_DIR]")
+@click.option("--backbone", help="backbone spec [RAEE_BACKBONE]")
+@click.option("--encoder", help="key encoder spec [RAEE_ENCODER]")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [RAEE_DEVICE]")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="[RAEE_DTYPE]")
+@click.option("-v", "--verbose", is_flag=True, help="log progress of model loading and conversion")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, **overrides: Any) -> None:
+    """Administer a RAEE (retrieval-augmented early exit) inference service."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    ctx.obj = Context(settings)
+    ctx.call_on_close(ctx.obj.close)
+
+
+# -- tasks ---------------------------------------------------------------------
+
+
+@cli.group()
+def task() -> None:
+    """Create, list, show and delete tasks (tenants)."""
+
+
+@task.command("create")
+@click.argument("name", required=False)
+@click.option("--file", "spec_file", type=click.Path(path_type=Path), help="TOML task spec")
+@click.option("--template", help="prompt template containing {text}")
+@click.option("--label", "labels", multiple=True, help="label as name=word (word with its leading space), repeatable")
+@click.option("--description", default="")
+@click.pass_obj
+@friendly_errors
+def task_create(obj: Context, name: str | None, spec_file: Path | None, template: str | None,
+                labels: tuple[str, ...], description: str) -> None:
+    """Create a task from flags or from a TOML file (see admin/tasks/*.toml)."""
+    if spec_file:
+        spec = TaskSpec.from_toml(spec_file)
+    else:
+        if not name or template is None:
+            raise click.UsageError("give NAME, --template and --label ... or --file spec.toml")
+        spec = TaskSpec(name, template, tuple(parse_label_flag(v) for v in labels), description)
+    obj.engine.create_task(spec)
+    click.echo(f"created task {spec.name} with labels {', '.join(spec.label_names)}")
+
+
+@task.command("list")
+@click.pass_obj
+@friendly_errors
+def task_list(obj: Context) -> None:
+    """List tasks with their record counts."""
+    from raee_server.metadata import MetadataStore
+
+    infos = MetadataStore(obj.settings.sql_url).list_tasks()
+    if not infos:
+        click.echo("no tasks (create one with `raee-admin task create`)")
+    for info in infos:
+        click.echo(f"{info.spec.name:<20} {info.records:>8} records  labels: {', '.join(info.spec.label_names)}")
+
+
+@task.command("show")
+@click.argument("name")
+@click.pass_obj
+@friendly_errors
+def task_show(obj: Context, name: str) -> None:
+    """Show a task's spec, record count and per-layer accuracy of its database."""
+    from raee_server.metadata import MetadataStore
+
+    store = MetadataStore(obj.settings.sql_url)
+    info = store.task(name)
+    click.echo(json.dumps({**info.spec.to_dict(), "backbone": info.backbone_id, "encoder": info.encoder_id,
+                           "records": info.records, "created": info.created_at.isoformat()}, indent=2))
+    acc = store.layer_accuracy(name)
+    if acc:
+        click.echo("records each exit gets right: " + " ".join(f"L{l}={100 * a:.0f}%" for l, a in acc.items()))
+
+
+@task.command("delete")
+@click.argument("name")
+@click.confirmation_option(prompt="Delete the task and all its records?")
+@click.pass_obj
+@friendly_errors
+def task_delete(obj: Context, name: str) -> None:
+    """Delete a task from both stores."""
+    obj.engine.delete_task(name)
+    click.echo(f"deleted task {name}")
+
+
+# -- data ----------------------------------------------------------------------
+
+
+def _file_options(func: F) -> F:
+    for option in reversed([
+        click.option("--text-column", default="text", show_default=True),
+        click.option("--label-column", default="label", show_default=True),
+        click.option("--format", "fmt", type=click.Choice(FORMATS), help="default: from the file extension"),
+        click.option("--limit", type=int, help="use only the first N data rows"),
+    ]):
+        func = option(func)
+    return func
+
+
+def _rows(path: Path, text_column: str, label_column: str, fmt: str | None, limit: int | None):  # type: ignore[no-untyped-def]
+    return itertools.islice(read_rows(path, text_column, label_column, fmt), limit)
+
+
+@cli.command()
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@_file_options
+@click.pass_obj
+@friendly_errors
+def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
+           limit: int | None) -> None:
+    """Append labelled rows (TSV/CSV/JSONL with text and label columns) to a task's exit database."""
+    total = sum(1 for _ in _rows(file, text_column, label_column, fmt, limit))  # validates the header first
+    engine = obj.engine
+    with tqdm(total=total, unit="row", desc=f"ingest {task_name}", file=sys.stderr) as bar:
+        report = engine.ingest(task_name, _rows(file, text_column, label_column, fmt, limit), source=str(file),
+                               progress=bar.update)
+    for rej in report.rejected:
+        click.echo(f"{file}:{rej.line}: rejected: {rej.reason}", err=True)
+    click.echo(f"added {report.added}, already present {report.present}, rejected {len(report.rejected)}")
+    if report.rejected:
+        click.echo(f"error: {len(report.rejected)} row(s) rejected; the other rows were ingested", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--task", "task_name", required=True)
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--policy", default="paper", show_default=True, help="paper, full or static:<layer>")
+@click.option("--k", type=int, help="neighbours to retrieve (default 12)")
+@click.option("--neighbours", "show_neighbours", is_flag=True, help="print the retrieved neighbours")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per text")
+@click.pass_obj
+@friendly_errors
+def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, k: int | None,
+             show_neighbours: bool, as_json: bool) -> None:
+    """Classify texts with early exit: prints label, exit layer and label scores."""
+    engine = obj.engine
+    labels = engine.task_info(task_name).spec.label_names
+    for text, pred in zip(texts, engine.classify(task_name, list(texts), policy=policy, k=k)):
+        scores = dict(zip(labels, pred.scores))
+        if as_json:
+            click.echo(json.dumps({"text": text, "label": pred.label, "exit_layer": pred.exit_layer,
+                                   "depth": pred.depth, "scores": scores, "timings_us": pred.timings_us}))
+            continue
+        score_text = " ".join(f"{name}={p:.3f}" for name, p in scores.items())
+        click.echo(f"{pred.label:<12} exit {pred.exit_layer:>2}/{pred.depth}  {score_text}  {text}")
+        if show_neighbours:
+            for n in pred.neighbours:
+                click.echo(f"    {n.similarity:.3f} {n.label:<12} exits {[l for l, _ in n.exits]}")
+
+
+@cli.command("eval")
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@_file_options
+@click.option("--policy", "policies", multiple=True, default=["paper"], show_default=True,
+              help="policy to measure (repeatable); `full` is always measured too")
+@click.option("--k", type=int, help="neighbours to retrieve (default 12)")
+@click.option("--json-out", type=click.Path(path_type=Path), help="also write the report as JSON")
+@click.pass_obj
+@friendly_errors
+def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
+                 limit: int | None, policies: tuple[str, ...], k: int | None, json_out: Path | None) -> None:
+    """Accuracy, mean exit layer and exit histogram of each policy and of full depth, on the same rows."""
+    from raee_server.evaluation import evaluate, format_report
+
+    items = list(_rows(file, text_column, label_column, fmt, limit))
+    rows = [r for r in items if isinstance(r, Row)]
+    if len(rows) != len(items):
+        click.echo(f"skipping {len(items) - len(rows)} unusable row(s)", err=True)
+    engine = obj.engine
+    with tqdm(total=len(rows), unit="row", desc=f"eval {task_name}", file=sys.stderr) as bar:
+        report = evaluate(engine, task_name, rows, list(policies), k, progress=bar.update)
+    click.echo(format_report(report))
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+@cli.command()
+@click.pass_context
+@friendly_errors
+def demo(ctx: click.Context) -> None:
+    """Build a small sst2 database from the shipped sample if none exists, then classify a few sentences."""
+    obj: Context = ctx.obj
+    engine = obj.engine
+    from raee_server.errors import TaskNotFound
+
+    assets = resources.files("admin")
+    try:
+        info = engine.task_info("sst2")
+    except TaskNotFound:
+        engine.create_task(TaskSpec.from_toml(Path(str(assets / "tasks" / "sst2.toml"))))
+        info = engine.task_info("sst2")
+    if info.records == 0:
+        sample = Path(str(assets / "demo" / "sst2_sample.tsv"))
+        click.echo(f"building the demo database from {sample.name} ...", err=True)
+        ctx.invoke(ingest, task_name="sst2", file=sample, text_column="text", label_column="label", fmt=None,
+                   limit=None)
+    ctx.invoke(classify, task_name="sst2", texts=tuple(DEMO_SENTENCES), policy="paper", k=None,
+               show_neighbours=False, as_json=False)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The data plane: classify and ingest, with no transport code.
+
+The CLI calls it directly; the gRPC servicer calls it from its model worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backbone import Backbone, LabelHead
+from .datafile import Rejected, Row
+from .encoder import KeyEncoder
+from .errors import InvalidInput, StoreMismatch
+from .metadata import MetadataStore, TaskInfo
+from .policies import ExitPolicy, Neighbour, parse_policy
+from .records import ExitRecord, layer_results, record_id
+from .settings import Settings
+from .tasks import TaskSpec
+from .vector_store import VectorPoint, VectorStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    label: str
+    scores: list[float]  # softmax over the task's label words at the exit layer, in label order
+    exit_layer: int
+    depth: int
+    neighbours: list[Neighbour] = field(default_factory=list)
+    timings_us: dict[str, int] = field(default_factory=dict)  # encode, retrieve, forward (shared by a batch)
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    present: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1e6)
+
+
+class Engine:
+    def __init__(
+        self,
+        backbone: Backbone,
+        encoder: KeyEncoder,
+        vectors: VectorStore,
+        metadata: MetadataStore,
+        settings: Settings | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.encoder = encoder
+        self.vectors = vectors
+        self.metadata = metadata
+        self.settings = settings or Settings()
+        self._tasks: dict[str, tuple[TaskSpec, LabelHead]] = {}
+
+    @classmethod
+    def open(cls, settings: Settings) -> Engine:
+        """Load the models and open the stores named by the settings."""
+        from .encoder import load_encoder
+        from .loading import load_backbone
+        from .vector_store import EdgeVectorStore, collection_name
+
+        import torch
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        backbone = load_backbone(settings.backbone, settings.models_dir, settings.device, settings.dtype,
+                                 settings.max_tokens)
+        encoder = load_encoder(settings.encoder, settings.device)
+        vectors = EdgeVectorStore(settings.data_dir / "qdrant", collection_name(backbone.model_id, encoder.model_id),
+                                  encoder.dim)
+        return cls(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
+
+    def close(self) -> None:
+        self.vectors.close()
+        self.metadata.close()
+
+    @property
+    def depth(self) -> int:
+        return self.backbone.depth
+
+    # -- tasks ---------------------------------------------------------------
+
+    def create_task(self, spec: TaskSpec) -> None:
+        spec.validate()
+        self.backbone.label_token_ids([lb.word for lb in spec.labels])  # rejects colliding label words
+        self.metadata.create_task(spec, self.backbone.model_id, self.encoder.model_id)
+
+    def delete_task(self, name: str) -> None:
+        self.metadata.task(name)  # TaskNotFound before touching anything
+        self.vectors.delete_task(name)
+        self.metadata.delete_task(name)
+        self._tasks.pop(name, None)
+
+    def task_info(self, name: str) -> TaskInfo:
+        return self.metadata.task(name)
+
+    def _task(self, name: str) -> tuple[TaskSpec, LabelHead]:
+        cached = self._tasks.get(name)
+        if cached is None:
+            info = self.metadata.task(name)
+            if (info.backbone_id, info.encoder_id) != (self.backbone.model_id, self.encoder.model_id):
+                raise StoreMismatch(
+                    f"task {name!r} was built with backbone {info.backbone_id!r} and encoder {info.encoder_id!r}; "
+                    f"this service runs {self.backbone.model_id!r} and {self.encoder.model_id!r}"
+                )
+            ids = self.backbone.label_token_ids([lb.word for lb in info.spec.labels])
+            cached = (info.spec, self.backbone.label_head(ids))
+            self._tasks[name] = cached
+        return cached
+
+    # -- classify ------------------------------------------------------------
+
+    def check_texts(self, texts: Sequence[str], field_name: str = "text") -> None:
+        if not texts:
+            raise InvalidInput(f"{field_name}: no text given")
+        for i, text in enumerate(texts):
+            where = field_name if len(texts) == 1 else f"{field_name}[{i}]"
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInput(f"{where}: empty text")
+            if len(text) > self.settings.max_text_chars:
+                raise InvalidInput(f"{where}: {len(text)} characters, over the limit of {self.settings.max_text_chars}")
+            if "\x00" in text:
+                raise InvalidInput(f"{where}: contains a NUL character")
+
+    def check_k(self, k: int | None) -> int:
+        k = self.settings.default_k if k is None or k == 0 else k
+        if not 1 <= k <= self.settings.max_k:
+            raise InvalidInput(f"k: {k} out of range 1..{self.settings.max_k}")
+        return k
+
+    def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
+        t0 = time.perf_counter()
+        keys = self.encoder.encode(texts)
+        t1 = time.perf_counter()
+        found = self.vectors.search(task, keys, k)
+        t2 = time.perf_counter()
+        return found, {"encode_us": _us(t1 - t0), "retrieve_us": _us(t2 - t1)}
+
+    def classify(
+        self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None
+    ) -> list[Prediction]:
+        """RAEE inference: retrieve neighbours, choose each row's exit layer, run only up to it."""
+        spec, head = self._task(task)
+        self.check_texts(texts)
+        k = self.check_k(k)
+        chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
+        timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
+        if chosen.uses_neighbours:
+            found, timings = self.neighbours(task, texts, k)
+        else:
+            found = [[] for _ in texts]
+        exits = [chosen.exit_layer(n, self.depth) for n in found]
+        t0 = time.perf_counter()
+        probs = self.forward_at(spec, head, texts, exits)
+        timings["forward_us"] = _us(time.perf_counter() - t0)
+        return [
+            Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings))
+            for p, e, n in zip(probs, exits, found)
+        ]
+
+    def forward_at(self, spec: TaskSpec, head: LabelHead, texts: Sequence[str], exits: Sequence[int]) -> np.ndarray:
+        """Label probabilities of each text at its own exit layer.
+
+        Rows are grouped by exit layer, so no row runs deeper than its exit and an
+        early row never waits on a later one's layers.
+        """
+        out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, layer in enumerate(exits):
+            groups[layer].append(i)
+        size = self.settings.forward_batch_size
+        for layer, rows in sorted(groups.items()):
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                logits = self.backbone.exit_logits([spec.prompt(texts[i]) for i in chunk], head, layer)
+                out[chunk] = softmax(logits.cpu().numpy().astype(np.float64))
+        return out
+
+    def all_exit_logits(self, task: str, texts: Sequence[str]) -> np.ndarray:
+        """[n, L + 1, n_labels] label-word logits at every exit (one full forward per row)."""
+        spec, head = self._task(task)
+        size = self.settings.forward_batch_size
+        parts = [
+            self.backbone.all_exit_logits([spec.prompt(t) for t in texts[i : i + size]], head).cpu().numpy()
+            for i in range(0, len(texts), size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.depth + 1, len(spec.labels)))
+
+    # -- ingest --------------------------------------------------------------
+
+    def ingest(
+        self,
+        task: str,
+        rows: Iterable[Row | Rejected],
+        source: str = "",
+        progress: Callable[[int], None] | None = None,
+    ) -> IngestReport:
+        """Add labelled rows to the task's exit database; idempotent, and a rerun repairs a crashed one.
+
+        Order per batch: SQL rows written as pending, vectors upserted, rows marked
+        committed. A crash leaves pending rows that the next run recomputes.
+        """
+        spec, _ = self._task(task)
+        report = IngestReport()
+        batch_id = self.metadata.begin_batch(task, source)
+        seen: set[str] = set()
+        pending: list[Row] = []
+        status = "failed"
+        try:
+            for item in rows:
+                if isinstance(item, Rejected):
+                    report.rejected.append(item)
+                    continue
+                reason = self._row_problem(spec, item)
+                if reason:
+                    report.rejected.append(Rejected(item.line, reason))
+                    continue
+                rid = record_id(task, item.text)
+                if rid in seen:
+                    report.present += 1  # a duplicate within this input
+                    if progress:
+                        progress(1)
+                    continue
+                seen.add(rid)
+                pending.append(item)
+                if len(pending) >= self.settings.ingest_batch_size:
+                    self._ingest_batch(spec, pending, batch_id, report, progress)
+                    pending = []
+            self._ingest_batch(spec, pending, batch_id, report, progress)
+            status = "done"
+        finally:
+            self.metadata.finish_batch(batch_id, report.added, report.present, len(report.rejected), status)
+        return report
+
+    def _row_problem(self, spec: TaskSpec, row: Row) -> str | None:
+        if row.label not in spec.label_names:
+            return f"unknown label {row.label!r} (known: {', '.join(spec.label_names)})"
+        if len(row.text) > self.settings.max_text_chars:
+            return f"text of {len(row.text)} characters, over the limit of {self.settings.max_text_chars}"
+        return None
+
+    def _ingest_batch(
+        self, spec: TaskSpec, rows: list[Row], batch_id: int, report: IngestReport,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        if not rows:
+            return
+        ids = [record_id(spec.name, r.text) for r in rows]
+        done = self.metadata.committed_ids(spec.name, ids)
+        new = [(rid, r) for rid, r in zip(ids, rows) if rid not in done]
+        report.present += len(rows) - len(new)
+        if new:
+            texts = [r.text for _, r in new]
+            logits = self.all_exit_logits(spec.name, texts)
+            keys = self.encoder.encode(texts)
+            records = [
+                ExitRecord(rid, spec.name, r.text, r.label, spec.label_index(r.label),
+                           layer_results(lg, spec.label_index(r.label)))
+                for (rid, r), lg in zip(new, logits)
+            ]
+            self.metadata.write_pending(spec.name, records, batch_id)
+            self.vectors.upsert([VectorPoint(rec.id, key, rec.payload()) for rec, key in zip(records, keys)])
+            self.metadata.mark_committed([rec.id for rec in records])
+            report.added += len(records)
+        if progress:
+            progress(len(rows))

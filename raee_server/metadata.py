@@ -1,0 +1,249 @@
+"""The SQL record of what was ingested: tasks, exit records, per-layer correctness, ingest batches.
+
+SQLite in the data directory by default; any SQLAlchemy URL (Postgres) through
+`RAEE_DATABASE_URL`. The hot path never reads it: it serves admin and analytics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from .errors import TaskExists, TaskNotFound
+from .records import ExitRecord, text_hash
+from .tasks import Label, TaskSpec
+
+# A naming convention gives every constraint a stable name, so that migrations can drop
+# and alter them on every database (SQLite batch mode included).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+PENDING, COMMITTED = "pending", "committed"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class TaskRow(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    template: Mapped[str] = mapped_column(Text)
+    labels: Mapped[list] = mapped_column(JSON)  # [{"name": ..., "word": ...}] in label order
+    description: Mapped[str] = mapped_column(Text, default="")
+    backbone_id: Mapped[str] = mapped_column(String(200))
+    encoder_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(
+            name=self.name,
+            template=self.template,
+            labels=tuple(Label(d["name"], d["word"]) for d in self.labels),
+            description=self.description,
+        )
+
+
+class IngestBatchRow(Base):
+    __tablename__ = "ingest_batches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(Text)
+    added: Mapped[int] = mapped_column(Integer, default=0)
+    present: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ExitRecordRow(Base):
+    __tablename__ = "exit_records"
+    __table_args__ = (UniqueConstraint("task_id", "text_hash"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the vector store's point id
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    text_hash: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(String(200))
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_batches.id", ondelete="SET NULL"), nullable=True)
+    # pending: rows written, vectors not yet confirmed; committed: both stores hold it.
+    status: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LayerResultRow(Base):
+    __tablename__ = "layer_results"
+    record_id: Mapped[str] = mapped_column(ForeignKey("exit_records.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    predicted: Mapped[str] = mapped_column(String(200))
+    probability: Mapped[float] = mapped_column(Float)
+    gold_probability: Mapped[float] = mapped_column(Float)
+    correct: Mapped[bool] = mapped_column(Boolean)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    spec: TaskSpec
+    backbone_id: str
+    encoder_id: str
+    created_at: datetime
+    records: int
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")  # readers (admin) do not block the writer (ingest)
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+
+class MetadataStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url, json_serializer=lambda o: json.dumps(o, ensure_ascii=False))
+        if self.engine.dialect.name == "sqlite":
+            _sqlite_pragmas(self.engine)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- tasks ---------------------------------------------------------------
+
+    def _task_row(self, s: Session, name: str) -> TaskRow:
+        row = s.scalar(select(TaskRow).where(TaskRow.name == name))
+        if row is None:
+            raise TaskNotFound(name)
+        return row
+
+    def create_task(self, spec: TaskSpec, backbone_id: str, encoder_id: str) -> None:
+        with self._session.begin() as s:
+            if s.scalar(select(TaskRow.id).where(TaskRow.name == spec.name)) is not None:
+                raise TaskExists(spec.name)
+            d = spec.to_dict()
+            s.add(TaskRow(name=spec.name, template=spec.template, labels=d["labels"], description=spec.description,
+                          backbone_id=backbone_id, encoder_id=encoder_id))
+
+    def task(self, name: str) -> TaskInfo:
+        with self._session() as s:
+            row = self._task_row(s, name)
+            n = s.scalar(
+                select(func.count()).select_from(ExitRecordRow)
+                .where(ExitRecordRow.task_id == row.id, ExitRecordRow.status == COMMITTED)
+            )
+            return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, int(n or 0))
+
+    def list_tasks(self) -> list[TaskInfo]:
+        with self._session() as s:
+            names = s.scalars(select(TaskRow.name).order_by(TaskRow.name)).all()
+        return [self.task(n) for n in names]
+
+    def delete_task(self, name: str) -> None:
+        with self._session.begin() as s:
+            row = self._task_row(s, name)
+            ids = select(ExitRecordRow.id).where(ExitRecordRow.task_id == row.id)
+            s.execute(delete(LayerResultRow).where(LayerResultRow.record_id.in_(ids)))
+            s.execute(delete(ExitRecordRow).where(ExitRecordRow.task_id == row.id))
+            s.execute(delete(IngestBatchRow).where(IngestBatchRow.task_id == row.id))
+            s.delete(row)
+
+    # -- ingest --------------------------------------------------------------
+
+    def committed_ids(self, task: str, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            for i in range(0, len(ids), 500):
+                chunk = list(ids[i : i + 500])
+                found.update(s.scalars(
+                    select(ExitRecordRow.id).where(
+                        ExitRecordRow.task_id == task_id, ExitRecordRow.id.in_(chunk),
+                        ExitRecordRow.status == COMMITTED)
+                ))
+        return found
+
+    def begin_batch(self, task: str, source: str) -> int:
+        with self._session.begin() as s:
+            row = IngestBatchRow(task_id=self._task_row(s, task).id, source=source)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def finish_batch(self, batch_id: int, added: int, present: int, rejected: int, status: str) -> None:
+        with self._session.begin() as s:
+            s.execute(update(IngestBatchRow).where(IngestBatchRow.id == batch_id).values(
+                added=added, present=present, rejected=rejected, status=status, finished_at=_now()))
+
+    def write_pending(self, task: str, records: Iterable[ExitRecord], batch_id: int | None) -> None:
+        """Record examples (and their per-layer results) as pending, replacing a crashed attempt's rows."""
+        records = list(records)
+        with self._session.begin() as s:
+            task_row = self._task_row(s, task)
+            labels = task_row.spec().label_names
+            ids = [r.id for r in records]
+            s.execute(delete(LayerResultRow).where(LayerResultRow.record_id.in_(ids)))
+            s.execute(delete(ExitRecordRow).where(ExitRecordRow.id.in_(ids)))
+            for r in records:
+                s.add(ExitRecordRow(id=r.id, task_id=task_row.id, text_hash=text_hash(r.text), text=r.text,
+                                    label=r.label, batch_id=batch_id, status=PENDING))
+            s.flush()
+            s.add_all(
+                LayerResultRow(record_id=r.id, layer=lr.layer, predicted=labels[lr.predicted],
+                               probability=lr.probability, gold_probability=lr.gold_probability, correct=lr.correct)
+                for r in records for lr in r.layers
+            )
+
+    def mark_committed(self, ids: Sequence[str]) -> None:
+        with self._session.begin() as s:
+            s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids))).values(status=COMMITTED))
+
+    # -- analytics -----------------------------------------------------------
+
+    def layer_accuracy(self, task: str) -> dict[int, float]:
+        """Fraction of the task's committed records each exit gets right."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            rows = s.execute(
+                select(LayerResultRow.layer, func.avg(func.cast(LayerResultRow.correct, Integer)))
+                .join(ExitRecordRow, ExitRecordRow.id == LayerResultRow.record_id)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
+                .group_by(LayerResultRow.layer).order_by(LayerResultRow.layer)
+            ).all()
+        return {int(layer): float(acc) for layer, acc in rows}

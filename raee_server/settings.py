@@ -1,0 +1,57 @@
+"""All configuration in one typed object, read from flags and `RAEE_*` environment variables."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BACKBONE = "gguf:gemma3-270m-q4-k-m"
+DEFAULT_ENCODER = "minilm"
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "raee"
+
+
+class Settings(BaseSettings):
+    """Service settings; every field can be set as `RAEE_<FIELD>` (e.g. `RAEE_DATA_DIR`)."""
+
+    model_config = SettingsConfigDict(env_prefix="RAEE_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="stores (vectors, SQLite)")
+    model_cache: Path | None = Field(
+        default=None, description="converted weights; default <data_dir>/models"
+    )
+    backbone: str = Field(
+        default=DEFAULT_BACKBONE,
+        description="'gguf:gemma3-270m-q4-k-m' (packaged), a local directory, a cached model id or a .gguf path",
+    )
+    encoder: str = Field(default=DEFAULT_ENCODER, description="'minilm' (packaged) or a local sentence-transformers dir")
+    device: str = "cpu"
+    dtype: str = Field(default="float32", description="float32, bfloat16 or float16")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
+    default_k: int = 12
+    max_k: int = 64
+    max_text_chars: int = 8192
+    max_tokens: int = 512
+    ingest_batch_size: int = 32
+    forward_batch_size: int = 16
+    threads: int | None = Field(default=None, description="torch intra-op threads; default torch's choice")
+
+    # gRPC service (used by raee-server)
+    address: str = "127.0.0.1:50051"
+    metrics_port: int = 9464
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    queue_size: int = 256
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    log_level: str = "INFO"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.model_cache or self.data_dir / "models"
+
+    @property
+    def sql_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'metadata.sqlite'}"
