@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raee_server.backbone import Backbone
+from raee_server.encoder import HashingEncoder
+from raee_server.engine import Engine
+from raee_server.metadata import MetadataStore
+from raee_server.settings import Settings
+from raee_server.tasks import Label, TaskSpec
+from raee_server.vector_store import EdgeVectorStore, collection_name
+
+from .tiny_models import tiny_causal_lm, tiny_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+SENTIMENT = TaskSpec(
+    "sentiment",
+    "What is the sentiment of the sentence '{text}' ? Print negative or positive . The answer is",
+    (Label("negative", " negative"), Label("positive", " positive")),
+)
+
+
+@pytest.fixture
+def backbone() -> Backbone:
+    return Backbone(tiny_causal_lm(), tiny_tokenizer(), "tiny-gemma3")
+
+
+@pytest.fixture
+def engine(tmp_path: Path, backbone: Backbone):  # type: ignore[no-untyped-def]
+    encoder = HashingEncoder(32)
+    settings = Settings(data_dir=tmp_path, ingest_batch_size=4, forward_batch_size=3)
+    vectors = EdgeVectorStore(tmp_path / "qdrant", collection_name(backbone.model_id, encoder.model_id), encoder.dim)
+    eng = Engine(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
+    yield eng
+    eng.close()
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]], header: str = "text\tlabel") -> Path:
+    path.write_text(header + "\n" + "".join(f"{t}\t{l}\n" for t, l in rows), encoding="utf-8")
+    return path

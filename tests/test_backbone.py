@@ -1,0 +1,83 @@
+"""The logit lens at every exit, and truncated forwards that run only the layers below the exit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raee_server.backbone import Backbone
+from raee_server.errors import InvalidInput
+
+from .tiny_models import FAMILIES, tiny_causal_lm, tiny_tokenizer
+
+PROMPTS = [
+    "what is the sentiment of the sentence ' a great movie ' ? the answer is",
+    "boring",
+    "the plot is a mess and the acting is awful , the answer is",
+]
+
+
+def make(family: str) -> Backbone:
+    return Backbone(tiny_causal_lm(family), tiny_tokenizer(), f"tiny-{family}")
+
+
+def count_layers_run(bb: Backbone) -> list[int]:
+    calls = [0]
+    for layer in bb.layers:
+        layer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))  # fires only when a layer completed
+    return calls
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_last_exit_equals_the_models_own_logits(family: str) -> None:
+    bb = make(family)
+    head = bb.label_head(bb.label_token_ids([" negative", " positive", " good"]))
+    for prompt in PROMPTS:  # one at a time: no padding involved in the reference
+        enc = bb.tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad():
+            full = bb.model(**enc).logits[0, -1, list(head.token_ids)]
+        ours = bb.all_exit_logits([prompt], head)[0, -1]
+        torch.testing.assert_close(ours, full.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_batched_left_padded_rows_match_single_rows(family: str) -> None:
+    bb = make(family)
+    head = bb.label_head(bb.label_token_ids([" negative", " positive"]))
+    batched = bb.all_exit_logits(PROMPTS, head)
+    assert batched.shape == (len(PROMPTS), bb.depth + 1, 2)
+    for i, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(batched[i], bb.all_exit_logits([prompt], head)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_truncated_forward_runs_only_layers_below_the_exit(family: str) -> None:
+    bb = make(family)
+    head = bb.label_head(bb.label_token_ids([" negative", " positive"]))
+    everything = bb.all_exit_logits(PROMPTS, head)
+    calls = count_layers_run(bb)
+    for exit_layer in range(bb.depth + 1):
+        calls[0] = 0
+        logits = bb.exit_logits(PROMPTS, head, exit_layer)
+        assert calls[0] == exit_layer, f"exit {exit_layer} ran {calls[0]} layers"
+        torch.testing.assert_close(logits, everything[:, exit_layer], rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_are_removed_after_a_truncated_forward(backbone: Backbone) -> None:
+    head = backbone.label_head(backbone.label_token_ids([" negative", " positive"]))
+    backbone.exit_logits(PROMPTS, head, 1)
+    calls = count_layers_run(backbone)
+    backbone.exit_logits(PROMPTS, head, backbone.depth)
+    assert calls[0] == backbone.depth
+
+
+def test_exit_layer_out_of_range_is_rejected(backbone: Backbone) -> None:
+    head = backbone.label_head(backbone.label_token_ids([" negative", " positive"]))
+    with pytest.raises(InvalidInput, match="exit layer 5 outside 0..4"):
+        backbone.exit_logits(PROMPTS, head, 5)
+
+
+def test_colliding_label_words_are_rejected(backbone: Backbone) -> None:
+    # The word-level tokenizer splits " good !" into "good", "!": same first sub-token as " good".
+    with pytest.raises(InvalidInput, match="share their first sub-token"):
+        backbone.label_token_ids([" good", " good !"])

@@ -1,0 +1,58 @@
+"""Tiny random-weight backbones built from configs, and a word-level tokenizer: no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+WORDS = """
+the a an and or but not no is was it this that of to in on for with as at by from very
+good great bad awful terrible wonderful fine movie film plot acting story boring fun funny
+sad happy love hate loved hated best worst dull brilliant mess masterpiece what sentiment
+sentence print negative positive answer category question who where when how many why
+world sports business technology team game market stock company phone software won lost
+""".split()
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(WORDS)) + ["?", "'", ".", ",", "!"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+FAMILIES = {
+    "gemma3_text": dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                        final_logit_softcapping=30.0),
+    "llama": {},
+    "qwen2": {},
+    "mistral": dict(sliding_window=4),
+}
+
+
+def tiny_causal_lm(family: str = "gemma3_text", layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    torch.manual_seed(seed)
+    vocab_size = len(tiny_tokenizer())
+    config = AutoConfig.for_model(
+        family, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, **FAMILIES[family],
+    )
+    if family != "gemma3_text":
+        config.head_dim = 16
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_tiny_backbone(directory: Path, family: str = "gemma3_text", layers: int = 4) -> Path:
+    """A loadable model directory, as a user's local checkpoint would be."""
+    tiny_causal_lm(family, layers).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
