@@ -62,7 +62,8 @@ def read_rows(
             raise InvalidInput(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
 
 
-def _check(line: int, text: object, label: object) -> Row | Rejected:
+def check_row(line: int, text: object, label: object) -> Row | Rejected:
+    """The checks every labelled example gets, from a file or from a gRPC stream."""
     if not isinstance(text, str) or not text.strip():
         return Rejected(line, "empty text")
     if "\x00" in text:
@@ -90,7 +91,7 @@ def _delimited_rows(handle, path: Path, delimiter: str, text_col: str, label_col
         if len(fields) != len(header):
             yield Rejected(start, f"expected {len(header)} fields, found {len(fields)}")
             continue
-        yield _check(start, fields[ti], fields[li])
+        yield check_row(start, fields[ti], fields[li])
 
 
 def _jsonl_rows(handle, path: Path, text_col: str, label_col: str) -> Iterator[Row | Rejected]:
@@ -109,4 +110,4 @@ def _jsonl_rows(handle, path: Path, text_col: str, label_col: str) -> Iterator[R
         if missing:
             yield Rejected(number, f"missing field {missing[0]!r}")
             continue
-        yield _check(number, obj[text_col], obj[label_col])
+        yield check_row(number, obj[text_col], obj[label_col])

@@ -146,6 +146,15 @@ class Engine:
             raise InvalidInput(f"k: {k} out of range 1..{self.settings.max_k}")
         return k
 
+    def validate(
+        self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None, k: int | None
+    ) -> tuple[ExitPolicy, int]:
+        """Check a classify request without computing anything: the policy to use and k."""
+        self._task(task)
+        self.check_texts(texts)
+        chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
+        return chosen, self.check_k(k)
+
     def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
         t0 = time.perf_counter()
         keys = self.encoder.encode(texts)
@@ -158,10 +167,8 @@ class Engine:
         self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None
     ) -> list[Prediction]:
         """RAEE inference: retrieve neighbours, choose each row's exit layer, run only up to it."""
+        chosen, k = self.validate(task, texts, policy, k)
         spec, head = self._task(task)
-        self.check_texts(texts)
-        k = self.check_k(k)
-        chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
         timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
         if chosen.uses_neighbours:
             found, timings = self.neighbours(task, texts, k)
@@ -213,72 +220,96 @@ class Engine:
         source: str = "",
         progress: Callable[[int], None] | None = None,
     ) -> IngestReport:
-        """Add labelled rows to the task's exit database; idempotent, and a rerun repairs a crashed one.
+        """Add labelled rows to the task's exit database; idempotent, and a rerun repairs a crashed one."""
+        with self.ingest_session(task, source, progress) as session:
+            session.add(rows)
+        return session.report
 
-        Order per batch: SQL rows written as pending, vectors upserted, rows marked
-        committed. A crash leaves pending rows that the next run recomputes.
-        """
+    def ingest_session(
+        self, task: str, source: str = "", progress: Callable[[int], None] | None = None
+    ) -> IngestSession:
+        """An ingest fed in pieces (the gRPC stream hands it one chunk per worker turn)."""
         spec, _ = self._task(task)
-        report = IngestReport()
-        batch_id = self.metadata.begin_batch(task, source)
-        seen: set[str] = set()
-        pending: list[Row] = []
-        status = "failed"
-        try:
-            for item in rows:
-                if isinstance(item, Rejected):
-                    report.rejected.append(item)
-                    continue
-                reason = self._row_problem(spec, item)
-                if reason:
-                    report.rejected.append(Rejected(item.line, reason))
-                    continue
-                rid = record_id(task, item.text)
-                if rid in seen:
-                    report.present += 1  # a duplicate within this input
-                    if progress:
-                        progress(1)
-                    continue
-                seen.add(rid)
-                pending.append(item)
-                if len(pending) >= self.settings.ingest_batch_size:
-                    self._ingest_batch(spec, pending, batch_id, report, progress)
-                    pending = []
-            self._ingest_batch(spec, pending, batch_id, report, progress)
-            status = "done"
-        finally:
-            self.metadata.finish_batch(batch_id, report.added, report.present, len(report.rejected), status)
-        return report
+        return IngestSession(self, spec, self.metadata.begin_batch(task, source), progress)
 
-    def _row_problem(self, spec: TaskSpec, row: Row) -> str | None:
+    @staticmethod
+    def row_problem(spec: TaskSpec, row: Row, max_chars: int) -> str | None:
         if row.label not in spec.label_names:
             return f"unknown label {row.label!r} (known: {', '.join(spec.label_names)})"
-        if len(row.text) > self.settings.max_text_chars:
-            return f"text of {len(row.text)} characters, over the limit of {self.settings.max_text_chars}"
+        if len(row.text) > max_chars:
+            return f"text of {len(row.text)} characters, over the limit of {max_chars}"
         return None
 
-    def _ingest_batch(
-        self, spec: TaskSpec, rows: list[Row], batch_id: int, report: IngestReport,
-        progress: Callable[[int], None] | None,
-    ) -> None:
+
+class IngestSession:
+    """One ingest batch: rows validated, deduplicated, and written batch by batch.
+
+    Order per batch: SQL rows written as pending, vectors upserted, rows marked
+    committed. A crash leaves pending rows that the next run recomputes.
+    """
+
+    def __init__(self, engine: Engine, spec: TaskSpec, batch_id: int, progress: Callable[[int], None] | None) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.batch_id = batch_id
+        self.progress = progress
+        self.report = IngestReport()
+        self._seen: set[str] = set()
+
+    def __enter__(self) -> IngestSession:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.finish("failed" if exc_type else "done")
+
+    def finish(self, status: str = "done") -> None:
+        r = self.report
+        self.engine.metadata.finish_batch(self.batch_id, r.added, r.present, len(r.rejected), status)
+
+    def add(self, rows: Iterable[Row | Rejected]) -> None:
+        pending: list[Row] = []
+        size = self.engine.settings.ingest_batch_size
+        for item in rows:
+            if isinstance(item, Rejected):
+                self.report.rejected.append(item)
+                continue
+            reason = Engine.row_problem(self.spec, item, self.engine.settings.max_text_chars)
+            if reason:
+                self.report.rejected.append(Rejected(item.line, reason))
+                continue
+            rid = record_id(self.spec.name, item.text)
+            if rid in self._seen:
+                self.report.present += 1  # a duplicate within this input
+                if self.progress:
+                    self.progress(1)
+                continue
+            self._seen.add(rid)
+            pending.append(item)
+            if len(pending) >= size:
+                self._write(pending)
+                pending = []
+        self._write(pending)
+
+    def _write(self, rows: list[Row]) -> None:
         if not rows:
             return
+        engine, spec, report = self.engine, self.spec, self.report
         ids = [record_id(spec.name, r.text) for r in rows]
-        done = self.metadata.committed_ids(spec.name, ids)
+        done = engine.metadata.committed_ids(spec.name, ids)
         new = [(rid, r) for rid, r in zip(ids, rows) if rid not in done]
         report.present += len(rows) - len(new)
         if new:
             texts = [r.text for _, r in new]
-            logits = self.all_exit_logits(spec.name, texts)
-            keys = self.encoder.encode(texts)
+            logits = engine.all_exit_logits(spec.name, texts)
+            keys = engine.encoder.encode(texts)
             records = [
                 ExitRecord(rid, spec.name, r.text, r.label, spec.label_index(r.label),
                            layer_results(lg, spec.label_index(r.label)))
                 for (rid, r), lg in zip(new, logits)
             ]
-            self.metadata.write_pending(spec.name, records, batch_id)
-            self.vectors.upsert([VectorPoint(rec.id, key, rec.payload()) for rec, key in zip(records, keys)])
-            self.metadata.mark_committed([rec.id for rec in records])
+            engine.metadata.write_pending(spec.name, records, self.batch_id)
+            engine.vectors.upsert([VectorPoint(rec.id, key, rec.payload()) for rec, key in zip(records, keys)])
+            engine.metadata.mark_committed([rec.id for rec in records])
             report.added += len(records)
-        if progress:
-            progress(len(rows))
+        if self.progress:
+            self.progress(len(rows))

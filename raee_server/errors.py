@@ -31,3 +31,11 @@ class NotReady(RaeeError):
 
 class StoreMismatch(RaeeError):
     """The data directory was built for another backbone, encoder or format."""
+
+
+class Overloaded(RaeeError):
+    """The request queue is full; retry with backoff."""
+
+
+class DeadlineExpired(RaeeError):
+    """The caller's deadline passed before its compute started; it was dropped, not computed."""

@@ -76,7 +76,9 @@ def load_backbone(
     spec: str, models_dir: Path, device: str = "cpu", dtype: str = "float32", max_tokens: int = 512
 ) -> Backbone:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line per load in our own log instead
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     model_id, source = resolve_backbone(spec, models_dir)

@@ -247,3 +247,23 @@ class MetadataStore:
                 .group_by(LayerResultRow.layer).order_by(LayerResultRow.layer)
             ).all()
         return {int(layer): float(acc) for layer, acc in rows}
+
+    def earliest_exits(self, task: str, depth: int) -> tuple[list[int], int]:
+        """Records whose earliest correct exit is each layer 0..depth, and records no layer gets right."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            first = (
+                select(func.min(LayerResultRow.layer).label("layer"))
+                .join(ExitRecordRow, ExitRecordRow.id == LayerResultRow.record_id)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED,
+                       LayerResultRow.correct.is_(True))
+                .group_by(LayerResultRow.record_id).subquery()
+            )
+            rows = s.execute(select(first.c.layer, func.count()).group_by(first.c.layer)).all()
+            total = s.scalar(select(func.count()).select_from(ExitRecordRow).where(
+                ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)) or 0
+        counts = [0] * (depth + 1)
+        for layer, n in rows:
+            if 0 <= layer <= depth:
+                counts[int(layer)] = int(n)
+        return counts, int(total) - sum(counts)

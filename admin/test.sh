@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install, then run the whole test suite (tiny random-weight models, plus the real Gemma 3 270M and MiniLM).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash admin/setup.sh
+# Real Postgres where one is reachable (CI and these machines run one on 127.0.0.1:5432).
+export RAEE_TEST_DATABASE_URL="${RAEE_TEST_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}"
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,327 @@
+"""The gRPC front end: thin servicers that convert protobuf to engine calls and map errors to codes.
+
+Health (`grpc.health.v1`) is NOT_SERVING until the model and stores are loaded
+and again during shutdown; reflection is on; metrics are served on their own port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .datafile import Rejected, Row, check_row
+from .engine import Engine, Prediction
+from .errors import (
+    DeadlineExpired,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    RaeeError,
+    StoreMismatch,
+    TaskExists,
+    TaskNotFound,
+)
+from .metrics import Metrics
+from .protos.raee.v1 import raee_pb2 as pb
+from .protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from .settings import Settings
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Raee"].full_name
+R = TypeVar("R")
+
+# The one place that decides which status code a failure gets. Anything else is
+# INTERNAL with a generic message (the traceback goes to the log, never to the caller).
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    TaskNotFound: grpc.StatusCode.NOT_FOUND,
+    TaskExists: grpc.StatusCode.ALREADY_EXISTS,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    StoreMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    for kind, code in STATUS_CODES.items():
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def to_response(p: Prediction, labels: Sequence[str], queued_since: float, started: float,
+                with_neighbours: bool) -> pb.ClassifyResponse:
+    now = time.monotonic()
+    t = p.timings_us
+    response = pb.ClassifyResponse(
+        label=p.label,
+        scores=[pb.LabelScore(label=name, score=s) for name, s in zip(labels, p.scores)],
+        exit_layer=p.exit_layer,
+        depth=p.depth,
+        timings=pb.Timings(
+            queue_us=max(0, int((now - queued_since) * 1e6) - sum(t.values())),
+            encode_us=t.get("encode_us", 0), retrieve_us=t.get("retrieve_us", 0),
+            forward_us=t.get("forward_us", 0), total_us=int((now - started) * 1e6),
+        ),
+    )
+    if with_neighbours:
+        response.neighbours.extend(
+            pb.Neighbour(id=n.id, similarity=n.similarity, label=n.label,
+                         exit_layers=[l for l, _ in n.exits], exit_probabilities=[q for _, q in n.exits])
+            for n in p.neighbours
+        )
+    return response
+
+
+class RaeeServicer(pb_grpc.RaeeServicer):
+    def __init__(self, worker: ModelWorker, metrics: Metrics, settings: Settings) -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.settings = settings
+
+    # -- helpers ---------------------------------------------------------------
+
+    async def _observe(self, method: str, task: str, context: grpc.aio.ServicerContext,
+                       work: Callable[[], Awaitable[R]]) -> R:
+        """Run one RPC's work: count it by code, time it, and turn failures into status codes."""
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            return await work()
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.requests.labels(method, task or "-", code.name).inc()
+            self.metrics.latency.labels(method).observe(time.monotonic() - start)
+
+    async def _labels(self, task: str) -> list[str]:
+        return (await self.worker.call(lambda e: e.task_info(task))).spec.label_names
+
+    async def _classify(self, task: str, texts: list[str], options: pb.ClassifyOptions,
+                        context: grpc.aio.ServicerContext) -> list[pb.ClassifyResponse]:
+        started = time.monotonic()
+        predictions, queued_since = await self.worker.classify(
+            task, texts, options.policy or None, options.k or None, _deadline(context))
+        labels = await self._labels(task)
+        for p in predictions:
+            self.metrics.exit_layer.labels(task).observe(p.exit_layer)
+        return [to_response(p, labels, queued_since, started, options.return_neighbours) for p in predictions]
+
+    # -- RPCs --------------------------------------------------------------------
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        async def work() -> pb.ClassifyResponse:
+            return (await self._classify(request.task, [request.text], request.options, context))[0]
+
+        return await self._observe("Classify", request.task, context, work)
+
+    async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ClassifyBatchResponse:
+        async def work() -> pb.ClassifyBatchResponse:
+            if not request.texts:
+                raise InvalidInput("texts: no text given")
+            return pb.ClassifyBatchResponse(
+                results=await self._classify(request.task, list(request.texts), request.options, context))
+
+        return await self._observe("ClassifyBatch", request.task, context, work)
+
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
+        # Requests are submitted as they arrive (so they batch with each other and with
+        # other callers); answers are written in request order.
+        pending: asyncio.Queue[asyncio.Task[list[pb.ClassifyResponse]] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.create_task(
+                        self._classify(request.task, [request.text], request.options, context)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                async def work(t: asyncio.Task[list[pb.ClassifyResponse]] = task) -> pb.ClassifyResponse:
+                    return (await t)[0]
+
+                yield await self._observe("ClassifyStream", "-", context, work)
+        finally:
+            reader.cancel()
+
+    async def Ingest(self, request_iterator: AsyncIterator[pb.IngestRequest],
+                     context: grpc.aio.ServicerContext) -> pb.IngestResponse:
+        task = ""
+
+        async def work() -> pb.IngestResponse:
+            nonlocal task
+            rows: list[Row | Rejected] = []
+            async for message in request_iterator:
+                if message.task:
+                    if task and message.task != task:
+                        raise InvalidInput(f"task: one Ingest call takes one task ({task!r}, then {message.task!r})")
+                    task = message.task
+                base = len(rows)
+                rows.extend(check_row(base + i, ex.text, ex.label) for i, ex in enumerate(message.examples))
+            if not task:
+                raise InvalidInput("task: no task named in the Ingest stream")
+            session = await self.worker.call(lambda e: e.ingest_session(task, source="grpc"))
+            size = self.settings.ingest_batch_size
+            try:
+                for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
+                    chunk = rows[start : start + size]
+                    await self.worker.call(lambda e, c=chunk: session.add(c))
+            finally:
+                await self.worker.call(lambda e: session.finish())
+            report = session.report
+            self.metrics.ingested.labels(task).inc(report.added)
+            return pb.IngestResponse(
+                added=report.added, already_present=report.present, rejected=len(report.rejected),
+                rejections=[pb.Rejection(index=r.line, reason=r.reason) for r in report.rejected])
+
+        return await self._observe("Ingest", task, context, work)
+
+    async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
+        async def work() -> pb.ListTasksResponse:
+            names = await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()])
+            return pb.ListTasksResponse(tasks=[await self._task_message(n) for n in names])
+
+        return await self._observe("ListTasks", "-", context, work)
+
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        return await self._observe("GetTask", request.name, context, lambda: self._task_message(request.name))
+
+    async def _task_message(self, name: str) -> pb.Task:
+        def read(engine: Engine) -> pb.Task:
+            info = engine.task_info(name)
+            counts, never = engine.metadata.earliest_exits(name, engine.depth)
+            return pb.Task(
+                name=info.spec.name, template=info.spec.template, description=info.spec.description,
+                labels=[pb.Label(name=lb.name, word=lb.word) for lb in info.spec.labels],
+                records=info.records, depth=engine.depth, earliest_exit_counts=counts, never_correct=never,
+                backbone=info.backbone_id, encoder=info.encoder_id)
+
+        return await self.worker.call(read)
+
+
+class RaeeServer:
+    """A running service: gRPC server, health, reflection, model worker and metrics."""
+
+    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> None:
+        self.settings = settings
+        self.engine_factory = engine_factory or functools.partial(Engine.open, settings)
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.worker = ModelWorker(settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
+                                  self.metrics)
+        limits = settings.max_message_bytes
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
+        pb_grpc.add_RaeeServicer_to_server(RaeeServicer(self.worker, self.metrics, settings), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.load_error: BaseException | None = None
+        self._loading: asyncio.Task[None] | None = None
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Listen at once (health NOT_SERVING), then load the model and stores in the background."""
+        await self._set_health(False)
+        self.port = self.server.add_insecure_port(self.settings.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.address}")
+        await self.server.start()
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port)
+        self.worker.start()
+        self._loading = asyncio.create_task(self._load())
+        log.info("listening on port %d (metrics on %s)", self.port, self.metrics_port)
+        return self.port
+
+    async def _load(self) -> None:
+        try:
+            await self.worker.load(self.engine_factory)
+        except BaseException as exc:  # stays NOT_SERVING; every call answers UNAVAILABLE
+            self.load_error = exc
+            log.exception("could not load the model and stores")
+            return
+        await self._set_health(True)
+        log.info("serving")
+
+    async def wait_ready(self, timeout: float = 600) -> None:
+        assert self._loading is not None
+        await asyncio.wait_for(asyncio.shield(self._loading), timeout)
+        if self.load_error:
+            raise self.load_error
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking work, finish what is queued within the grace period, then release the stores."""
+        await self._set_health(False)
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        try:
+            await asyncio.wait_for(self.worker.drain(), timeout=1.0)
+        except TimeoutError:
+            log.warning("jobs still queued after the grace period were dropped")
+        self.worker.close()
+
+
+async def serve(settings: Settings) -> None:
+    server = RaeeServer(settings)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down (grace %.1f s)", settings.grace_seconds)
+    await server.stop()
+
+
+def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per Settings field, so flags and RAEE_* variables name the same things."""
+    import click
+
+    for name, field in reversed(list(Settings.model_fields.items())):
+        func = click.option(f"--{name.replace('_', '-')}", name, default=None,
+                            help=f"{field.description or ''} [RAEE_{name.upper()}]")(func)
+    return func
+
+
+def main() -> None:
+    import click
+
+    @click.command(name="raee-server")
+    @settings_options
+    def run(**flags: Any) -> None:
+        """Serve RAEE classification over gRPC."""
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        asyncio.run(serve(settings))
+
+    run()

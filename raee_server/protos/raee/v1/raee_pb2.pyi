@@ -1,0 +1,179 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ClassifyOptions(_message.Message):
+    __slots__ = ("k", "policy", "return_neighbours")
+    K_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    RETURN_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    policy: str
+    return_neighbours: bool
+    def __init__(self, k: _Optional[int] = ..., policy: _Optional[str] = ..., return_neighbours: _Optional[bool] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("task", "text", "options")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    text: str
+    options: ClassifyOptions
+    def __init__(self, task: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "score")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    score: float
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Neighbour(_message.Message):
+    __slots__ = ("id", "similarity", "label", "exit_layers", "exit_probabilities")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    EXIT_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    similarity: float
+    label: str
+    exit_layers: _containers.RepeatedScalarFieldContainer[int]
+    exit_probabilities: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., similarity: _Optional[float] = ..., label: _Optional[str] = ..., exit_layers: _Optional[_Iterable[int]] = ..., exit_probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_us", "encode_us", "retrieve_us", "forward_us", "total_us")
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_US_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_US_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_US_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_US_FIELD_NUMBER: _ClassVar[int]
+    queue_us: int
+    encode_us: int
+    retrieve_us: int
+    forward_us: int
+    total_us: int
+    def __init__(self, queue_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., retrieve_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("label", "scores", "exit_layer", "depth", "neighbours", "timings")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    scores: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    exit_layer: int
+    depth: int
+    neighbours: _containers.RepeatedCompositeFieldContainer[Neighbour]
+    timings: Timings
+    def __init__(self, label: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., exit_layer: _Optional[int] = ..., depth: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class ClassifyBatchRequest(_message.Message):
+    __slots__ = ("task", "texts", "options")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    options: ClassifyOptions
+    def __init__(self, task: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ...) -> None: ...
+
+class ClassifyBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ClassifyResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[ClassifyResponse, _Mapping]]] = ...) -> None: ...
+
+class Example(_message.Message):
+    __slots__ = ("text", "label")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    label: str
+    def __init__(self, text: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class IngestRequest(_message.Message):
+    __slots__ = ("task", "examples")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    examples: _containers.RepeatedCompositeFieldContainer[Example]
+    def __init__(self, task: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
+
+class Rejection(_message.Message):
+    __slots__ = ("index", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class IngestResponse(_message.Message):
+    __slots__ = ("added", "already_present", "rejected", "rejections")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    already_present: int
+    rejected: int
+    rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
+    def __init__(self, added: _Optional[int] = ..., already_present: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class Label(_message.Message):
+    __slots__ = ("name", "word")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WORD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    word: str
+    def __init__(self, name: _Optional[str] = ..., word: _Optional[str] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    EARLIEST_EXIT_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    NEVER_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    template: str
+    labels: _containers.RepeatedCompositeFieldContainer[Label]
+    description: str
+    records: int
+    depth: int
+    earliest_exit_counts: _containers.RepeatedScalarFieldContainer[int]
+    never_correct: int
+    backbone: str
+    encoder: str
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,226 @@
+"""The gRPC service on a real socket: every RPC, every status code, health, batching, limits, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from raee_server.encoder import HashingEncoder
+from raee_server.engine import Engine
+from raee_server.metadata import MetadataStore
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.settings import Settings
+from raee_server.vector_store import EdgeVectorStore, collection_name
+
+from .conftest import SENTIMENT
+from .grpc_harness import ServerThread
+from .test_engine import ROWS
+from .tiny_models import tiny_causal_lm, tiny_tokenizer
+
+from raee_server.backbone import Backbone
+
+
+def tiny_engine_factory(data_dir: Path, settings: Settings, gate: threading.Event | None = None):  # type: ignore[no-untyped-def]
+    def factory() -> Engine:
+        if gate is not None:
+            gate.wait(30)
+        backbone = Backbone(tiny_causal_lm(), tiny_tokenizer(), "tiny-gemma3")
+        encoder = HashingEncoder(32)
+        vectors = EdgeVectorStore(data_dir / "qdrant", collection_name(backbone.model_id, encoder.model_id), 32)
+        engine = Engine(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
+        try:
+            engine.create_task(SENTIMENT)
+        except Exception:
+            pass  # already there on a restart
+        return engine
+
+    return factory
+
+
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    base: dict[str, object] = dict(data_dir=tmp_path, address="127.0.0.1:0", metrics_port=-1, max_wait_ms=20,
+                                   ingest_batch_size=4, max_text_chars=200, max_k=32)
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[ServerThread]:
+    settings = make_settings(tmp_path, metrics_port=0)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def ingest(stub, task: str, rows: list[tuple[str, str]], chunk: int = 3) -> pb.IngestResponse:  # type: ignore[no-untyped-def]
+    def messages() -> Iterator[pb.IngestRequest]:
+        for i in range(0, len(rows), chunk):
+            yield pb.IngestRequest(task=task if i == 0 else "",
+                                   examples=[pb.Example(text=t, label=l) for t, l in rows[i : i + chunk]])
+
+    return stub.Ingest(messages())
+
+
+def code_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_online_ingest_is_seen_by_the_next_classify(served: ServerThread) -> None:
+    stub = served.stub
+    assert stub.GetTask(pb.GetTaskRequest(name="sentiment")).records == 0
+    before = stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie",
+                                              options=pb.ClassifyOptions(return_neighbours=True)))
+    assert list(before.neighbours) == [] and before.exit_layer == before.depth == 4
+    reply = ingest(stub, "sentiment", ROWS + [("so so", "neutral"), ("", "positive"), ROWS[0]])
+    assert (reply.added, reply.already_present, reply.rejected) == (len(ROWS), 1, 2)
+    assert [(r.index, r.reason.split(" (")[0]) for r in reply.rejections] == [
+        (10, "unknown label 'neutral'"), (11, "empty text")]
+    after = stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie",
+                                             options=pb.ClassifyOptions(return_neighbours=True, k=5)))
+    assert len(after.neighbours) == 5
+    assert after.neighbours[0].similarity >= after.neighbours[-1].similarity
+    assert after.label in ("negative", "positive") and [s.label for s in after.scores] == ["negative", "positive"]
+    assert abs(sum(s.score for s in after.scores) - 1) < 1e-5
+    assert after.timings.total_us >= after.timings.forward_us > 0
+    task = stub.GetTask(pb.GetTaskRequest(name="sentiment"))
+    assert task.records == len(ROWS) and task.depth == 4
+    assert sum(task.earliest_exit_counts) + task.never_correct == len(ROWS)
+    assert [t.name for t in stub.ListTasks(pb.ListTasksRequest()).tasks] == ["sentiment"]
+
+
+def test_batch_and_stream_answer_in_order(served: ServerThread) -> None:
+    stub = served.stub
+    ingest(stub, "sentiment", ROWS)
+    texts = [t for t, _ in ROWS]
+    batch = stub.ClassifyBatch(pb.ClassifyBatchRequest(task="sentiment", texts=texts,
+                                                       options=pb.ClassifyOptions(policy="static:2")))
+    assert [r.exit_layer for r in batch.results] == [2] * len(texts)
+    singles = [stub.Classify(pb.ClassifyRequest(task="sentiment", text=t)) for t in texts]
+    stream = list(stub.ClassifyStream(iter([pb.ClassifyRequest(task="sentiment", text=t) for t in texts])))
+    assert [(r.label, r.exit_layer) for r in stream] == [(r.label, r.exit_layer) for r in singles]
+    for a, b in zip(stream, singles):
+        assert [s.score for s in a.scores] == pytest.approx([s.score for s in b.scores], abs=1e-5)
+
+
+def test_status_codes_name_the_field(served: ServerThread) -> None:
+    stub = served.stub
+    cases = {
+        "unknown task": (lambda: stub.Classify(pb.ClassifyRequest(task="nope", text="hi")),
+                         grpc.StatusCode.NOT_FOUND, "task 'nope'"),
+        "empty text": (lambda: stub.Classify(pb.ClassifyRequest(task="sentiment", text="  ")),
+                       grpc.StatusCode.INVALID_ARGUMENT, "text: empty"),
+        "text too long": (lambda: stub.Classify(pb.ClassifyRequest(task="sentiment", text="x" * 201)),
+                          grpc.StatusCode.INVALID_ARGUMENT, "text: 201 characters"),
+        "k too large": (lambda: stub.Classify(pb.ClassifyRequest(task="sentiment", text="hi",
+                                                                 options=pb.ClassifyOptions(k=33))),
+                        grpc.StatusCode.INVALID_ARGUMENT, "k: 33 out of range"),
+        "unknown policy": (lambda: stub.Classify(pb.ClassifyRequest(task="sentiment", text="hi",
+                                                                    options=pb.ClassifyOptions(policy="fast"))),
+                           grpc.StatusCode.INVALID_ARGUMENT, "policy: unknown exit policy"),
+        "empty batch": (lambda: stub.ClassifyBatch(pb.ClassifyBatchRequest(task="sentiment")),
+                        grpc.StatusCode.INVALID_ARGUMENT, "texts: no text"),
+        "ingest without task": (lambda: ingest(stub, "", ROWS[:2]), grpc.StatusCode.INVALID_ARGUMENT, "task:"),
+        "ingest unknown task": (lambda: ingest(stub, "nope", ROWS[:2]), grpc.StatusCode.NOT_FOUND, "task 'nope'"),
+        "get unknown task": (lambda: stub.GetTask(pb.GetTaskRequest(name="nope")), grpc.StatusCode.NOT_FOUND, "nope"),
+    }
+    for name, (call, code, message) in cases.items():
+        got_code, details = code_of(call)
+        assert (got_code, message in details) == (code, True), f"{name}: {got_code} {details}"
+    # A bad request inside a batch of concurrent good ones fails alone.
+    futures = [stub.Classify.future(pb.ClassifyRequest(task="sentiment", text=t)) for t in ("good", "", "bad")]
+    assert futures[0].result().label and futures[2].result().label
+    assert futures[1].exception().code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_requests_are_batched(served: ServerThread) -> None:
+    stub = served.stub
+    futures = [stub.Classify.future(pb.ClassifyRequest(task="sentiment", text=f"good movie {i}")) for i in range(12)]
+    assert all(f.result().label for f in futures)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{served.server.metrics_port}/metrics").read().decode()
+    sizes = served.server.metrics.batch_size.collect()[0].samples
+    count = next(s.value for s in sizes if s.name.endswith("_count"))
+    total = next(s.value for s in sizes if s.name.endswith("_sum"))
+    assert total == 12 and count < 12  # fewer batches than requests
+    assert 'raee_requests_total{code="OK",method="Classify",task="sentiment"} 12.0' in body
+    assert "raee_exit_layer_bucket" in body and "raee_queue_depth" in body
+
+
+def test_health_is_not_serving_until_loaded_and_calls_are_unavailable(tmp_path: Path) -> None:
+    gate = threading.Event()
+    settings = make_settings(tmp_path)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings, gate))
+    health = health_pb2_grpc.HealthStub(server.channel)
+    try:
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        code, details = code_of(lambda: server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="hi")))
+        assert code == grpc.StatusCode.UNAVAILABLE and "loading" in details
+        gate.set()
+        server.wait_ready()
+        assert health.Check(health_pb2.HealthCheckRequest(service="raee.v1.Raee")).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()
+        server.stop()
+
+
+def test_deadline_passed_in_the_queue_is_dropped_not_computed(served: ServerThread) -> None:
+    stub = served.stub
+    ingest(stub, "sentiment", ROWS)
+    engine = served.server.worker.engine
+    busy = threading.Event()
+    # Occupy the worker, so the next request waits in the queue past its deadline.
+    blocker = served.submit(served.server.worker.call(lambda e: (busy.set(), time.sleep(1.0))))
+    busy.wait(5)
+    calls: list[int] = []
+    engine.backbone.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    code, details = code_of(lambda: stub.Classify(pb.ClassifyRequest(task="sentiment", text="hi"), timeout=0.3))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    blocker.result(5)
+    time.sleep(0.2)  # the worker has now seen the expired job
+    assert calls == []  # nothing was computed for it
+
+
+def test_a_full_queue_answers_resource_exhausted(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, queue_size=2, max_batch_size=1)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    try:
+        busy = threading.Event()
+        blocker = server.submit(server.server.worker.call(lambda e: (busy.set(), time.sleep(1.0))))
+        busy.wait(5)
+        futures = [server.stub.Classify.future(pb.ClassifyRequest(task="sentiment", text=f"x {i}")) for i in range(6)]
+        codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in futures]
+        blocker.result(5)
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4, codes
+        assert codes.count(grpc.StatusCode.OK) == 2
+    finally:
+        server.stop()
+
+
+def test_graceful_stop_finishes_requests_in_flight(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_batch_size=2)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    health = health_pb2_grpc.HealthStub(server.channel)
+    busy = threading.Event()
+    server.submit(server.server.worker.call(lambda e: (busy.set(), time.sleep(0.5))))
+    busy.wait(5)
+    futures = [server.stub.Classify.future(pb.ClassifyRequest(task="sentiment", text=f"film {i}")) for i in range(8)]
+    time.sleep(0.1)  # all eight are queued behind the busy worker
+    stopping = server.submit(server.server.stop(5.0))
+    time.sleep(0.05)
+    assert all(f.result(10).label for f in futures)  # none lost
+    stopping.result(10)
+    with pytest.raises(grpc.RpcError):
+        health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+    server.loop.call_soon_threadsafe(server.loop.stop)

@@ -1,0 +1,78 @@
+"""End to end on the real packaged models: Gemma 3 270M (GGUF, converted once) and all-MiniLM-L6-v2.
+
+A few hundred rows of ../shared/data/sst2; the first run converts the GGUF into the
+model cache (RAEE_MODEL_CACHE, default ~/.local/share/raee/models), later runs load it in seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from raee_server.datafile import Row, read_rows
+from raee_server.engine import Engine
+from raee_server.evaluation import evaluate
+from raee_server.settings import Settings
+from raee_server.tasks import TaskSpec
+
+from .conftest import SHARED_DATA
+
+pytestmark = pytest.mark.real_model
+
+SST2 = Path(__file__).resolve().parents[1] / "admin" / "tasks" / "sst2.toml"
+TRAIN_ROWS, DEV_ROWS = 240, 100
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    if not (SHARED_DATA / "sst2" / "train.tsv").exists():
+        pytest.skip(f"labelled data not found at {SHARED_DATA}")
+    settings = Settings(data_dir=tmp_path_factory.mktemp("real"), model_cache=Settings().models_dir)
+    engine = Engine.open(settings)
+    engine.create_task(TaskSpec.from_toml(SST2))
+    yield engine
+    engine.close()
+
+
+def test_the_lens_at_the_last_exit_is_gemmas_own_answer(real: Engine) -> None:
+    spec = real.task_info("sst2").spec
+    _, head = real._task("sst2")
+    prompts = [spec.prompt(t) for t in ("a masterpiece", "a total waste of two hours", "it 's fine")]
+    lens = real.backbone.all_exit_logits(prompts, head)
+    assert lens.shape == (3, 19, 2)
+    for i, prompt in enumerate(prompts):
+        enc = real.backbone.tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad():
+            own = real.backbone.model(**enc).logits[0, -1, list(head.token_ids)]
+        torch.testing.assert_close(lens[i, -1], own.float(), rtol=1e-3, atol=1e-3)
+    for layer in (0, 5, 12):  # a truncated forward gives the lens at its exit
+        torch.testing.assert_close(real.backbone.exit_logits(prompts, head, layer), lens[:, layer],
+                                   rtol=1e-3, atol=1e-3)
+
+
+def test_ingest_then_eval_on_sst2(real: Engine) -> None:
+    train = SHARED_DATA / "sst2" / "train.tsv"
+    report = real.ingest("sst2", itertools.islice(read_rows(train), TRAIN_ROWS))
+    assert report.rejected == [] and report.added + report.present == TRAIN_ROWS
+    assert real.vectors.count("sst2") == real.task_info("sst2").records == report.added
+    assert real.ingest("sst2", itertools.islice(read_rows(train), TRAIN_ROWS)).added == 0
+
+    dev = [r for r in itertools.islice(read_rows(SHARED_DATA / "sst2" / "dev.tsv"), DEV_ROWS) if isinstance(r, Row)]
+    result = evaluate(real, "sst2", dev, ["paper"])
+    paper, full = result.policies
+    assert full.exits == [18] * len(dev)
+    # Retrieval with real MiniLM keys must carry signal, and the paper policy must exit early.
+    assert result.knn_vote_correct / len(dev) > 0.6
+    assert paper.mean_exit < 0.5 * real.depth
+
+    # The served path (truncated forwards) answers as the evaluation says it does.
+    served = real.classify("sst2", [r.text for r in dev[:16]])
+    found, _ = real.neighbours("sst2", [r.text for r in dev[:16]], 12)
+    assert [p.exit_layer for p in served] == paper.exits[:16]
+    lens = real.all_exit_logits("sst2", [r.text for r in dev[:16]])
+    labels = real.task_info("sst2").spec.label_names
+    assert [p.label for p in served] == [labels[int(lens[i, e].argmax())] for i, e in enumerate(paper.exits[:16])]
+    assert len(found) == 16
