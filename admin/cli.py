@@ -80,6 +80,10 @@ def cli(ctx: click.Context, verbose: bool, **overrides: Any) -> None:
     ctx.call_on_close(ctx.obj.close)
 
 
+server_option = click.option(
+    "--server", metavar="HOST:PORT", help="send the work to a running raee-server instead of opening the stores")
+
+
 # -- tasks ---------------------------------------------------------------------
 
 
@@ -94,10 +98,11 @@ def task() -> None:
 @click.option("--template", help="prompt template containing {text}")
 @click.option("--label", "labels", multiple=True, help="label as name=word (word with its leading space), repeatable")
 @click.option("--description", default="")
+@server_option
 @click.pass_obj
 @friendly_errors
 def task_create(obj: Context, name: str | None, spec_file: Path | None, template: str | None,
-                labels: tuple[str, ...], description: str) -> None:
+                labels: tuple[str, ...], description: str, server: str | None) -> None:
     """Create a task from flags or from a TOML file (see admin/tasks/*.toml)."""
     if spec_file:
         spec = TaskSpec.from_toml(spec_file)
@@ -105,7 +110,12 @@ def task_create(obj: Context, name: str | None, spec_file: Path | None, template
         if not name or template is None:
             raise click.UsageError("give NAME, --template and --label ... or --file spec.toml")
         spec = TaskSpec(name, template, tuple(parse_label_flag(v) for v in labels), description)
-    obj.engine.create_task(spec)
+    if server:
+        from raee_server.client import RaeeClient
+
+        RaeeClient(server).create_task(spec)
+    else:
+        obj.engine.create_task(spec)
     click.echo(f"created task {spec.name} with labels {', '.join(spec.label_names)}")
 
 
@@ -143,11 +153,17 @@ def task_show(obj: Context, name: str) -> None:
 @task.command("delete")
 @click.argument("name")
 @click.confirmation_option(prompt="Delete the task and all its records?")
+@server_option
 @click.pass_obj
 @friendly_errors
-def task_delete(obj: Context, name: str) -> None:
+def task_delete(obj: Context, name: str, server: str | None) -> None:
     """Delete a task from both stores."""
-    obj.engine.delete_task(name)
+    if server:
+        from raee_server.client import RaeeClient
+
+        RaeeClient(server).delete_task(name)
+    else:
+        obj.engine.delete_task(name)
     click.echo(f"deleted task {name}")
 
 
@@ -173,16 +189,25 @@ def _rows(path: Path, text_column: str, label_column: str, fmt: str | None, limi
 @click.option("--task", "task_name", required=True)
 @click.argument("file", type=click.Path(path_type=Path))
 @_file_options
+@server_option
 @click.pass_obj
 @friendly_errors
 def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
-           limit: int | None) -> None:
+           limit: int | None, server: str | None = None) -> None:
     """Append labelled rows (TSV/CSV/JSONL with text and label columns) to a task's exit database."""
-    total = sum(1 for _ in _rows(file, text_column, label_column, fmt, limit))  # validates the header first
-    engine = obj.engine
-    with tqdm(total=total, unit="row", desc=f"ingest {task_name}", file=sys.stderr) as bar:
-        report = engine.ingest(task_name, _rows(file, text_column, label_column, fmt, limit), source=str(file),
-                               progress=bar.update)
+    total = sum(1 for _ in _rows(file, text_column, label_column, fmt, limit))  # reads it all: fails before writing
+    if server:
+        from raee_server.client import RaeeClient
+
+        click.echo(f"streaming {total} rows to {server} ...", err=True)
+        client = RaeeClient(server, timeout=3600)
+        report = client.ingest(task_name, _rows(file, text_column, label_column, fmt, limit))
+        client.close()
+    else:
+        engine = obj.engine
+        with tqdm(total=total, unit="row", desc=f"ingest {task_name}", file=sys.stderr) as bar:
+            report = engine.ingest(task_name, _rows(file, text_column, label_column, fmt, limit), source=str(file),
+                                   progress=bar.update)
     for rej in report.rejected:
         click.echo(f"{file}:{rej.line}: rejected: {rej.reason}", err=True)
     click.echo(f"added {report.added}, already present {report.present}, rejected {len(report.rejected)}")
@@ -198,14 +223,24 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
 @click.option("--k", type=int, help="neighbours to retrieve (default 12)")
 @click.option("--neighbours", "show_neighbours", is_flag=True, help="print the retrieved neighbours")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per text")
+@server_option
 @click.pass_obj
 @friendly_errors
 def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, k: int | None,
-             show_neighbours: bool, as_json: bool) -> None:
+             show_neighbours: bool, as_json: bool, server: str | None = None) -> None:
     """Classify texts with early exit: prints label, exit layer and label scores."""
-    engine = obj.engine
-    labels = engine.task_info(task_name).spec.label_names
-    for text, pred in zip(texts, engine.classify(task_name, list(texts), policy=policy, k=k)):
+    if server:
+        from raee_server.client import RaeeClient
+
+        client = RaeeClient(server)
+        labels = client.labels(task_name)
+        predictions = client.classify(task_name, list(texts), policy, k, neighbours=show_neighbours)
+        client.close()
+    else:
+        engine = obj.engine
+        labels = engine.task_info(task_name).spec.label_names
+        predictions = engine.classify(task_name, list(texts), policy=policy, k=k)
+    for text, pred in zip(texts, predictions):
         scores = dict(zip(labels, pred.scores))
         if as_json:
             click.echo(json.dumps({"text": text, "label": pred.label, "exit_layer": pred.exit_layer,
@@ -267,6 +302,18 @@ def demo(ctx: click.Context) -> None:
                    limit=None)
     ctx.invoke(classify, task_name="sst2", texts=tuple(DEMO_SENTENCES), policy="paper", k=None,
                show_neighbours=False, as_json=False)
+
+
+@cli.command()
+@click.pass_obj
+def serve(obj: Context) -> None:
+    """Run the gRPC server (same as `raee-server`; settings from the global flags and RAEE_* variables)."""
+    import asyncio
+
+    from raee_server.grpc_server import serve as run_server
+
+    logging.getLogger().setLevel(obj.settings.log_level.upper())
+    asyncio.run(run_server(obj.settings))
 
 
 def main() -> None:

@@ -3,6 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash admin/setup.sh
-# Real Postgres where one is reachable (CI and these machines run one on 127.0.0.1:5432).
-export RAEE_TEST_DATABASE_URL="${RAEE_TEST_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}"
 exec .venv/bin/python -m pytest "$@"

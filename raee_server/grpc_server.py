@@ -34,6 +34,7 @@ from .metrics import Metrics
 from .protos.raee.v1 import raee_pb2 as pb
 from .protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from .settings import Settings
+from .tasks import Label, TaskSpec
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,23 @@ class RaeeServicer(pb_grpc.RaeeServicer):
 
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
         return await self._observe("GetTask", request.name, context, lambda: self._task_message(request.name))
+
+    async def CreateTask(self, request: pb.CreateTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        async def work() -> pb.Task:
+            spec = TaskSpec(request.name, request.template,
+                            tuple(Label(lb.name, lb.word) for lb in request.labels), request.description)
+            await self.worker.call(lambda e: e.create_task(spec))
+            return await self._task_message(request.name)
+
+        return await self._observe("CreateTask", request.name, context, work)
+
+    async def DeleteTask(self, request: pb.DeleteTaskRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
+        async def work() -> pb.DeleteTaskResponse:
+            await self.worker.call(lambda e: e.delete_task(request.name))
+            return pb.DeleteTaskResponse()
+
+        return await self._observe("DeleteTask", request.name, context, work)
 
     async def _task_message(self, name: str) -> pb.Task:
         def read(engine: Engine) -> pb.Task:

@@ -64,6 +64,16 @@ class RaeeStub:
                 request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.FromString,
                 _registered_method=True)
+        self.CreateTask = channel.unary_unary(
+                '/raee.v1.Raee/CreateTask',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.FromString,
+                _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/raee.v1.Raee/DeleteTask',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskResponse.FromString,
+                _registered_method=True)
 
 
 class RaeeServicer:
@@ -111,6 +121,19 @@ class RaeeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTask(self, request, context):
+        """Admin: create a task (ALREADY_EXISTS if the name is taken) or delete one with all its records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaeeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +166,16 @@ def add_RaeeServicer_to_server(servicer, server):
                     servicer.GetTask,
                     request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskRequest.FromString,
                     response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.SerializeToString,
+            ),
+            'CreateTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTask,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +340,60 @@ class Raee:
             '/raee.v1.Raee/GetTask',
             raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskRequest.SerializeToString,
             raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.Raee/CreateTask',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.Raee/DeleteTask',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

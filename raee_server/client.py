@@ -1,0 +1,109 @@
+"""A small synchronous client for the gRPC service (used by `raee-admin --server`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from .datafile import Rejected, Row
+from .engine import IngestReport, Prediction
+from .errors import InvalidInput, NotReady, Overloaded, RaeeError, TaskExists, TaskNotFound
+from .protos.raee.v1 import raee_pb2 as pb
+from .protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from .policies import Neighbour
+from .tasks import TaskSpec
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.UNAVAILABLE: NotReady,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+}
+
+
+def _raise(exc: grpc.RpcError, task: str) -> None:
+    code = exc.code()
+    if code == grpc.StatusCode.NOT_FOUND:
+        raise TaskNotFound(task) from None
+    raise _ERRORS.get(code, RaeeError)(f"server: {code.name}: {exc.details()}") from None
+
+
+class RaeeClient:
+    def __init__(self, address: str, timeout: float = 60.0) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.RaeeStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def classify(self, task: str, texts: list[str], policy: str | None = None, k: int | None = None,
+                 neighbours: bool = False) -> list[Prediction]:
+        options = pb.ClassifyOptions(policy=policy or "", k=k or 0, return_neighbours=neighbours)
+        try:
+            reply = self.stub.ClassifyBatch(pb.ClassifyBatchRequest(task=task, texts=texts, options=options),
+                                            timeout=self.timeout)
+        except grpc.RpcError as exc:
+            _raise(exc, task)
+        return [
+            Prediction(
+                label=r.label, scores=[s.score for s in r.scores], exit_layer=r.exit_layer, depth=r.depth,
+                neighbours=[Neighbour(n.id, n.similarity, n.label, tuple(zip(n.exit_layers, n.exit_probabilities)))
+                            for n in r.neighbours],
+                timings_us={"queue_us": r.timings.queue_us, "encode_us": r.timings.encode_us,
+                            "retrieve_us": r.timings.retrieve_us, "forward_us": r.timings.forward_us,
+                            "total_us": r.timings.total_us},
+            )
+            for r in reply.results
+        ]
+
+    def create_task(self, spec: TaskSpec) -> None:
+        request = pb.CreateTaskRequest(name=spec.name, template=spec.template, description=spec.description,
+                                       labels=[pb.Label(name=lb.name, word=lb.word) for lb in spec.labels])
+        try:
+            self.stub.CreateTask(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                raise TaskExists(spec.name) from None
+            _raise(exc, spec.name)
+
+    def delete_task(self, name: str) -> None:
+        try:
+            self.stub.DeleteTask(pb.DeleteTaskRequest(name=name), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            _raise(exc, name)
+
+    def labels(self, task: str) -> list[str]:
+        try:
+            return [lb.name for lb in self.stub.GetTask(pb.GetTaskRequest(name=task), timeout=self.timeout).labels]
+        except grpc.RpcError as exc:
+            _raise(exc, task)
+        return []
+
+    def ingest(self, task: str, rows: Iterable[Row | Rejected], chunk: int = 256) -> IngestReport:
+        """Stream rows to the server; rejections come back with the file's line numbers."""
+        report = IngestReport()
+        lines: list[int] = []
+
+        def messages() -> Iterator[pb.IngestRequest]:
+            batch: list[pb.Example] = []
+            first = True
+            for row in rows:
+                if isinstance(row, Rejected):
+                    report.rejected.append(row)
+                    continue
+                lines.append(row.line)
+                batch.append(pb.Example(text=row.text, label=row.label))
+                if len(batch) >= chunk:
+                    yield pb.IngestRequest(task=task if first else "", examples=batch)
+                    first, batch = False, []
+            yield pb.IngestRequest(task=task if first else "", examples=batch)
+
+        try:
+            reply = self.stub.Ingest(messages())
+        except grpc.RpcError as exc:
+            _raise(exc, task)
+        report.added, report.present = reply.added, reply.already_present
+        report.rejected += [Rejected(lines[r.index], r.reason) for r in reply.rejections]
+        report.rejected.sort(key=lambda r: r.line)
+        return report

@@ -1,0 +1,22 @@
+"""The committed Python stubs are exactly what proto/raee/v1/raee.proto generates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATED = ["raee_pb2.py", "raee_pb2.pyi", "raee_pb2_grpc.py"]
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-Iraee_server/protos=proto", f"--python_out={tmp_path}",
+         f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", "proto/raee/v1/raee.proto"],
+        cwd=ROOT, check=True,
+    )
+    for name in GENERATED:
+        fresh = (tmp_path / "raee_server/protos/raee/v1" / name).read_text()
+        committed = (ROOT / "raee_server/protos/raee/v1" / name).read_text()
+        assert fresh == committed, f"{name} is stale: run admin/gen_proto.sh"
