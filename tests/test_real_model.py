@@ -76,3 +76,25 @@ def test_ingest_then_eval_on_sst2(real: Engine) -> None:
     labels = real.task_info("sst2").spec.label_names
     assert [p.label for p in served] == [labels[int(lens[i, e].argmax())] for i, e in enumerate(paper.exits[:16])]
     assert len(found) == 16
+
+
+def test_grpc_classify_on_the_real_backbone(real: Engine) -> None:
+    """Last in this module: the server takes over the engine and closes it when it stops."""
+    from raee_server.protos.raee.v1 import raee_pb2 as pb
+
+    from .grpc_harness import ServerThread
+
+    real.ingest("sst2", itertools.islice(read_rows(SHARED_DATA / "sst2" / "train.tsv"), 40))  # no-op after the test above
+    server = ServerThread(real.settings.model_copy(update={"address": "127.0.0.1:0", "metrics_port": -1}),
+                          lambda: real)
+    try:
+        server.wait_ready()
+        texts = ["an utterly charming and funny film", "a dull , lifeless exercise"]
+        direct = real.classify("sst2", texts)
+        reply = server.stub.ClassifyBatch(pb.ClassifyBatchRequest(
+            task="sst2", texts=texts, options=pb.ClassifyOptions(return_neighbours=True)))
+        assert [(r.label, r.exit_layer) for r in reply.results] == [(p.label, p.exit_layer) for p in direct]
+        assert all(r.depth == 18 and len(r.neighbours) == 12 for r in reply.results)
+        assert all(r.timings.encode_us > 0 and r.timings.retrieve_us > 0 for r in reply.results)
+    finally:
+        server.stop()
