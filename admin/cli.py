@@ -281,6 +281,26 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
 
 
 @cli.command()
+@click.option("--revision", default="head", show_default=True, help="target revision")
+@click.option("--downgrade", is_flag=True, help="downgrade to --revision (e.g. base) instead of upgrading")
+@click.pass_obj
+@friendly_errors
+def migrate(obj: Context, revision: str, downgrade: bool) -> None:
+    """Migrate the metadata database (SQLite in the data dir, or RAEE_DATABASE_URL) to a schema revision."""
+    from sqlalchemy import create_engine
+
+    from raee_server import migrate as migrations
+
+    obj.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(obj.settings.sql_url)
+    before = migrations.current_revision(engine)
+    (migrations.downgrade if downgrade else migrations.upgrade)(engine, revision)
+    after = migrations.current_revision(engine)
+    click.echo(f"{engine.url.render_as_string(hide_password=True)}: schema {before or 'empty'} -> {after or 'base'}")
+    engine.dispose()
+
+
+@cli.command()
 @click.pass_context
 @friendly_errors
 def demo(ctx: click.Context) -> None:

@@ -139,7 +139,9 @@ class MetadataStore:
         self.engine = create_engine(url, json_serializer=lambda o: json.dumps(o, ensure_ascii=False))
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
-        Base.metadata.create_all(self.engine)
+        from .migrate import ensure_schema
+
+        ensure_schema(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from raee_server.settings import Settings
 from raee_server.tasks import Label, TaskSpec
 from raee_server.vector_store import EdgeVectorStore, collection_name
 
+from .databases import database
 from .tiny_models import tiny_causal_lm, tiny_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -28,10 +29,16 @@ def backbone() -> Backbone:
     return Backbone(tiny_causal_lm(), tiny_tokenizer(), "tiny-gemma3")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    with database(request.param, tmp_path) as url:
+        yield url
+
+
 @pytest.fixture
-def engine(tmp_path: Path, backbone: Backbone):  # type: ignore[no-untyped-def]
+def engine(tmp_path: Path, backbone: Backbone, database_url: str):  # type: ignore[no-untyped-def]
     encoder = HashingEncoder(32)
-    settings = Settings(data_dir=tmp_path, ingest_batch_size=4, forward_batch_size=3)
+    settings = Settings(data_dir=tmp_path, database_url=database_url, ingest_batch_size=4, forward_batch_size=3)
     vectors = EdgeVectorStore(tmp_path / "qdrant", collection_name(backbone.model_id, encoder.model_id), encoder.dim)
     eng = Engine(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
     yield eng
