@@ -281,6 +281,30 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
 
 
 @cli.command()
+@click.option("--task", "tasks", multiple=True, help="task to check (repeatable; default: all)")
+@click.option("--repair", is_flag=True, help="recompute rows missing from the vector store, delete orphan vectors")
+@click.pass_obj
+@friendly_errors
+def doctor(obj: Context, tasks: tuple[str, ...], repair: bool) -> None:
+    """Report (and with --repair fix) records present in one store and missing in the other."""
+    from raee_server import doctor as checks
+
+    engine = obj.engine
+    names = list(tasks) or [i.spec.name for i in engine.metadata.list_tasks()]
+    unhealthy = 0
+    for name in names:
+        diagnosis = checks.diagnose(engine, name)
+        click.echo(diagnosis.summary())
+        if not diagnosis.healthy and repair:
+            diagnosis = checks.repair(engine, diagnosis)
+            click.echo("  repaired -> " + diagnosis.summary())
+        unhealthy += not diagnosis.healthy
+    if unhealthy:
+        click.echo(f"error: {unhealthy} task(s) inconsistent; run with --repair", err=True)
+        sys.exit(1)
+
+
+@cli.command()
 @click.option("--revision", default="head", show_default=True, help="target revision")
 @click.option("--downgrade", is_flag=True, help="downgrade to --revision (e.g. base) instead of upgrading")
 @click.pass_obj

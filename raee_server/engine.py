@@ -74,7 +74,7 @@ class Engine:
         """Load the models and open the stores named by the settings."""
         from .encoder import load_encoder
         from .loading import load_backbone
-        from .vector_store import EdgeVectorStore, collection_name
+        from .vector_store import collection_name, open_vector_store
 
         import torch
 
@@ -84,8 +84,7 @@ class Engine:
         backbone = load_backbone(settings.backbone, settings.models_dir, settings.device, settings.dtype,
                                  settings.max_tokens)
         encoder = load_encoder(settings.encoder, settings.device)
-        vectors = EdgeVectorStore(settings.data_dir / "qdrant", collection_name(backbone.model_id, encoder.model_id),
-                                  encoder.dim)
+        vectors = open_vector_store(settings, collection_name(backbone.model_id, encoder.model_id), encoder.dim)
         return cls(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
 
     def close(self) -> None:

@@ -236,6 +236,27 @@ class MetadataStore:
         with self._session.begin() as s:
             s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids))).values(status=COMMITTED))
 
+    def record_states(self, task: str) -> dict[str, str]:
+        """Every record id of the task with its state (pending or committed)."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            rows = s.execute(select(ExitRecordRow.id, ExitRecordRow.status).where(ExitRecordRow.task_id == task_id))
+            return {rid: status for rid, status in rows}
+
+    def examples(self, ids: Sequence[str]) -> list[tuple[str, str]]:
+        """(text, label) of the given records, to recompute them."""
+        out: list[tuple[str, str]] = []
+        with self._session() as s:
+            for i in range(0, len(ids), 500):
+                out += [(t, l) for t, l in s.execute(
+                    select(ExitRecordRow.text, ExitRecordRow.label).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))))]
+        return out
+
+    def mark_pending(self, ids: Sequence[str]) -> None:
+        with self._session.begin() as s:
+            for i in range(0, len(ids), 500):
+                s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))).values(status=PENDING))
+
     # -- analytics -----------------------------------------------------------
 
     def layer_accuracy(self, task: str) -> dict[int, float]:

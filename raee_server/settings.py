@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: str = Field(default="float32", description="float32, bfloat16 or float16")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
+    qdrant_url: str | None = Field(
+        default=None, description="Qdrant server (e.g. http://qdrant:6333, used over gRPC) or ':memory:'; default Edge"
+    )
+    qdrant_api_key: str | None = None
+    qdrant_shard_per_task: bool = Field(default=False, description="custom sharding: one shard key per task")
     default_k: int = 12
     max_k: int = 64
     max_text_chars: int = 8192

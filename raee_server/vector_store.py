@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import NotReady, StoreMismatch
 from .policies import Neighbour
+from .settings import Settings
 
 VECTOR_NAME = "key"
 TENANT_FIELD = "task"
@@ -38,6 +39,8 @@ class VectorStore(Protocol):
     def search(self, task: str, vectors: np.ndarray, k: int) -> list[list[Neighbour]]: ...
     def count(self, task: str | None = None) -> int: ...
     def existing(self, ids: Sequence[str]) -> set[str]: ...
+    def ids(self, task: str) -> set[str]: ...
+    def delete_ids(self, ids: Sequence[str]) -> None: ...
     def delete_task(self, task: str) -> None: ...
     def close(self) -> None: ...
 
@@ -148,6 +151,27 @@ class EdgeVectorStore:
             found = self._shard.retrieve(list(ids), with_payload=False, with_vector=False)
         return {str(r.id) for r in found}
 
+    def ids(self, task: str) -> set[str]:
+        from qdrant_edge import ScrollRequest
+
+        found: set[str] = set()
+        offset = None
+        with self._lock:
+            while True:
+                records, offset = self._shard.scroll(ScrollRequest(
+                    offset=offset, limit=1000, filter=self._task_filter(task), with_payload=False, with_vector=False))
+                found.update(str(r.id) for r in records)
+                if offset is None:
+                    return found
+
+    def delete_ids(self, ids: Sequence[str]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        if ids:
+            with self._lock:
+                self._shard.update(UpdateOperation.delete_points(list(ids)))
+                self._shard.flush()
+
     def delete_task(self, task: str) -> None:
         from qdrant_edge import UpdateOperation
 
@@ -161,3 +185,133 @@ class EdgeVectorStore:
                 self._shard.flush()
                 self._shard.close()
                 self._shard = None
+
+
+class QdrantServerStore:
+    """A Qdrant server or cluster through qdrant-client (gRPC), or its in-memory mode (`:memory:`).
+
+    Writes wait for the server's acknowledgement, so an ingest that returned is
+    searchable. With `shard_per_task`, each task gets its own shard key (custom
+    sharding) for users whose tenants are large enough to place on their own.
+    """
+
+    def __init__(self, url: str, collection: str, dim: int, api_key: str | None = None,
+                 shard_per_task: bool = False, timeout: int = 10) -> None:
+        from qdrant_client import QdrantClient, models
+
+        self.collection = collection
+        self.dim = dim
+        self.shard_per_task = shard_per_task
+        self._models = models
+        self._shard_keys: set[str] = set()
+        if url == ":memory:":
+            self.client = QdrantClient(location=":memory:")
+        else:
+            self.client = QdrantClient(url=url, prefer_grpc=True, api_key=api_key, timeout=timeout)
+        try:
+            exists = self.client.collection_exists(collection)
+        except Exception as exc:
+            raise NotReady(f"Qdrant at {url} is unreachable: {exc}") from exc
+        if exists:
+            params = self.client.get_collection(collection).config.params.vectors
+            size = params[VECTOR_NAME].size if isinstance(params, dict) else None
+            if size != dim:
+                raise StoreMismatch(f"collection {collection}: built with {size}-d keys, the encoder gives {dim}-d")
+            return
+        self.client.create_collection(
+            collection,
+            vectors_config={VECTOR_NAME: models.VectorParams(size=dim, distance=models.Distance.COSINE)},
+            sharding_method=models.ShardingMethod.CUSTOM if shard_per_task else None,
+        )
+        self.client.create_payload_index(
+            collection, TENANT_FIELD,
+            field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True), wait=True)
+
+    def _filter(self, task: str) -> Any:
+        m = self._models
+        return m.Filter(must=[m.FieldCondition(key=TENANT_FIELD, match=m.MatchValue(value=task))])
+
+    def _shard(self, task: str) -> str | None:
+        if not self.shard_per_task:
+            return None
+        if task not in self._shard_keys:
+            try:
+                self.client.create_shard_key(self.collection, task)
+            except Exception as exc:  # already created by another writer
+                if "already exists" not in str(exc).lower():
+                    raise
+            self._shard_keys.add(task)
+        return task
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (StoreMismatch, NotReady):
+            raise
+        except Exception as exc:
+            if any(w in str(exc).lower() for w in ("unavailable", "connect", "timed out", "deadline")):
+                raise NotReady(f"Qdrant is unreachable: {exc}") from exc
+            raise
+
+    def upsert(self, points: Sequence[VectorPoint]) -> None:
+        m = self._models
+        by_task: dict[str, list[Any]] = {}
+        for p in points:
+            by_task.setdefault(str(p.payload[TENANT_FIELD]), []).append(
+                m.PointStruct(id=p.id, vector={VECTOR_NAME: p.vector.astype(float).tolist()}, payload=p.payload))
+        for task, batch in by_task.items():
+            self._call(self.client.upsert, self.collection, points=batch, wait=True,
+                       shard_key_selector=self._shard(task))
+
+    def search(self, task: str, vectors: np.ndarray, k: int) -> list[list[Neighbour]]:
+        m = self._models
+        requests = [
+            m.QueryRequest(query=v.astype(float).tolist(), using=VECTOR_NAME, filter=self._filter(task), limit=k,
+                           with_payload=True, shard_key=task if self.shard_per_task else None)
+            for v in vectors
+        ]
+        if not requests:
+            return []
+        responses = self._call(self.client.query_batch_points, self.collection, requests=requests)
+        return [[to_neighbour(p.id, p.score, p.payload) for p in r.points] for r in responses]
+
+    def count(self, task: str | None = None) -> int:
+        flt = self._filter(task) if task else None
+        return int(self._call(self.client.count, self.collection, count_filter=flt, exact=True).count)
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        found = self._call(self.client.retrieve, self.collection, ids=list(ids), with_payload=False,
+                           with_vectors=False)
+        return {str(r.id) for r in found}
+
+    def ids(self, task: str) -> set[str]:
+        found: set[str] = set()
+        offset = None
+        while True:
+            records, offset = self._call(self.client.scroll, self.collection, scroll_filter=self._filter(task),
+                                         limit=1000, offset=offset, with_payload=False, with_vectors=False)
+            found.update(str(r.id) for r in records)
+            if offset is None:
+                return found
+
+    def delete_ids(self, ids: Sequence[str]) -> None:
+        if ids:
+            self._call(self.client.delete, self.collection,
+                       points_selector=self._models.PointIdsList(points=list(ids)), wait=True)
+
+    def delete_task(self, task: str) -> None:
+        self._call(self.client.delete, self.collection,
+                   points_selector=self._models.FilterSelector(filter=self._filter(task)), wait=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_vector_store(settings: Settings, collection: str, dim: int) -> VectorStore:
+    """The one place that picks the implementation: a Qdrant server when RAEE_QDRANT_URL is set, else Edge."""
+    if settings.qdrant_url:
+        return QdrantServerStore(settings.qdrant_url, collection, dim, settings.qdrant_api_key,
+                                 settings.qdrant_shard_per_task)
+    return EdgeVectorStore(settings.data_dir / "qdrant", collection, dim)
