@@ -349,6 +349,24 @@ def demo(ctx: click.Context) -> None:
 
 
 @cli.command()
+@click.option("--server", required=True, metavar="HOST:PORT")
+@click.option("--timeout", default=3.0, show_default=True)
+def health(server: str, timeout: float) -> None:
+    """Exit 0 when the server's health check says SERVING (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(server) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+    except grpc.RpcError as exc:
+        click.echo(f"{server}: {exc.code().name}", err=True)
+        sys.exit(1)
+    click.echo(f"{server}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    sys.exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@cli.command()
 @click.pass_obj
 def serve(obj: Context) -> None:
     """Run the gRPC server (same as `raee-server`; settings from the global flags and RAEE_* variables)."""

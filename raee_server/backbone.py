@@ -51,7 +51,11 @@ class LabelHead:
 
 
 class Backbone:
-    """A Hugging Face causal LM whose decoder layers, final norm and LM head are reachable."""
+    """A Hugging Face causal LM whose decoder layers, final norm and LM head are reachable.
+
+    Not thread-safe: exits are read with hooks on the shared modules, so one thread
+    (the server's model worker) drives a Backbone.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any, model_id: str, max_tokens: int = 512) -> None:
         self.model = model.eval()

@@ -123,6 +123,17 @@ class TaskInfo:
     records: int
 
 
+def _dialect_insert(dialect: str):  # type: ignore[no-untyped-def]
+    """INSERT with ON CONFLICT for the two supported databases."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"metadata store: {dialect} is not supported (use SQLite or Postgres)")
+    return insert
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -214,23 +225,31 @@ class MetadataStore:
                 added=added, present=present, rejected=rejected, status=status, finished_at=_now()))
 
     def write_pending(self, task: str, records: Iterable[ExitRecord], batch_id: int | None) -> None:
-        """Record examples (and their per-layer results) as pending, replacing a crashed attempt's rows."""
+        """Record examples and their per-layer results as pending, in one transaction.
+
+        Upserts, not inserts: several writers may ingest overlapping rows at once, and a
+        crashed attempt's rows are overwritten. A row another writer already committed
+        stays committed (its values are the same: ids and results are deterministic).
+        """
         records = list(records)
+        if not records:
+            return
+        insert = _dialect_insert(self.engine.dialect.name)
         with self._session.begin() as s:
             task_row = self._task_row(s, task)
             labels = task_row.spec().label_names
-            ids = [r.id for r in records]
-            s.execute(delete(LayerResultRow).where(LayerResultRow.record_id.in_(ids)))
-            s.execute(delete(ExitRecordRow).where(ExitRecordRow.id.in_(ids)))
-            for r in records:
-                s.add(ExitRecordRow(id=r.id, task_id=task_row.id, text_hash=text_hash(r.text), text=r.text,
-                                    label=r.label, batch_id=batch_id, status=PENDING))
-            s.flush()
-            s.add_all(
-                LayerResultRow(record_id=r.id, layer=lr.layer, predicted=labels[lr.predicted],
-                               probability=lr.probability, gold_probability=lr.gold_probability, correct=lr.correct)
-                for r in records for lr in r.layers
-            )
+            rows = [dict(id=r.id, task_id=task_row.id, text_hash=text_hash(r.text), text=r.text, label=r.label,
+                         batch_id=batch_id, status=PENDING, created_at=_now()) for r in records]
+            stmt = insert(ExitRecordRow).values(rows)
+            s.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={"batch_id": stmt.excluded.batch_id}))
+            results = [dict(record_id=r.id, layer=lr.layer, predicted=labels[lr.predicted], probability=lr.probability,
+                            gold_probability=lr.gold_probability, correct=lr.correct)
+                       for r in records for lr in r.layers]
+            for i in range(0, len(results), 2000):  # bounded statement size
+                stmt = insert(LayerResultRow).values(results[i : i + 2000])
+                s.execute(stmt.on_conflict_do_update(
+                    index_elements=["record_id", "layer"],
+                    set_={c: stmt.excluded[c] for c in ("predicted", "probability", "gold_probability", "correct")}))
 
     def mark_committed(self, ids: Sequence[str]) -> None:
         with self._session.begin() as s:

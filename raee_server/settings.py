@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     )
     qdrant_api_key: str | None = None
     qdrant_shard_per_task: bool = Field(default=False, description="custom sharding: one shard key per task")
+    qdrant_replication_factor: int | None = Field(default=None, description="copies of each shard (cluster)")
+    qdrant_shard_number: int | None = Field(default=None, description="shards per collection (cluster)")
     default_k: int = 12
     max_k: int = 64
     max_text_chars: int = 8192

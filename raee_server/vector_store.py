@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,8 @@ class QdrantServerStore:
     """
 
     def __init__(self, url: str, collection: str, dim: int, api_key: str | None = None,
-                 shard_per_task: bool = False, timeout: int = 10) -> None:
+                 shard_per_task: bool = False, replication_factor: int | None = None,
+                 shard_number: int | None = None, timeout: int = 10) -> None:
         from qdrant_client import QdrantClient, models
 
         self.collection = collection
@@ -222,10 +224,15 @@ class QdrantServerStore:
             collection,
             vectors_config={VECTOR_NAME: models.VectorParams(size=dim, distance=models.Distance.COSINE)},
             sharding_method=models.ShardingMethod.CUSTOM if shard_per_task else None,
+            replication_factor=replication_factor,
+            shard_number=shard_number,
         )
-        self.client.create_payload_index(
-            collection, TENANT_FIELD,
-            field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True), wait=True)
+        with warnings.catch_warnings():  # the in-memory mode warns that it ignores payload indexes
+            warnings.simplefilter("ignore", UserWarning)
+            self.client.create_payload_index(
+                collection, TENANT_FIELD,
+                field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True),
+                wait=True)
 
     def _filter(self, task: str) -> Any:
         m = self._models
@@ -313,5 +320,6 @@ def open_vector_store(settings: Settings, collection: str, dim: int) -> VectorSt
     """The one place that picks the implementation: a Qdrant server when RAEE_QDRANT_URL is set, else Edge."""
     if settings.qdrant_url:
         return QdrantServerStore(settings.qdrant_url, collection, dim, settings.qdrant_api_key,
-                                 settings.qdrant_shard_per_task)
+                                 settings.qdrant_shard_per_task, settings.qdrant_replication_factor,
+                                 settings.qdrant_shard_number)
     return EdgeVectorStore(settings.data_dir / "qdrant", collection, dim)

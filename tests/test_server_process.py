@@ -68,6 +68,7 @@ def test_cli_through_the_server_and_the_store_lock(server, tmp_path: Path) -> No
         assert result.exit_code == code, result.output
         return result.output
 
+    assert f"{address}: SERVING" in run("health", "--server", address)
     (tmp_path / "s.toml").write_text(SPEC)
     assert "created task sentiment" in run("task", "create", "--file", str(tmp_path / "s.toml"), "--server", address)
     data = write_tsv(tmp_path / "d.tsv", ROWS[:5] + [("meh", "neutral")] + ROWS[5:])
