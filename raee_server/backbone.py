@@ -10,11 +10,12 @@ independent of each family's attention-mask and rotary details.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -165,6 +166,39 @@ class Backbone:
             except _ExitReached as stop:
                 captured.append(stop.hidden)
         return self._project(captured[-1][:, -1, :], head)
+
+    @torch.inference_mode()
+    def exit_logits_until(
+        self, prompt: str, head: LabelHead, max_layer: int, stop: Callable[[int, np.ndarray], bool]
+    ) -> tuple[torch.Tensor, int]:
+        """Run one prompt layer by layer; stop at the first exit where `stop(layer, label probs)` holds,
+        or at `max_layer`. Returns the label logits there and the exit. Layers past it never run."""
+        if not 0 <= max_layer <= self.depth:
+            raise InvalidInput(f"exit layer {max_layer} outside 0..{self.depth}")
+
+        exit_at = [max_layer]
+
+        def check(layer: int, hidden: torch.Tensor) -> None:
+            logits = self._project(hidden[:, -1, :], head)
+            if layer == max_layer or stop(layer, torch.softmax(logits[0], -1).numpy()):
+                exit_at[0] = layer
+                raise _ExitReached(hidden)
+
+        handles = [self.layers[0].register_forward_pre_hook(
+            lambda _m, args, kwargs: check(0, _hidden_of(args, kwargs)), with_kwargs=True)]
+        handles += [
+            layer.register_forward_hook(lambda _m, _a, out, i=i: check(i + 1, _output_hidden(out)))
+            for i, layer in enumerate(self.layers[:max_layer])
+        ]
+        try:
+            self.decoder(**self._inputs([prompt]), use_cache=False)
+            raise RuntimeError("the forward ended without reaching its exit")  # unreachable
+        except _ExitReached as stop_here:
+            hidden = stop_here.hidden
+        finally:
+            for h in handles:
+                h.remove()
+        return self._project(hidden[:, -1, :], head)[0], exit_at[0]
 
     @contextmanager
     def _stop_before(self, exit_layer: int) -> Iterator[list[torch.Tensor]]:

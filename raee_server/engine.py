@@ -18,7 +18,7 @@ from .datafile import Rejected, Row
 from .encoder import KeyEncoder
 from .errors import InvalidInput, StoreMismatch
 from .metadata import MetadataStore, TaskInfo
-from .policies import ExitPolicy, Neighbour, parse_policy
+from .policies import Decision, ExitPolicy, Neighbour, parse_policy
 from .records import ExitRecord, layer_results, record_id
 from .settings import Settings
 from .tasks import TaskSpec
@@ -165,7 +165,7 @@ class Engine:
     def classify(
         self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None
     ) -> list[Prediction]:
-        """RAEE inference: retrieve neighbours, choose each row's exit layer, run only up to it."""
+        """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it."""
         chosen, k = self.validate(task, texts, policy, k)
         spec, head = self._task(task)
         timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
@@ -173,32 +173,42 @@ class Engine:
             found, timings = self.neighbours(task, texts, k)
         else:
             found = [[] for _ in texts]
-        exits = [chosen.exit_layer(n, self.depth) for n in found]
+        decisions = [chosen.decide(n, self.depth, spec.label_names) for n in found]
         t0 = time.perf_counter()
-        probs = self.forward_at(spec, head, texts, exits)
+        probs, exits = self.forward_at(spec, head, texts, decisions)
         timings["forward_us"] = _us(time.perf_counter() - t0)
         return [
             Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings))
             for p, e, n in zip(probs, exits, found)
         ]
 
-    def forward_at(self, spec: TaskSpec, head: LabelHead, texts: Sequence[str], exits: Sequence[int]) -> np.ndarray:
-        """Label probabilities of each text at its own exit layer.
+    def forward_at(
+        self, spec: TaskSpec, head: LabelHead, texts: Sequence[str], decisions: Sequence[Decision]
+    ) -> tuple[np.ndarray, list[int]]:
+        """Label probabilities of each text where its decision exits, and those exits.
 
-        Rows are grouped by exit layer, so no row runs deeper than its exit and an
-        early row never waits on a later one's layers.
+        Rows with a fixed exit are grouped by it, so no row runs deeper than its exit and
+        an early row never waits on a later one's layers. Rows with a stop rule run one
+        at a time, layer by layer. Rows answered without the backbone run nothing.
         """
         out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
+        exits = [d.max_layer for d in decisions]
         groups: dict[int, list[int]] = defaultdict(list)
-        for i, layer in enumerate(exits):
-            groups[layer].append(i)
+        for i, d in enumerate(decisions):
+            if d.answer is not None:
+                out[i], exits[i] = d.answer, 0
+            elif d.stop is not None:
+                logits, exits[i] = self.backbone.exit_logits_until(spec.prompt(texts[i]), head, d.max_layer, d.stop)
+                out[i] = softmax(logits.numpy().astype(np.float64))
+            else:
+                groups[d.max_layer].append(i)
         size = self.settings.forward_batch_size
         for layer, rows in sorted(groups.items()):
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
                 logits = self.backbone.exit_logits([spec.prompt(texts[i]) for i in chunk], head, layer)
                 out[chunk] = softmax(logits.cpu().numpy().astype(np.float64))
-        return out
+        return out, exits
 
     def all_exit_logits(self, task: str, texts: Sequence[str]) -> np.ndarray:
         """[n, L + 1, n_labels] label-word logits at every exit (one full forward per row)."""

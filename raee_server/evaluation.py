@@ -15,7 +15,8 @@ import numpy as np
 
 from .datafile import Row
 from .engine import Engine
-from .policies import neighbour_weights, parse_policy
+from .engine import softmax
+from .policies import neighbour_weights, parse_policy, resolve_exit
 
 
 @dataclass
@@ -91,10 +92,13 @@ def evaluate(
         found, _ = engine.neighbours(task, texts, k)
         for i, neighbours in enumerate(found):
             knn_correct += knn_vote(neighbours, spec.label_names) == part[i].label
+            probs = softmax(logits[i].astype(np.float64))
             for policy, result in zip(chosen, results):
-                layer = policy.exit_layer(neighbours, depth)
+                decision = policy.decide(neighbours, depth, spec.label_names)
+                layer = resolve_exit(decision, probs)
                 result.exits.append(layer)
-                result.correct += int(predicted[i, layer] == gold[i])
+                answer = decision.answer.argmax() if decision.answer is not None else predicted[i, layer]
+                result.correct += int(answer == gold[i])
         if progress:
             progress(len(part))
     return EvalReport(task, len(rows), depth, k, results, knn_correct, layer_correct.tolist())

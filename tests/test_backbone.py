@@ -81,3 +81,18 @@ def test_colliding_label_words_are_rejected(backbone: Backbone) -> None:
     # The word-level tokenizer splits " good !" into "good", "!": same first sub-token as " good".
     with pytest.raises(InvalidInput, match="share their first sub-token"):
         backbone.label_token_ids([" good", " good !"])
+
+
+def test_layer_by_layer_forward_stops_where_the_rule_says(backbone: Backbone) -> None:
+    head = backbone.label_head(backbone.label_token_ids([" negative", " positive"]))
+    lens = backbone.all_exit_logits(PROMPTS[:1], head)[0]
+    calls = count_layers_run(backbone)
+    for target in range(backbone.depth + 1):
+        calls[0] = 0
+        logits, exit_layer = backbone.exit_logits_until(PROMPTS[0], head, backbone.depth,
+                                                        lambda layer, _p, t=target: layer == target)
+        assert exit_layer == target == calls[0]
+        torch.testing.assert_close(logits, lens[target], rtol=1e-4, atol=1e-5)
+    calls[0] = 0
+    _, exit_layer = backbone.exit_logits_until(PROMPTS[0], head, 2, lambda *_: False)
+    assert exit_layer == 2 == calls[0]  # the bound holds when the rule never fires

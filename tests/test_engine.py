@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from raee_server.datafile import read_rows
@@ -79,7 +81,7 @@ def test_classify_exits_where_the_policy_says_and_runs_no_deeper(engine: Engine,
     ingest_rows(engine, tmp_path, ROWS)
     texts = ["a great film", "the worst mess", "i loved it"]
     found, _ = engine.neighbours(SENTIMENT.name, texts, 12)
-    expected = [PaperPolicy().exit_layer(n, engine.depth) for n in found]
+    expected = [PaperPolicy().decide(n, engine.depth, SENTIMENT.label_names).max_layer for n in found]
     ran: list[int] = []
     for i, layer in enumerate(engine.backbone.layers):
         layer.register_forward_hook(lambda _m, _a, out, i=i: ran.append(i))
@@ -127,3 +129,24 @@ def test_tasks_are_isolated_tenants(engine: Engine, tmp_path: Path) -> None:
     assert engine.vectors.count("other") == 0 and engine.vectors.count(SENTIMENT.name) == 4
     with pytest.raises(TaskNotFound):
         engine.task_info("other")
+
+
+def test_online_and_backbone_free_policies(engine: Engine, tmp_path: Path) -> None:
+    engine.create_task(SENTIMENT)
+    ingest_rows(engine, tmp_path, ROWS)
+    texts = ["a great film", "the worst mess"]
+    lens = engine.all_exit_logits(SENTIMENT.name, texts)
+    probs = np.exp(lens) / np.exp(lens).sum(-1, keepdims=True)
+    ran: list[int] = []
+    for i, layer in enumerate(engine.backbone.layers):
+        layer.register_forward_hook(lambda _m, _a, _o, i=i: ran.append(i))
+    threshold = float(np.median(probs.max(-1)))  # some rows stop early, some later
+    predictions = engine.classify(SENTIMENT.name, texts, policy=f"confidence:{threshold}")
+    for p, row in zip(predictions, probs):
+        expected = next((l for l in range(engine.depth + 1) if row[l].max() >= threshold), engine.depth)
+        assert p.exit_layer == expected
+        np.testing.assert_allclose(p.scores, row[expected], atol=1e-5)
+    assert len(ran) == sum(p.exit_layer for p in predictions)  # each row ran exactly to its exit
+    ran.clear()
+    voted = engine.classify(SENTIMENT.name, texts, policy="knn-vote")
+    assert ran == [] and all(p.exit_layer == 0 for p in voted)  # no layer ran

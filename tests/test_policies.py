@@ -7,7 +7,13 @@ import pytest
 
 from raee_server.errors import InvalidInput
 from raee_server.policies import (
+    ConfidencePolicy,
     FullPolicy,
+    KnnAgreePolicy,
+    KnnVotePolicy,
+    TolerancePolicy,
+    label_vote,
+    resolve_exit,
     Neighbour,
     PaperPolicy,
     StaticPolicy,
@@ -15,6 +21,9 @@ from raee_server.policies import (
     paper_layer_scores,
     parse_policy,
 )
+
+
+LABELS = ["x", "y"]
 
 
 def nb(similarity: float, *exits: tuple[int, float], label: str = "x") -> Neighbour:
@@ -40,12 +49,12 @@ def test_without_a_confident_pair_the_three_most_probable_are_kept() -> None:
 def test_exit_is_the_argmax_layer() -> None:
     neighbours = [nb(0.95, (1, 0.91)), nb(0.9, (3, 0.99)), nb(0.9, (3, 0.99))]
     # layer 1: .91 * 1; layer 3: 2 * .99 * .5 = .99
-    assert PaperPolicy().exit_layer(neighbours, depth=4) == 3
+    assert PaperPolicy().decide(neighbours, 4, LABELS).max_layer == 3
 
 
 def test_no_information_at_all_means_the_last_layer() -> None:
-    assert PaperPolicy().exit_layer([], depth=18) == 18
-    assert PaperPolicy().exit_layer([nb(0.9), nb(0.5)], depth=18) == 18  # nobody right anywhere
+    assert PaperPolicy().decide([], 18, LABELS).max_layer == 18
+    assert PaperPolicy().decide([nb(0.9), nb(0.5)], 18, LABELS).max_layer == 18  # nobody right anywhere
 
 
 def test_an_exact_duplicate_dominates_without_dividing_by_zero() -> None:
@@ -58,10 +67,57 @@ def test_parse_policy_names_and_errors() -> None:
     assert isinstance(parse_policy(None), PaperPolicy)
     assert isinstance(parse_policy("full"), FullPolicy)
     assert parse_policy("static:7") == StaticPolicy(7)
-    assert parse_policy("static:7").exit_layer([], 18) == 7
+    assert parse_policy("static:7").decide([], 18, LABELS).max_layer == 7
     with pytest.raises(InvalidInput, match="unknown exit policy 'fastest'"):
         parse_policy("fastest")
     with pytest.raises(InvalidInput, match="needs a layer number"):
         parse_policy("static")
     with pytest.raises(InvalidInput, match="beyond the backbone's depth"):
-        parse_policy("static:30").exit_layer([], 18)
+        parse_policy("static:30").decide([], 18, LABELS)
+
+
+def probs_by_layer(*rows: tuple[float, float]) -> np.ndarray:
+    return np.array(rows, dtype=np.float64)
+
+
+def test_tolerance_takes_the_earliest_layer_near_the_best() -> None:
+    neighbours = [nb(0.9, (2, 0.95)), nb(0.9, (6, 0.99))]  # scores: L2 .95, L6 .99
+    assert PaperPolicy().decide(neighbours, 8, LABELS).max_layer == 6
+    assert TolerancePolicy(0.05).decide(neighbours, 8, LABELS).max_layer == 2
+    assert TolerancePolicy(0.01).decide(neighbours, 8, LABELS).max_layer == 6
+
+
+def test_confidence_stops_at_the_first_confident_layer() -> None:
+    probs = probs_by_layer((0.5, 0.5), (0.7, 0.3), (0.95, 0.05), (0.99, 0.01))
+    assert resolve_exit(ConfidencePolicy(0.9).decide([], 3, LABELS), probs) == 2
+    assert resolve_exit(ConfidencePolicy(0.999).decide([], 3, LABELS), probs) == 3  # never: the last layer
+
+
+def test_knn_vote_answers_without_the_backbone() -> None:
+    neighbours = [nb(0.9, label="y"), nb(0.8, label="x"), nb(0.8, label="x"), nb(0.7, label="z")]
+    np.testing.assert_allclose(label_vote(neighbours, LABELS), [0.5, 0.5])  # 1 vs .5 + .5; unknown label ignored
+    decision = KnnVotePolicy().decide(neighbours[:2], 18, LABELS)
+    assert decision.answer is not None and decision.answer.argmax() == 1 and decision.max_layer == 0
+    np.testing.assert_allclose(label_vote([], LABELS), [0.5, 0.5])
+
+
+def test_knn_agree_stops_where_the_lens_agrees_with_the_neighbours() -> None:
+    neighbours = [nb(0.9, (3, 0.95), label="y"), nb(0.9, (3, 0.95), label="y")]  # vote y; paper exit 3
+    probs = probs_by_layer((0.9, 0.1), (0.4, 0.6), (0.2, 0.8), (0.1, 0.9), (0.1, 0.9))
+    decision = KnnAgreePolicy().decide(neighbours, 4, LABELS)
+    assert decision.max_layer == 3 and resolve_exit(decision, probs) == 1
+    disagreeing = probs_by_layer(*[(0.9, 0.1)] * 5)
+    assert resolve_exit(decision, disagreeing) == 3  # bounded by the paper's exit
+    assert KnnAgreePolicy(2).decide(neighbours, 4, LABELS).max_layer == 2
+    assert KnnAgreePolicy().decide([], 4, LABELS).max_layer == 4
+
+
+def test_policy_arguments_are_checked() -> None:
+    assert parse_policy("confidence:0.8") == ConfidencePolicy(0.8)
+    assert parse_policy("paper-tol:0.2") == TolerancePolicy(0.2)
+    assert parse_policy("knn-agree:5") == KnnAgreePolicy(5)
+    assert parse_policy("paper-all").name == "paper-all"
+    with pytest.raises(InvalidInput, match="confidence:2 out of range"):
+        parse_policy("confidence:2")
+    with pytest.raises(InvalidInput, match="needs a number"):
+        parse_policy("paper-tol:abc")
