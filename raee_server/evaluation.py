@@ -1,9 +1,10 @@
-"""Evaluation of exit policies on labelled rows, every policy on the same rows in one run.
+"""Offline evaluation of exit policies: every policy on the same rows, from one forward per row.
 
-Each row gets one full forward that yields the label-word logits at every exit;
-a policy's answer is read at its chosen exit. That equals a truncated forward
-to that exit (layers below l do not depend on later ones; tests pin this), so
-all policies are compared on identical computations for the cost of one.
+Each measured row gets one full forward that yields the label probabilities at
+every exit, and one retrieval of its neighbours. A policy's answer is read at
+the exit its decision resolves to: that equals a truncated forward to that
+exit (layers below l never depend on later ones; tests pin this), so all
+policies are compared on identical computations for the cost of one.
 """
 
 from __future__ import annotations
@@ -14,108 +15,164 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .datafile import Row
-from .engine import Engine
-from .engine import softmax
-from .policies import neighbour_weights, parse_policy, resolve_exit
+from .engine import Engine, softmax
+from .policies import ExitPolicy, Neighbour, parse_policy, resolve_exit
+
+
+@dataclass
+class Measured:
+    """Everything a policy needs to be evaluated on one row, without running the backbone again."""
+
+    gold: int
+    probs: np.ndarray  # [L + 1, C] label probabilities at every exit
+    neighbours: list[Neighbour]  # the nearest records, most similar first
 
 
 @dataclass
 class PolicyResult:
     name: str
-    correct: int
+    depth: int
+    gold: list[int] = field(default_factory=list)
+    predicted: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
 
-    def accuracy(self, n: int) -> float:
-        return self.correct / n if n else 0.0
+    @property
+    def rows(self) -> int:
+        return len(self.gold)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(np.array(self.gold) == np.array(self.predicted))) if self.gold else 0.0
+
+    def macro_f1(self, n_labels: int) -> float:
+        gold, pred = np.array(self.gold), np.array(self.predicted)
+        scores = []
+        for c in range(n_labels):
+            tp = np.sum((pred == c) & (gold == c))
+            fp, fn = np.sum((pred == c) & (gold != c)), np.sum((pred != c) & (gold == c))
+            if tp + fp + fn:
+                scores.append(2 * tp / (2 * tp + fp + fn))
+        return float(np.mean(scores)) if scores else 0.0
 
     @property
     def mean_exit(self) -> float:
         return float(np.mean(self.exits)) if self.exits else float("nan")
 
+    @property
+    def p95_exit(self) -> float:
+        return float(np.percentile(self.exits, 95)) if self.exits else float("nan")
+
+    @property
+    def layers_saved(self) -> float:
+        """Fraction of decoder-layer computations saved against running every row to the last layer."""
+        return 1.0 - self.mean_exit / self.depth if self.depth else 0.0
+
+    def histogram(self) -> list[int]:
+        return np.bincount(np.asarray(self.exits, dtype=int), minlength=self.depth + 1).tolist()
+
+    def summary(self, n_labels: int) -> dict[str, object]:
+        return {"policy": self.name, "rows": self.rows, "accuracy": self.accuracy,
+                "macro_f1": self.macro_f1(n_labels), "mean_exit_layer": self.mean_exit,
+                "p95_exit_layer": self.p95_exit, "layers_saved": self.layers_saved,
+                "exit_histogram": self.histogram()}
+
+
+def measure(engine: Engine, task: str, rows: Sequence[Row], k: int, chunk: int = 32,
+            progress: Callable[[int], None] | None = None) -> list[Measured]:
+    spec = engine.task_info(task).spec
+    out: list[Measured] = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        texts = [r.text for r in part]
+        logits = engine.all_exit_logits(task, texts)
+        found, _ = engine.neighbours(task, texts, k)
+        out += [Measured(spec.label_index(r.label), softmax(lg.astype(np.float64)), n)
+                for r, lg, n in zip(part, logits, found)]
+        if progress:
+            progress(len(part))
+    return out
+
+
+def run_policy(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels: Sequence[str],
+               k: int | None = None) -> PolicyResult:
+    """A policy's answers on measured rows (with only the first k neighbours when k is given)."""
+    result = PolicyResult(policy.name, depth)
+    for row in rows:
+        decision = policy.decide(row.neighbours[:k] if k else row.neighbours, depth, labels)
+        layer = resolve_exit(decision, row.probs)
+        answer = decision.answer if decision.answer is not None else row.probs[layer]
+        result.gold.append(row.gold)
+        result.predicted.append(int(np.argmax(answer)))
+        result.exits.append(layer)
+    return result
+
+
+def run_oracle(rows: Sequence[Measured], depth: int) -> PolicyResult:
+    """The earliest layer that is right for the row (last layer when none is): a limit, not a policy."""
+    result = PolicyResult("oracle", depth)
+    for row in rows:
+        right = np.flatnonzero(row.probs.argmax(-1) == row.gold)
+        layer = int(right[0]) if right.size else depth
+        result.gold.append(row.gold)
+        result.predicted.append(int(row.probs[layer].argmax()))
+        result.exits.append(layer)
+    return result
+
+
+def layer_accuracy(rows: Sequence[Measured]) -> list[float]:
+    if not rows:
+        return []
+    correct = np.array([r.probs.argmax(-1) == r.gold for r in rows])
+    return correct.mean(0).tolist()
+
 
 @dataclass
 class EvalReport:
     task: str
-    rows: int
     depth: int
     k: int
-    policies: list[PolicyResult]
-    knn_vote_correct: int  # retrieval-only baseline: the neighbours' weighted majority label
-    layer_correct: list[int]  # rows each single exit gets right
-
-    def histogram(self, result: PolicyResult) -> list[int]:
-        return np.bincount(np.asarray(result.exits, dtype=int), minlength=self.depth + 1).tolist()
+    labels: list[str]
+    results: list[PolicyResult]
+    by_layer: list[float]
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "task": self.task, "rows": self.rows, "depth": self.depth, "k": self.k,
-            "policies": [
-                {"name": p.name, "accuracy": p.accuracy(self.rows), "mean_exit_layer": p.mean_exit,
-                 "layers_saved": 1 - p.mean_exit / self.depth if self.depth else 0.0,
-                 "exit_histogram": self.histogram(p)}
-                for p in self.policies
-            ],
-            "knn_vote_accuracy": self.knn_vote_correct / self.rows if self.rows else 0.0,
-            "layer_accuracy": [c / self.rows if self.rows else 0.0 for c in self.layer_correct],
-        }
+        return {"task": self.task, "depth": self.depth, "k": self.k,
+                "policies": [r.summary(len(self.labels)) for r in self.results], "layer_accuracy": self.by_layer}
 
 
-def knn_vote(neighbours: Sequence, labels: Sequence[str]) -> str | None:
-    if not neighbours:
-        return None
-    votes: dict[str, float] = {}
-    for n, w in zip(neighbours, neighbour_weights(neighbours)):
-        votes[n.label] = votes.get(n.label, 0.0) + float(w)
-    return max(votes, key=votes.__getitem__)
+BASELINES = ("full", "knn-vote")
 
 
-def evaluate(
-    engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[str], k: int | None = None,
-    chunk: int = 32, progress: Callable[[int], None] | None = None,
-) -> EvalReport:
+def evaluate(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[str], k: int | None = None,
+             progress: Callable[[int], None] | None = None) -> EvalReport:
+    """The named policies plus the baselines (full depth, retrieval-only vote) on the same rows."""
     spec = engine.task_info(task).spec
     k = engine.check_k(k)
-    chosen = [parse_policy(p) for p in policies]
-    if not any(p.name == "full" for p in chosen):
-        chosen.append(parse_policy("full"))
-    results = [PolicyResult(p.name, 0) for p in chosen]
-    depth = engine.depth
-    layer_correct = np.zeros(depth + 1, dtype=int)
-    knn_correct = 0
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        texts = [r.text for r in part]
-        gold = np.array([spec.label_index(r.label) for r in part])
-        logits = engine.all_exit_logits(task, texts)  # [n, L+1, C]
-        predicted = logits.argmax(-1)  # [n, L+1]
-        layer_correct += (predicted == gold[:, None]).sum(0)
-        found, _ = engine.neighbours(task, texts, k)
-        for i, neighbours in enumerate(found):
-            knn_correct += knn_vote(neighbours, spec.label_names) == part[i].label
-            probs = softmax(logits[i].astype(np.float64))
-            for policy, result in zip(chosen, results):
-                decision = policy.decide(neighbours, depth, spec.label_names)
-                layer = resolve_exit(decision, probs)
-                result.exits.append(layer)
-                answer = decision.answer.argmax() if decision.answer is not None else predicted[i, layer]
-                result.correct += int(answer == gold[i])
-        if progress:
-            progress(len(part))
-    return EvalReport(task, len(rows), depth, k, results, knn_correct, layer_correct.tolist())
+    names = list(dict.fromkeys([*policies, *BASELINES]))
+    chosen = [parse_policy(p) for p in names]
+    measured = measure(engine, task, rows, k, progress=progress)
+    results = [run_policy(p, measured, engine.depth, spec.label_names) for p in chosen]
+    return EvalReport(task, engine.depth, k, spec.label_names, results, layer_accuracy(measured))
+
+
+def format_table(results: Sequence[PolicyResult], n_labels: int) -> list[str]:
+    lines = [f"{'policy':<18} {'accuracy':>9} {'macro-F1':>9} {'mean exit':>10} {'p95 exit':>9} {'saved':>7}"]
+    for r in results:
+        lines.append(f"{r.name:<18} {100 * r.accuracy:>8.1f}% {100 * r.macro_f1(n_labels):>8.1f}% "
+                     f"{r.mean_exit:>10.2f} {r.p95_exit:>9.1f} {100 * r.layers_saved:>6.1f}%")
+    return lines
 
 
 def format_report(report: EvalReport) -> str:
-    n, depth = report.rows, report.depth
-    lines = [f"task {report.task}: {n} rows, backbone depth {depth} layers, k = {report.k}", ""]
-    lines.append(f"{'policy':<14} {'accuracy':>9} {'mean exit':>10} {'layers run':>11}")
-    for p in report.policies:
-        lines.append(f"{p.name:<14} {100 * p.accuracy(n):>8.1f}% {p.mean_exit:>10.2f} {100 * p.mean_exit / depth:>10.1f}%")
-    lines.append(f"{'knn-vote':<14} {100 * report.knn_vote_correct / max(n, 1):>8.1f}% {'(no backbone)':>22}")
-    for p in report.policies:
-        hist = report.histogram(p)
+    n = report.results[0].rows if report.results else 0
+    lines = [f"task {report.task}: {n} rows, backbone depth {report.depth} layers, k = {report.k}", ""]
+    lines += format_table(report.results, len(report.labels))
+    for r in report.results:
+        hist = r.histogram()
         peak = max(hist) or 1
-        lines += ["", f"exit-layer histogram, {p.name}:"]
-        lines += [f"  L{layer:>2} {count:>6} {'#' * round(40 * count / peak)}" for layer, count in enumerate(hist) if count]
+        lines += ["", f"exit-layer histogram, {r.name}:"]
+        lines += [f"  L{layer:>2} {count:>6} {'#' * round(40 * count / peak)}" for layer, count in enumerate(hist)
+                  if count]
     lines += ["", "accuracy of each single exit: " + " ".join(
-        f"L{l}={100 * c / max(n, 1):.0f}%" for l, c in enumerate(report.layer_correct))]
+        f"L{l}={100 * a:.0f}%" for l, a in enumerate(report.by_layer))]
     return "\n".join(lines)

@@ -73,9 +73,9 @@ def test_ingest_classify_eval_round_trip(run, tmp_path: Path) -> None:  # type: 
                  "--json-out", str(tmp_path / "r.json")).output
     assert "paper" in report and "full" in report and "knn-vote" in report and "exit-layer histogram" in report
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert [p["name"] for p in saved["policies"]] == ["paper", "static:1", "full"]
+    assert [p["policy"] for p in saved["policies"]] == ["paper", "static:1", "full", "knn-vote"]
     assert saved["policies"][1]["exit_histogram"] == [0, 4, 0, 0, 0]
-    assert saved["policies"][2]["mean_exit_layer"] == 4
+    assert saved["policies"][2]["mean_exit_layer"] == 4 and saved["policies"][2]["layers_saved"] == 0
 
 
 def test_user_mistakes_get_one_line_not_a_traceback(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

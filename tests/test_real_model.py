@@ -62,10 +62,10 @@ def test_ingest_then_eval_on_sst2(real: Engine) -> None:
 
     dev = [r for r in itertools.islice(read_rows(SHARED_DATA / "sst2" / "dev.tsv"), DEV_ROWS) if isinstance(r, Row)]
     result = evaluate(real, "sst2", dev, ["paper"])
-    paper, full = result.policies
+    paper, full, vote = result.results
     assert full.exits == [18] * len(dev)
     # Retrieval with real MiniLM keys must carry signal, and the paper policy must exit early.
-    assert result.knn_vote_correct / len(dev) > 0.6
+    assert vote.accuracy > 0.6
     assert paper.mean_exit < 0.5 * real.depth
 
     # The served path (truncated forwards) answers as the evaluation says it does.
