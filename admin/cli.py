@@ -144,7 +144,8 @@ def task_show(obj: Context, name: str) -> None:
     store = MetadataStore(obj.settings.sql_url)
     info = store.task(name)
     click.echo(json.dumps({**info.spec.to_dict(), "backbone": info.backbone_id, "encoder": info.encoder_id,
-                           "records": info.records, "created": info.created_at.isoformat()}, indent=2))
+                           "records": info.records, "created": info.created_at.isoformat(),
+                           "auto": info.tuned}, indent=2))
     acc = store.layer_accuracy(name)
     if acc:
         click.echo("records each exit gets right: " + " ".join(f"L{l}={100 * a:.0f}%" for l, a in acc.items()))
@@ -219,7 +220,8 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
 @cli.command()
 @click.option("--task", "task_name", required=True)
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--policy", default="paper", show_default=True, help="paper, full or static:<layer>")
+@click.option("--policy", default="paper", show_default=True,
+              help="paper, auto, full, static:<layer>, paper-all, paper-tol:<t>, confidence:<t>, knn-vote, knn-agree")
 @click.option("--k", type=int, help="neighbours to retrieve (default 12)")
 @click.option("--neighbours", "show_neighbours", is_flag=True, help="print the retrieved neighbours")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per text")
@@ -278,6 +280,27 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
     click.echo(format_report(report))
     if json_out:
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+@cli.command()
+@click.option("--task", "task_name", required=True)
+@click.option("--validation", default=300, show_default=True, help="validation records (leave-one-out)")
+@click.option("--all", "show_all", is_flag=True, help="print every candidate, not just the best ten")
+@click.pass_obj
+@friendly_errors
+def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> None:
+    """Choose the task's `auto` policy and k on a validation split of its own records, and store it."""
+    from raee_server import tuning
+
+    engine = obj.engine
+    rows = tuning.validation_rows(engine, task_name, validation, max(tuning.K_CHOICES))
+    ranked = tuning.choose(rows, engine.depth, engine.task_info(task_name).spec.label_names)
+    click.echo(f"{'policy':<18} {'k':>3} {'accuracy':>9} {'mean exit':>10}")
+    for name, k, acc, mean in ranked if show_all else ranked[:10]:
+        click.echo(f"{name:<18} {k:>3} {100 * acc:>8.1f}% {mean:>10.2f}")
+    choice = tuning.tune(engine, task_name, validation)
+    click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k} "
+               f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
 
 
 @cli.command()

@@ -168,6 +168,18 @@ class Backbone:
         return self._project(captured[-1][:, -1, :], head)
 
     @torch.inference_mode()
+    def pooled_hidden(self, texts: Sequence[str], exit_layer: int) -> torch.Tensor:
+        """Mean over the real tokens of the hidden states entering layer `exit_layer`: [batch, hidden]."""
+        inputs = self._inputs(texts)
+        with self._stop_before(exit_layer) as captured:
+            try:
+                self.decoder(**inputs, use_cache=False)
+            except _ExitReached as stop:
+                captured.append(stop.hidden)
+        mask = inputs["attention_mask"].unsqueeze(-1).to(captured[-1].dtype)
+        return ((captured[-1] * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+
+    @torch.inference_mode()
     def exit_logits_until(
         self, prompt: str, head: LabelHead, max_layer: int, stop: Callable[[int, np.ndarray], bool]
     ) -> tuple[torch.Tensor, int]:

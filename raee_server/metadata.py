@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -67,6 +68,8 @@ class TaskRow(Base):
     backbone_id: Mapped[str] = mapped_column(String(200))
     encoder_id: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # The `auto` policy's choice for this task and its validation figures (raee_server.tuning).
+    tuned: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     def spec(self) -> TaskSpec:
         return TaskSpec(
@@ -121,6 +124,7 @@ class TaskInfo:
     encoder_id: str
     created_at: datetime
     records: int
+    tuned: dict[str, Any] | None = None
 
 
 def _dialect_insert(dialect: str):  # type: ignore[no-untyped-def]
@@ -181,12 +185,39 @@ class MetadataStore:
                 select(func.count()).select_from(ExitRecordRow)
                 .where(ExitRecordRow.task_id == row.id, ExitRecordRow.status == COMMITTED)
             )
-            return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, int(n or 0))
+            return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, int(n or 0), row.tuned)
 
     def list_tasks(self) -> list[TaskInfo]:
         with self._session() as s:
             names = s.scalars(select(TaskRow.name).order_by(TaskRow.name)).all()
         return [self.task(n) for n in names]
+
+    def set_tuned(self, name: str, tuned: dict[str, Any]) -> None:
+        with self._session.begin() as s:
+            self._task_row(s, name).tuned = tuned
+
+    def layer_results(self, ids: Sequence[str]) -> dict[str, list[tuple[str, float]]]:
+        """(predicted label, its probability) at every exit, per record."""
+        out: dict[str, list[tuple[str, float]]] = {}
+        with self._session() as s:
+            for i in range(0, len(ids), 500):
+                rows = s.execute(
+                    select(LayerResultRow.record_id, LayerResultRow.layer, LayerResultRow.predicted,
+                           LayerResultRow.probability)
+                    .where(LayerResultRow.record_id.in_(list(ids[i:i + 500])))
+                    .order_by(LayerResultRow.record_id, LayerResultRow.layer))
+                for rid, _layer, predicted, p in rows:
+                    out.setdefault(rid, []).append((predicted, p))
+        return out
+
+    def committed_examples(self, task: str, limit: int | None = None) -> list[tuple[str, str, str]]:
+        """(id, text, label) of committed records in ingest order."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            q = (select(ExitRecordRow.id, ExitRecordRow.text, ExitRecordRow.label)
+                 .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
+                 .order_by(ExitRecordRow.created_at, ExitRecordRow.id))
+            return [tuple(r) for r in s.execute(q.limit(limit) if limit else q)]  # type: ignore[misc]
 
     def delete_task(self, name: str) -> None:
         with self._session.begin() as s:

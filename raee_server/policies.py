@@ -245,11 +245,13 @@ POLICIES: dict[str, Callable[[str | None], ExitPolicy]] = {
 
 
 def parse_policy(spec: str | None) -> ExitPolicy:
-    """A policy by name, e.g. `paper`, `static:6`, `confidence:0.8`; unknown names name the field."""
+    """A policy by name, e.g. `paper`, `static:6`, `confidence:0.8`; unknown names name the field.
+    (`auto` is per task and resolved by the engine, which knows the task's tuned choice.)"""
     name, sep, arg = (spec or DEFAULT_POLICY).strip().partition(":")
     factory = POLICIES.get(name)
     if factory is None:
-        raise InvalidInput(f"policy: unknown exit policy {spec!r} (known: {', '.join(sorted(POLICIES))})")
+        known = ", ".join(sorted([*POLICIES, "auto"]))
+        raise InvalidInput(f"policy: unknown exit policy {spec!r} (known: {known})")
     return factory(arg if sep else None)
 
 

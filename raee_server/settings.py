@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_tokens: int = 512
     ingest_batch_size: int = 32
     forward_batch_size: int = 16
+    retune_growth: float = Field(default=0.5, description="auto re-tunes when the database grew by this fraction")
+    retune_check_seconds: float = 30.0
     threads: int | None = Field(default=None, description="torch intra-op threads; default torch's choice")
 
     # gRPC service (used by raee-server)

@@ -155,7 +155,7 @@ class Label(_message.Message):
     def __init__(self, name: _Optional[str] = ..., word: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder")
+    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class Task(_message.Message):
     NEVER_CORRECT_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
@@ -176,7 +177,26 @@ class Task(_message.Message):
     never_correct: int
     backbone: str
     encoder: str
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ...) -> None: ...
+    auto: AutoChoice
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ...) -> None: ...
+
+class AutoChoice(_message.Message):
+    __slots__ = ("policy", "k", "validation_accuracy", "validation_mean_exit", "validation_rows", "records", "chosen_at")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_MEAN_EXIT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ROWS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_AT_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    k: int
+    validation_accuracy: float
+    validation_mean_exit: float
+    validation_rows: int
+    records: int
+    chosen_at: str
+    def __init__(self, policy: _Optional[str] = ..., k: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_mean_exit: _Optional[float] = ..., validation_rows: _Optional[int] = ..., records: _Optional[int] = ..., chosen_at: _Optional[str] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
     __slots__ = ("name", "template", "labels", "description")

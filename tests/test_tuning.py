@@ -1,0 +1,64 @@
+"""The `auto` policy: chosen on the task's own records, stored with the task, re-tuned as it grows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from raee_server.datafile import read_rows
+from raee_server.engine import Engine
+from raee_server.evaluation import Measured
+from raee_server.policies import Neighbour
+from raee_server.records import record_id
+from raee_server.tuning import choose, probs_from_sql, validation_rows
+
+from .conftest import SENTIMENT, write_tsv
+from .test_engine import ROWS
+from .test_concurrent_writers import corpus
+
+
+def test_sql_probabilities_keep_what_exit_rules_read() -> None:
+    probs = probs_from_sql([("b", 0.7), ("a", 0.5), ("c", 0.9)], ["a", "b", "c"])
+    assert probs.argmax(-1).tolist() == [1, 0, 2]
+    np.testing.assert_allclose(probs.max(-1), [0.7, 0.5, 0.9])
+    np.testing.assert_allclose(probs.sum(-1), 1.0)
+
+
+def test_best_accuracy_wins_and_ties_go_to_less_depth() -> None:
+    labels = ["x", "y"]
+    wrong = [Neighbour("n", 0.9, "y", ())]  # the vote is always wrong; no exit evidence
+    # Layer 0 wrong, layers 1-3 right; layer 1 right but unconfident.
+    probs = np.array([[0.2, 0.8], [0.55, 0.45], [0.9, 0.1], [0.95, 0.05]])
+    rows = [Measured(0, probs, wrong) for _ in range(5)]
+    ranked = choose(rows, 3, labels, ks=(4,))
+    assert ranked[0][:4] == ("static:1", 4, 1.0, 1.0)
+    assert [r for r in ranked if r[0] == "full"][0][2] == 1.0  # as accurate, deeper: ranked lower
+    assert [r for r in ranked if r[0] == "knn-vote"][0][2] == 0.0
+
+
+def test_validation_retrieves_leave_one_out(engine: Engine, tmp_path: Path) -> None:
+    engine.create_task(SENTIMENT)
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "d.tsv", ROWS)))
+    rows = validation_rows(engine, SENTIMENT.name, 10, 32)
+    assert len(rows) == 10 and all(len(r.neighbours) == 9 for r in rows)  # everyone but itself
+    ids = {record_id(SENTIMENT.name, t) for t, _ in ROWS}
+    assert all({n.id for n in r.neighbours} < ids for r in rows)
+    assert all(r.probs.shape == (engine.depth + 1, 2) for r in rows)
+
+
+def test_auto_tunes_on_first_use_and_again_after_growth(engine: Engine, tmp_path: Path) -> None:
+    engine.settings = engine.settings.model_copy(update={"retune_check_seconds": 0.0, "retune_growth": 0.5})
+    engine.create_task(SENTIMENT)
+    rows = corpus(40)
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "a.tsv", rows[:20])))
+    first = engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")[0]
+    tuned = engine.task_info(SENTIMENT.name).tuned
+    assert tuned is not None and tuned["records"] == 20 and 0 <= tuned["accuracy"] <= 1
+    assert first.label in SENTIMENT.label_names
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "b.tsv", rows[20:25])))  # +25 %: keep
+    engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")
+    assert engine.task_info(SENTIMENT.name).tuned["records"] == 20
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "c.tsv", rows[25:])))  # +100 %: re-tune
+    engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")
+    assert engine.task_info(SENTIMENT.name).tuned["records"] == 40
