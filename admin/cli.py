@@ -283,6 +283,62 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
 
 
 @cli.command()
+@click.argument("tasks", nargs=-1, required=True)
+@click.option("--data", "data_root", type=click.Path(path_type=Path), default=Path("../shared/data"),
+              show_default=True, help="folder with <task>/train.tsv and <task>/dev.tsv")
+@click.option("--train-rows", default=5000, show_default=True, help="database: the first N train rows")
+@click.option("--dev-rows", default=500, show_default=True, help="measured: the first N dev rows")
+@click.option("--k", default=12, show_default=True)
+@click.option("--latency-rows", default=48, show_default=True, help="served requests timed per policy")
+@click.option("--sweep", "sweeps", multiple=True, type=click.Choice(["k", "size", "encoder"]),
+              default=["k", "size", "encoder"], show_default=True)
+@click.option("--alt-encoder", "alt_encoders", multiple=True, default=["backbone:3", "hashing:384"],
+              show_default=True, help="key encoders compared with the main one in the encoder sweep")
+@click.option("--size", "sizes", multiple=True, type=int, help="database sizes of the size sweep "
+              "(default 500, 1000, 2000, 5000, 10000, 20000, 60000, capped at --train-rows)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
+@click.pass_obj
+@friendly_errors
+def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int, dev_rows: int, k: int,
+          latency_rows: int, sweeps: tuple[str, ...], alt_encoders: tuple[str, ...], sizes: tuple[int, ...],
+          out: Path) -> None:
+    """Every exit policy side by side on each task: tables, JSON and plots in --out.
+
+    Stores go to <out>/data unless --data-dir is given, so a bench never touches the service's data.
+    """
+    from raee_server import bench as harness
+    from raee_server.encoder import load_encoder
+    from raee_server.engine import Engine
+    from raee_server.vector_store import EdgeVectorStore, collection_name
+
+    if obj.settings.data_dir == Settings().data_dir:
+        obj.settings = obj.settings.model_copy(update={"data_dir": out / "data"})
+    engine = obj.engine
+    others = []
+    if "encoder" in sweeps:
+        for spec in alt_encoders:
+            encoder = load_encoder(spec, obj.settings.device, engine.backbone)
+            store = EdgeVectorStore(obj.settings.data_dir / "qdrant",
+                                    collection_name(engine.backbone.model_id, encoder.model_id), encoder.dim)
+            others.append(Engine(engine.backbone, encoder, store, engine.metadata, obj.settings))
+    reports = []
+    for name in tasks:
+        spec_file = Path(str(resources.files("admin") / "tasks" / f"{name}.toml"))
+        if not spec_file.exists():
+            raise click.UsageError(f"no task spec admin/tasks/{name}.toml")
+        report = harness.bench_task(engine, TaskSpec.from_toml(spec_file), data_root / name / "train.tsv",
+                                    data_root / name / "dev.tsv", train_rows, dev_rows, k, latency_rows, sweeps,
+                                    others, sizes or harness.SIZE_SWEEP)
+        harness.print_summary(report, click.echo)
+        reports.append(report)
+    command = "raee-admin bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    for path in harness.write_reports(reports, out, command):
+        click.echo(f"wrote {path}")
+    for other in others:
+        other.vectors.close()
+
+
+@cli.command()
 @click.option("--task", "task_name", required=True)
 @click.option("--validation", default=300, show_default=True, help="validation records (leave-one-out)")
 @click.option("--all", "show_all", is_flag=True, help="print every candidate, not just the best ten")

@@ -196,18 +196,18 @@ class MetadataStore:
         with self._session.begin() as s:
             self._task_row(s, name).tuned = tuned
 
-    def layer_results(self, ids: Sequence[str]) -> dict[str, list[tuple[str, float]]]:
-        """(predicted label, its probability) at every exit, per record."""
-        out: dict[str, list[tuple[str, float]]] = {}
+    def layer_results(self, ids: Sequence[str]) -> dict[str, list[tuple[str, float, float]]]:
+        """(predicted label, its probability, the gold label's probability) at every exit, per record."""
+        out: dict[str, list[tuple[str, float, float]]] = {}
         with self._session() as s:
             for i in range(0, len(ids), 500):
                 rows = s.execute(
                     select(LayerResultRow.record_id, LayerResultRow.layer, LayerResultRow.predicted,
-                           LayerResultRow.probability)
+                           LayerResultRow.probability, LayerResultRow.gold_probability)
                     .where(LayerResultRow.record_id.in_(list(ids[i:i + 500])))
                     .order_by(LayerResultRow.record_id, LayerResultRow.layer))
-                for rid, _layer, predicted, p in rows:
-                    out.setdefault(rid, []).append((predicted, p))
+                for rid, _layer, predicted, p, gold_p in rows:
+                    out.setdefault(rid, []).append((predicted, p, gold_p))
         return out
 
     def committed_examples(self, task: str, limit: int | None = None) -> list[tuple[str, str, str]]:

@@ -49,7 +49,7 @@ class Choice:
         return asdict(self)
 
 
-def probs_from_sql(results: Sequence[tuple[str, float]], labels: Sequence[str]) -> np.ndarray:
+def probs_from_sql(results: Sequence[tuple[str, float, float]], labels: Sequence[str]) -> np.ndarray:
     """[L + 1, C] with each exit's predicted label at its probability and the rest spread evenly.
 
     The argmax and the max (what exit rules read) are exactly those of the original forward.
@@ -57,7 +57,7 @@ def probs_from_sql(results: Sequence[tuple[str, float]], labels: Sequence[str]) 
     n = len(labels)
     index = {name: i for i, name in enumerate(labels)}
     out = np.zeros((len(results), n))
-    for layer, (predicted, p) in enumerate(results):
+    for layer, (predicted, p, *_) in enumerate(results):
         out[layer, :] = (1.0 - p) / max(n - 1, 1)
         out[layer, index[predicted]] = p
     return out

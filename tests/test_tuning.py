@@ -19,7 +19,7 @@ from .test_concurrent_writers import corpus
 
 
 def test_sql_probabilities_keep_what_exit_rules_read() -> None:
-    probs = probs_from_sql([("b", 0.7), ("a", 0.5), ("c", 0.9)], ["a", "b", "c"])
+    probs = probs_from_sql([("b", 0.7, 0.1), ("a", 0.5, 0.5), ("c", 0.9, 0.05)], ["a", "b", "c"])
     assert probs.argmax(-1).tolist() == [1, 0, 2]
     np.testing.assert_allclose(probs.max(-1), [0.7, 0.5, 0.9])
     np.testing.assert_allclose(probs.sum(-1), 1.0)

@@ -1,0 +1,49 @@
+"""`raee-admin bench` end to end on a tiny model: every policy on the same rows, sweeps, reports, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from admin.cli import cli
+
+from .conftest import write_tsv
+from .test_concurrent_writers import corpus
+from .tiny_models import save_tiny_backbone
+
+
+def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
+    model = save_tiny_backbone(tmp_path / "model")
+    rows = corpus(160)
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    write_tsv(tmp_path / "data" / "sst2" / "train.tsv", rows[:120])
+    write_tsv(tmp_path / "data" / "sst2" / "dev.tsv", rows[120:])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [
+        "--backbone", str(model), "--encoder", "hashing:32", "bench", "sst2", "--data", str(tmp_path / "data"),
+        "--train-rows", "100", "--dev-rows", "40", "--latency-rows", "3", "--size", "30", "--size", "60",
+        "--alt-encoder", "hashing:16", "--alt-encoder", "backbone:1", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())["tasks"][0]
+    policies = {p["policy"]: p for p in report["policies"]}
+    static, confidence = report["calibrated_on_train"]["static"], report["calibrated_on_train"]["confidence"]
+    assert {"full", static, confidence, "paper", "paper-all", "knn-agree", "knn-vote", "oracle"} <= set(policies)
+    assert any(name.startswith("auto=") for name in policies)
+    assert all(p["rows"] == 40 for p in policies.values())  # the same rows for every policy
+    assert policies["full"]["mean_exit_layer"] == 4 and policies["knn-vote"]["mean_exit_layer"] == 0
+    backbone_answered = [p for name, p in policies.items() if name not in ("knn-vote", "oracle")
+                         and not name.startswith("auto=knn-vote")]
+    assert all(policies["oracle"]["accuracy"] >= p["accuracy"] for p in backbone_answered)
+    # Static's layer is the one its accuracy says: the best single exit among the calibrated ones is real.
+    assert 0 <= int(static.split(":")[1]) <= 4
+    assert [x for x, *_ in report["size_sweep"]["paper"]] == [30, 60, 100]
+    assert [x for x, *_ in report["k_sweep"]["paper"]] == [1, 2, 4, 8, 12, 16, 24, 32]
+    assert set(report["encoder_sweep"]) == {"hashing-32", "hashing-16", "model-hidden1"}
+    assert set(report["latency_us"]) >= {"full", "paper", "knn-vote"}
+    assert report["latency_us"]["knn-vote"]["forward_us"]["p95"] < report["latency_us"]["full"]["forward_us"]["p50"]
+    for png in ("accuracy_vs_exit.png", "exit_histograms.png", "layer_accuracy.png", "k_sweep.png",
+                "size_sweep.png", "encoder_sweep.png"):
+        assert (out / png).stat().st_size > 5000
+    assert "| paper |" in (out / "results.md").read_text()
