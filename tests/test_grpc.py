@@ -224,3 +224,38 @@ def test_graceful_stop_finishes_requests_in_flight(tmp_path: Path) -> None:
     with pytest.raises(grpc.RpcError):
         health.Check(health_pb2.HealthCheckRequest(), timeout=1)
     server.loop.call_soon_threadsafe(server.loop.stop)
+
+
+def test_reflection_lists_the_services_and_admin_rpcs_work(served: ServerThread) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"raee.v1.Raee", "grpc.health.v1.Health"} <= names
+
+    labels = [pb.Label(name="a", word=" good"), pb.Label(name="b", word=" bad")]
+    created = served.stub.CreateTask(pb.CreateTaskRequest(name="other", template="{text} :", labels=labels))
+    assert created.name == "other" and created.depth == 4 and created.records == 0
+    code, details = code_of(lambda: served.stub.CreateTask(
+        pb.CreateTaskRequest(name="other", template="{text}", labels=labels)))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    code, details = code_of(lambda: served.stub.CreateTask(
+        pb.CreateTaskRequest(name="bad", template="no slot", labels=labels)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "{text}" in details
+    ingest(served.stub, "other", [("good film", "a"), ("bad film", "b")])
+    served.stub.DeleteTask(pb.DeleteTaskRequest(name="other"))
+    assert served.server.worker.engine.vectors.count("other") == 0
+    assert code_of(lambda: served.stub.GetTask(pb.GetTaskRequest(name="other")))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_messages_over_the_size_limit_are_refused(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_message_bytes=64 * 1024, max_text_chars=1_000_000)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    try:
+        code, _ = code_of(lambda: server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="x" * 100_000)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="fine")).label
+    finally:
+        server.stop()
