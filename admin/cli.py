@@ -32,9 +32,16 @@ DEMO_SENTENCES = [
 class Context:
     """Settings from flags and RAEE_* variables; the engine is opened on first use (it loads models)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, api_key: str | None = None, tls_ca: Path | None = None) -> None:
         self.settings = settings
+        self.api_key = api_key
+        self.tls_ca = tls_ca
         self._engine: Any = None
+
+    def client(self, server: str, timeout: float = 60.0) -> Any:
+        from raee_server.client import RaeeClient
+
+        return RaeeClient(server, timeout, self.api_key, self.tls_ca.read_bytes() if self.tls_ca else None)
 
     @property
     def engine(self) -> Any:
@@ -70,13 +77,16 @@ def friendly_errors(func: F) -> F:
 @click.option("--encoder", help="key encoder spec [RAEE_ENCODER]")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [RAEE_DEVICE]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="[RAEE_DTYPE]")
+@click.option("--api-key", envvar="RAEE_API_KEY", help="key for a server that requires one [RAEE_API_KEY]")
+@click.option("--tls-ca", envvar="RAEE_TLS_CA", type=click.Path(path_type=Path),
+              help="CA certificate (PEM) of a TLS server [RAEE_TLS_CA]")
 @click.option("-v", "--verbose", is_flag=True, help="log progress of model loading and conversion")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool, **overrides: Any) -> None:
+def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | None, **overrides: Any) -> None:
     """Administer a RAEE (retrieval-augmented early exit) inference service."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    ctx.obj = Context(settings)
+    ctx.obj = Context(settings, api_key, tls_ca)
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -111,9 +121,7 @@ def task_create(obj: Context, name: str | None, spec_file: Path | None, template
             raise click.UsageError("give NAME, --template and --label ... or --file spec.toml")
         spec = TaskSpec(name, template, tuple(parse_label_flag(v) for v in labels), description)
     if server:
-        from raee_server.client import RaeeClient
-
-        RaeeClient(server).create_task(spec)
+        obj.client(server).create_task(spec)
     else:
         obj.engine.create_task(spec)
     click.echo(f"created task {spec.name} with labels {', '.join(spec.label_names)}")
@@ -160,12 +168,34 @@ def task_show(obj: Context, name: str) -> None:
 def task_delete(obj: Context, name: str, server: str | None) -> None:
     """Delete a task from both stores."""
     if server:
-        from raee_server.client import RaeeClient
-
-        RaeeClient(server).delete_task(name)
+        obj.client(server).delete_task(name)
     else:
         obj.engine.delete_task(name)
     click.echo(f"deleted task {name}")
+
+
+@cli.group()
+def key() -> None:
+    """API keys (stored hashed) for a server with RAEE_API_KEYS_FILE set."""
+
+
+@key.command("create")
+@click.option("--name", required=True, help="who the key is for")
+@click.option("--task", "tasks", multiple=True, help="task the key grants (repeatable; '*' for all)")
+@click.option("--admin", is_flag=True, help="grant the admin RPCs (CreateTask, DeleteTask, ListTasks)")
+@click.option("--file", "key_file", type=click.Path(path_type=Path), help="default: RAEE_API_KEYS_FILE")
+@click.pass_obj
+@friendly_errors
+def key_create(obj: Context, name: str, tasks: tuple[str, ...], admin: bool, key_file: Path | None) -> None:
+    """Create a key: its hash goes into the key file, the key itself is printed once."""
+    from raee_server.auth import add_key
+
+    path = key_file or obj.settings.api_keys_file
+    if path is None:
+        raise click.UsageError("give --file or set RAEE_API_KEYS_FILE")
+    if not tasks and not admin:
+        raise click.UsageError("a key needs --task (repeatable) or --admin")
+    click.echo(add_key(path, name, tasks, admin))
 
 
 # -- data ----------------------------------------------------------------------
@@ -198,10 +228,8 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
     """Append labelled rows (TSV/CSV/JSONL with text and label columns) to a task's exit database."""
     total = sum(1 for _ in _rows(file, text_column, label_column, fmt, limit))  # reads it all: fails before writing
     if server:
-        from raee_server.client import RaeeClient
-
         click.echo(f"streaming {total} rows to {server} ...", err=True)
-        client = RaeeClient(server, timeout=3600)
+        client = obj.client(server, timeout=3600)
         report = client.ingest(task_name, _rows(file, text_column, label_column, fmt, limit))
         client.close()
     else:
@@ -232,9 +260,7 @@ def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, 
              show_neighbours: bool, as_json: bool, server: str | None = None) -> None:
     """Classify texts with early exit: prints label, exit layer and label scores."""
     if server:
-        from raee_server.client import RaeeClient
-
-        client = RaeeClient(server)
+        client = obj.client(server)
         labels = client.labels(task_name)
         predictions = client.classify(task_name, list(texts), policy, k, neighbours=show_neighbours)
         client.close()

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
+from .auth import METADATA_KEY, PermissionDenied, Unauthenticated
 from .datafile import Rejected, Row
 from .engine import IngestReport, Prediction
 from .errors import InvalidInput, NotReady, Overloaded, RaeeError, TaskExists, TaskNotFound
@@ -15,10 +16,24 @@ from .policies import Neighbour
 from .tasks import TaskSpec
 
 _ERRORS = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.UNAVAILABLE: NotReady,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
 }
+
+
+class _WithMetadata:
+    """The stub with the caller's metadata (the API key) added to every call."""
+
+    def __init__(self, stub: pb_grpc.RaeeStub, metadata: list[tuple[str, str]]) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        method = getattr(self._stub, name)
+        return lambda *args, **kwargs: method(*args, metadata=self._metadata, **kwargs)
 
 
 def _raise(exc: grpc.RpcError, task: str) -> None:
@@ -29,9 +44,18 @@ def _raise(exc: grpc.RpcError, task: str) -> None:
 
 
 class RaeeClient:
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.RaeeStub(self.channel)
+    """`api_key` goes in the x-api-key metadata of every call; `tls_ca` (PEM bytes) turns on TLS,
+    `tls_cert`/`tls_key` add a client certificate for mutual TLS."""
+
+    def __init__(self, address: str, timeout: float = 60.0, api_key: str | None = None,
+                 tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None) -> None:
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(tls_ca, private_key=tls_key, certificate_chain=tls_cert)
+            self.channel = grpc.secure_channel(address, credentials)
+        else:
+            self.channel = grpc.insecure_channel(address)
+        raw = pb_grpc.RaeeStub(self.channel)
+        self.stub = _WithMetadata(raw, [(METADATA_KEY, api_key)] if api_key else [])
         self.timeout = timeout
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .auth import METADATA_KEY, KeyRing, PermissionDenied, Principal, Unauthenticated
 from .datafile import Rejected, Row, check_row
 from .engine import Engine, Prediction
 from .errors import (
@@ -44,6 +45,8 @@ R = TypeVar("R")
 # The one place that decides which status code a failure gets. Anything else is
 # INTERNAL with a generic message (the traceback goes to the log, never to the caller).
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     TaskNotFound: grpc.StatusCode.NOT_FOUND,
     TaskExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -91,19 +94,29 @@ def to_response(p: Prediction, labels: Sequence[str], queued_since: float, start
 
 
 class RaeeServicer(pb_grpc.RaeeServicer):
-    def __init__(self, worker: ModelWorker, metrics: Metrics, settings: Settings) -> None:
+    def __init__(self, worker: ModelWorker, metrics: Metrics, settings: Settings,
+                 keys: KeyRing | None = None) -> None:
         self.worker = worker
         self.metrics = metrics
         self.settings = settings
+        self.keys = keys
 
     # -- helpers ---------------------------------------------------------------
 
-    async def _observe(self, method: str, task: str, context: grpc.aio.ServicerContext,
+    def _authorize(self, context: grpc.aio.ServicerContext, method: str, task: str | None) -> Principal | None:
+        """With keys configured: the caller's key must exist, and grant `task` (or admin for admin RPCs)."""
+        if self.keys is None:
+            return None
+        key = dict(context.invocation_metadata() or ()).get(METADATA_KEY)
+        return self.keys.authorize(key if isinstance(key, str) else None, method, task)
+
+    async def _observe(self, method: str, task: str | None, context: grpc.aio.ServicerContext,
                        work: Callable[[], Awaitable[R]]) -> R:
-        """Run one RPC's work: count it by code, time it, and turn failures into status codes."""
+        """Run one RPC's work: check its key, count it by code, time it, and turn failures into codes."""
         start = time.monotonic()
         code = grpc.StatusCode.OK
         try:
+            self._authorize(context, method, task)
             return await work()
         except Exception as exc:
             code, message = status_of(exc)
@@ -112,15 +125,17 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             await context.abort(code, message)
             raise  # unreachable: abort raises
         finally:
-            self.metrics.requests.labels(method, task or "-", code.name).inc()
+            self.metrics.requests.labels(method, task or "-", code.name).inc()  # stream/ingest: "-"
             self.metrics.latency.labels(method).observe(time.monotonic() - start)
 
     async def _labels(self, task: str) -> list[str]:
         return (await self.worker.call(lambda e: e.task_info(task))).spec.label_names
 
     async def _classify(self, task: str, texts: list[str], options: pb.ClassifyOptions,
-                        context: grpc.aio.ServicerContext) -> list[pb.ClassifyResponse]:
+                        context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
         started = time.monotonic()
+        if method:  # a stream: each request names its own task
+            self._authorize(context, method, task)
         predictions, queued_since = await self.worker.classify(
             task, texts, options.policy or None, options.k or None, _deadline(context))
         labels = await self._labels(task)
@@ -156,7 +171,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             try:
                 async for request in request_iterator:
                     await pending.put(asyncio.create_task(
-                        self._classify(request.task, [request.text], request.options, context)))
+                        self._classify(request.task, [request.text], request.options, context, "ClassifyStream")))
             finally:
                 await pending.put(None)
 
@@ -166,7 +181,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 async def work(t: asyncio.Task[list[pb.ClassifyResponse]] = task) -> pb.ClassifyResponse:
                     return (await t)[0]
 
-                yield await self._observe("ClassifyStream", "-", context, work)
+                yield await self._observe("ClassifyStream", None, context, work)
         finally:
             reader.cancel()
 
@@ -186,6 +201,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 rows.extend(check_row(base + i, ex.text, ex.label) for i, ex in enumerate(message.examples))
             if not task:
                 raise InvalidInput("task: no task named in the Ingest stream")
+            self._authorize(context, "Ingest", task)
             session = await self.worker.call(lambda e: e.ingest_session(task, source="grpc"))
             size = self.settings.ingest_batch_size
             try:
@@ -200,14 +216,14 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 added=report.added, already_present=report.present, rejected=len(report.rejected),
                 rejections=[pb.Rejection(index=r.line, reason=r.reason) for r in report.rejected])
 
-        return await self._observe("Ingest", task, context, work)
+        return await self._observe("Ingest", None, context, work)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
         async def work() -> pb.ListTasksResponse:
             names = await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()])
             return pb.ListTasksResponse(tasks=[await self._task_message(n) for n in names])
 
-        return await self._observe("ListTasks", "-", context, work)
+        return await self._observe("ListTasks", None, context, work)
 
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
         return await self._observe("GetTask", request.name, context, lambda: self._task_message(request.name))
@@ -262,7 +278,8 @@ class RaeeServer:
         limits = settings.max_message_bytes
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
-        pb_grpc.add_RaeeServicer_to_server(RaeeServicer(self.worker, self.metrics, settings), self.server)
+        keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
+        pb_grpc.add_RaeeServicer_to_server(RaeeServicer(self.worker, self.metrics, settings, keys), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
@@ -278,7 +295,7 @@ class RaeeServer:
     async def start(self) -> int:
         """Listen at once (health NOT_SERVING), then load the model and stores in the background."""
         await self._set_health(False)
-        self.port = self.server.add_insecure_port(self.settings.address)
+        self.port = self._listen()
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
         await self.server.start()
@@ -288,6 +305,18 @@ class RaeeServer:
         self._loading = asyncio.create_task(self._load())
         log.info("listening on port %d (metrics on %s)", self.port, self.metrics_port)
         return self.port
+
+    def _listen(self) -> int:
+        s = self.settings
+        if s.tls_cert is None:
+            return self.server.add_insecure_port(s.address)
+        if s.tls_key is None:
+            raise InvalidInput("tls_key: a TLS certificate needs its private key (RAEE_TLS_KEY)")
+        credentials = grpc.ssl_server_credentials(
+            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+            root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+            require_client_auth=s.tls_client_ca is not None)
+        return self.server.add_secure_port(s.address, credentials)
 
     async def _load(self) -> None:
         try:

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
 
+    # Access control (off by default; see docs/security.md)
+    api_keys_file: Path | None = Field(default=None, description="TOML of hashed API keys; unset: no keys needed")
+    tls_cert: Path | None = Field(default=None, description="server certificate (PEM); unset: plaintext")
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(default=None, description="CA for client certificates: mutual TLS")
+
     @property
     def models_dir(self) -> Path:
         return self.model_cache or self.data_dir / "models"

@@ -1,0 +1,125 @@
+"""Access control: per-tenant API keys (stored hashed), admin keys, TLS and mutual TLS."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from raee_server.auth import add_key
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+
+from .grpc_harness import ServerThread
+from .test_grpc import code_of, make_settings, tiny_engine_factory
+
+LABELS = [pb.Label(name="negative", word=" negative"), pb.Label(name="positive", word=" positive")]
+
+
+@pytest.fixture
+def keyed(tmp_path: Path) -> Iterator[tuple[ServerThread, dict[str, str]]]:
+    key_file = tmp_path / "keys.toml"
+    keys = {"admin": add_key(key_file, "ops", [], admin=True),
+            "sentiment": add_key(key_file, "team-a", ["sentiment"], admin=False),
+            "other": add_key(key_file, "team-b", ["other"], admin=False)}
+    settings = make_settings(tmp_path, api_keys_file=key_file)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    yield server, keys
+    server.stop()
+
+
+def md(key: str) -> list[tuple[str, str]]:
+    return [("x-api-key", key)]
+
+
+def test_keys_are_stored_hashed(keyed, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, keys = keyed
+    stored = (tmp_path / "keys.toml").read_text()
+    assert all(k not in stored for k in keys.values()) and stored.count("sha256 =") == 3
+
+
+def test_a_key_grants_its_own_tenant_only(keyed) -> None:  # type: ignore[no-untyped-def]
+    server, keys = keyed
+    stub = server.stub
+    request = pb.ClassifyRequest(task="sentiment", text="a great film")
+    assert code_of(lambda: stub.Classify(request))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: stub.Classify(request, metadata=md("raee_wrong")))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.Classify(request, metadata=md(keys["sentiment"])).label
+    code, details = code_of(lambda: stub.Classify(request, metadata=md(keys["other"])))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "does not grant task 'sentiment'" in details
+    ingest = pb.IngestRequest(task="sentiment", examples=[pb.Example(text="good", label="positive")])
+    assert code_of(lambda: stub.Ingest(iter([ingest]), metadata=md(keys["other"])))[0] == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert stub.Ingest(iter([ingest]), metadata=md(keys["sentiment"])).added == 1
+    stream = [pb.ClassifyRequest(task="sentiment", text="good")] * 2
+    assert len(list(stub.ClassifyStream(iter(stream), metadata=md(keys["sentiment"])))) == 2
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.ClassifyStream(iter(stream), metadata=md(keys["other"])))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_admin_rpcs_need_an_admin_key(keyed) -> None:  # type: ignore[no-untyped-def]
+    server, keys = keyed
+    create = pb.CreateTaskRequest(name="other", template="{text} :", labels=LABELS)
+    code, details = code_of(lambda: server.stub.CreateTask(create, metadata=md(keys["other"])))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
+    assert server.stub.CreateTask(create, metadata=md(keys["admin"])).name == "other"
+    assert server.stub.Classify(pb.ClassifyRequest(task="other", text="x"), metadata=md(keys["other"])).label
+    assert code_of(lambda: server.stub.ListTasks(pb.ListTasksRequest(), metadata=md(keys["sentiment"])))[0] == \
+        grpc.StatusCode.PERMISSION_DENIED
+    health = server.channel.unary_unary("/grpc.health.v1.Health/Check")
+    assert health(b"") is not None  # health checks need no key
+
+
+def _cert(name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, ca: bool) -> tuple[bytes, bytes,
+                                                                                                   x509.Name, object]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer if issuer else (subject, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), pem_key, subject, key
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls_and_mutual_tls(tmp_path: Path, mutual: bool) -> None:
+    ca_pem, _, ca_name, ca_key = _cert("raee test CA", None, ca=True)
+    server_pem, server_key, _, _ = _cert("localhost", (ca_name, ca_key), ca=False)
+    client_pem, client_key, _, _ = _cert("client", (ca_name, ca_key), ca=False)
+    for name, data in (("ca.pem", ca_pem), ("server.pem", server_pem), ("server.key", server_key)):
+        (tmp_path / name).write_bytes(data)
+    settings = make_settings(tmp_path, address="localhost:0", tls_cert=tmp_path / "server.pem",
+                             tls_key=tmp_path / "server.key", tls_client_ca=(tmp_path / "ca.pem") if mutual else None)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    try:
+        server.wait_ready()
+        target = f"localhost:{server.port}"
+        request = pb.ClassifyRequest(task="sentiment", text="good")
+        plaintext = pb_grpc.RaeeStub(grpc.insecure_channel(target))
+        assert code_of(lambda: plaintext.Classify(request, timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
+        no_cert = pb_grpc.RaeeStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_pem)))
+        if mutual:
+            assert code_of(lambda: no_cert.Classify(request, timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
+            with_cert = pb_grpc.RaeeStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(
+                ca_pem, private_key=client_key, certificate_chain=client_pem)))
+            assert with_cert.Classify(request, timeout=10).label
+        else:
+            assert no_cert.Classify(request, timeout=10).label
+    finally:
+        server.stop()
