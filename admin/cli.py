@@ -454,6 +454,28 @@ def demo(ctx: click.Context) -> None:
 
 
 @cli.command()
+@click.option("--server", required=True, metavar="HOST:PORT", help="a server on this machine (loopback only)")
+@click.option("--task", "task_name", required=True)
+@click.option("--clients", default=32, show_default=True)
+@click.option("--seconds", default=60.0, show_default=True)
+@click.option("--warmup", default=10.0, show_default=True)
+@click.option("--pid", type=int, help="the server's pid, to report its resident memory")
+@click.option("--policy", default="", help="exit policy of the requests (default: the server's)")
+@click.option("--json-out", type=click.Path(path_type=Path))
+@click.pass_obj
+def soak(obj: Context, server: str, task_name: str, clients: int, seconds: float, warmup: float, pid: int | None,
+         policy: str, json_out: Path | None) -> None:
+    """Bounded load test: concurrent clients for a fixed time; codes, p50/p95/p99, memory."""
+    from raee_server.soak import soak as run
+
+    result = run(server, task_name, clients, seconds, warmup, obj.api_key, pid, policy)
+    summary = result.to_dict()
+    click.echo(json.dumps(summary, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=2))
+
+
+@cli.command()
 @click.option("--server", required=True, metavar="HOST:PORT")
 @click.option("--timeout", default=3.0, show_default=True)
 def health(server: str, timeout: float) -> None:

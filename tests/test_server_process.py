@@ -97,3 +97,21 @@ def test_sigterm_finishes_work_in_flight_and_exits_cleanly(server) -> None:  # t
     with pytest.raises(grpc.RpcError) as info:
         stub.Classify(pb.ClassifyRequest(task="t", text="hi"), timeout=2)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_short_soak_sees_only_answers_or_backpressure(server) -> None:  # type: ignore[no-untyped-def]
+    """The short version of the soak benchmark (docs/reliability.md has the long one's figures)."""
+    from raee_server.soak import soak
+
+    proc, address, _ = server
+    stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
+    stub.CreateTask(pb.CreateTaskRequest(name="t", template="{text} ?", labels=[
+        pb.Label(name="negative", word=" negative"), pb.Label(name="positive", word=" positive")]))
+    stub.Ingest(iter([pb.IngestRequest(task="t", examples=[pb.Example(text=t, label=l) for t, l in ROWS])]))
+    result = soak(address, "t", clients=8, seconds=4, warmup=1, server_pid=proc.pid)
+    assert result.requests > 20
+    assert set(result.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, result.codes
+    assert result.percentile(99) >= result.percentile(50) > 0
+    assert set(result.rss_mb) == {"after_warmup", "end"}
+    with pytest.raises(ValueError, match="not a loopback address"):
+        soak("10.1.2.3:50051", "t", clients=1, seconds=0.1)

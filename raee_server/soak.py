@@ -1,0 +1,109 @@
+"""A bounded soak test against a running server: many concurrent clients for a fixed time.
+
+Reports the load held, answers by status code, latency percentiles and (given the
+server's pid) its resident memory after warm-up and at the end. Localhost only:
+it refuses any other address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from .auth import METADATA_KEY
+from .protos.raee.v1 import raee_pb2 as pb
+from .protos.raee.v1 import raee_pb2_grpc as pb_grpc
+
+SAMPLE_TEXTS = [
+    "a gorgeous , witty , seductive movie", "the plot is a tedious mess", "an unremarkable sequel",
+    "one of the best films of the year", "i could not wait for it to end", "fine performances all round",
+]
+
+
+@dataclass
+class SoakResult:
+    clients: int
+    seconds: float
+    codes: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.codes.values())
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"clients": self.clients, "seconds": self.seconds, "requests": self.requests,
+                "requests_per_second": self.requests / self.seconds, "codes": dict(self.codes),
+                "latency_ms": {"p50": self.percentile(50), "p95": self.percentile(95), "p99": self.percentile(99)},
+                "rss_mb": self.rss_mb}
+
+
+def _check_local(address: str) -> None:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    ip = ipaddress.ip_address(socket.gethostbyname(host)) if host != "::1" else ipaddress.ip_address(host)
+    if not ip.is_loopback:
+        raise ValueError(f"soak: {address} is not a loopback address; the soak test only targets this machine")
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def soak(address: str, task: str, clients: int = 32, seconds: float = 60.0, warmup: float = 5.0,
+         api_key: str | None = None, server_pid: int | None = None, policy: str = "") -> SoakResult:
+    _check_local(address)
+    result = SoakResult(clients, seconds)
+    lock = threading.Lock()
+    metadata = [(METADATA_KEY, api_key)] if api_key else []
+    start = time.monotonic()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+    rss_taken = threading.Event()
+
+    def client(i: int) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.RaeeStub(channel)
+            n = 0
+            while (now := time.monotonic()) < stop_at:
+                text = f"{SAMPLE_TEXTS[(i + n) % len(SAMPLE_TEXTS)]} {i} {n}"
+                n += 1
+                t0 = time.monotonic()
+                try:
+                    stub.Classify(pb.ClassifyRequest(task=task, text=text, options=pb.ClassifyOptions(policy=policy)),
+                                  timeout=30, metadata=metadata)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                    if code == "RESOURCE_EXHAUSTED":
+                        time.sleep(0.01)  # back off as a well-behaved client would
+                if now >= measure_from:
+                    with lock:
+                        result.codes[code] += 1
+                        if code == "OK":
+                            result.latencies_ms.append((time.monotonic() - t0) * 1e3)
+                if server_pid and not rss_taken.is_set() and now >= measure_from:
+                    with lock:
+                        if not rss_taken.is_set():
+                            result.rss_mb["after_warmup"] = _rss_mb(server_pid)
+                            rss_taken.set()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + warmup + 60)
+    if server_pid:
+        result.rss_mb["end"] = _rss_mb(server_pid)
+    return result
