@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sqlalchemy.exc import OperationalError
 
 from .backbone import Backbone, LabelHead
 from .datafile import Rejected, Row
@@ -36,6 +37,7 @@ class Prediction:
     depth: int
     neighbours: list[Neighbour] = field(default_factory=list)
     timings_us: dict[str, int] = field(default_factory=dict)  # encode, retrieve, forward (shared by a batch)
+    labels: list[str] = field(default_factory=list)  # the task's label names, in the order of `scores`
 
 
 @dataclass
@@ -111,6 +113,10 @@ class Engine:
         self._tasks.pop(name, None)
         self._auto.pop(name, None)
 
+    def labels(self, name: str) -> list[str]:
+        """The task's label names, from the in-memory cache (no SQL on the hot path)."""
+        return self._task(name)[0].label_names
+
     def task_info(self, name: str) -> TaskInfo:
         return self.metadata.task(name)
 
@@ -168,7 +174,11 @@ class Engine:
         cached = self._auto.get(task)
         now = time.monotonic()
         if cached is None or now - cached[0] > self.settings.retune_check_seconds:
-            info = self.metadata.task(task)
+            try:
+                info = self.metadata.task(task)
+            except OperationalError:  # SQL down: serve the last choice (or the paper's method)
+                tuned = cached[1] if cached else None
+                return (parse_policy(str(tuned["policy"])), int(tuned["k"])) if tuned else (parse_policy("paper"), None)
             tuned = info.tuned
             stale = tuned is None or info.records > tuned["records"] * (1 + self.settings.retune_growth)
             if stale and info.records >= 10:
@@ -205,7 +215,8 @@ class Engine:
         probs, exits = self.forward_at(spec, head, texts, decisions)
         timings["forward_us"] = _us(time.perf_counter() - t0)
         return [
-            Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings))
+            Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings),
+                       spec.label_names)
             for p, e, n in zip(probs, exits, found)
         ]
 

@@ -58,9 +58,13 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    from sqlalchemy.exc import OperationalError
+
     for kind, code in STATUS_CODES.items():
         if isinstance(exc, kind):
             return code, str(exc)
+    if isinstance(exc, OperationalError):  # the metadata database went away: retry later, nothing was stored
+        return grpc.StatusCode.UNAVAILABLE, "metadata database unreachable; retry later"
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
@@ -128,9 +132,6 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             self.metrics.requests.labels(method, task or "-", code.name).inc()  # stream/ingest: "-"
             self.metrics.latency.labels(method).observe(time.monotonic() - start)
 
-    async def _labels(self, task: str) -> list[str]:
-        return (await self.worker.call(lambda e: e.task_info(task))).spec.label_names
-
     async def _classify(self, task: str, texts: list[str], options: pb.ClassifyOptions,
                         context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
         started = time.monotonic()
@@ -138,10 +139,9 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             self._authorize(context, method, task)
         predictions, queued_since = await self.worker.classify(
             task, texts, options.policy or None, options.k or None, _deadline(context))
-        labels = await self._labels(task)
         for p in predictions:
             self.metrics.exit_layer.labels(task).observe(p.exit_layer)
-        return [to_response(p, labels, queued_since, started, options.return_neighbours) for p in predictions]
+        return [to_response(p, p.labels, queued_since, started, options.return_neighbours) for p in predictions]
 
     # -- RPCs --------------------------------------------------------------------
 
@@ -284,10 +284,14 @@ class RaeeServer:
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
         self.metrics_port: int | None = None
-        self.load_error: BaseException | None = None
+        self.load_error: BaseException | None = None  # the last failed attempt (retried if transient)
+        self.failed = asyncio.Event()  # set when loading failed for good: the process should exit
+        self._serving = False
         self._loading: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
 
     async def _set_health(self, serving: bool) -> None:
+        self._serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
@@ -319,23 +323,54 @@ class RaeeServer:
         return self.server.add_secure_port(s.address, credentials)
 
     async def _load(self) -> None:
-        try:
-            await self.worker.load(self.engine_factory)
-        except BaseException as exc:  # stays NOT_SERVING; every call answers UNAVAILABLE
-            self.load_error = exc
-            log.exception("could not load the model and stores")
-            return
+        """Load the model and stores; retry while a store is unreachable, give up on a broken setup."""
+        while True:
+            try:
+                await self.worker.load(self.engine_factory)
+                break
+            except NotReady as exc:  # e.g. Qdrant not up yet: keep NOT_SERVING and retry
+                self.load_error = exc
+                log.warning("not ready, retrying in %.0f s: %s", self.settings.retry_seconds, exc)
+                await asyncio.sleep(self.settings.retry_seconds)
+            except BaseException as exc:  # a corrupt data dir, a wrong backbone: a clear error, then exit
+                self.load_error = exc
+                log.error("cannot start: %s", exc)
+                self.failed.set()
+                return
+        self.load_error = None
         await self._set_health(True)
+        self._monitor = asyncio.create_task(self._watch_stores())
         log.info("serving")
 
+    async def _watch_stores(self) -> None:
+        """Health follows the vector store: NOT_SERVING while it is unreachable, SERVING once it is back."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval_seconds)
+            engine = self.worker.engine
+            if engine is None:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.to_thread(engine.vectors.ping), self.settings.health_interval_seconds)
+                healthy = True
+            except Exception as exc:
+                healthy = False
+                if self._serving:
+                    log.warning("vector store unreachable: %s", exc)
+            if healthy != self._serving:
+                await self._set_health(healthy)
+
     async def wait_ready(self, timeout: float = 600) -> None:
+        """Until serving; raises the error if loading failed for good."""
         assert self._loading is not None
         await asyncio.wait_for(asyncio.shield(self._loading), timeout)
-        if self.load_error:
+        if self.failed.is_set() and self.load_error:
             raise self.load_error
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work, finish what is queued within the grace period, then release the stores."""
+        for task in (self._monitor, self._loading):
+            if task and not task.done():
+                task.cancel()
         await self._set_health(False)
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         try:
@@ -352,7 +387,11 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    waits = [asyncio.create_task(stopping.wait()), asyncio.create_task(server.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if server.failed.is_set():
+        await server.stop(0)
+        raise SystemExit(f"raee-server: cannot start: {server.load_error}")
     log.info("shutting down (grace %.1f s)", settings.grace_seconds)
     await server.stop()
 

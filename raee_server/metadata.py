@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from .errors import TaskExists, TaskNotFound
+from .errors import NotReady, StoreMismatch, TaskExists, TaskNotFound
 from .records import ExitRecord, text_hash
 from .tasks import Label, TaskSpec
 
@@ -154,9 +154,19 @@ class MetadataStore:
         self.engine = create_engine(url, json_serializer=lambda o: json.dumps(o, ensure_ascii=False))
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
+        from sqlalchemy.exc import DatabaseError, OperationalError
+
         from .migrate import ensure_schema
 
-        ensure_schema(self.engine)
+        where = self.engine.url.render_as_string(hide_password=True)
+        try:
+            ensure_schema(self.engine)
+        except OperationalError as exc:  # cannot connect (or a SQLite file that cannot be opened)
+            if self.engine.dialect.name == "sqlite" and "not a database" not in str(exc):
+                raise StoreMismatch(f"metadata database {where} cannot be opened: {exc.orig}") from exc
+            raise NotReady(f"metadata database {where} is unreachable: {exc.orig}") from exc
+        except DatabaseError as exc:  # e.g. "file is not a database": never start on an empty replacement
+            raise StoreMismatch(f"metadata database {where} is corrupt or not a database: {exc.orig}") from exc
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

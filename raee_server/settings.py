@@ -34,6 +34,7 @@ class Settings(BaseSettings):
         default=None, description="Qdrant server (e.g. http://qdrant:6333, used over gRPC) or ':memory:'; default Edge"
     )
     qdrant_api_key: str | None = None
+    qdrant_timeout: int = Field(default=5, description="seconds before a Qdrant call counts as unreachable")
     qdrant_shard_per_task: bool = Field(default=False, description="custom sharding: one shard key per task")
     qdrant_replication_factor: int | None = Field(default=None, description="copies of each shard (cluster)")
     qdrant_shard_number: int | None = Field(default=None, description="shards per collection (cluster)")
@@ -56,6 +57,8 @@ class Settings(BaseSettings):
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
+    retry_seconds: float = Field(default=5.0, description="wait between attempts to reach an unreachable store")
+    health_interval_seconds: float = Field(default=5.0, description="how often health probes the vector store")
 
     # Access control (off by default; see docs/security.md)
     api_keys_file: Path | None = Field(default=None, description="TOML of hashed API keys; unset: no keys needed")

@@ -43,6 +43,7 @@ class VectorStore(Protocol):
     def ids(self, task: str) -> set[str]: ...
     def delete_ids(self, ids: Sequence[str]) -> None: ...
     def delete_task(self, task: str) -> None: ...
+    def ping(self) -> None: ...  # raises NotReady when the store cannot answer
     def close(self) -> None: ...
 
 
@@ -180,6 +181,10 @@ class EdgeVectorStore:
             self._shard.update(UpdateOperation.delete_points_by_filter(self._task_filter(task)))
             self._shard.flush()
 
+    def ping(self) -> None:
+        if self._shard is None:
+            raise NotReady(f"{self.path}: the vector store is closed")
+
     def close(self) -> None:
         with self._lock:
             if self._shard is not None:
@@ -312,6 +317,9 @@ class QdrantServerStore:
         self._call(self.client.delete, self.collection,
                    points_selector=self._models.FilterSelector(filter=self._filter(task)), wait=True)
 
+    def ping(self) -> None:
+        self._call(self.client.get_collection, self.collection)
+
     def close(self) -> None:
         self.client.close()
 
@@ -321,5 +329,5 @@ def open_vector_store(settings: Settings, collection: str, dim: int) -> VectorSt
     if settings.qdrant_url:
         return QdrantServerStore(settings.qdrant_url, collection, dim, settings.qdrant_api_key,
                                  settings.qdrant_shard_per_task, settings.qdrant_replication_factor,
-                                 settings.qdrant_shard_number)
+                                 settings.qdrant_shard_number, settings.qdrant_timeout)
     return EdgeVectorStore(settings.data_dir / "qdrant", collection, dim)
