@@ -214,7 +214,8 @@ class QdrantServerStore:
         if url == ":memory:":
             self.client = QdrantClient(location=":memory:")
         else:
-            self.client = QdrantClient(url=url, prefer_grpc=True, api_key=api_key, timeout=timeout)
+            self.client = QdrantClient(url=url, prefer_grpc=True, api_key=api_key, timeout=timeout,
+                                       check_compatibility=False)  # no extra round trip before the first call
         try:
             exists = self.client.collection_exists(collection)
         except Exception as exc:
