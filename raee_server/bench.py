@@ -226,7 +226,7 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
             if sweep:
                 xs = [x for x, _, _ in next(iter(sweep.values()))]
                 out += ["", f"Sweep over {title} (accuracy, mean exit):", "",
-                        f"| policy | " + " | ".join(f"{x} {unit}" for x in xs) + " |",
+                        "| policy | " + " | ".join(f"{x} {unit}" for x in xs) + " |",
                         "|---|" + "---|" * len(xs)]
                 for p, points in sweep.items():
                     out.append(f"| {p} | " + " | ".join(f"{100 * a:.1f} % @ {m:.1f}" for _, a, m in points) + " |")

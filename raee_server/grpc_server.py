@@ -26,7 +26,6 @@ from .errors import (
     InvalidInput,
     NotReady,
     Overloaded,
-    RaeeError,
     StoreMismatch,
     TaskExists,
     TaskNotFound,

@@ -99,7 +99,7 @@ class PaperPolicy:
 
     @property
     def name(self) -> str:
-        return "paper" if self.threshold == 0.9 else f"paper-all" if self.threshold == 0 else f"paper@{self.threshold}"
+        return "paper" if self.threshold == 0.9 else "paper-all" if self.threshold == 0 else f"paper@{self.threshold}"
 
     def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
         scores = paper_layer_scores(neighbours, depth, self.threshold, self.fallback_top)

@@ -90,7 +90,7 @@ def test_layer_by_layer_forward_stops_where_the_rule_says(backbone: Backbone) ->
     for target in range(backbone.depth + 1):
         calls[0] = 0
         logits, exit_layer = backbone.exit_logits_until(PROMPTS[0], head, backbone.depth,
-                                                        lambda layer, _p, t=target: layer == target)
+                                                        lambda layer, _p, t=target: layer == t)
         assert exit_layer == target == calls[0]
         torch.testing.assert_close(logits, lens[target], rtol=1e-4, atol=1e-5)
     calls[0] = 0

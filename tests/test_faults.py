@@ -25,7 +25,7 @@ from .databases import fresh_postgres_database
 from .grpc_harness import ServerThread
 from .test_concurrent_writers import corpus
 from .test_grpc import code_of, ingest, make_settings, tiny_engine_factory
-from .test_server_process import free_port
+from .processes import free_port, sentiment_task, start_server
 from .tiny_models import save_tiny_backbone
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -133,21 +133,6 @@ def test_sql_outage_keeps_classify_answering_and_ingest_fails_cleanly(tmp_path: 
             server.stop()
 
 
-def start_server(base: list[str], address: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", "from raee_server.grpc_server import main; main()", *base,
-                             "--address", address, "--metrics-port", "-1"], env=env, stderr=subprocess.PIPE)
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == SERVING:
-                return proc
-        except grpc.RpcError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.2)
-
-
 def test_sigkill_during_online_ingest_loses_no_acknowledged_example(tmp_path: Path) -> None:
     model = save_tiny_backbone(tmp_path / "model")
     base = ["--data-dir", str(tmp_path / "data"), "--backbone", str(model), "--encoder", "hashing:32"]
@@ -155,8 +140,7 @@ def test_sigkill_during_online_ingest_loses_no_acknowledged_example(tmp_path: Pa
     address = f"127.0.0.1:{free_port()}"
     proc = start_server(base, address, env)
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
-    stub.CreateTask(pb.CreateTaskRequest(name="t", template="{text} ?", labels=[
-        pb.Label(name="negative", word=" negative"), pb.Label(name="positive", word=" positive")]))
+    sentiment_task(stub, "t", [])
     rows = corpus(400)
     acknowledged: list[tuple[str, str]] = []
     killer = threading.Timer(1.5, lambda: proc.send_signal(signal.SIGKILL))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 from click.testing import CliRunner
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from admin.cli import cli
 from raee_server.protos.raee.v1 import raee_pb2 as pb
@@ -23,13 +20,8 @@ from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from .conftest import write_tsv
 from .test_cli import SPEC
 from .test_engine import ROWS
+from .processes import free_port, sentiment_task, start_server
 from .tiny_models import save_tiny_backbone
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -37,22 +29,7 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, list[
     model = save_tiny_backbone(tmp_path / "model")
     base = ["--data-dir", str(tmp_path / "data"), "--backbone", str(model), "--encoder", "hashing:32"]
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "RAEE_MAX_BATCH_SIZE": "4", "RAEE_GRACE_SECONDS": "20"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from raee_server.grpc_server import main; main()", *base,
-         "--address", address, "--metrics-port", "-1"], env=env, stderr=subprocess.PIPE)
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
-                break
-        except grpc.RpcError:
-            pass
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.2)
+    proc = start_server(base, address, {**os.environ, "RAEE_MAX_BATCH_SIZE": "4", "RAEE_GRACE_SECONDS": "20"})
     yield proc, address, base
     if proc.poll() is None:
         proc.kill()
@@ -84,9 +61,7 @@ def test_cli_through_the_server_and_the_store_lock(server, tmp_path: Path) -> No
 def test_sigterm_finishes_work_in_flight_and_exits_cleanly(server) -> None:  # type: ignore[no-untyped-def]
     proc, address, _ = server
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
-    stub.CreateTask(pb.CreateTaskRequest(name="t", template="{text} ?", labels=[
-        pb.Label(name="negative", word=" negative"), pb.Label(name="positive", word=" positive")]))
-    stub.Ingest(iter([pb.IngestRequest(task="t", examples=[pb.Example(text=t, label=l) for t, l in ROWS])]))
+    sentiment_task(stub, "t", ROWS)
     futures = [stub.ClassifyBatch.future(pb.ClassifyBatchRequest(task="t", texts=[f"good film {i}"] * 8))
                for i in range(12)]
     time.sleep(0.05)
@@ -105,9 +80,7 @@ def test_short_soak_sees_only_answers_or_backpressure(server) -> None:  # type: 
 
     proc, address, _ = server
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
-    stub.CreateTask(pb.CreateTaskRequest(name="t", template="{text} ?", labels=[
-        pb.Label(name="negative", word=" negative"), pb.Label(name="positive", word=" positive")]))
-    stub.Ingest(iter([pb.IngestRequest(task="t", examples=[pb.Example(text=t, label=l) for t, l in ROWS])]))
+    sentiment_task(stub, "t", ROWS)
     result = soak(address, "t", clients=8, seconds=4, warmup=1, server_pid=proc.pid)
     assert result.requests > 20
     assert set(result.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, result.codes

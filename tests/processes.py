@@ -1,0 +1,45 @@
+"""`raee-server` as a separate process on a free localhost port, for tests that signal or kill it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(base: list[str], address: str, env: dict[str, str], timeout: float = 120) -> subprocess.Popen[bytes]:
+    """Start raee-server with `base` flags and wait until its health check says SERVING."""
+    proc = subprocess.Popen([sys.executable, "-c", "from raee_server.grpc_server import main; main()", *base,
+                             "--address", address, "--metrics-port", "-1"], env=env, stderr=subprocess.PIPE)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return proc
+        except grpc.RpcError:
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.2)
+
+
+def sentiment_task(stub: pb_grpc.RaeeStub, name: str, rows: list[tuple[str, str]]) -> None:
+    """Create a two-label task over gRPC and ingest `rows` into it."""
+    stub.CreateTask(pb.CreateTaskRequest(name=name, template="{text} ?", labels=[
+        pb.Label(name="negative", word=" negative"), pb.Label(name="positive", word=" positive")]))
+    stub.Ingest(iter([pb.IngestRequest(task=name, examples=[pb.Example(text=t, label=l) for t, l in rows])]))
