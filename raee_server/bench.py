@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .datafile import Row, read_rows
 from .engine import Engine
-from .evaluation import Measured, PolicyResult, format_table, layer_accuracy, measure, run_oracle, run_policy
+from .evaluation import Measured, PolicyResult, layer_accuracy, measure, run_oracle, run_policy
 from .policies import parse_policy
 from .records import ExitRecord, LayerResult, record_id
 from .tasks import TaskSpec
@@ -91,7 +91,7 @@ def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int 
     if dst.task_info(dst_task).records:
         return dst.task_info(dst_task).records
     examples = src.metadata.committed_examples(task, limit)
-
+    bar = _bar(len(examples), f"{dst_task}: copy")
     for start in range(0, len(examples), 256):
         part = examples[start : start + 256]
         layers = src.metadata.layer_results([rid for rid, _, _ in part])
@@ -107,6 +107,8 @@ def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int 
         dst.vectors.upsert([VectorPoint(r.id, key, r.payload()) for r, key in zip(records, keys)])
         dst.metadata.mark_committed([r.id for r in records])
         dst.metadata.finish_batch(batch, len(records), 0, 0, "done")
+        bar.update(len(part))
+    bar.close()
     return len(examples)
 
 
@@ -323,7 +325,5 @@ def write_reports(reports: Sequence[TaskBench], out: Path, command: str) -> list
 
 
 def print_summary(report: TaskBench, echo: Callable[[str], None]) -> None:
-    echo(f"\n{report.task}: {report.dev_rows} dev rows, database {report.train_rows} train rows, "
-         f"depth {report.depth}, k = {report.k}")
-    for line in format_table(report.results, len(report.labels)):
-        echo(line)
+    """The task's tables (policies, latency, sweeps) as they go into results.md."""
+    echo("\n".join(markdown([report], "").splitlines()[4:]))
