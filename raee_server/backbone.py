@@ -73,6 +73,8 @@ class Backbone:
         self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
         self.device = next(model.parameters()).device
         tokenizer.padding_side = "left"
+        # A prompt over max_tokens loses its beginning, never its end: the label word follows the end.
+        tokenizer.truncation_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._heads: dict[tuple[int, ...], LabelHead] = {}

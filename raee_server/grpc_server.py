@@ -136,6 +136,8 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         started = time.monotonic()
         if method:  # a stream: each request names its own task
             self._authorize(context, method, task)
+        if options.truncate:
+            texts = [t[: self.settings.max_text_chars] for t in texts]
         predictions, queued_since = await self.worker.classify(
             task, texts, options.policy or None, options.k or None, _deadline(context))
         for p in predictions:

@@ -96,3 +96,14 @@ def test_layer_by_layer_forward_stops_where_the_rule_says(backbone: Backbone) ->
     calls[0] = 0
     _, exit_layer = backbone.exit_logits_until(PROMPTS[0], head, 2, lambda *_: False)
     assert exit_layer == 2 == calls[0]  # the bound holds when the rule never fires
+
+
+def test_over_long_prompts_keep_their_end(backbone: Backbone) -> None:
+    head = backbone.label_head(backbone.label_token_ids([" negative", " positive"]))
+    short = "the answer is"
+    backbone.max_tokens = 8
+    long_prompt = "boring " * 50 + short
+    # Truncated from the left: the last tokens (where the label word follows) are the ones kept.
+    kept = backbone.tokenizer.convert_ids_to_tokens(backbone._inputs([long_prompt])["input_ids"][0])
+    assert kept[-3:] == ["the", "answer", "is"] and len(kept) == 8
+    assert backbone.all_exit_logits([long_prompt], head).shape == (1, backbone.depth + 1, 2)

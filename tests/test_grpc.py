@@ -259,3 +259,13 @@ def test_messages_over_the_size_limit_are_refused(tmp_path: Path) -> None:
         assert server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="fine")).label
     finally:
         server.stop()
+
+
+def test_an_oversized_text_is_truncated_only_when_asked(served: ServerThread) -> None:
+    long_text = "good " * 100  # 500 characters, the limit is 200
+    code, details = code_of(lambda: served.stub.Classify(pb.ClassifyRequest(task="sentiment", text=long_text)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit of 200" in details
+    cut = served.stub.Classify(pb.ClassifyRequest(task="sentiment", text=long_text,
+                                                  options=pb.ClassifyOptions(truncate=True)))
+    same = served.stub.Classify(pb.ClassifyRequest(task="sentiment", text=long_text[:200]))
+    assert [s.score for s in cut.scores] == pytest.approx([s.score for s in same.scores], abs=1e-6)

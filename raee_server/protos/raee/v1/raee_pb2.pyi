@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyOptions(_message.Message):
-    __slots__ = ("k", "policy", "return_neighbours")
+    __slots__ = ("k", "policy", "return_neighbours", "truncate")
     K_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     RETURN_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     k: int
     policy: str
     return_neighbours: bool
-    def __init__(self, k: _Optional[int] = ..., policy: _Optional[str] = ..., return_neighbours: _Optional[bool] = ...) -> None: ...
+    truncate: bool
+    def __init__(self, k: _Optional[int] = ..., policy: _Optional[str] = ..., return_neighbours: _Optional[bool] = ..., truncate: _Optional[bool] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("task", "text", "options")
