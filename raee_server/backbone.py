@@ -52,32 +52,56 @@ class LabelHead:
 
 
 class Backbone:
-    """A Hugging Face causal LM whose decoder layers, final norm and LM head are reachable.
+    """What the engine needs of any backbone family; subclasses say where the layers, the readout
+    position and the head are.
 
     Not thread-safe: exits are read with hooks on the shared modules, so one thread
     (the server's model worker) drives a Backbone.
     """
+
+    family = "abstract"
+    layers: nn.ModuleList
+    lm_head: nn.Module  # the output layer whose rows are the label words
 
     def __init__(self, model: nn.Module, tokenizer: Any, model_id: str, max_tokens: int = 512) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.max_tokens = max_tokens
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        if not all(hasattr(decoder, a) for a in ("layers", "norm")):
-            raise InvalidInput(f"backbone {model_id!r}: cannot find decoder layers and final norm")
-        self.decoder: nn.Module = decoder
-        self.layers: nn.ModuleList = decoder.layers
-        self.norm: nn.Module = decoder.norm
-        self.lm_head: nn.Module = model.get_output_embeddings()
-        self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
+        self.lm_head = model.get_output_embeddings()
         self.device = next(model.parameters()).device
-        tokenizer.padding_side = "left"
-        # A prompt over max_tokens loses its beginning, never its end: the label word follows the end.
+        # A prompt over max_tokens loses its beginning, never its end: the label word (or the
+        # mask slot) sits at the end of every template.
         tokenizer.truncation_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._heads: dict[tuple[int, ...], LabelHead] = {}
+
+    # -- what a family defines -------------------------------------------------
+
+    def check_template(self, template: str) -> None:
+        """Raise InvalidInput when a task template does not suit this family."""
+
+    def format_prompt(self, prompt: str) -> str:
+        return prompt
+
+    def _inputs(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _readout(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per row, the position whose hidden state is read: [batch]."""
+        raise NotImplementedError
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Run the layer stack (the hooks collect what is needed)."""
+        raise NotImplementedError
+
+    def _transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the family applies before the output layer (final norm, LM-head transform)."""
+        raise NotImplementedError
+
+    def _pick(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
 
     @property
     def depth(self) -> int:
@@ -117,41 +141,27 @@ class Backbone:
 
     # -- forwards ----------------------------------------------------------
 
-    def _inputs(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens
-        )
-        mask = enc["attention_mask"]
-        # Left padding: positions must count real tokens only, or padded rows would shift.
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {
-            "input_ids": enc["input_ids"].to(self.device),
-            "attention_mask": mask.to(self.device),
-            "position_ids": position_ids.to(self.device),
-        }
-
     def _project(self, hidden: torch.Tensor, head: LabelHead) -> torch.Tensor:
-        """Final norm, then the label-word rows of the LM head: [..., hidden] -> [..., n_labels]."""
-        logits = nn.functional.linear(self.norm(hidden), head.weight, head.bias).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        """The family's transform, then the label-word rows of the output layer: [..., H] -> [..., C]."""
+        return nn.functional.linear(self._transform(hidden), head.weight, head.bias).float()
 
     @torch.inference_mode()
     def all_exit_logits(self, prompts: Sequence[str], head: LabelHead) -> torch.Tensor:
         """Label-word logits at every exit in one full forward: [batch, L + 1, n_labels]."""
         states: list[torch.Tensor] = []
+        inputs = self._inputs(prompts)
+        at = self._readout(inputs)
 
         def before_first(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            states.append(_hidden_of(args, kwargs)[:, -1, :])
+            states.append(self._pick(_hidden_of(args, kwargs), at))
 
         def after_layer(_m: nn.Module, _args: Any, output: Any) -> None:
-            states.append(_output_hidden(output)[:, -1, :])
+            states.append(self._pick(_output_hidden(output), at))
 
         handles = [self.layers[0].register_forward_pre_hook(before_first, with_kwargs=True)]
         handles += [layer.register_forward_hook(after_layer) for layer in self.layers]
         try:
-            self.decoder(**self._inputs(prompts), use_cache=False)
+            self._run(inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -162,12 +172,13 @@ class Backbone:
         """Label-word logits at one exit, running only decoder layers 0..exit_layer-1: [batch, n_labels]."""
         if not 0 <= exit_layer <= self.depth:
             raise InvalidInput(f"exit layer {exit_layer} outside 0..{self.depth}")
+        inputs = self._inputs(prompts)
         with self._stop_before(exit_layer) as captured:
             try:
-                self.decoder(**self._inputs(prompts), use_cache=False)
+                self._run(inputs)
             except _ExitReached as stop:
                 captured.append(stop.hidden)
-        return self._project(captured[-1][:, -1, :], head)
+        return self._project(self._pick(captured[-1], self._readout(inputs)), head)
 
     @torch.inference_mode()
     def pooled_hidden(self, texts: Sequence[str], exit_layer: int) -> torch.Tensor:
@@ -175,7 +186,7 @@ class Backbone:
         inputs = self._inputs(texts)
         with self._stop_before(exit_layer) as captured:
             try:
-                self.decoder(**inputs, use_cache=False)
+                self._run(inputs)
             except _ExitReached as stop:
                 captured.append(stop.hidden)
         mask = inputs["attention_mask"].unsqueeze(-1).to(captured[-1].dtype)
@@ -191,9 +202,11 @@ class Backbone:
             raise InvalidInput(f"exit layer {max_layer} outside 0..{self.depth}")
 
         exit_at = [max_layer]
+        inputs = self._inputs([prompt])
+        at = self._readout(inputs)
 
         def check(layer: int, hidden: torch.Tensor) -> None:
-            logits = self._project(hidden[:, -1, :], head)
+            logits = self._project(self._pick(hidden, at), head)
             if layer == max_layer or stop(layer, torch.softmax(logits[0], -1).numpy()):
                 exit_at[0] = layer
                 raise _ExitReached(hidden)
@@ -205,14 +218,14 @@ class Backbone:
             for i, layer in enumerate(self.layers[:max_layer])
         ]
         try:
-            self.decoder(**self._inputs([prompt]), use_cache=False)
+            self._run(inputs)
             raise RuntimeError("the forward ended without reaching its exit")  # unreachable
         except _ExitReached as stop_here:
             hidden = stop_here.hidden
         finally:
             for h in handles:
                 h.remove()
-        return self._project(hidden[:, -1, :], head)[0], exit_at[0]
+        return self._project(self._pick(hidden, at), head)[0], exit_at[0]
 
     @contextmanager
     def _stop_before(self, exit_layer: int) -> Iterator[list[torch.Tensor]]:
@@ -233,3 +246,112 @@ class Backbone:
             yield captured
         finally:
             handle.remove()
+
+
+class CausalLMBackbone(Backbone):
+    """A decoder-only LM (Gemma 3, Llama, Qwen2, Mistral ...): decoder layers, final norm, LM head;
+    read at the last prompt token, where the label word would come next."""
+
+    family = "causal"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, model_id: str, max_tokens: int = 512) -> None:
+        super().__init__(model, tokenizer, model_id, max_tokens)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        if not all(hasattr(decoder, a) for a in ("layers", "norm")):
+            raise InvalidInput(f"backbone {model_id!r}: cannot find decoder layers and final norm")
+        self.decoder: nn.Module = decoder
+        self.layers = decoder.layers
+        self.norm: nn.Module = decoder.norm
+        self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
+        tokenizer.padding_side = "left"  # the readout position is -1 in every row
+
+    def check_template(self, template: str) -> None:
+        if MASK_SLOT in template:
+            raise InvalidInput(f"template: a {MASK_SLOT} slot is for masked-LM backbones; {self.model_id} is a "
+                               "causal LM, whose label word follows the end of the prompt")
+
+    def _inputs(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens
+        )
+        mask = enc["attention_mask"]
+        # Left padding: positions must count real tokens only, or padded rows would shift.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {
+            "input_ids": enc["input_ids"].to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": position_ids.to(self.device),
+        }
+
+    def _readout(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch, length = inputs["input_ids"].shape
+        return torch.full((batch,), length - 1, device=self.device)
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.decoder(**inputs, use_cache=False)
+
+    def _transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+    def _project(self, hidden: torch.Tensor, head: LabelHead) -> torch.Tensor:
+        logits = super()._project(hidden, head)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+MASK_SLOT = "{mask}"
+
+
+class MaskedLMBackbone(Backbone):
+    """A masked LM (BERT- or RoBERTa-style `...ForMaskedLM`): the template holds a {mask}
+    slot; exits are read there from every encoder layer through the model's own LM-head transform
+    (dense, activation, layer norm), then the label-word rows of the decoder, as the RAEE paper's
+    encoder setting does."""
+
+    family = "masked"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, model_id: str, max_tokens: int = 512) -> None:
+        super().__init__(model, tokenizer, model_id, max_tokens)
+        base = model.base_model
+        if not hasattr(base, "encoder") or not hasattr(base.encoder, "layer"):
+            raise InvalidInput(f"backbone {model_id!r}: cannot find the encoder layers")
+        if tokenizer.mask_token_id is None:
+            raise InvalidInput(f"backbone {model_id!r}: its tokenizer has no mask token")
+        self.encoder_model: nn.Module = base
+        self.layers = base.encoder.layer
+        if hasattr(model, "lm_head") and hasattr(model.lm_head, "dense"):  # RoBERTa style
+            head = model.lm_head
+            act = nn.functional.gelu
+            self._head_transform = lambda h: head.layer_norm(act(head.dense(h)))
+        elif hasattr(model, "cls"):  # BERT style
+            self._head_transform = model.cls.predictions.transform
+        else:
+            raise InvalidInput(f"backbone {model_id!r}: cannot find the masked-LM head transform")
+        tokenizer.padding_side = "right"
+
+    def check_template(self, template: str) -> None:
+        if template.count(MASK_SLOT) != 1:
+            raise InvalidInput(f"template: a masked-LM backbone ({self.model_id}) needs exactly one {MASK_SLOT} "
+                               f"slot where the label word goes, e.g. '{{text}} It was {MASK_SLOT}.'")
+
+    def format_prompt(self, prompt: str) -> str:
+        return prompt.replace(MASK_SLOT, self.tokenizer.mask_token)
+
+    def _inputs(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens
+        )
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def _readout(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        is_mask = inputs["input_ids"] == self.tokenizer.mask_token_id
+        if not bool(is_mask.any(-1).all()):
+            raise InvalidInput(f"a prompt has no {self.tokenizer.mask_token} token (cut by the token limit?)")
+        return is_mask.int().argmax(-1)
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.encoder_model(**inputs)
+
+    def _transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head_transform(hidden)

@@ -103,6 +103,7 @@ class Engine:
 
     def create_task(self, spec: TaskSpec) -> None:
         spec.validate()
+        self.backbone.check_template(spec.template)  # e.g. a masked LM needs a {mask} slot
         self.backbone.label_token_ids([lb.word for lb in spec.labels])  # rejects colliding label words
         self.metadata.create_task(spec, self.backbone.model_id, self.encoder.model_id)
 
@@ -119,6 +120,9 @@ class Engine:
 
     def task_info(self, name: str) -> TaskInfo:
         return self.metadata.task(name)
+
+    def _prompt(self, spec: TaskSpec, text: str) -> str:
+        return self.backbone.format_prompt(spec.prompt(text))
 
     def _task(self, name: str) -> tuple[TaskSpec, LabelHead]:
         cached = self._tasks.get(name)
@@ -236,7 +240,7 @@ class Engine:
             if d.answer is not None:
                 out[i], exits[i] = d.answer, 0
             elif d.stop is not None:
-                logits, exits[i] = self.backbone.exit_logits_until(spec.prompt(texts[i]), head, d.max_layer, d.stop)
+                logits, exits[i] = self.backbone.exit_logits_until(self._prompt(spec, texts[i]), head, d.max_layer, d.stop)
                 out[i] = softmax(logits.numpy().astype(np.float64))
             else:
                 groups[d.max_layer].append(i)
@@ -244,7 +248,7 @@ class Engine:
         for layer, rows in sorted(groups.items()):
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
-                logits = self.backbone.exit_logits([spec.prompt(texts[i]) for i in chunk], head, layer)
+                logits = self.backbone.exit_logits([self._prompt(spec, texts[i]) for i in chunk], head, layer)
                 out[chunk] = softmax(logits.cpu().numpy().astype(np.float64))
         return out, exits
 
@@ -253,7 +257,7 @@ class Engine:
         spec, head = self._task(task)
         size = self.settings.forward_batch_size
         parts = [
-            self.backbone.all_exit_logits([spec.prompt(t) for t in texts[i : i + size]], head).cpu().numpy()
+            self.backbone.all_exit_logits([self._prompt(spec, t) for t in texts[i : i + size]], head).cpu().numpy()
             for i in range(0, len(texts), size)
         ]
         return np.concatenate(parts) if parts else np.zeros((0, self.depth + 1, len(spec.labels)))

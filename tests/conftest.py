@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from raee_server.backbone import Backbone
+from raee_server.backbone import Backbone, CausalLMBackbone
 from raee_server.encoder import HashingEncoder
 from raee_server.engine import Engine
 from raee_server.metadata import MetadataStore
@@ -26,7 +26,7 @@ SENTIMENT = TaskSpec(
 
 @pytest.fixture
 def backbone() -> Backbone:
-    return Backbone(tiny_causal_lm(), tiny_tokenizer(), "tiny-gemma3")
+    return CausalLMBackbone(tiny_causal_lm(), tiny_tokenizer(), "tiny-gemma3")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raee_server.backbone import Backbone
+from raee_server.backbone import Backbone, CausalLMBackbone
 from raee_server.errors import InvalidInput
 
 from .tiny_models import FAMILIES, tiny_causal_lm, tiny_tokenizer
@@ -18,7 +18,7 @@ PROMPTS = [
 
 
 def make(family: str) -> Backbone:
-    return Backbone(tiny_causal_lm(family), tiny_tokenizer(), f"tiny-{family}")
+    return CausalLMBackbone(tiny_causal_lm(family), tiny_tokenizer(), f"tiny-{family}")
 
 
 def count_layers_run(bb: Backbone) -> list[int]:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from admin.cli import cli
 from raee_server import doctor
-from raee_server.backbone import Backbone
+from raee_server.backbone import Backbone, CausalLMBackbone
 from raee_server.datafile import read_rows
 from raee_server.engine import Engine
 from raee_server.metadata import MetadataStore
@@ -60,7 +60,7 @@ def test_two_writers_share_the_sql_database(engine: Engine, tmp_path: Path) -> N
     """Two engines (two SQL connection pools) write overlapping rows at the same time."""
     engine.create_task(SENTIMENT)
     # A backbone reads exits with hooks on its modules: one per thread, as in separate processes.
-    second = Engine(Backbone(tiny_causal_lm(), tiny_tokenizer(), engine.backbone.model_id), engine.encoder, engine.vectors, MetadataStore(engine.metadata.url),
+    second = Engine(CausalLMBackbone(tiny_causal_lm(), tiny_tokenizer(), engine.backbone.model_id), engine.encoder, engine.vectors, MetadataStore(engine.metadata.url),
                     engine.settings)
     rows = corpus(90)
     files = [write_tsv(tmp_path / "a.tsv", rows[:60]), write_tsv(tmp_path / "b.tsv", rows[30:])]

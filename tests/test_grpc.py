@@ -24,14 +24,14 @@ from .grpc_harness import ServerThread
 from .test_engine import ROWS
 from .tiny_models import tiny_causal_lm, tiny_tokenizer
 
-from raee_server.backbone import Backbone
+from raee_server.backbone import Backbone, CausalLMBackbone
 
 
 def tiny_engine_factory(data_dir: Path, settings: Settings, gate: threading.Event | None = None):  # type: ignore[no-untyped-def]
     def factory() -> Engine:
         if gate is not None:
             gate.wait(30)
-        backbone = Backbone(tiny_causal_lm(), tiny_tokenizer(), "tiny-gemma3")
+        backbone = CausalLMBackbone(tiny_causal_lm(), tiny_tokenizer(), "tiny-gemma3")
         encoder = HashingEncoder(32)
         vectors = EdgeVectorStore(data_dir / "qdrant", collection_name(backbone.model_id, encoder.model_id), 32)
         engine = Engine(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)

@@ -15,7 +15,7 @@ sad happy love hate loved hated best worst dull brilliant mess masterpiece what 
 sentence print negative positive answer category question who where when how many why
 world sports business technology team game market stock company phone software won lost
 """.split()
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<mask>"]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -24,7 +24,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>")
+                                   unk_token="<unk>", mask_token="<mask>")
 
 
 FAMILIES = {
@@ -54,5 +54,28 @@ def tiny_causal_lm(family: str = "gemma3_text", layers: int = 4, seed: int = 0) 
 def save_tiny_backbone(directory: Path, family: str = "gemma3_text", layers: int = 4) -> Path:
     """A loadable model directory, as a user's local checkpoint would be."""
     tiny_causal_lm(family, layers).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+MASKED_FAMILIES = ("bert", "roberta")
+
+
+def tiny_masked_lm(family: str = "roberta", layers: int = 3, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=300, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        type_vocab_size=1,
+    )
+    return AutoModelForMaskedLM.from_config(config).eval()
+
+
+def save_tiny_masked_lm(directory: Path, family: str = "roberta") -> Path:
+    model = tiny_masked_lm(family)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
