@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from admin.cli import cli
 from raee_server import doctor
-from raee_server.backbone import Backbone, CausalLMBackbone
+from raee_server.backbone import CausalLMBackbone
 from raee_server.datafile import read_rows
 from raee_server.engine import Engine
 from raee_server.metadata import MetadataStore

@@ -24,7 +24,7 @@ from .grpc_harness import ServerThread
 from .test_engine import ROWS
 from .tiny_models import tiny_causal_lm, tiny_tokenizer
 
-from raee_server.backbone import Backbone, CausalLMBackbone
+from raee_server.backbone import CausalLMBackbone
 
 
 def tiny_engine_factory(data_dir: Path, settings: Settings, gate: threading.Event | None = None):  # type: ignore[no-untyped-def]
