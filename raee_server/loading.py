@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .backbone import DTYPES, Backbone, CausalLMBackbone, MaskedLMBackbone
+from .backbone import DTYPES, Backbone, CausalLMBackbone, MaskedLMBackbone, Seq2SeqBackbone
 from .errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,15 @@ def resolve_backbone(spec: str, models_dir: Path) -> tuple[str, Path | str]:
 def load_backbone(
     spec: str, models_dir: Path, device: str = "cpu", dtype: str = "float32", max_tokens: int = 512
 ) -> Backbone:
-    """The family follows the checkpoint's config: `...ForMaskedLM` loads as a masked LM, anything
-    else as a causal LM. Encoder-decoder checkpoints are refused (not supported yet)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    """The family follows the checkpoint's config: encoder-decoder (T5) loads as seq2seq,
+    `...ForMaskedLM` as a masked LM, anything else as a causal LM."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per load in our own log instead
@@ -88,10 +94,11 @@ def load_backbone(
     local_only = {"local_files_only": True}
     try:
         config = AutoConfig.from_pretrained(str(source), **local_only)
-        if config.is_encoder_decoder:
-            raise InvalidInput(f"backbone {spec!r}: encoder-decoder models (T5, Flan-T5) are not supported yet")
         masked = any(a.endswith("ForMaskedLM") for a in (config.architectures or []))
-        auto, family = (AutoModelForMaskedLM, MaskedLMBackbone) if masked else (AutoModelForCausalLM, CausalLMBackbone)
+        auto, family = (
+            (AutoModelForSeq2SeqLM, Seq2SeqBackbone) if config.is_encoder_decoder
+            else (AutoModelForMaskedLM, MaskedLMBackbone) if masked
+            else (AutoModelForCausalLM, CausalLMBackbone))
         tokenizer = AutoTokenizer.from_pretrained(str(source), **local_only)
         model = auto.from_pretrained(str(source), dtype=DTYPES[dtype], **local_only)
     except OSError as exc:

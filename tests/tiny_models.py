@@ -79,3 +79,19 @@ def save_tiny_masked_lm(directory: Path, family: str = "roberta") -> Path:
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+def tiny_t5(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tiny_tokenizer()), d_model=32, d_kv=16, d_ff=64, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=2, pad_token_id=0, eos_token_id=2,
+                      decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def save_tiny_t5(directory: Path) -> Path:
+    tiny_t5().save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
