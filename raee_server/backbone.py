@@ -169,28 +169,30 @@ class Backbone:
 
     @torch.inference_mode()
     def exit_logits(self, prompts: Sequence[str], head: LabelHead, exit_layer: int) -> torch.Tensor:
-        """Label-word logits at one exit, running only decoder layers 0..exit_layer-1: [batch, n_labels]."""
+        """Label-word logits at one exit, running only layers 0..exit_layer-1: [batch, n_labels]."""
         if not 0 <= exit_layer <= self.depth:
             raise InvalidInput(f"exit layer {exit_layer} outside 0..{self.depth}")
         inputs = self._inputs(prompts)
-        with self._stop_before(exit_layer) as captured:
-            try:
-                self._run(inputs)
-            except _ExitReached as stop:
-                captured.append(stop.hidden)
-        return self._project(self._pick(captured[-1], self._readout(inputs)), head)
+        hidden = self._hidden_entering(inputs, exit_layer)
+        return self._project(self._pick(hidden, self._readout(inputs)), head)
 
     @torch.inference_mode()
     def pooled_hidden(self, texts: Sequence[str], exit_layer: int) -> torch.Tensor:
         """Mean over the real tokens of the hidden states entering layer `exit_layer`: [batch, hidden]."""
         inputs = self._inputs(texts)
+        hidden = self._hidden_entering(inputs, exit_layer)
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+
+    def _hidden_entering(self, inputs: dict[str, torch.Tensor], exit_layer: int) -> torch.Tensor:
+        """All positions' hidden states entering layer `exit_layer` (the last output at depth);
+        layers from `exit_layer` on never run."""
         with self._stop_before(exit_layer) as captured:
             try:
                 self._run(inputs)
             except _ExitReached as stop:
                 captured.append(stop.hidden)
-        mask = inputs["attention_mask"].unsqueeze(-1).to(captured[-1].dtype)
-        return ((captured[-1] * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+        return captured[-1]
 
     @torch.inference_mode()
     def exit_logits_until(
