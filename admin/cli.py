@@ -364,6 +364,49 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
         other.vectors.close()
 
 
+@cli.command("loadtest")
+@click.option("--server", required=True, metavar="HOST:PORT", help="a server on this machine (loopback only)")
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--policy", "policies", multiple=True, default=["paper", "full"], show_default=True)
+@click.option("--clients", default=16, show_default=True)
+@click.option("--seconds", default=30.0, show_default=True)
+@click.option("--sequential", default=50, show_default=True, help="one-at-a-time requests per policy")
+@click.option("--json-out", type=click.Path(path_type=Path))
+@click.pass_obj
+def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tuple[str, ...], clients: int,
+             seconds: float, sequential: int, json_out: Path | None) -> None:
+    """Policies side by side against a running server: sequential latency, then N concurrent clients."""
+    from raee_server.soak import compare_policies
+
+    texts = [r.text for r in read_rows(file) if isinstance(r, Row)]
+    results = compare_policies(server, task_name, texts, policies, clients, seconds, sequential, obj.api_key)
+    click.echo(f"{'policy':<12} {'seq p50 ms':>10} {'rps':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for name, r in results.items():
+        click.echo(f"{name:<12} {r['sequential_p50_ms']:>10.1f} {r['throughput_rps']:>7.2f} {r['p50_ms']:>8.1f} "
+                   f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {int(r['errors']):>6}")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@cli.command("bench-scale")
+@click.option("--size", "sizes", multiple=True, type=int, default=[250_000, 500_000, 1_000_000], show_default=True)
+@click.option("--tenants", default=10, show_default=True)
+@click.option("--queries", default=1000, show_default=True, help="tenant-filtered top-12 queries per size")
+@click.option("--json-out", type=click.Path(path_type=Path))
+def bench_scale(sizes: tuple[int, ...], tenants: int, queries: int, json_out: Path | None) -> None:
+    """Tenant-filtered top-12 query latency of the embedded store as it grows (synthetic 384-d keys)."""
+    from raee_server.scale import scale
+
+    results = scale(sizes, tenants=tenants, queries=queries)
+    click.echo(f"{'records':>10} {'per tenant':>10} {'upsert s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
+    for r in results:
+        click.echo(f"{r['records']:>10,} {r['per_tenant']:>10,} {r['upsert_seconds']:>9.1f} {r['p50_ms']:>7.2f} "
+                   f"{r['p95_ms']:>7.2f} {r['p99_ms']:>7.2f}")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
 @cli.command()
 @click.option("--task", "task_name", required=True)
 @click.option("--validation", default=300, show_default=True, help="validation records (leave-one-out)")

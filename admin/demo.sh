@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Install, build the sst2 demo database from the shipped sample if none exists, classify a few sentences.
+# Install, build the sst2 demo database from the shipped sample if none exists, classify a few sentences,
+# then serve it over gRPC on 127.0.0.1:50051 (metrics on 9464) until Ctrl-C / SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash admin/setup.sh
-exec .venv/bin/raee-admin demo "$@"
+.venv/bin/raee-admin demo
+echo "serving sst2 on 127.0.0.1:50051; try: .venv/bin/raee-admin classify --server 127.0.0.1:50051 --task sst2 \"a gorgeous film\"" >&2
+exec .venv/bin/raee-server --address 127.0.0.1:50051

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -107,3 +108,62 @@ def soak(address: str, task: str, clients: int = 32, seconds: float = 60.0, warm
     if server_pid:
         result.rss_mb["end"] = _rss_mb(server_pid)
     return result
+
+
+def compare_policies(address: str, task: str, texts: Sequence[str], policies: Sequence[str], clients: int = 16,
+                     seconds: float = 30.0, sequential: int = 50, api_key: str | None = None
+                     ) -> dict[str, dict[str, float]]:
+    """Per policy, in the same run: sequential latency (one request at a time) and throughput and
+    latency with `clients` concurrent clients, on real texts."""
+    _check_local(address)
+    metadata = [(METADATA_KEY, api_key)] if api_key else []
+    out: dict[str, dict[str, float]] = {}
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.RaeeStub(channel)
+        for policy in policies:
+            options = pb.ClassifyOptions(policy=policy)
+            seq = []
+            for text in texts[:sequential]:
+                t0 = time.monotonic()
+                stub.Classify(pb.ClassifyRequest(task=task, text=text, options=options), timeout=60, metadata=metadata)
+                seq.append((time.monotonic() - t0) * 1e3)
+            load = _load(stub, task, texts, options, clients, seconds, metadata)
+            out[policy] = {"sequential_p50_ms": float(np.percentile(seq, 50)),
+                           "sequential_p95_ms": float(np.percentile(seq, 95)), **load}
+    return out
+
+
+def _load(stub: pb_grpc.RaeeStub, task: str, texts: Sequence[str], options: pb.ClassifyOptions, clients: int,
+          seconds: float, metadata: list[tuple[str, str]]) -> dict[str, float]:
+    latencies: list[float] = []
+    codes: Counter[str] = Counter()
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        n = i
+        while time.monotonic() < stop_at:
+            t0 = time.monotonic()
+            try:
+                stub.Classify(pb.ClassifyRequest(task=task, text=texts[n % len(texts)], options=options),
+                              timeout=60, metadata=metadata)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            with lock:
+                codes[code] += 1
+                if code == "OK":
+                    latencies.append((time.monotonic() - t0) * 1e3)
+            n += clients
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    elapsed = time.monotonic() - start
+    ms = np.array(latencies or [float("nan")])
+    return {"clients": clients, "throughput_rps": codes["OK"] / elapsed, "errors": sum(codes.values()) - codes["OK"],
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99))}

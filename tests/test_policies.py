@@ -121,3 +121,16 @@ def test_policy_arguments_are_checked() -> None:
         parse_policy("confidence:2")
     with pytest.raises(InvalidInput, match="needs a number"):
         parse_policy("paper-tol:abc")
+
+
+def test_a_tie_goes_to_the_earlier_layer() -> None:
+    neighbours = [nb(0.9, (7, 0.95)), nb(0.9, (3, 0.95))]  # equal weights, equal probabilities
+    assert PaperPolicy().decide(neighbours, 12, LABELS).max_layer == 3
+    assert TolerancePolicy(0.0).decide(neighbours, 12, LABELS).max_layer == 3
+
+
+def test_neighbours_without_a_correct_layer_add_nothing() -> None:
+    with_empty = [nb(0.99), nb(0.8, (5, 0.95))]  # the nearest one no layer gets right
+    scores = paper_layer_scores(with_empty, 8)
+    assert scores.nonzero()[0].tolist() == [5]
+    assert PaperPolicy().decide(with_empty, 8, LABELS).max_layer == 5
