@@ -25,7 +25,7 @@ def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 
 def scale(sizes: Sequence[int], tenants: int = 10, dim: int = 384, k: int = 12, queries: int = 1000,
-          directory: Path | None = None, seed: int = 0) -> list[dict[str, float]]:
+          directory: Path | None = None, seed: int = 0, optimize: bool = True) -> list[dict[str, float]]:
     rng = np.random.default_rng(seed)
     results = []
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
@@ -45,6 +45,10 @@ def scale(sizes: Sequence[int], tenants: int = 10, dim: int = 384, k: int = 12, 
                     have += n
                     bar.update(n)
             upsert_s = time.perf_counter() - start
+            start = time.perf_counter()
+            if optimize:
+                store.optimize()
+            optimize_s = time.perf_counter() - start
             probes = _unit(rng, queries, dim)
             latencies = []
             for i in tqdm(range(queries), desc=f"query at {size:,}", file=sys.stderr, leave=False):
@@ -54,6 +58,7 @@ def scale(sizes: Sequence[int], tenants: int = 10, dim: int = 384, k: int = 12, 
                 assert len(hits[0]) == k
             ms = np.array(latencies)
             results.append({"records": size, "per_tenant": size // tenants, "upsert_seconds": upsert_s,
+                            "optimize_seconds": optimize_s,
                             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
                             "p99_ms": float(np.percentile(ms, 99))})
         store.close()

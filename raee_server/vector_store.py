@@ -181,6 +181,11 @@ class EdgeVectorStore:
             self._shard.update(UpdateOperation.delete_points_by_filter(self._task_filter(task)))
             self._shard.flush()
 
+    def optimize(self) -> bool:
+        """Build the HNSW index of grown segments (Edge runs no background optimizer); blocks."""
+        with self._lock:
+            return bool(self._shard.optimize())
+
     def ping(self) -> None:
         if self._shard is None:
             raise NotReady(f"{self.path}: the vector store is closed")

@@ -47,3 +47,11 @@ def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
                 "size_sweep.png", "encoder_sweep.png"):
         assert (out / png).stat().st_size > 5000
     assert "| paper |" in (out / "results.md").read_text()
+
+
+def test_scale_benchmark_measures_each_size() -> None:
+    from raee_server.scale import scale
+
+    results = scale([300, 600], tenants=3, dim=16, queries=20)
+    assert [r["records"] for r in results] == [300, 600] and [r["per_tenant"] for r in results] == [100, 200]
+    assert all(0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in results)

@@ -88,3 +88,15 @@ def test_short_soak_sees_only_answers_or_backpressure(server) -> None:  # type: 
     assert set(result.rss_mb) == {"after_warmup", "end"}
     with pytest.raises(ValueError, match="not a loopback address"):
         soak("10.1.2.3:50051", "t", clients=1, seconds=0.1)
+
+
+def test_loadtest_compares_policies_in_one_run(server) -> None:  # type: ignore[no-untyped-def]
+    from raee_server.soak import compare_policies
+
+    _, address, _ = server
+    sentiment_task(pb_grpc.RaeeStub(grpc.insecure_channel(address)), "t", ROWS)
+    results = compare_policies(address, "t", [t for t, _ in ROWS], ["paper", "full"], clients=4, seconds=2,
+                               sequential=5)
+    assert set(results) == {"paper", "full"}
+    for r in results.values():
+        assert r["errors"] == 0 and r["throughput_rps"] > 0 and r["sequential_p50_ms"] > 0
