@@ -237,6 +237,9 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
         with tqdm(total=total, unit="row", desc=f"ingest {task_name}", file=sys.stderr) as bar:
             report = engine.ingest(task_name, _rows(file, text_column, label_column, fmt, limit), source=str(file),
                                    progress=bar.update)
+        if report.added:
+            click.echo("indexing the new records ...", err=True)
+            engine.build_index()
     for rej in report.rejected:
         click.echo(f"{file}:{rej.line}: rejected: {rej.reason}", err=True)
     click.echo(f"added {report.added}, already present {report.present}, rejected {len(report.rejected)}")
@@ -389,24 +392,55 @@ def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tu
         json_out.write_text(json.dumps(results, indent=2))
 
 
+@cli.command()
+@click.pass_obj
+@friendly_errors
+def index(obj: Context) -> None:
+    """Build the embedded vector store's pending indexes (also done at server start and after ingest)."""
+    engine = obj.engine
+    seconds = engine.build_index()
+    click.echo(f"{engine.vectors.count():,} points indexed in {seconds:.1f} s")
+
+
 @cli.command("bench-scale")
 @click.option("--size", "sizes", multiple=True, type=int, default=[250_000, 500_000, 1_000_000], show_default=True)
 @click.option("--tenants", default=10, show_default=True)
-@click.option("--queries", default=1000, show_default=True, help="tenant-filtered top-12 queries per size")
-@click.option("--no-optimize", is_flag=True, help="query the unindexed segments (no HNSW build)")
-@click.option("--json-out", type=click.Path(path_type=Path))
-def bench_scale(sizes: tuple[int, ...], tenants: int, queries: int, no_optimize: bool, json_out: Path | None) -> None:
-    """Tenant-filtered top-12 query latency of the embedded store as it grows (synthetic 384-d keys)."""
-    from raee_server.scale import scale
+@click.option("--queries", default=1000, show_default=True, help="tenant-filtered top-12 queries per size and phase")
+@click.option("--keys", type=click.Choice(["clustered", "uniform"]), default="clustered", show_default=True,
+              help="synthetic keys: Gaussian clusters (like sentence embeddings) or uniform (worst case)")
+@click.option("--texts", "text_files", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="real keys instead: these data files' texts through the configured encoder (repeatable)")
+@click.option("--qdrant-url", help="measure this Qdrant server instead of the embedded store (a scratch collection)")
+@click.option("--out", type=click.Path(path_type=Path), help="write scale.json, scale.md and scale.png here")
+@click.pass_obj
+@friendly_errors
+def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int, keys: str,
+                text_files: tuple[Path, ...], qdrant_url: str | None, out: Path | None) -> None:
+    """Tenant-filtered top-12 query latency and recall as the vector store grows, before and after indexing."""
+    import numpy as np
 
-    results = scale(sizes, tenants=tenants, queries=queries, optimize=not no_optimize)
-    click.echo(f"{'records':>10} {'per tenant':>10} {'upsert s':>9} {'index s':>8} {'p50 ms':>7} {'p95 ms':>7} "
-               f"{'p99 ms':>7}")
-    for r in results:
-        click.echo(f"{r['records']:>10,} {r['per_tenant']:>10,} {r['upsert_seconds']:>9.1f} "
-                   f"{r['optimize_seconds']:>8.1f} {r['p50_ms']:>7.2f} {r['p95_ms']:>7.2f} {r['p99_ms']:>7.2f}")
-    if json_out:
-        json_out.write_text(json.dumps(results, indent=2))
+    from raee_server import scale
+
+    key_source: str | np.ndarray = keys
+    if text_files:
+        from raee_server.encoder import load_encoder
+
+        texts = [row.text for f in text_files for row in read_rows(f) if isinstance(row, Row)]
+        encoder = load_encoder(obj.settings.encoder, obj.settings.device)
+        key_source = np.concatenate([encoder.encode(texts[i : i + 512]) for i in
+                                     tqdm(range(0, len(texts), 512), desc=f"encode {len(texts):,} texts",
+                                          file=sys.stderr)])
+        keys = f"{obj.settings.encoder} keys of {', '.join(str(f) for f in text_files)}"
+    factory = scale.server_store_factory(qdrant_url) if qdrant_url else None
+    results = scale.scale(sizes, tenants=tenants, queries=queries, keys=key_source, store_factory=factory)
+    click.echo(scale.table(results))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scale.json").write_text(json.dumps({"command": " ".join(sys.argv[1:]), "keys": keys,
+                                                    "store": qdrant_url or "embedded", "results": results}, indent=2))
+        (out / "scale.md").write_text(scale.table(results) + "\n")
+        scale.plot(results, out / "scale.png")
+        click.echo(f"wrote {out}/scale.json, scale.md, scale.png", err=True)
 
 
 @cli.command()

@@ -42,6 +42,16 @@ def _output_hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _stop_before_layer(layer: nn.Module) -> Any:
+    """Hook `layer` so that a forward stops as it enters it, carrying the hidden state entering it.
+    Returns the hook's handle: remove it when done."""
+
+    def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _ExitReached(_hidden_of(args, kwargs))
+
+    return layer.register_forward_pre_hook(stop, with_kwargs=True)
+
+
 @dataclass(frozen=True)
 class LabelHead:
     """The LM-head rows of one task's label words (first sub-token of each)."""
@@ -233,11 +243,7 @@ class Backbone:
     def _stop_before(self, exit_layer: int) -> Iterator[list[torch.Tensor]]:
         captured: list[torch.Tensor] = []
         if exit_layer < self.depth:
-
-            def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                raise _ExitReached(_hidden_of(args, kwargs))
-
-            handle = self.layers[exit_layer].register_forward_pre_hook(stop, with_kwargs=True)
+            handle = _stop_before_layer(self.layers[exit_layer])
         else:
 
             def keep(_m: nn.Module, _args: Any, output: Any) -> None:
@@ -432,9 +438,7 @@ class Seq2SeqBackbone(Backbone):
         handles += [layer.register_forward_hook(lambda _m, _a, out: states.append(_output_hidden(out)))
                     for layer in self.encoder_layers]
         if upto is not None and upto < self.encoder_depth:
-            def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                raise _ExitReached(_hidden_of(args, kwargs))
-            handles.append(self.encoder_layers[upto].register_forward_pre_hook(stop, with_kwargs=True))
+            handles.append(_stop_before_layer(self.encoder_layers[upto]))
         try:
             self.encoder(**inputs)
         except _ExitReached:
@@ -450,9 +454,7 @@ class Seq2SeqBackbone(Backbone):
         handles = [layer.register_forward_hook(lambda _m, _a, out: states.append(_output_hidden(out)[:, 0, :]))
                    for layer in self.decoder_layers[:upto]]
         if upto < len(self.decoder_layers):
-            def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                raise _ExitReached(_hidden_of(args, kwargs))
-            handles.append(self.decoder_layers[upto].register_forward_pre_hook(stop, with_kwargs=True))
+            handles.append(_stop_before_layer(self.decoder_layers[upto]))
         try:
             self.decoder(input_ids=self._first_step(encoded.shape[0]), encoder_hidden_states=encoded,
                          encoder_attention_mask=mask, use_cache=False)

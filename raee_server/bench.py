@@ -25,7 +25,6 @@ from .evaluation import Measured, PolicyResult, layer_accuracy, measure, run_ora
 from .policies import parse_policy
 from .records import ExitRecord, LayerResult, record_id
 from .tasks import TaskSpec
-from .vector_store import VectorPoint
 from . import tuning
 
 K_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -103,9 +102,7 @@ def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int 
             records.append(ExitRecord(record_id(dst_task, text), dst_task, text, label, gold, results))
         keys = dst.encoder.encode([r.text for r in records])
         batch = dst.metadata.begin_batch(dst_task, f"copy of {task}")
-        dst.metadata.write_pending(dst_task, records, batch)
-        dst.vectors.upsert([VectorPoint(r.id, key, r.payload()) for r, key in zip(records, keys)])
-        dst.metadata.mark_committed([r.id for r in records])
+        dst.store_records(dst_task, records, keys, batch)
         dst.metadata.finish_batch(batch, len(records), 0, 0, "done")
         bar.update(len(part))
     bar.close()

@@ -91,6 +91,36 @@ class Engine:
         vectors = open_vector_store(settings, collection_name(backbone.model_id, encoder.model_id), encoder.dim)
         return cls(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
 
+    @classmethod
+    def open_for_serving(cls, settings: Settings) -> Engine:
+        """Engine.open, then build pending vector indexes (RAEE_INDEX_ON_START) before any request."""
+        engine = cls.open(settings)
+        if settings.index_on_start:
+            engine.build_index()
+        return engine
+
+    def build_index(self) -> float:
+        """Build the vector store's pending indexes; returns the seconds it took.
+
+        On the embedded store this blocks the whole process (see EdgeVectorStore), so callers
+        run it where no request waits: while the server loads, or at the end of a local ingest.
+        """
+        start = time.perf_counter()
+        log.info("indexing the vector store (%d points) ...", self.vectors.count())
+        changed = self.vectors.optimize()
+        seconds = time.perf_counter() - start
+        log.info("vector store %s in %.1f s", "indexed" if changed else "already indexed", seconds)
+        return seconds
+
+    def store_records(self, task: str, records: Sequence[ExitRecord], keys: np.ndarray, batch_id: int) -> None:
+        """The one write order of both stores: SQL pending, then vectors, then SQL committed.
+
+        A crash in between leaves pending rows that a rerun or `raee-admin doctor --repair` finishes.
+        """
+        self.metadata.write_pending(task, list(records), batch_id)
+        self.vectors.upsert([VectorPoint(rec.id, key, rec.payload()) for rec, key in zip(records, keys)])
+        self.metadata.mark_committed([rec.id for rec in records])
+
     def close(self) -> None:
         self.vectors.close()
         self.metadata.close()
@@ -208,6 +238,10 @@ class Engine:
     ) -> list[Prediction]:
         """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it."""
         chosen, k = self.validate(task, texts, policy, k)
+        return self.classify_validated(task, texts, chosen, k)
+
+    def classify_validated(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int) -> list[Prediction]:
+        """`classify` for a request that `validate` has already checked (the worker's batches)."""
         spec, head = self._task(task)
         timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
         if chosen.uses_neighbours:
@@ -358,9 +392,7 @@ class IngestSession:
                            layer_results(lg, spec.label_index(r.label)))
                 for (rid, r), lg in zip(new, logits)
             ]
-            engine.metadata.write_pending(spec.name, records, self.batch_id)
-            engine.vectors.upsert([VectorPoint(rec.id, key, rec.payload()) for rec, key in zip(records, keys)])
-            engine.metadata.mark_committed([rec.id for rec in records])
+            engine.store_records(spec.name, records, keys, self.batch_id)
             report.added += len(records)
         if self.progress:
             self.progress(len(rows))

@@ -271,7 +271,7 @@ class RaeeServer:
 
     def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> None:
         self.settings = settings
-        self.engine_factory = engine_factory or functools.partial(Engine.open, settings)
+        self.engine_factory = engine_factory or functools.partial(Engine.open_for_serving, settings)
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
         self.worker = ModelWorker(settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,

@@ -1,7 +1,12 @@
-"""Scale benchmark of the embedded vector store: tenant-filtered top-k query latency as it grows.
+"""Scale benchmark of the vector store: tenant-filtered top-k queries as the store grows.
 
-Synthetic unit vectors (the key dimension of MiniLM) spread over several tenants, exit payloads
-of realistic size; the store grows step by step and each step is measured with the same queries.
+The store grows step by step with synthetic keys spread over several tenants (exit payloads of
+realistic size). At each size the same kind of queries are timed twice: on the segments as
+ingest leaves them (exact scan), then after the index build (`VectorStore.optimize()`), with
+recall@k of both against exact neighbours computed here in numpy, not by the store.
+
+Keys are clustered by default (a mixture of Gaussians, like sentence embeddings); uniformly
+random 384-d keys are the known worst case of graph indexes (`keys="uniform"` shows it).
 """
 
 from __future__ import annotations
@@ -10,56 +15,185 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from .vector_store import EdgeVectorStore, VectorPoint
+from .errors import InvalidInput
+from .vector_store import EdgeVectorStore, QdrantServerStore, VectorPoint, VectorStore
+
+KEY_KINDS = ("clustered", "uniform")
 
 
-def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    v = rng.standard_normal((n, dim), dtype=np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+class KeyGenerator:
+    """Synthetic unit keys: clustered around `clusters` random centres, or uniform on the sphere."""
+
+    def __init__(self, kind: str, dim: int, seed: int, clusters: int = 2000, spread: float = 0.8) -> None:
+        if kind not in KEY_KINDS:
+            raise InvalidInput(f"keys: expected one of {', '.join(KEY_KINDS)}, got {kind!r}")
+        self.kind, self.dim, self.spread = kind, dim, spread
+        self.rng = np.random.default_rng(seed)
+        self.centres = self.rng.standard_normal((clusters, dim), dtype=np.float32)
+
+    def __call__(self, n: int) -> np.ndarray:
+        v = self.rng.standard_normal((n, self.dim), dtype=np.float32)
+        if self.kind == "clustered":
+            v = self.centres[self.rng.integers(0, len(self.centres), n)] + self.spread * v
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    probes = __call__
+
+
+class KeyPool:
+    """Real keys (e.g. the service's encoder on labelled texts), shuffled; the last `held_out` rows
+    are never inserted and serve as queries."""
+
+    def __init__(self, keys: np.ndarray, held_out: int, seed: int = 0) -> None:
+        if len(keys) <= held_out:
+            raise InvalidInput(f"keys: {len(keys)} real keys, but {held_out} are held out as queries")
+        keys = keys[np.random.default_rng(seed).permutation(len(keys))].astype(np.float32)
+        self.pool = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+        self.dim = self.pool.shape[1]
+        self.capacity = len(keys) - held_out
+        self._next = 0
+
+    def __call__(self, n: int) -> np.ndarray:
+        self._next += n
+        return self.pool[self._next - n : self._next]
+
+    def probes(self, n: int) -> np.ndarray:
+        return self.pool[self.capacity : self.capacity + n]
+
+
+class _ScratchServerStore(QdrantServerStore):
+    """A throwaway collection on a Qdrant server: `optimize` waits for its background indexing."""
+
+    def optimize(self) -> bool:
+        from qdrant_client import models
+
+        while self.client.get_collection(self.collection).status != models.CollectionStatus.GREEN:
+            time.sleep(0.2)
+        return True
+
+    def close(self) -> None:
+        self.client.delete_collection(self.collection)
+        super().close()
+
+
+def server_store_factory(url: str, dim: int = 384) -> Callable[[Path], VectorStore]:
+    return lambda _root: _ScratchServerStore(url, f"raee-scale-{uuid.uuid4().hex[:8]}", dim)
+
+
+def _percentiles(ms: list[float]) -> dict[str, float]:
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
+
+
+def _measure(store: VectorStore, keys: np.ndarray, tenant_of: np.ndarray, probes: np.ndarray,
+             tenants: int, k: int, recall_queries: int, desc: str) -> dict[str, float]:
+    """Time one query at a time (as the server sends them), then check recall against numpy
+    (after the timed loop, so the exact search never competes with the timed queries)."""
+    latencies, answers = [], []
+    for i in tqdm(range(len(probes)), desc=desc, file=sys.stderr, leave=False):
+        t0 = time.perf_counter()
+        hits = store.search(f"t{i % tenants}", probes[i : i + 1], k)[0]
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        if i < recall_queries:
+            answers.append({uuid.UUID(h.id).int - 1 for h in hits})
+    recalls = []
+    for i, found in enumerate(answers):
+        members = np.flatnonzero(tenant_of == i % tenants)
+        exact = members[np.argsort(-(keys[members] @ probes[i]))[:k]]
+        recalls.append(len(found & set(exact.tolist())) / k)
+    return {**_percentiles(latencies), "recall": float(np.mean(recalls))}
 
 
 def scale(sizes: Sequence[int], tenants: int = 10, dim: int = 384, k: int = 12, queries: int = 1000,
-          directory: Path | None = None, seed: int = 0, optimize: bool = True) -> list[dict[str, float]]:
-    rng = np.random.default_rng(seed)
-    results = []
+          recall_queries: int = 200, keys: str | np.ndarray = "clustered", seed: int = 0,
+          directory: Path | None = None,
+          store_factory: Callable[[Path], VectorStore] | None = None) -> list[dict[str, Any]]:
+    """Grow one store to each size in turn; per size: insert time, query latency before and after
+    the index build, the build's time, and recall@k. `keys` names a synthetic kind or holds real
+    keys (see KeyPool). `store_factory` defaults to the embedded store."""
+    make_keys = KeyPool(keys, queries, seed) if isinstance(keys, np.ndarray) else KeyGenerator(keys, dim, seed)
+    dim = make_keys.dim
+    total = max(sizes)
+    if isinstance(make_keys, KeyPool) and total > make_keys.capacity:
+        raise InvalidInput(f"size: {total:,} records asked for, but only {make_keys.capacity:,} real keys can be "
+                         f"inserted ({len(make_keys.pool):,} minus {queries:,} held out as queries)")
+    all_keys = np.empty((total, dim), dtype=np.float32)
+    tenant_of = np.arange(total) % tenants
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        store = EdgeVectorStore(Path(tmp), "scale", dim)
+        store = (store_factory or (lambda root: EdgeVectorStore(root, "scale", dim)))(Path(tmp))
         have = 0
         for size in sorted(sizes):
             start = time.perf_counter()
             with tqdm(total=size - have, desc=f"upsert to {size:,}", unit="pt", file=sys.stderr, leave=False) as bar:
                 while have < size:
                     n = min(10_000, size - have)
-                    vectors = _unit(rng, n, dim)
+                    all_keys[have : have + n] = make_keys(n)
                     store.upsert([
-                        VectorPoint(str(uuid.UUID(int=have + i + 1)), vectors[i],
-                                    {"task": f"t{(have + i) % tenants}", "label": "x",
+                        VectorPoint(str(uuid.UUID(int=i + 1)), all_keys[i],
+                                    {"task": f"t{tenant_of[i]}", "label": "x",
                                      "exit_layers": [0, 5, 13], "exit_probs": [0.91, 0.95, 0.99]})
-                        for i in range(n)])
+                        for i in range(have, have + n)])
                     have += n
                     bar.update(n)
             upsert_s = time.perf_counter() - start
+            probes = make_keys.probes(queries)
+            measured = dict(keys=all_keys[:size], tenant_of=tenant_of[:size], probes=probes, tenants=tenants, k=k,
+                            recall_queries=recall_queries)
+            scan = _measure(store, desc=f"scan at {size:,}", **measured)
             start = time.perf_counter()
-            if optimize:
-                store.optimize()
-            optimize_s = time.perf_counter() - start
-            probes = _unit(rng, queries, dim)
-            latencies = []
-            for i in tqdm(range(queries), desc=f"query at {size:,}", file=sys.stderr, leave=False):
-                t0 = time.perf_counter()
-                hits = store.search(f"t{i % tenants}", probes[i : i + 1], k)
-                latencies.append((time.perf_counter() - t0) * 1e3)
-                assert len(hits[0]) == k
-            ms = np.array(latencies)
+            store.optimize()
+            index_s = time.perf_counter() - start
+            indexed = _measure(store, desc=f"indexed at {size:,}", **measured)
             results.append({"records": size, "per_tenant": size // tenants, "upsert_seconds": upsert_s,
-                            "optimize_seconds": optimize_s,
-                            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-                            "p99_ms": float(np.percentile(ms, 99))})
+                            "upsert_per_second": (size - (results[-1]["records"] if results else 0)) / upsert_s,
+                            "index_seconds": index_s, "scan": scan, "indexed": indexed})
         store.close()
     return results
+
+
+def table(results: Sequence[dict[str, Any]]) -> str:
+    """The results as a Markdown table (one row per size)."""
+    lines = ["| records | per tenant | insert | index build | scan p50 / p99 | scan recall "
+             "| indexed p50 / p95 / p99 | indexed recall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s, i = r["scan"], r["indexed"]
+        lines.append(
+            f"| {r['records']:,} | {r['per_tenant']:,} | {r['upsert_per_second']:,.0f} pt/s "
+            f"| {r['index_seconds']:.1f} s | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms | {s['recall']:.3f} "
+            f"| {i['p50_ms']:.2f} / {i['p95_ms']:.2f} / {i['p99_ms']:.2f} ms | {i['recall']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[dict[str, Any]], path: Path, target_ms: float = 10.0) -> None:
+    """p50 and p99 against store size, before and after the index build, with the target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["records"] for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for phase, colour, name in (("scan", "tab:orange", "before index build"),
+                                ("indexed", "tab:blue", "after index build")):
+        for q, style in (("p50", "--"), ("p99", "-")):
+            ax.plot(sizes, [r[phase][f"{q}_ms"] for r in results], style, marker="o", color=colour,
+                    label=f"{name}, {q}")
+    ax.axhline(target_ms, color="grey", linestyle=":", label=f"target p99 {target_ms:g} ms")
+    ax.set(title="tenant-filtered top-12 query latency, embedded store", xlabel="records (all tenants)",
+           ylabel="latency (ms)")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes], minor=False)
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

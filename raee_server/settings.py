@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     forward_batch_size: int = 16
     retune_growth: float = Field(default=0.5, description="auto re-tunes when the database grew by this fraction")
     retune_check_seconds: float = 30.0
+    index_on_start: bool = Field(
+        default=True, description="embedded store: build pending indexes while the server loads, before SERVING"
+    )
     threads: int | None = Field(default=None, description="torch intra-op threads; default torch's choice")
 
     # gRPC service (used by raee-server)

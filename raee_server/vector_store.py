@@ -43,6 +43,7 @@ class VectorStore(Protocol):
     def ids(self, task: str) -> set[str]: ...
     def delete_ids(self, ids: Sequence[str]) -> None: ...
     def delete_task(self, task: str) -> None: ...
+    def optimize(self) -> bool: ...  # build pending indexes; True when anything was rebuilt
     def ping(self) -> None: ...  # raises NotReady when the store cannot answer
     def close(self) -> None: ...
 
@@ -65,22 +66,35 @@ def to_neighbour(point_id: object, score: float, payload: dict[str, Any] | None)
     )
 
 
+def _edge_config(dim: int) -> Any:
+    """Every query filters on one tenant, so Edge builds one HNSW graph per tenant (payload_m) and
+    no global graph (m=0): a third of the build time, and filtered recall stays high
+    (docs/results.md, "Scale"). Tenants under full_scan_threshold KB of vectors are scanned exactly."""
+    from qdrant_edge import Distance, EdgeConfig, EdgeVectorParams, HnswIndexConfig
+
+    return EdgeConfig(vectors={VECTOR_NAME: EdgeVectorParams(size=dim, distance=Distance.Cosine)},
+                      hnsw_config=HnswIndexConfig(m=0, payload_m=16, ef_construct=100, full_scan_threshold=10_000))
+
+
 class EdgeVectorStore:
     """Qdrant Edge: the Qdrant engine in-process, one shard directory per collection.
 
     Only one process may open a shard; a second gets a clear error naming the directory.
     Calls are serialised by a lock because the server's worker and ingest share one shard.
+    Edge runs no background optimizer: `optimize()` builds the indexes, holding the GIL while
+    it does, so it runs before the server reports SERVING and after a local ingest, never
+    between requests.
     """
 
     def __init__(self, root: Path, collection: str, dim: int) -> None:
-        from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeVectorParams, KeywordIndexParams, UpdateOperation
+        from qdrant_edge import EdgeShard, KeywordIndexParams, UpdateOperation
 
         self.collection = collection
         self.dim = dim
         self.path = root / collection
         self._lock = threading.Lock()
         meta_file = self.path / "raee-collection.json"
-        config = EdgeConfig(vectors={VECTOR_NAME: EdgeVectorParams(size=dim, distance=Distance.Cosine)})
+        config = _edge_config(dim)
         try:
             if meta_file.exists():
                 meta = json.loads(meta_file.read_text())
@@ -88,7 +102,7 @@ class EdgeVectorStore:
                     raise StoreMismatch(
                         f"{self.path}: built with {meta.get('dim')}-d keys, the encoder gives {dim}-d"
                     )
-                self._shard = EdgeShard.load(str(self.path))
+                self._shard = EdgeShard.load(str(self.path), config)  # older shards converge on optimize
             else:
                 if self.path.exists() and any(self.path.iterdir()):
                     raise StoreMismatch(
@@ -182,7 +196,7 @@ class EdgeVectorStore:
             self._shard.flush()
 
     def optimize(self) -> bool:
-        """Build the HNSW index of grown segments (Edge runs no background optimizer); blocks."""
+        """Merge grown segments and build their per-tenant HNSW graphs; blocks the whole process."""
         with self._lock:
             return bool(self._shard.optimize())
 
@@ -234,6 +248,7 @@ class QdrantServerStore:
         self.client.create_collection(
             collection,
             vectors_config={VECTOR_NAME: models.VectorParams(size=dim, distance=models.Distance.COSINE)},
+            hnsw_config=models.HnswConfigDiff(m=0, payload_m=16),  # per-tenant graphs only, as on Edge
             sharding_method=models.ShardingMethod.CUSTOM if shard_per_task else None,
             replication_factor=replication_factor,
             shard_number=shard_number,
@@ -322,6 +337,10 @@ class QdrantServerStore:
     def delete_task(self, task: str) -> None:
         self._call(self.client.delete, self.collection,
                    points_selector=self._models.FilterSelector(filter=self._filter(task)), wait=True)
+
+    def optimize(self) -> bool:
+        """Nothing to do: the server's optimizers index in the background."""
+        return False
 
     def ping(self) -> None:
         self._call(self.client.get_collection, self.collection)

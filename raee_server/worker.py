@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from .engine import Engine, Prediction
 from .errors import DeadlineExpired, NotReady, Overloaded, RaeeError
 from .metrics import Metrics
+from .policies import ExitPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,6 +165,7 @@ class ModelWorker:
         engine = self.engine
         outcomes: list[list[Prediction] | BaseException | None] = [None] * len(jobs)
         groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+        policies: dict[str, ExitPolicy] = {}
         now = time.monotonic()
         for i, job in enumerate(jobs):
             if job.deadline is not None and now >= job.deadline:
@@ -172,13 +174,14 @@ class ModelWorker:
             try:
                 policy, k = engine.validate(job.task, job.texts, job.policy, job.k)
                 groups[(job.task, policy.name, k)].append(i)
+                policies[policy.name] = policy
             except RaeeError as exc:
                 outcomes[i] = exc
         for (task, policy, k), members in groups.items():
             texts = [t for i in members for t in jobs[i].texts]
             start = time.perf_counter()
             try:
-                predictions = engine.classify(task, texts, policy=policy, k=k)
+                predictions = engine.classify_validated(task, texts, policies[policy], k)
             except Exception as exc:
                 if not isinstance(exc, RaeeError):
                     log.exception("batch of %d texts for task %s failed", len(texts), task)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from raee_server.backbone import Backbone, CausalLMBackbone
 from raee_server.encoder import HashingEncoder
@@ -48,3 +50,18 @@ def engine(tmp_path: Path, backbone: Backbone, database_url: str):  # type: igno
 def write_tsv(path: Path, rows: list[tuple[str, str]], header: str = "text\tlabel") -> Path:
     path.write_text(header + "\n" + "".join(f"{t}\t{l}\n" for t, l in rows), encoding="utf-8")
     return path
+
+
+def admin_cli(data_dir: Path, backbone: Path, encoder: str = "hashing:32") -> Callable[..., str]:
+    """`raee-admin` on a tiny model in-process: run(*args, code=0) checks the exit code, returns the output."""
+    from admin.cli import cli
+
+    runner = CliRunner()
+    base = ["--data-dir", str(data_dir), "--backbone", str(backbone), "--encoder", encoder]
+
+    def run(*args: str, code: int = 0) -> str:
+        result = runner.invoke(cli, [*base, *args], catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.output
+
+    return run

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from admin.cli import cli
+from raee_server.errors import InvalidInput
 
 from .conftest import write_tsv
 from .test_concurrent_writers import corpus
@@ -49,9 +52,47 @@ def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
     assert "| paper |" in (out / "results.md").read_text()
 
 
-def test_scale_benchmark_measures_each_size() -> None:
-    from raee_server.scale import scale
+def test_scale_benchmark_measures_each_size_before_and_after_indexing(tmp_path: Path) -> None:
+    from raee_server import scale
 
-    results = scale([300, 600], tenants=3, dim=16, queries=20)
+    results = scale.scale([300, 600], tenants=3, dim=16, queries=20, recall_queries=20)
     assert [r["records"] for r in results] == [300, 600] and [r["per_tenant"] for r in results] == [100, 200]
-    assert all(0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in results)
+    for r in results:
+        assert r["upsert_per_second"] > 0 and r["index_seconds"] >= 0
+        for phase in ("scan", "indexed"):
+            assert 0 < r[phase]["p50_ms"] <= r[phase]["p95_ms"] <= r[phase]["p99_ms"]
+            assert r[phase]["recall"] == 1.0  # tenants this small are scanned exactly: numpy must agree
+    assert [line.split(" | ")[0] for line in scale.table(results).splitlines()[2:]] == ["| 300", "| 600"]
+    scale.plot(results, tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").stat().st_size > 5000
+    with pytest.raises(InvalidInput, match="keys: expected one of clustered, uniform"):
+        scale.scale([10], keys="gaussian")
+
+
+def test_scale_benchmark_on_real_keys_holds_its_queries_out(tmp_path: Path) -> None:
+    from raee_server import scale
+
+    keys = np.random.default_rng(1).normal(size=(700, 16))
+    with pytest.raises(InvalidInput, match="size: 650 records asked for, but only 600 real keys"):
+        scale.scale([650], keys=keys, queries=100)
+    results = scale.scale([200, 600], tenants=2, keys=keys, queries=100, recall_queries=100)
+    assert [r["records"] for r in results] == [200, 600] and results[-1]["indexed"]["recall"] == 1.0
+
+
+def test_scale_benchmark_runs_against_a_qdrant_server_store() -> None:
+    """The server path (here qdrant-client's in-memory mode) gives the same exact answers."""
+    from raee_server import scale
+
+    results = scale.scale([300], tenants=3, dim=16, queries=10, keys="uniform",
+                          store_factory=scale.server_store_factory(":memory:", dim=16))
+    assert results[0]["indexed"]["recall"] == results[0]["scan"]["recall"] == 1.0
+
+
+def test_bench_scale_command_writes_its_reports(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["bench-scale", "--size", "400", "--size", "800", "--tenants", "4",
+                                      "--queries", "10", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert report["store"] == "embedded" and report["keys"] == "clustered"
+    assert [r["records"] for r in report["results"]] == [400, 800]
+    assert "| 800 | 200 |" in (tmp_path / "scale.md").read_text() and (tmp_path / "scale.png").exists()

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from admin.cli import cli
 from raee_server.backbone import CausalLMBackbone, MaskedLMBackbone
 from raee_server.errors import InvalidInput
 
-from .conftest import write_tsv
+from .conftest import admin_cli, write_tsv
 from .test_concurrent_writers import corpus
 from .tiny_models import MASKED_FAMILIES, save_tiny_masked_lm, tiny_causal_lm, tiny_masked_lm, tiny_tokenizer
 
@@ -73,13 +71,7 @@ def test_templates_are_checked_against_the_family() -> None:
 @pytest.mark.parametrize("family", MASKED_FAMILIES)
 def test_ingest_classify_and_bench_on_a_masked_lm(family: str, tmp_path: Path) -> None:
     model = save_tiny_masked_lm(tmp_path / f"tiny-{family}", family)
-    base = ["--data-dir", str(tmp_path / "data"), "--backbone", str(model), "--encoder", "hashing:32"]
-    runner = CliRunner()
-
-    def run(*args: str, code: int = 0) -> str:
-        result = runner.invoke(cli, [*base, *args], catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result.output
+    run = admin_cli(tmp_path / "data", model)
 
     bad = run("task", "create", "s", "--template", "{text} it was", "--label", "negative= bad",
               "--label", "positive= good", code=2)

@@ -14,7 +14,7 @@ from admin.cli import cli
 from raee_server.backbone import Seq2SeqBackbone
 from raee_server.errors import InvalidInput
 
-from .conftest import write_tsv
+from .conftest import admin_cli, write_tsv
 from .test_concurrent_writers import corpus
 from .tiny_models import save_tiny_t5, tiny_t5, tiny_tokenizer
 
@@ -64,13 +64,7 @@ def test_a_mask_slot_is_refused(bb: Seq2SeqBackbone) -> None:
 
 def test_ingest_classify_eval_on_t5(tmp_path: Path) -> None:
     model = save_tiny_t5(tmp_path / "tiny-t5")
-    base = ["--data-dir", str(tmp_path / "data"), "--backbone", str(model), "--encoder", "hashing:32"]
-    runner = CliRunner()
-
-    def run(*args: str, code: int = 0) -> str:
-        result = runner.invoke(cli, [*base, *args], catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result.output
+    run = admin_cli(tmp_path / "data", model)
 
     run("task", "create", "s", "--template", "sentiment : {text}", "--label", "negative= bad",
         "--label", "positive= good")

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from click.testing import CliRunner
 
-from admin.cli import cli
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 
-from .conftest import write_tsv
+from .conftest import admin_cli, write_tsv
 from .test_cli import SPEC
 from .test_engine import ROWS
 from .processes import free_port, sentiment_task, start_server
@@ -37,13 +35,8 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, list[
 
 
 def test_cli_through_the_server_and_the_store_lock(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _, address, base = server
-    runner = CliRunner()
-
-    def run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
-        result = runner.invoke(cli, [*base, *args], catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result.output
+    _, address, _ = server
+    run = admin_cli(tmp_path / "data", tmp_path / "model")
 
     assert f"{address}: SERVING" in run("health", "--server", address)
     (tmp_path / "s.toml").write_text(SPEC)
