@@ -399,7 +399,7 @@ def index(obj: Context) -> None:
     """Build the embedded vector store's pending indexes (also done at server start and after ingest)."""
     engine = obj.engine
     seconds = engine.build_index()
-    click.echo(f"{engine.vectors.count():,} points indexed in {seconds:.1f} s")
+    click.echo(f"{engine.vectors.count():,} points, indexes up to date ({seconds:.1f} s)")
 
 
 @cli.command("bench-scale")
@@ -540,14 +540,15 @@ def demo(ctx: click.Context) -> None:
 @click.option("--warmup", default=10.0, show_default=True)
 @click.option("--pid", type=int, help="the server's pid, to report its resident memory")
 @click.option("--policy", default="", help="exit policy of the requests (default: the server's)")
+@click.option("--retry", is_flag=True, help="clients back off and retry as RaeeClient does (else: resend after 10 ms)")
 @click.option("--json-out", type=click.Path(path_type=Path))
 @click.pass_obj
 def soak(obj: Context, server: str, task_name: str, clients: int, seconds: float, warmup: float, pid: int | None,
-         policy: str, json_out: Path | None) -> None:
+         policy: str, retry: bool, json_out: Path | None) -> None:
     """Bounded load test: concurrent clients for a fixed time; codes, p50/p95/p99, memory."""
     from raee_server.soak import soak as run
 
-    result = run(server, task_name, clients, seconds, warmup, obj.api_key, pid, policy)
+    result = run(server, task_name, clients, seconds, warmup, obj.api_key, pid, policy, retry)
     summary = result.to_dict()
     click.echo(json.dumps(summary, indent=2))
     if json_out:

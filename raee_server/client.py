@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -22,6 +23,27 @@ _ERRORS = {
     grpc.StatusCode.UNAVAILABLE: NotReady,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
 }
+
+
+# Reads are safe to repeat, so the channel retries them when the server sheds load
+# (RESOURCE_EXHAUSTED: its queue is full) or is briefly unavailable (loading, restarting), with
+# jittered exponential back-off: a rejected burst spreads out instead of returning at once.
+# Ingest is not retried here: a client stream cannot be replayed once sent (re-running it is
+# harmless, rows are deduplicated). Other gRPC clients can use the same service config.
+RETRY_SERVICE_CONFIG = {
+    "methodConfig": [{
+        "name": [{"service": "raee.v1.Raee", "method": m}
+                 for m in ("Classify", "ClassifyBatch", "GetTask", "ListTasks")],
+        "retryPolicy": {
+            "maxAttempts": 5,
+            "initialBackoff": "0.25s",
+            "maxBackoff": "4s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+        },
+    }]
+}
+CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG))]
 
 
 class _WithMetadata:
@@ -51,9 +73,9 @@ class RaeeClient:
                  tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None) -> None:
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(tls_ca, private_key=tls_key, certificate_chain=tls_cert)
-            self.channel = grpc.secure_channel(address, credentials)
+            self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.insecure_channel(address)
+            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         raw = pb_grpc.RaeeStub(self.channel)
         self.stub = _WithMetadata(raw, [(METADATA_KEY, api_key)] if api_key else [])
         self.timeout = timeout

@@ -51,7 +51,7 @@ def test_ingest_classify_eval_round_trip(run, tmp_path: Path) -> None:  # type: 
     assert f"{data}:9: rejected: empty text" in first
     assert "2 row(s) rejected" in first
     assert "indexing the new records" in first
-    assert "10 points indexed in" in run("index")
+    assert "10 points, indexes up to date" in run("index")
     second = run("ingest", "--task", "sentiment", "--limit", "6", str(data))
     assert "added 0, already present 6, rejected 0" in second
 

@@ -207,6 +207,37 @@ def test_a_full_queue_answers_resource_exhausted(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_the_client_backs_off_and_retries_while_the_queue_is_full(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raee_server.client import RaeeClient
+
+    settings = make_settings(tmp_path, queue_size=2, max_batch_size=1)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    client = RaeeClient(f"127.0.0.1:{server.port}", timeout=30)
+
+    def rejected() -> float:
+        return server.server.metrics.registry.get_sample_value(
+            "raee_requests_total", {"method": "ClassifyBatch", "task": "sentiment", "code": "RESOURCE_EXHAUSTED"}) or 0
+
+    def hold_the_worker(_engine: Engine) -> None:  # until the burst has overflowed the queue
+        deadline = time.monotonic() + 10
+        while rejected() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        blocker = server.submit(server.server.worker.call(hold_the_worker))
+        with ThreadPoolExecutor(6) as pool:
+            labels = list(pool.map(lambda i: client.classify("sentiment", [f"x {i}"])[0].label, range(6)))
+        blocker.result(5)
+        assert rejected() >= 1  # the server did shed load ...
+        assert len(labels) == 6 and set(labels) <= {"negative", "positive"}  # ... and every call got through
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_graceful_stop_finishes_requests_in_flight(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, max_batch_size=2)
     server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))

@@ -67,14 +67,15 @@ def test_sigterm_finishes_work_in_flight_and_exits_cleanly(server) -> None:  # t
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_short_soak_sees_only_answers_or_backpressure(server) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("retry", [False, True], ids=["resend", "back-off"])
+def test_short_soak_sees_only_answers_or_backpressure(server, retry: bool) -> None:  # type: ignore[no-untyped-def]
     """The short version of the soak benchmark (docs/reliability.md has the long one's figures)."""
     from raee_server.soak import soak
 
     proc, address, _ = server
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
     sentiment_task(stub, "t", ROWS)
-    result = soak(address, "t", clients=8, seconds=4, warmup=1, server_pid=proc.pid)
+    result = soak(address, "t", clients=8, seconds=4, warmup=1, server_pid=proc.pid, retry=retry)
     assert result.requests > 20
     assert set(result.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, result.codes
     assert result.percentile(99) >= result.percentile(50) > 0
