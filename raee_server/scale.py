@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from .errors import InvalidInput
@@ -85,6 +86,10 @@ class _ScratchServerStore(QdrantServerStore):
 
 def server_store_factory(url: str, dim: int = 384) -> Callable[[Path], VectorStore]:
     return lambda _root: _ScratchServerStore(url, f"raee-scale-{uuid.uuid4().hex[:8]}", dim)
+
+
+def _disk_mb(root: Path) -> float:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2**20
 
 
 def _percentiles(ms: list[float]) -> dict[str, float]:
@@ -153,22 +158,27 @@ def scale(sizes: Sequence[int], tenants: int = 10, dim: int = 384, k: int = 12, 
             indexed = _measure(store, desc=f"indexed at {size:,}", **measured)
             results.append({"records": size, "per_tenant": size // tenants, "upsert_seconds": upsert_s,
                             "upsert_per_second": (size - (results[-1]["records"] if results else 0)) / upsert_s,
-                            "index_seconds": index_s, "scan": scan, "indexed": indexed})
+                            "index_seconds": index_s, "scan": scan, "indexed": indexed,
+                            "disk_mb": _disk_mb(Path(tmp)),
+                            # this process holds the store and a copy of every key (for recall)
+                            "rss_mb": psutil.Process().memory_info().rss / 2**20,
+                            "harness_keys_mb": all_keys[:size].nbytes / 2**20})
         store.close()
     return results
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
     """The results as a Markdown table (one row per size)."""
-    lines = ["| records | per tenant | insert | index build | scan p50 / p99 | scan recall "
-             "| indexed p50 / p95 / p99 | indexed recall |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| records | per tenant | insert | index build | before build p50 / p99 | recall "
+             "| after build p50 / p95 / p99 | recall | on disk | process RSS (of it, harness keys) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, i = r["scan"], r["indexed"]
         lines.append(
             f"| {r['records']:,} | {r['per_tenant']:,} | {r['upsert_per_second']:,.0f} pt/s "
             f"| {r['index_seconds']:.1f} s | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms | {s['recall']:.3f} "
-            f"| {i['p50_ms']:.2f} / {i['p95_ms']:.2f} / {i['p99_ms']:.2f} ms | {i['recall']:.3f} |")
+            f"| {i['p50_ms']:.2f} / {i['p95_ms']:.2f} / {i['p99_ms']:.2f} ms | {i['recall']:.3f} "
+            f"| {r['disk_mb']:,.0f} MB | {r['rss_mb']:,.0f} MB ({r['harness_keys_mb']:,.0f} MB) |")
     return "\n".join(lines)
 
 
