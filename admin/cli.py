@@ -431,7 +431,8 @@ def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int
                                      tqdm(range(0, len(texts), 512), desc=f"encode {len(texts):,} texts",
                                           file=sys.stderr)])
         keys = f"{obj.settings.encoder} keys of {', '.join(str(f) for f in text_files)}"
-    factory = scale.server_store_factory(qdrant_url) if qdrant_url else None
+    dim = key_source.shape[1] if isinstance(key_source, np.ndarray) else 384
+    factory = scale.server_store_factory(qdrant_url, dim) if qdrant_url else None
     results = scale.scale(sizes, tenants=tenants, queries=queries, keys=key_source, store_factory=factory)
     click.echo(scale.table(results))
     if out:

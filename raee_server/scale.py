@@ -1,9 +1,10 @@
 """Scale benchmark of the vector store: tenant-filtered top-k queries as the store grows.
 
-The store grows step by step with synthetic keys spread over several tenants (exit payloads of
-realistic size). At each size the same kind of queries are timed twice: on the segments as
-ingest leaves them (exact scan), then after the index build (`VectorStore.optimize()`), with
-recall@k of both against exact neighbours computed here in numpy, not by the store.
+The store grows step by step with keys spread over several tenants (exit payloads of realistic
+size). At each size the same kind of queries are timed twice: on the segments as ingest leaves
+them, then after the index build (`VectorStore.optimize()`), with recall@k of both against exact
+neighbours computed here in numpy, not by the store. Disk size and memory are reported too; a
+fresh process opening the finished store gives the memory a server would hold.
 
 Keys are clustered by default (a mixture of Gaussians, like sentence embeddings); uniformly
 random 384-d keys are the known worst case of graph indexes (`keys="uniform"` shows it).
@@ -11,6 +12,7 @@ random 384-d keys are the known worst case of graph indexes (`keys="uniform"` sh
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 import time
@@ -164,7 +166,36 @@ def scale(sizes: Sequence[int], tenants: int = 10, dim: int = 384, k: int = 12, 
                             "rss_mb": psutil.Process().memory_info().rss / 2**20,
                             "harness_keys_mb": all_keys[:size].nbytes / 2**20})
         store.close()
+        if store_factory is None:
+            results[-1]["serving_rss_mb"] = _serving_rss_mb(Path(tmp), dim, tenants, k)
     return results
+
+
+# Run in a fresh interpreter: what a server opening the finished store holds, free of the harness.
+_SERVE_PROBE = """
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from raee_server.vector_store import EdgeVectorStore
+
+root, dim, tenants, k = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+before = psutil.Process().memory_info().rss
+store = EdgeVectorStore(root, "scale", dim)
+for i, probe in enumerate(np.random.default_rng(1).standard_normal((500, dim)).astype(np.float32)):
+    store.search(f"t{i % tenants}", probe[None, :], k)
+print(before / 2**20, psutil.Process().memory_info().rss / 2**20)
+"""
+
+
+def _serving_rss_mb(root: Path, dim: int, tenants: int, k: int) -> dict[str, float]:
+    """RSS of a fresh process before and after it opens the store and answers 500 queries."""
+    done = subprocess.run([sys.executable, "-c", _SERVE_PROBE, str(root), str(dim), str(tenants), str(k)],
+                          check=True, capture_output=True, text=True)
+    before, after = map(float, done.stdout.split())
+    return {"before_open": before, "after_500_queries": after}
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
@@ -179,6 +210,11 @@ def table(results: Sequence[dict[str, Any]]) -> str:
             f"| {r['index_seconds']:.1f} s | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms | {s['recall']:.3f} "
             f"| {i['p50_ms']:.2f} / {i['p95_ms']:.2f} / {i['p99_ms']:.2f} ms | {i['recall']:.3f} "
             f"| {r['disk_mb']:,.0f} MB | {r['rss_mb']:,.0f} MB ({r['harness_keys_mb']:,.0f} MB) |")
+    serving = results[-1].get("serving_rss_mb") if results else None
+    if serving:
+        lines.append(f"\nA fresh process opening the {results[-1]['records']:,}-record store and answering 500 "
+                     f"queries: RSS {serving['after_500_queries']:,.0f} MB ({serving['before_open']:,.0f} MB "
+                     "before opening it).")
     return "\n".join(lines)
 
 
