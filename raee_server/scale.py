@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from .errors import InvalidInput
+from .errors import InvalidInput, NotReady
 from .vector_store import EdgeVectorStore, QdrantServerStore, VectorPoint, VectorStore
 
 KEY_KINDS = ("clustered", "uniform")
@@ -74,10 +74,13 @@ class KeyPool:
 class _ScratchServerStore(QdrantServerStore):
     """A throwaway collection on a Qdrant server: `optimize` waits for its background indexing."""
 
-    def optimize(self) -> bool:
+    def optimize(self, timeout: float = 3600.0) -> bool:
         from qdrant_client import models
 
+        deadline = time.monotonic() + timeout
         while self.client.get_collection(self.collection).status != models.CollectionStatus.GREEN:
+            if time.monotonic() > deadline:
+                raise NotReady(f"collection {self.collection}: still indexing after {timeout:.0f} s")
             time.sleep(0.2)
         return True
 
