@@ -396,8 +396,16 @@ def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tu
 @click.pass_obj
 @friendly_errors
 def index(obj: Context) -> None:
-    """Build the embedded vector store's pending indexes (also done at server start and after ingest)."""
-    engine = obj.engine
+    """Build the embedded vector store's pending indexes (also done at server start and after ingest).
+
+    Blocks whatever holds the store while it runs, so it runs here, with the server stopped."""
+    from raee_server.errors import NotReady
+
+    try:
+        engine = obj.engine
+    except NotReady as exc:
+        raise NotReady(f"{exc}. A running server builds pending indexes when it starts "
+                       "(RAEE_INDEX_ON_START): restart it, or stop it and run `raee-admin index`") from None
     seconds = engine.build_index()
     click.echo(f"{engine.vectors.count():,} points, indexes up to date ({seconds:.1f} s)")
 
