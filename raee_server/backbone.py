@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,16 @@ def _stop_before_layer(layer: nn.Module) -> Any:
         raise _ExitReached(_hidden_of(args, kwargs))
 
     return layer.register_forward_pre_hook(stop, with_kwargs=True)
+
+
+@contextmanager
+def _hooked(handles: list[Any]) -> Iterator[None]:
+    """Remove these hooks however the forward inside ends (an early stop is an exception)."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass(frozen=True)
@@ -170,11 +180,8 @@ class Backbone:
 
         handles = [self.layers[0].register_forward_pre_hook(before_first, with_kwargs=True)]
         handles += [layer.register_forward_hook(after_layer) for layer in self.layers]
-        try:
+        with _hooked(handles):
             self._run(inputs)
-        finally:
-            for h in handles:
-                h.remove()
         return self._project(torch.stack(states, dim=1), head)
 
     @torch.inference_mode()
@@ -229,14 +236,12 @@ class Backbone:
             layer.register_forward_hook(lambda _m, _a, out, i=i: check(i + 1, _output_hidden(out)))
             for i, layer in enumerate(self.layers[:max_layer])
         ]
-        try:
-            self._run(inputs)
-            raise RuntimeError("the forward ended without reaching its exit")  # unreachable
-        except _ExitReached as stop_here:
-            hidden = stop_here.hidden
-        finally:
-            for h in handles:
-                h.remove()
+        with _hooked(handles):
+            try:
+                self._run(inputs)
+                raise RuntimeError("the forward ended without reaching its exit")  # unreachable
+            except _ExitReached as stop_here:
+                hidden = stop_here.hidden
         return self._project(self._pick(hidden, at), head)[0], exit_at[0]
 
     @contextmanager
@@ -250,10 +255,8 @@ class Backbone:
                 captured.append(_output_hidden(output))
 
             handle = self.layers[-1].register_forward_hook(keep)
-        try:
+        with _hooked([handle]):
             yield captured
-        finally:
-            handle.remove()
 
 
 class CausalLMBackbone(Backbone):
@@ -422,11 +425,9 @@ class Seq2SeqBackbone(Backbone):
         captured: list[torch.Tensor] = []
         handle = self.decoder_layers[-1].register_forward_hook(
             lambda _m, _a, out: captured.append(_output_hidden(out)[:, 0, :]))
-        try:
+        with _hooked([handle]):
             self.decoder(input_ids=self._first_step(encoded.shape[0]), encoder_hidden_states=encoded,
                          encoder_attention_mask=mask, use_cache=False)
-        finally:
-            handle.remove()
         return captured[-1]
 
     def _encoder_states(self, inputs: dict[str, torch.Tensor], upto: int | None = None) -> list[torch.Tensor]:
@@ -439,13 +440,8 @@ class Seq2SeqBackbone(Backbone):
                     for layer in self.encoder_layers]
         if upto is not None and upto < self.encoder_depth:
             handles.append(_stop_before_layer(self.encoder_layers[upto]))
-        try:
+        with _hooked(handles), suppress(_ExitReached):
             self.encoder(**inputs)
-        except _ExitReached:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
         return states
 
     def _decoder_states(self, encoded: torch.Tensor, mask: torch.Tensor, upto: int) -> list[torch.Tensor]:
@@ -455,14 +451,9 @@ class Seq2SeqBackbone(Backbone):
                    for layer in self.decoder_layers[:upto]]
         if upto < len(self.decoder_layers):
             handles.append(_stop_before_layer(self.decoder_layers[upto]))
-        try:
+        with _hooked(handles), suppress(_ExitReached):
             self.decoder(input_ids=self._first_step(encoded.shape[0]), encoder_hidden_states=encoded,
                          encoder_attention_mask=mask, use_cache=False)
-        except _ExitReached:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
         return states
 
     @torch.inference_mode()
