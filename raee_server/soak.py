@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -65,51 +65,72 @@ def _rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def soak(address: str, task: str, clients: int = 32, seconds: float = 60.0, warmup: float = 5.0,
-         api_key: str | None = None, server_pid: int | None = None, policy: str = "",
-         retry: bool = False) -> SoakResult:
-    """`retry`: clients use RaeeClient's channel (jittered exponential back-off on RESOURCE_EXHAUSTED);
-    otherwise a rejected client waits 10 ms and sends again."""
-    _check_local(address)
-    result = SoakResult(clients, seconds, retry=retry)
+def _drive(stub_for: Callable[[int], pb_grpc.RaeeStub], request_for: Callable[[int, int], pb.ClassifyRequest],
+           clients: int, stop_at: float, measure_from: float, metadata: list[tuple[str, str]],
+           resend_wait: float = 0.0, on_measured: Callable[[], None] | None = None
+           ) -> tuple[Counter[str], list[float]]:
+    """`clients` threads send Classify (client i's n-th request: request_for(i, n)) until `stop_at`;
+    answers sent from `measure_from` on are counted by code, with the latency of the OK ones."""
+    codes: Counter[str] = Counter()
+    latencies: list[float] = []
     lock = threading.Lock()
-    metadata = [(METADATA_KEY, api_key)] if api_key else []
-    start = time.monotonic()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
-    rss_taken = threading.Event()
 
     def client(i: int) -> None:
-        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS if retry else None) as channel:
-            stub = pb_grpc.RaeeStub(channel)
-            n = 0
-            while (now := time.monotonic()) < stop_at:
-                text = f"{SAMPLE_TEXTS[(i + n) % len(SAMPLE_TEXTS)]} {i} {n}"
-                n += 1
-                t0 = time.monotonic()
-                try:
-                    stub.Classify(pb.ClassifyRequest(task=task, text=text, options=pb.ClassifyOptions(policy=policy)),
-                                  timeout=30, metadata=metadata)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
-                    if code == "RESOURCE_EXHAUSTED" and not retry:
-                        time.sleep(0.01)
-                if now >= measure_from:
-                    with lock:
-                        result.codes[code] += 1
-                        if code == "OK":
-                            result.latencies_ms.append((time.monotonic() - t0) * 1e3)
-                if server_pid and not rss_taken.is_set() and now >= measure_from:
-                    with lock:
-                        if not rss_taken.is_set():
-                            result.rss_mb["after_warmup"] = _rss_mb(server_pid)
-                            rss_taken.set()
+        stub, n = stub_for(i), 0
+        while (now := time.monotonic()) < stop_at:
+            t0 = time.monotonic()
+            try:
+                stub.Classify(request_for(i, n), timeout=60, metadata=metadata)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+                if code == "RESOURCE_EXHAUSTED":
+                    time.sleep(resend_wait)
+            n += 1
+            if now >= measure_from:
+                with lock:
+                    codes[code] += 1
+                    if code == "OK":
+                        latencies.append((time.monotonic() - t0) * 1e3)
+                if on_measured:
+                    on_measured()
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(seconds + warmup + 60)
+        t.join(stop_at - time.monotonic() + 120)
+    return codes, latencies
+
+
+def soak(address: str, task: str, clients: int = 32, seconds: float = 60.0, warmup: float = 5.0,
+         api_key: str | None = None, server_pid: int | None = None, policy: str = "",
+         retry: bool = False) -> SoakResult:
+    """`retry`: clients use RaeeClient's channel (jittered exponential back-off on RESOURCE_EXHAUSTED);
+    otherwise a rejected client waits 10 ms and sends again. Each client has its own channel."""
+    _check_local(address)
+    result = SoakResult(clients, seconds, retry=retry)
+    metadata = [(METADATA_KEY, api_key)] if api_key else []
+    channels = [grpc.insecure_channel(address, options=CHANNEL_OPTIONS if retry else None) for _ in range(clients)]
+    options = pb.ClassifyOptions(policy=policy)
+    rss_lock = threading.Lock()
+
+    def rss_after_warmup() -> None:
+        with rss_lock:
+            if server_pid and "after_warmup" not in result.rss_mb:
+                result.rss_mb["after_warmup"] = _rss_mb(server_pid)
+
+    start = time.monotonic()
+    try:
+        result.codes, result.latencies_ms = _drive(
+            lambda i: pb_grpc.RaeeStub(channels[i]),
+            lambda i, n: pb.ClassifyRequest(task=task, text=f"{SAMPLE_TEXTS[(i + n) % len(SAMPLE_TEXTS)]} {i} {n}",
+                                            options=options),
+            clients, start + warmup + seconds, start + warmup, metadata,
+            resend_wait=0.0 if retry else 0.01, on_measured=rss_after_warmup)
+    finally:
+        for channel in channels:
+            channel.close()
     if server_pid:
         result.rss_mb["end"] = _rss_mb(server_pid)
     return result
@@ -140,33 +161,11 @@ def compare_policies(address: str, task: str, texts: Sequence[str], policies: Se
 
 def _load(stub: pb_grpc.RaeeStub, task: str, texts: Sequence[str], options: pb.ClassifyOptions, clients: int,
           seconds: float, metadata: list[tuple[str, str]]) -> dict[str, float]:
-    latencies: list[float] = []
-    codes: Counter[str] = Counter()
-    lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
-
-    def client(i: int) -> None:
-        n = i
-        while time.monotonic() < stop_at:
-            t0 = time.monotonic()
-            try:
-                stub.Classify(pb.ClassifyRequest(task=task, text=texts[n % len(texts)], options=options),
-                              timeout=60, metadata=metadata)
-                code = "OK"
-            except grpc.RpcError as exc:
-                code = exc.code().name
-            with lock:
-                codes[code] += 1
-                if code == "OK":
-                    latencies.append((time.monotonic() - t0) * 1e3)
-            n += clients
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 120)
+    codes, latencies = _drive(
+        lambda _i: stub,
+        lambda i, n: pb.ClassifyRequest(task=task, text=texts[(i + n * clients) % len(texts)], options=options),
+        clients, start + seconds, start, metadata)
     elapsed = time.monotonic() - start
     ms = np.array(latencies or [float("nan")])
     return {"clients": clients, "throughput_rps": codes["OK"] / elapsed, "errors": sum(codes.values()) - codes["OK"],
