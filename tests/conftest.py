@@ -17,7 +17,7 @@ from raee_server.vector_store import EdgeVectorStore, collection_name
 from .databases import database
 from .tiny_models import tiny_causal_lm, tiny_tokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CORPORA = Path(__file__).resolve().parents[1] / "corpora"  # the repository's labelled data
 
 SENTIMENT = TaskSpec(
     "sentiment",

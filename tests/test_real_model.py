@@ -1,6 +1,6 @@
 """End to end on the real packaged models: Gemma 3 270M (GGUF, converted once) and all-MiniLM-L6-v2.
 
-A few hundred rows of ../shared/data/sst2; the first run converts the GGUF into the
+A few hundred rows of corpora/sst2 (in the repository); the first run converts the GGUF into the
 model cache (RAEE_MODEL_CACHE, default ~/.local/share/raee/models), later runs load it in seconds.
 """
 
@@ -18,7 +18,7 @@ from raee_server.evaluation import evaluate
 from raee_server.settings import Settings
 from raee_server.tasks import TaskSpec
 
-from .conftest import SHARED_DATA
+from .conftest import CORPORA
 
 pytestmark = pytest.mark.real_model
 
@@ -28,8 +28,6 @@ TRAIN_ROWS, DEV_ROWS = 240, 100
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    if not (SHARED_DATA / "sst2" / "train.tsv").exists():
-        pytest.skip(f"labelled data not found at {SHARED_DATA}")
     settings = Settings(data_dir=tmp_path_factory.mktemp("real"), model_cache=Settings().models_dir)
     engine = Engine.open(settings)
     engine.create_task(TaskSpec.from_toml(SST2))
@@ -54,13 +52,13 @@ def test_the_lens_at_the_last_exit_is_gemmas_own_answer(real: Engine) -> None:
 
 
 def test_ingest_then_eval_on_sst2(real: Engine) -> None:
-    train = SHARED_DATA / "sst2" / "train.tsv"
+    train = CORPORA / "sst2" / "train.tsv"
     report = real.ingest("sst2", itertools.islice(read_rows(train), TRAIN_ROWS))
     assert report.rejected == [] and report.added + report.present == TRAIN_ROWS
     assert real.vectors.count("sst2") == real.task_info("sst2").records == report.added
     assert real.ingest("sst2", itertools.islice(read_rows(train), TRAIN_ROWS)).added == 0
 
-    dev = [r for r in itertools.islice(read_rows(SHARED_DATA / "sst2" / "dev.tsv"), DEV_ROWS) if isinstance(r, Row)]
+    dev = [r for r in itertools.islice(read_rows(CORPORA / "sst2" / "dev.tsv"), DEV_ROWS) if isinstance(r, Row)]
     result = evaluate(real, "sst2", dev, ["paper"])
     paper, full, vote = result.results
     assert full.exits == [18] * len(dev)
@@ -84,7 +82,7 @@ def test_grpc_classify_on_the_real_backbone(real: Engine) -> None:
 
     from .grpc_harness import ServerThread
 
-    real.ingest("sst2", itertools.islice(read_rows(SHARED_DATA / "sst2" / "train.tsv"), 40))  # no-op after the test above
+    real.ingest("sst2", itertools.islice(read_rows(CORPORA / "sst2" / "train.tsv"), 40))  # no-op after the test above
     server = ServerThread(real.settings.model_copy(update={"address": "127.0.0.1:0", "metrics_port": -1}),
                           lambda: real)
     try:
