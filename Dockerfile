@@ -11,6 +11,8 @@ COPY admin admin
 COPY migrations migrations
 COPY proto proto
 RUN pip install --no-cache-dir $PIP_EXTRA_ARGS torch==2.13.0 && pip install --no-cache-dir $PIP_EXTRA_ARGS .
+# Bound to 0.0.0.0: the server refuses to start without RAEE_API_KEYS_FILE (or, on purpose,
+# RAEE_ALLOW_UNAUTHENTICATED=1); docker-compose.yml mounts a key file as a secret.
 ENV RAEE_DATA_DIR=/data RAEE_MODEL_CACHE=/models RAEE_ADDRESS=0.0.0.0:50051 HF_HUB_OFFLINE=1
 EXPOSE 50051 9464
 CMD ["raee-server", "--metrics-port", "9464"]

@@ -248,6 +248,35 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
         sys.exit(1)
 
 
+@cli.command("ingest-batches")
+@click.option("--task", "task_name", help="only this task's batches")
+@click.option("--limit", default=20, show_default=True, help="newest N batches")
+@click.option("--json", "as_json", is_flag=True, help="one JSON array")
+@click.pass_obj
+@friendly_errors
+def ingest_batches(obj: Context, task_name: str | None, limit: int, as_json: bool) -> None:
+    """List ingest batches, newest first, with how each ended (done, cancelled, failed, interrupted).
+
+    Reads the metadata database directly (it may be shared with a running server). A batch
+    `cancelled` by its client kept the chunks written before (see its counts); re-sending the
+    same rows adds only the missing ones.
+    """
+    from raee_server.metadata import MetadataStore
+
+    batches = MetadataStore(obj.settings.sql_url).list_batches(task_name, limit)
+    if as_json:
+        click.echo(json.dumps([{**vars(b), "started_at": b.started_at.isoformat(),
+                                "finished_at": b.finished_at.isoformat() if b.finished_at else None}
+                               for b in batches], indent=2))
+        return
+    if not batches:
+        click.echo("no ingest batches")
+    for b in batches:
+        ended = b.finished_at.strftime("%Y-%m-%d %H:%M:%S") if b.finished_at else "-"
+        click.echo(f"#{b.id:<5} {b.task:<16} {b.status:<11} added {b.added:>6}  present {b.present:>6}  "
+                   f"rejected {b.rejected:>4}  ended {ended}  {b.source}")
+
+
 @cli.command()
 @click.option("--task", "task_name", required=True)
 @click.argument("texts", nargs=-1, required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,23 @@ def read_rows(
             raise InvalidInput(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
 
 
+# Characters that show nothing: separators, controls and format characters (zero-width space,
+# word joiner, BOM, bidi marks). A text made only of these is as empty as "".
+_INVISIBLE = ("Z", "Cc", "Cf")
+
+
+def is_blank(text: str) -> bool:
+    """True when no character of `text` is visible (all whitespace, controls or format characters)."""
+    return all(unicodedata.category(c).startswith(_INVISIBLE) for c in text)
+
+
 def check_row(line: int, text: object, label: object) -> Row | Rejected:
     """The checks every labelled example gets, from a file or from a gRPC stream."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or is_blank(text):
         return Rejected(line, "empty text")
     if "\x00" in text:
         return Rejected(line, "text contains a NUL byte")
-    if label is None or not str(label).strip():
+    if label is None or is_blank(str(label)):
         return Rejected(line, "empty label")
     return Row(line, text, str(label).strip())
 

@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy.exc import OperationalError
 
 from .backbone import Backbone, LabelHead
-from .datafile import Rejected, Row
+from .datafile import Rejected, Row, is_blank
 from .encoder import KeyEncoder
 from .errors import InvalidInput, StoreMismatch
 from .metadata import MetadataStore, TaskInfo
@@ -95,6 +95,10 @@ class Engine:
     def open_for_serving(cls, settings: Settings) -> Engine:
         """Engine.open, then build pending vector indexes (RAEE_INDEX_ON_START) before any request."""
         engine = cls.open(settings)
+        if engine.vectors.exclusive:  # no other process can be ingesting: a `running` batch was cut off
+            stale = engine.metadata.close_stale_batches()
+            if stale:
+                log.warning("%d ingest batch(es) left running by a process that stopped: marked interrupted", stale)
         if settings.index_on_start:
             engine.build_index()
         return engine
@@ -175,7 +179,7 @@ class Engine:
             raise InvalidInput(f"{field_name}: no text given")
         for i, text in enumerate(texts):
             where = field_name if len(texts) == 1 else f"{field_name}[{i}]"
-            if not isinstance(text, str) or not text.strip():
+            if not isinstance(text, str) or is_blank(text):
                 raise InvalidInput(f"{where}: empty text")
             if len(text) > self.settings.max_text_chars:
                 raise InvalidInput(f"{where}: {len(text)} characters, over the limit of {self.settings.max_text_chars}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import signal
 import time
@@ -15,17 +16,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .auth import METADATA_KEY, KeyRing, PermissionDenied, Principal, Unauthenticated
-from .datafile import Rejected, Row, check_row
-from .engine import Engine, Prediction
+from .datafile import check_row
+from .engine import Engine, IngestSession, Prediction
 from .errors import (
     DeadlineExpired,
     InvalidInput,
     NotReady,
     Overloaded,
+    RaeeError,
     StoreMismatch,
     TaskExists,
     TaskNotFound,
@@ -40,6 +44,7 @@ from .worker import ModelWorker
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Raee"].full_name
 R = TypeVar("R")
+OTHER_TASK = "_other"  # the metrics label of every task name that does not exist (task names start alphanumeric)
 
 # The one place that decides which status code a failure gets. Anything else is
 # INTERNAL with a generic message (the traceback goes to the log, never to the caller).
@@ -65,6 +70,101 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, OperationalError):  # the metadata database went away: retry later, nothing was stored
         return grpc.StatusCode.UNAVAILABLE, "metadata database unreachable; retry later"
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code of a call whose handler was cancelled: its deadline passed, or the client went away."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
+        grpc.StatusCode.CANCELLED
+
+
+class Undecodable:
+    """A stream message that is not valid protobuf (or holds invalid UTF-8): answered, never raised."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self, method: str) -> InvalidInput:
+        return InvalidInput(f"request: not a valid {method} message ({self.reason})")
+
+
+class RequestDecoding(grpc.aio.ServerInterceptor):
+    """Decode request messages inside the servicer's reach, so a malformed body is INVALID_ARGUMENT
+    with a one-line log (gRPC's own decoding answers UNKNOWN and logs a traceback each time).
+
+    Unary calls are aborted; a stream's undecodable message reaches the servicer as an `Undecodable`.
+    """
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+        method = str(details.method).rsplit("/", 1)[-1]
+
+        def parse(raw: bytes) -> Any:
+            try:
+                return decode(raw)
+            except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+                log.warning("%s: undecodable request message: %s", method, exc)
+                return Undecodable(str(exc) or type(exc).__name__)
+
+        async def messages(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for raw in raw_iterator:
+                yield parse(raw)
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                request = parse(raw)
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error(method)))
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                return await inner_su(messages(raw), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, None, handler.response_serializer)
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                async for response in inner_ss(messages(raw), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
+        return handler  # unary-stream: this service has none
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve without API keys on an address others can reach, unless told to (like Redis's
+    protected mode); loopback and Unix sockets are always allowed."""
+    if settings.api_keys_file is not None:
+        return
+    address = settings.address
+    if address.startswith("unix:"):
+        return
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return
+    if not settings.allow_unauthenticated:
+        raise InvalidInput(
+            f"address: {address} is reachable from other machines and no API keys are configured: anyone who "
+            "reaches it could create, delete and ingest into any task. Set RAEE_API_KEYS_FILE (docs/security.md), "
+            "bind a loopback address, or set RAEE_ALLOW_UNAUTHENTICATED=1 to serve it open on purpose")
+    log.warning("serving %s WITHOUT API keys (RAEE_ALLOW_UNAUTHENTICATED): anyone who reaches it can change "
+                "every task", address)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -103,6 +203,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         self.metrics = metrics
         self.settings = settings
         self.keys = keys
+        self.known_tasks: set[str] = set()  # filled when the engine loads; grows with answers and CreateTask
 
     # -- helpers ---------------------------------------------------------------
 
@@ -110,17 +211,38 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         """With keys configured: the caller's key must exist, and grant `task` (or admin for admin RPCs)."""
         if self.keys is None:
             return None
+        return self.keys.authorize(self._key(context), method, task)
+
+    @staticmethod
+    def _key(context: grpc.aio.ServicerContext) -> str | None:
         key = dict(context.invocation_metadata() or ()).get(METADATA_KEY)
-        return self.keys.authorize(key if isinstance(key, str) else None, method, task)
+        return key if isinstance(key, str) else None
+
+    def _task_label(self, task: str | None, code: grpc.StatusCode) -> str:
+        """Metric labels name only tasks that exist: a made-up name must not grow the exposition."""
+        if not task:
+            return "-"
+        if code is grpc.StatusCode.OK:  # an answer proves the task exists
+            self.known_tasks.add(task)
+        return task if task in self.known_tasks else OTHER_TASK
+
+    def _count(self, method: str, task: str | None, code: grpc.StatusCode, seconds: float) -> None:
+        self.metrics.requests.labels(method, self._task_label(task, code), code.name).inc()
+        self.metrics.latency.labels(method).observe(seconds)
 
     async def _observe(self, method: str, task: str | None, context: grpc.aio.ServicerContext,
                        work: Callable[[], Awaitable[R]]) -> R:
         """Run one RPC's work: check its key, count it by code, time it, and turn failures into codes."""
         start = time.monotonic()
-        code = grpc.StatusCode.OK
+        code = grpc.StatusCode.UNKNOWN
         try:
             self._authorize(context, method, task)
-            return await work()
+            result = await work()
+            code = grpc.StatusCode.OK
+            return result
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed: count it as that
+            code = _ended_code(context)
+            raise
         except Exception as exc:
             code, message = status_of(exc)
             if code is grpc.StatusCode.INTERNAL:
@@ -128,8 +250,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             await context.abort(code, message)
             raise  # unreachable: abort raises
         finally:
-            self.metrics.requests.labels(method, task or "-", code.name).inc()  # stream/ingest: "-"
-            self.metrics.latency.labels(method).observe(time.monotonic() - start)
+            self._count(method, task, code, time.monotonic() - start)
 
     async def _classify(self, task: str, texts: list[str], options: pb.ClassifyOptions,
                         context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
@@ -157,60 +278,118 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         async def work() -> pb.ClassifyBatchResponse:
             if not request.texts:
                 raise InvalidInput("texts: no text given")
+            if len(request.texts) > self.settings.max_batch_texts:
+                raise InvalidInput(f"texts: {len(request.texts)} texts, over the limit of "
+                                   f"{self.settings.max_batch_texts} per request (RAEE_MAX_BATCH_TEXTS)")
             return pb.ClassifyBatchResponse(
                 results=await self._classify(request.task, list(request.texts), request.options, context))
 
         return await self._observe("ClassifyBatch", request.task, context, work)
 
-    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest | Undecodable],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
-        # Requests are submitted as they arrive (so they batch with each other and with
-        # other callers); answers are written in request order.
-        pending: asyncio.Queue[asyncio.Task[list[pb.ClassifyResponse]] | None] = asyncio.Queue()
+        # Requests are submitted as they arrive (so they batch with each other and with other
+        # callers); answers are written in request order. A failing request gets its own error
+        # response and the stream goes on. When the call ends (cancelled, deadline), the work of
+        # unanswered requests is cancelled: the worker drops it at its next chunk.
+        if self.keys is not None:  # the caller is known for the whole stream; each task is checked per message
+            try:
+                self.keys.authenticate(self._key(context))
+            except Unauthenticated as exc:
+                self._count("ClassifyStream", None, grpc.StatusCode.UNAUTHENTICATED, 0.0)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        pending: asyncio.Queue[asyncio.Task[pb.ClassifyResponse] | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
+                index = 0
                 async for request in request_iterator:
-                    await pending.put(asyncio.create_task(
-                        self._classify(request.task, [request.text], request.options, context, "ClassifyStream")))
+                    pending.put_nowait(asyncio.create_task(self._stream_one(index, request, context)))
+                    index += 1
             finally:
-                await pending.put(None)
+                pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        answering: asyncio.Task[pb.ClassifyResponse] | None = None
         try:
-            while (task := await pending.get()) is not None:
-                async def work(t: asyncio.Task[list[pb.ClassifyResponse]] = task) -> pb.ClassifyResponse:
-                    return (await t)[0]
-
-                yield await self._observe("ClassifyStream", None, context, work)
+            while (answering := await pending.get()) is not None:
+                yield await answering
+            await reader  # a failure to read the stream itself (not a bad message) ends the call
         finally:
             reader.cancel()
+            while not pending.empty():
+                if (left := pending.get_nowait()) is not None:
+                    left.cancel()
+            if answering is not None:
+                answering.cancel()
 
-    async def Ingest(self, request_iterator: AsyncIterator[pb.IngestRequest],
+    async def _stream_one(self, index: int, request: pb.ClassifyRequest | Undecodable,
+                          context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        """One request of a stream: its answer, or a response that carries its error."""
+        start = time.monotonic()
+        task = None if isinstance(request, Undecodable) else request.task
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error("ClassifyRequest")
+            response = (await self._classify(request.task, [request.text], request.options, context,
+                                             "ClassifyStream"))[0]
+            response.index, response.request_id = index, request.request_id
+            code = grpc.StatusCode.OK
+            return response
+        except asyncio.CancelledError:
+            code = _ended_code(context)
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("ClassifyStream request %d failed", index)
+            return pb.ClassifyResponse(index=index, request_id="" if task is None else request.request_id,  # type: ignore[union-attr]
+                                       error=status_pb2.Status(code=code.value[0], message=message))
+        finally:
+            self._count("ClassifyStream", task, code, time.monotonic() - start)
+
+    async def Ingest(self, request_iterator: AsyncIterator[pb.IngestRequest | Undecodable],
                      context: grpc.aio.ServicerContext) -> pb.IngestResponse:
+        """Chunks are written as messages arrive; the first message names the task and its key is
+        checked then. Contract on cancel/deadline: what was written stays, and the batch row says
+        `cancelled` with its counts (a re-send adds only the missing rows)."""
         task = ""
 
         async def work() -> pb.IngestResponse:
             nonlocal task
-            rows: list[Row | Rejected] = []
-            async for message in request_iterator:
-                if message.task:
-                    if task and message.task != task:
-                        raise InvalidInput(f"task: one Ingest call takes one task ({task!r}, then {message.task!r})")
-                    task = message.task
-                base = len(rows)
-                rows.extend(check_row(base + i, ex.text, ex.label) for i, ex in enumerate(message.examples))
-            if not task:
-                raise InvalidInput("task: no task named in the Ingest stream")
-            self._authorize(context, "Ingest", task)
-            session = await self.worker.call(lambda e: e.ingest_session(task, source="grpc"))
+            session: IngestSession | None = None
+            status = "failed"
             size = self.settings.ingest_batch_size
+            seen = 0
             try:
-                for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
-                    chunk = rows[start : start + size]
-                    await self.worker.call(lambda e, c=chunk: session.add(c))
+                async for message in request_iterator:
+                    if isinstance(message, Undecodable):
+                        raise message.error("IngestRequest")
+                    if session is None:
+                        if not message.task:
+                            raise InvalidInput("task: the first Ingest message must name the task")
+                        task = message.task
+                        self._authorize(context, "Ingest", task)
+                        session = await self.worker.call(lambda e: e.ingest_session(task, source="grpc"))
+                    elif message.task and message.task != task:
+                        raise InvalidInput(f"task: one Ingest call takes one task ({task!r}, then {message.task!r})")
+                    rows = [check_row(seen + i, ex.text, ex.label) for i, ex in enumerate(message.examples)]
+                    seen += len(rows)
+                    for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
+                        await self.worker.call(lambda e, c=rows[start : start + size]: session.add(c))
+                # A cancelled call's message stream just ends, like a finished one; its cancellation is
+                # delivered at the next await: yield once, so that it is recorded as cancelled, not done.
+                await asyncio.sleep(0)
+                if session is None:
+                    raise InvalidInput("task: no task named in the Ingest stream")
+                status = "done"
+            except asyncio.CancelledError:
+                status = "cancelled"
+                raise
             finally:
-                await self.worker.call(lambda e: session.finish())
+                if session is not None:
+                    await self._close_batch(session, status)
             report = session.report
             self.metrics.ingested.labels(task).inc(report.added)
             return pb.IngestResponse(
@@ -218,6 +397,19 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 rejections=[pb.Rejection(index=r.line, reason=r.reason) for r in report.rejected])
 
         return await self._observe("Ingest", None, context, work)
+
+    async def _close_batch(self, session: IngestSession, status: str) -> None:
+        """Record how an ingest call ended. Past the queue and shielded: the row must not stay
+        `running`. A cancellation that arrives while closing a `done` batch means the client never
+        got the answer: the row then says `cancelled` (same counts)."""
+        closing = asyncio.ensure_future(self.worker.call_now(lambda e: session.finish(status)))
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await closing
+            if status == "done":
+                await self.worker.call_now(lambda e: session.finish("cancelled"))
+            raise
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
         async def work() -> pb.ListTasksResponse:
@@ -244,7 +436,12 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             await self.worker.call(lambda e: e.delete_task(request.name))
             return pb.DeleteTaskResponse()
 
-        return await self._observe("DeleteTask", request.name, context, work)
+        response = await self._observe("DeleteTask", request.name, context, work)
+        self.known_tasks.discard(request.name)
+        return response
+
+    async def load_task_names(self) -> None:
+        self.known_tasks.update(await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()]))
 
     async def _task_message(self, name: str) -> pb.Task:
         def read(engine: Engine) -> pb.Task:
@@ -277,10 +474,11 @@ class RaeeServer:
         self.worker = ModelWorker(settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
                                   self.metrics)
         limits = settings.max_message_bytes
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=[RequestDecoding()], options=[
             ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
         keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
-        pb_grpc.add_RaeeServicer_to_server(RaeeServicer(self.worker, self.metrics, settings, keys), self.server)
+        self.servicer = RaeeServicer(self.worker, self.metrics, settings, keys)
+        pb_grpc.add_RaeeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
@@ -299,6 +497,7 @@ class RaeeServer:
 
     async def start(self) -> int:
         """Listen at once (health NOT_SERVING), then load the model and stores in the background."""
+        check_exposure(self.settings)
         await self._set_health(False)
         self.port = self._listen()
         if self.port == 0:
@@ -339,17 +538,24 @@ class RaeeServer:
                 self.failed.set()
                 return
         self.load_error = None
+        await self.servicer.load_task_names()
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_stores())
         log.info("serving")
 
     async def _watch_stores(self) -> None:
-        """Health follows the vector store: NOT_SERVING while it is unreachable, SERVING once it is back."""
+        """Health follows the model worker and the vector store: NOT_SERVING while the store is
+        unreachable (SERVING once it is back), and for good if the worker loop stopped (an
+        orchestrator should restart the process)."""
         while True:
             await asyncio.sleep(self.settings.health_interval_seconds)
             engine = self.worker.engine
             if engine is None:
                 continue
+            if not self.worker.alive:
+                log.error("the model worker loop is not running: health NOT_SERVING")
+                await self._set_health(False)
+                return
             try:
                 await asyncio.wait_for(asyncio.to_thread(engine.vectors.ping), self.settings.health_interval_seconds)
                 healthy = True
@@ -416,6 +622,9 @@ def main() -> None:
         """Serve RAEE classification over gRPC."""
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        asyncio.run(serve(settings))
+        try:
+            asyncio.run(serve(settings))
+        except RaeeError as exc:  # a refused setting: one line, no traceback
+            raise SystemExit(f"raee-server: cannot start: {exc}") from None
 
     run()

@@ -118,6 +118,21 @@ class LayerResultRow(Base):
 
 
 @dataclass(frozen=True)
+class BatchInfo:
+    """One ingest call: its counts and how it ended (running, done, cancelled, failed, interrupted)."""
+
+    id: int
+    task: str
+    source: str
+    status: str
+    added: int
+    present: int
+    rejected: int
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     spec: TaskSpec
     backbone_id: str
@@ -264,6 +279,26 @@ class MetadataStore:
         with self._session.begin() as s:
             s.execute(update(IngestBatchRow).where(IngestBatchRow.id == batch_id).values(
                 added=added, present=present, rejected=rejected, status=status, finished_at=_now()))
+
+    def list_batches(self, task: str | None = None, limit: int = 50) -> list[BatchInfo]:
+        """The newest ingest batches first (of one task, or of all)."""
+        query = (select(IngestBatchRow, TaskRow.name).join(TaskRow, TaskRow.id == IngestBatchRow.task_id)
+                 .order_by(IngestBatchRow.id.desc()).limit(limit))
+        if task is not None:
+            query = query.where(TaskRow.name == task)
+        with self._session() as s:
+            if task is not None:
+                self._task_row(s, task)  # TaskNotFound for a made-up name
+            return [BatchInfo(b.id, name, b.source, b.status, b.added, b.present, b.rejected, b.started_at,
+                              b.finished_at) for b, name in s.execute(query).all()]
+
+    def close_stale_batches(self) -> int:
+        """Mark batches still `running` as `interrupted`: for a process that holds the only write
+        access (the embedded store's lock), such rows are left by a process that died mid-ingest."""
+        with self._session.begin() as s:
+            result = s.execute(update(IngestBatchRow).where(IngestBatchRow.status == "running")
+                               .values(status="interrupted", finished_at=_now()))
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     def write_pending(self, task: str, records: Iterable[ExitRecord], batch_id: int | None) -> None:
         """Record examples and their per-layer results as pending, in one transaction.

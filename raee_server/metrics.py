@@ -22,6 +22,7 @@ class Metrics:
         self.queue_depth = Gauge("raee_queue_depth", "jobs waiting for the model worker", registry=r)
         self.batch_size = Histogram("raee_batch_texts", "texts per dynamic batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.classified = Counter("raee_classified_texts", "texts the model worker computed", registry=r)
         self.ingested = Counter("raee_ingested_records", "exit records added online", ["task"], registry=r)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:

@@ -9,6 +9,7 @@ a policy selectable by name; the engine and the evaluation never look inside.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -205,21 +206,26 @@ class KnnAgreePolicy:
 # -- names -------------------------------------------------------------------------
 
 
+# Numbers in policy arguments are ASCII: str.isdigit() and float() also accept "²", "٣" or "１",
+# which a client should hear about rather than have silently read as a layer.
+_ASCII_INT = re.compile(r"[0-9]{1,6}")
+_ASCII_DECIMAL = re.compile(r"[0-9]{0,6}(\.[0-9]{0,24})?")
+
+
 def _float(arg: str | None, name: str, default: float, lo: float, hi: float) -> float:
     if arg is None:
         return default
-    try:
-        value = float(arg)
-    except ValueError:
-        raise InvalidInput(f"policy: {name} needs a number, got {arg!r}") from None
+    if not _ASCII_DECIMAL.fullmatch(arg) or arg in ("", "."):
+        raise InvalidInput(f"policy: {name} needs a decimal number in ASCII digits, e.g. {name}:0.5 (got {arg!r})")
+    value = float(arg)
     if not lo <= value <= hi:
         raise InvalidInput(f"policy: {name}:{arg} out of range {lo:g}..{hi:g}")
     return value
 
 
 def _int(arg: str | None, name: str) -> int:
-    if arg is None or not arg.isdigit():
-        raise InvalidInput(f"policy: {name} needs a layer number, e.g. {name}:6 (got {arg!r})")
+    if arg is None or not _ASCII_INT.fullmatch(arg):
+        raise InvalidInput(f"policy: {name} needs a layer number in ASCII digits, e.g. {name}:6 (got {arg!r})")
     return int(arg)
 
 

@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     # gRPC service (used by raee-server)
     address: str = "127.0.0.1:50051"
     metrics_port: int = 9464
-    max_batch_size: int = 16
+    max_batch_size: int = Field(default=16, description="texts per model batch (a larger request is cut into chunks)")
+    max_batch_texts: int = Field(default=1024, description="texts one ClassifyBatch may carry (INVALID_ARGUMENT past it)")
     max_wait_ms: float = 5.0
     queue_size: int = 256
     grace_seconds: float = 10.0
@@ -65,6 +66,10 @@ class Settings(BaseSettings):
 
     # Access control (off by default; see docs/security.md)
     api_keys_file: Path | None = Field(default=None, description="TOML of hashed API keys; unset: no keys needed")
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="serve without API keys on a non-loopback address (refused otherwise; logged as a warning)",
+    )
     tls_cert: Path | None = Field(default=None, description="server certificate (PEM); unset: plaintext")
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(default=None, description="CA for client certificates: mutual TLS")

@@ -35,6 +35,7 @@ class VectorPoint:
 class VectorStore(Protocol):
     collection: str
     dim: int
+    exclusive: bool  # only this process can write (the embedded store's lock)
 
     def upsert(self, points: Sequence[VectorPoint]) -> None: ...
     def search(self, task: str, vectors: np.ndarray, k: int) -> list[list[Neighbour]]: ...
@@ -91,6 +92,8 @@ class EdgeVectorStore:
     it does, so it runs before the server reports SERVING and after a local ingest, never
     between requests.
     """
+
+    exclusive = True
 
     def __init__(self, root: Path, collection: str, dim: int) -> None:
         from qdrant_edge import EdgeShard, KeywordIndexParams, UpdateOperation
@@ -225,6 +228,8 @@ class QdrantServerStore:
     searchable. With `shard_per_task`, each task gets its own shard key (custom
     sharding) for users whose tenants are large enough to place on their own.
     """
+
+    exclusive = False
 
     def __init__(self, url: str, collection: str, dim: int, api_key: str | None = None,
                  shard_per_task: bool = False, replication_factor: int | None = None,

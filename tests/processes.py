@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,10 +21,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(base: list[str], address: str, env: dict[str, str], timeout: float = 120) -> subprocess.Popen[bytes]:
-    """Start raee-server with `base` flags and wait until its health check says SERVING."""
+def start_server(base: list[str], address: str, env: dict[str, str], timeout: float = 120,
+                 metrics_port: int = -1, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start raee-server with `base` flags and wait until its health check says SERVING.
+
+    With `log`, the server's stderr goes to that file (a pipe nobody reads would block a chatty server).
+    """
+    stderr = log.open("wb") if log else subprocess.PIPE
     proc = subprocess.Popen([sys.executable, "-c", "from raee_server.grpc_server import main; main()", *base,
-                             "--address", address, "--metrics-port", "-1"], env=env, stderr=subprocess.PIPE)
+                             "--address", address, "--metrics-port", str(metrics_port)], env=env, stderr=stderr)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
     deadline = time.monotonic() + timeout
     while True:
@@ -33,7 +39,8 @@ def start_server(base: list[str], address: str, env: dict[str, str], timeout: fl
                 return proc
         except grpc.RpcError:
             pass
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
+        if proc.poll() is not None:
+            raise AssertionError(log.read_text() if log else proc.stderr.read().decode() if proc.stderr else "exited")
         assert time.monotonic() < deadline, "server did not become ready"
         time.sleep(0.2)
 

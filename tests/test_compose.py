@@ -23,6 +23,11 @@ def test_compose_services_dependencies_and_health_checks() -> None:
     assert env["RAEE_QDRANT_URL"] == "http://qdrant:6333" and env["RAEE_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert services["server"]["healthcheck"]["test"][:3] == ["CMD", "raee-admin", "health"]
     assert set(compose["volumes"]) == {"qdrant-data", "pg-data", "models"}
+    # Bound to 0.0.0.0, so API keys are on (the server refuses an open address without them).
+    assert env["RAEE_ADDRESS"].startswith("0.0.0.0:") and "RAEE_ALLOW_UNAUTHENTICATED" not in env
+    assert env["RAEE_API_KEYS_FILE"] == "/run/secrets/raee_api_keys"
+    assert services["server"]["secrets"] == ["raee_api_keys"]
+    assert compose["secrets"]["raee_api_keys"]["file"] == "./secrets/api-keys.toml"
 
 
 def test_cluster_variant_adds_two_nodes_with_replication() -> None:

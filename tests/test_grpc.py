@@ -300,3 +300,54 @@ def test_an_oversized_text_is_truncated_only_when_asked(served: ServerThread) ->
                                                   options=pb.ClassifyOptions(truncate=True)))
     same = served.stub.Classify(pb.ClassifyRequest(task="sentiment", text=long_text[:200]))
     assert [s.score for s in cut.scores] == pytest.approx([s.score for s in same.scores], abs=1e-6)
+
+
+def test_an_unexpected_engine_error_fails_its_request_alone_and_the_worker_goes_on(tmp_path: Path) -> None:
+    """A bug deliberately planted in the engine (a plain exception, not one of the service's own)."""
+    settings = make_settings(tmp_path, health_interval_seconds=0.2)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    try:
+        engine = server.server.worker.engine
+        real = engine.classify_validated
+
+        def planted(task, texts, policy, k):  # type: ignore[no-untyped-def]
+            if any("boom" in t for t in texts):
+                raise ValueError("planted bug")
+            return real(task, texts, policy, k)
+
+        engine.classify_validated = planted
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="boom"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INTERNAL and "planted" not in (info.value.details() or "")
+        engine.validate = lambda *a: (_ for _ in ()).throw(KeyError("planted in validate"))  # type: ignore[method-assign]
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="fine"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        del engine.validate
+        assert server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="a fine film"), timeout=30).label
+        assert server.server.worker.alive
+    finally:
+        server.stop()
+
+
+def test_health_turns_not_serving_when_the_worker_loop_stops(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = make_settings(tmp_path, health_interval_seconds=0.2)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    try:
+        health = health_pb2_grpc.HealthStub(server.channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        server.loop.call_soon_threadsafe(server.server.worker._runner.cancel)  # the loop is gone
+        deadline = time.monotonic() + 60
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health still SERVING with no worker loop"
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="hi"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()

@@ -119,7 +119,7 @@ def test_policy_arguments_are_checked() -> None:
     assert parse_policy("paper-all").name == "paper-all"
     with pytest.raises(InvalidInput, match="confidence:2 out of range"):
         parse_policy("confidence:2")
-    with pytest.raises(InvalidInput, match="needs a number"):
+    with pytest.raises(InvalidInput, match="needs a decimal number in ASCII digits"):
         parse_policy("paper-tol:abc")
 
 

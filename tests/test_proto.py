@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,8 @@ GENERATED = ["raee_pb2.py", "raee_pb2.pyi", "raee_pb2_grpc.py"]
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Iraee_server/protos=proto", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", "proto/raee/v1/raee.proto"],
-        cwd=ROOT, check=True,
-    )
+    subprocess.run(["bash", "admin/gen_proto.sh", str(tmp_path)], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHON": sys.executable})
     for name in GENERATED:
         fresh = (tmp_path / "raee_server/protos/raee/v1" / name).read_text()
         committed = (ROOT / "raee_server/protos/raee/v1" / name).read_text()

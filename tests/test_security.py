@@ -61,9 +61,15 @@ def test_a_key_grants_its_own_tenant_only(keyed) -> None:  # type: ignore[no-unt
     assert stub.Ingest(iter([ingest]), metadata=md(keys["sentiment"])).added == 1
     stream = [pb.ClassifyRequest(task="sentiment", text="good")] * 2
     assert len(list(stub.ClassifyStream(iter(stream), metadata=md(keys["sentiment"])))) == 2
+    # A stream names a task per message: a task the key does not grant fails that message alone.
+    denied = list(stub.ClassifyStream(iter(stream), metadata=md(keys["other"])))
+    assert [(r.index, r.error.code) for r in denied] == [(0, grpc.StatusCode.PERMISSION_DENIED.value[0]),
+                                                          (1, grpc.StatusCode.PERMISSION_DENIED.value[0])]
+    assert "does not grant task 'sentiment'" in denied[0].error.message and not denied[0].label
+    # No key at all: the whole stream is refused.
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.ClassifyStream(iter(stream), metadata=md(keys["other"])))
-    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        list(stub.ClassifyStream(iter(stream)))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_admin_rpcs_need_an_admin_key(keyed) -> None:  # type: ignore[no-untyped-def]

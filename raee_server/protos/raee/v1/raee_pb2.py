@@ -22,57 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%raee_server/protos/raee/v1/raee.proto\x12\x07raee.v1\"Y\n\x0f\x43lassifyOptions\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x19\n\x11return_neighbours\x18\x03 \x01(\x08\x12\x10\n\x08truncate\x18\x04 \x01(\x08\"X\n\x0f\x43lassifyRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.raee.v1.ClassifyOptions\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"k\n\tNeighbour\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsimilarity\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\x12\x13\n\x0b\x65xit_layers\x18\x04 \x03(\r\x12\x1a\n\x12\x65xit_probabilities\x18\x05 \x03(\x02\"i\n\x07Timings\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x11\n\tencode_us\x18\x02 \x01(\x04\x12\x13\n\x0bretrieve_us\x18\x03 \x01(\x04\x12\x12\n\nforward_us\x18\x04 \x01(\x04\x12\x10\n\x08total_us\x18\x05 \x01(\x04\"\xb4\x01\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12#\n\x06scores\x18\x02 \x03(\x0b\x32\x13.raee.v1.LabelScore\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12&\n\nneighbours\x18\x05 \x03(\x0b\x32\x12.raee.v1.Neighbour\x12!\n\x07timings\x18\x06 \x01(\x0b\x32\x10.raee.v1.Timings\"^\n\x14\x43lassifyBatchRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.raee.v1.ClassifyOptions\"C\n\x15\x43lassifyBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.raee.v1.ClassifyResponse\"&\n\x07\x45xample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"A\n\rIngestRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\"\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x10.raee.v1.Example\"*\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"r\n\x0eIngestResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\r\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12&\n\nrejections\x18\x04 \x03(\x0b\x32\x12.raee.v1.Rejection\"\x12\n\x10ListTasksRequest\"1\n\x11ListTasksResponse\x12\x1c\n\x05tasks\x18\x01 \x03(\x0b\x32\r.raee.v1.Task\"\x1e\n\x0eGetTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04word\x18\x02 \x01(\t\"\xf6\x01\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x1e\n\x06labels\x18\x03 \x03(\x0b\x32\x0e.raee.v1.Label\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07records\x18\x05 \x01(\x04\x12\r\n\x05\x64\x65pth\x18\x06 \x01(\r\x12\x1c\n\x14\x65\x61rliest_exit_counts\x18\x07 \x03(\x04\x12\x15\n\rnever_correct\x18\x08 \x01(\x04\x12\x10\n\x08\x62\x61\x63kbone\x18\t \x01(\t\x12\x0f\n\x07\x65ncoder\x18\n \x01(\t\x12!\n\x04\x61uto\x18\x0b \x01(\x0b\x32\x13.raee.v1.AutoChoice\"\x9f\x01\n\nAutoChoice\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x1b\n\x13validation_accuracy\x18\x03 \x01(\x02\x12\x1c\n\x14validation_mean_exit\x18\x04 \x01(\x02\x12\x17\n\x0fvalidation_rows\x18\x05 \x01(\r\x12\x0f\n\x07records\x18\x06 \x01(\x04\x12\x11\n\tchosen_at\x18\x07 \x01(\t\"h\n\x11\x43reateTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x1e\n\x06labels\x18\x03 \x03(\x0b\x32\x0e.raee.v1.Label\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"!\n\x11\x44\x65leteTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteTaskResponse2\x96\x04\n\x04Raee\x12?\n\x08\x43lassify\x12\x18.raee.v1.ClassifyRequest\x1a\x19.raee.v1.ClassifyResponse\x12N\n\rClassifyBatch\x12\x1d.raee.v1.ClassifyBatchRequest\x1a\x1e.raee.v1.ClassifyBatchResponse\x12I\n\x0e\x43lassifyStream\x12\x18.raee.v1.ClassifyRequest\x1a\x19.raee.v1.ClassifyResponse(\x01\x30\x01\x12;\n\x06Ingest\x12\x16.raee.v1.IngestRequest\x1a\x17.raee.v1.IngestResponse(\x01\x12\x42\n\tListTasks\x12\x19.raee.v1.ListTasksRequest\x1a\x1a.raee.v1.ListTasksResponse\x12\x31\n\x07GetTask\x12\x17.raee.v1.GetTaskRequest\x1a\r.raee.v1.Task\x12\x37\n\nCreateTask\x12\x1a.raee.v1.CreateTaskRequest\x1a\r.raee.v1.Task\x12\x45\n\nDeleteTask\x12\x1a.raee.v1.DeleteTaskRequest\x1a\x1b.raee.v1.DeleteTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%raee_server/protos/raee/v1/raee.proto\x12\x07raee.v1\x1a\x17google/rpc/status.proto\"Y\n\x0f\x43lassifyOptions\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x19\n\x11return_neighbours\x18\x03 \x01(\x08\x12\x10\n\x08truncate\x18\x04 \x01(\x08\"l\n\x0f\x43lassifyRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.raee.v1.ClassifyOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"k\n\tNeighbour\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsimilarity\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\x12\x13\n\x0b\x65xit_layers\x18\x04 \x03(\r\x12\x1a\n\x12\x65xit_probabilities\x18\x05 \x03(\x02\"i\n\x07Timings\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x11\n\tencode_us\x18\x02 \x01(\x04\x12\x13\n\x0bretrieve_us\x18\x03 \x01(\x04\x12\x12\n\nforward_us\x18\x04 \x01(\x04\x12\x10\n\x08total_us\x18\x05 \x01(\x04\"\xfa\x01\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12#\n\x06scores\x18\x02 \x03(\x0b\x32\x13.raee.v1.LabelScore\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12&\n\nneighbours\x18\x05 \x03(\x0b\x32\x12.raee.v1.Neighbour\x12!\n\x07timings\x18\x06 \x01(\x0b\x32\x10.raee.v1.Timings\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\r\n\x05index\x18\x08 \x01(\r\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.Status\"^\n\x14\x43lassifyBatchRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.raee.v1.ClassifyOptions\"C\n\x15\x43lassifyBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.raee.v1.ClassifyResponse\"&\n\x07\x45xample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"A\n\rIngestRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\"\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x10.raee.v1.Example\"*\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"r\n\x0eIngestResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\r\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12&\n\nrejections\x18\x04 \x03(\x0b\x32\x12.raee.v1.Rejection\"\x12\n\x10ListTasksRequest\"1\n\x11ListTasksResponse\x12\x1c\n\x05tasks\x18\x01 \x03(\x0b\x32\r.raee.v1.Task\"\x1e\n\x0eGetTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04word\x18\x02 \x01(\t\"\xf6\x01\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x1e\n\x06labels\x18\x03 \x03(\x0b\x32\x0e.raee.v1.Label\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07records\x18\x05 \x01(\x04\x12\r\n\x05\x64\x65pth\x18\x06 \x01(\r\x12\x1c\n\x14\x65\x61rliest_exit_counts\x18\x07 \x03(\x04\x12\x15\n\rnever_correct\x18\x08 \x01(\x04\x12\x10\n\x08\x62\x61\x63kbone\x18\t \x01(\t\x12\x0f\n\x07\x65ncoder\x18\n \x01(\t\x12!\n\x04\x61uto\x18\x0b \x01(\x0b\x32\x13.raee.v1.AutoChoice\"\x9f\x01\n\nAutoChoice\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x1b\n\x13validation_accuracy\x18\x03 \x01(\x02\x12\x1c\n\x14validation_mean_exit\x18\x04 \x01(\x02\x12\x17\n\x0fvalidation_rows\x18\x05 \x01(\r\x12\x0f\n\x07records\x18\x06 \x01(\x04\x12\x11\n\tchosen_at\x18\x07 \x01(\t\"h\n\x11\x43reateTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x1e\n\x06labels\x18\x03 \x03(\x0b\x32\x0e.raee.v1.Label\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"!\n\x11\x44\x65leteTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteTaskResponse2\x96\x04\n\x04Raee\x12?\n\x08\x43lassify\x12\x18.raee.v1.ClassifyRequest\x1a\x19.raee.v1.ClassifyResponse\x12N\n\rClassifyBatch\x12\x1d.raee.v1.ClassifyBatchRequest\x1a\x1e.raee.v1.ClassifyBatchResponse\x12I\n\x0e\x43lassifyStream\x12\x18.raee.v1.ClassifyRequest\x1a\x19.raee.v1.ClassifyResponse(\x01\x30\x01\x12;\n\x06Ingest\x12\x16.raee.v1.IngestRequest\x1a\x17.raee.v1.IngestResponse(\x01\x12\x42\n\tListTasks\x12\x19.raee.v1.ListTasksRequest\x1a\x1a.raee.v1.ListTasksResponse\x12\x31\n\x07GetTask\x12\x17.raee.v1.GetTaskRequest\x1a\r.raee.v1.Task\x12\x37\n\nCreateTask\x12\x1a.raee.v1.CreateTaskRequest\x1a\r.raee.v1.Task\x12\x45\n\nDeleteTask\x12\x1a.raee.v1.DeleteTaskRequest\x1a\x1b.raee.v1.DeleteTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raee_server.protos.raee.v1.raee_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLASSIFYOPTIONS']._serialized_start=50
-  _globals['_CLASSIFYOPTIONS']._serialized_end=139
-  _globals['_CLASSIFYREQUEST']._serialized_start=141
-  _globals['_CLASSIFYREQUEST']._serialized_end=229
-  _globals['_LABELSCORE']._serialized_start=231
-  _globals['_LABELSCORE']._serialized_end=273
-  _globals['_NEIGHBOUR']._serialized_start=275
-  _globals['_NEIGHBOUR']._serialized_end=382
-  _globals['_TIMINGS']._serialized_start=384
-  _globals['_TIMINGS']._serialized_end=489
-  _globals['_CLASSIFYRESPONSE']._serialized_start=492
-  _globals['_CLASSIFYRESPONSE']._serialized_end=672
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=674
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=768
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=770
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=837
-  _globals['_EXAMPLE']._serialized_start=839
-  _globals['_EXAMPLE']._serialized_end=877
-  _globals['_INGESTREQUEST']._serialized_start=879
-  _globals['_INGESTREQUEST']._serialized_end=944
-  _globals['_REJECTION']._serialized_start=946
-  _globals['_REJECTION']._serialized_end=988
-  _globals['_INGESTRESPONSE']._serialized_start=990
-  _globals['_INGESTRESPONSE']._serialized_end=1104
-  _globals['_LISTTASKSREQUEST']._serialized_start=1106
-  _globals['_LISTTASKSREQUEST']._serialized_end=1124
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1126
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1175
-  _globals['_GETTASKREQUEST']._serialized_start=1177
-  _globals['_GETTASKREQUEST']._serialized_end=1207
-  _globals['_LABEL']._serialized_start=1209
-  _globals['_LABEL']._serialized_end=1244
-  _globals['_TASK']._serialized_start=1247
-  _globals['_TASK']._serialized_end=1493
-  _globals['_AUTOCHOICE']._serialized_start=1496
-  _globals['_AUTOCHOICE']._serialized_end=1655
-  _globals['_CREATETASKREQUEST']._serialized_start=1657
-  _globals['_CREATETASKREQUEST']._serialized_end=1761
-  _globals['_DELETETASKREQUEST']._serialized_start=1763
-  _globals['_DELETETASKREQUEST']._serialized_end=1796
-  _globals['_DELETETASKRESPONSE']._serialized_start=1798
-  _globals['_DELETETASKRESPONSE']._serialized_end=1818
-  _globals['_RAEE']._serialized_start=1821
-  _globals['_RAEE']._serialized_end=2355
+  _globals['_CLASSIFYOPTIONS']._serialized_start=75
+  _globals['_CLASSIFYOPTIONS']._serialized_end=164
+  _globals['_CLASSIFYREQUEST']._serialized_start=166
+  _globals['_CLASSIFYREQUEST']._serialized_end=274
+  _globals['_LABELSCORE']._serialized_start=276
+  _globals['_LABELSCORE']._serialized_end=318
+  _globals['_NEIGHBOUR']._serialized_start=320
+  _globals['_NEIGHBOUR']._serialized_end=427
+  _globals['_TIMINGS']._serialized_start=429
+  _globals['_TIMINGS']._serialized_end=534
+  _globals['_CLASSIFYRESPONSE']._serialized_start=537
+  _globals['_CLASSIFYRESPONSE']._serialized_end=787
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=789
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=883
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=885
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=952
+  _globals['_EXAMPLE']._serialized_start=954
+  _globals['_EXAMPLE']._serialized_end=992
+  _globals['_INGESTREQUEST']._serialized_start=994
+  _globals['_INGESTREQUEST']._serialized_end=1059
+  _globals['_REJECTION']._serialized_start=1061
+  _globals['_REJECTION']._serialized_end=1103
+  _globals['_INGESTRESPONSE']._serialized_start=1105
+  _globals['_INGESTRESPONSE']._serialized_end=1219
+  _globals['_LISTTASKSREQUEST']._serialized_start=1221
+  _globals['_LISTTASKSREQUEST']._serialized_end=1239
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1241
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1290
+  _globals['_GETTASKREQUEST']._serialized_start=1292
+  _globals['_GETTASKREQUEST']._serialized_end=1322
+  _globals['_LABEL']._serialized_start=1324
+  _globals['_LABEL']._serialized_end=1359
+  _globals['_TASK']._serialized_start=1362
+  _globals['_TASK']._serialized_end=1608
+  _globals['_AUTOCHOICE']._serialized_start=1611
+  _globals['_AUTOCHOICE']._serialized_end=1770
+  _globals['_CREATETASKREQUEST']._serialized_start=1772
+  _globals['_CREATETASKREQUEST']._serialized_end=1876
+  _globals['_DELETETASKREQUEST']._serialized_start=1878
+  _globals['_DELETETASKREQUEST']._serialized_end=1911
+  _globals['_DELETETASKRESPONSE']._serialized_start=1913
+  _globals['_DELETETASKRESPONSE']._serialized_end=1933
+  _globals['_RAEE']._serialized_start=1936
+  _globals['_RAEE']._serialized_end=2470
 # @@protoc_insertion_point(module_scope)

@@ -94,7 +94,9 @@ class RaeeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClassifyStream(self, request_iterator, context):
-        """One answer per request, in the order the requests were sent.
+        """One answer per request, in the order the requests were sent. A request that
+        fails (an empty text, an unknown task) gets a response with `error` set and
+        the stream goes on; when the stream ends or is cancelled, unanswered work is dropped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,8 +104,12 @@ class RaeeServicer:
 
     def Ingest(self, request_iterator, context):
         """Append labelled examples to a task's exit database while the server runs.
-        The task is taken from the first message that names it. When the call
-        returns, the next Classify already sees the added examples.
+        The first message names the task (the caller's key is checked then); the
+        examples are written chunk by chunk as messages arrive. When the call
+        returns, the next Classify already sees the added examples. A call that is
+        cancelled or runs past its deadline keeps the chunks written before that
+        (its ingest batch is recorded as "cancelled" with their counts); sending the
+        same examples again adds only the missing ones.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
