@@ -6,11 +6,9 @@ ARG PIP_EXTRA_ARGS=""
 # PIP_EXTRA_ARGS (e.g. --extra-index-url <your CPU wheel index>) for a smaller CPU image.
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY raee_server raee_server
-COPY admin admin
-COPY migrations migrations
+COPY raee raee
 COPY proto proto
-RUN pip install --no-cache-dir $PIP_EXTRA_ARGS torch==2.13.0 && pip install --no-cache-dir $PIP_EXTRA_ARGS .
+RUN pip install --no-cache-dir $PIP_EXTRA_ARGS torch==2.13.0 && pip install --no-cache-dir $PIP_EXTRA_ARGS '.[server]'
 # Bound to 0.0.0.0: the server refuses to start without RAEE_API_KEYS_FILE (or, on purpose,
 # RAEE_ALLOW_UNAUTHENTICATED=1); docker-compose.yml mounts a key file as a secret.
 ENV RAEE_DATA_DIR=/data RAEE_MODEL_CACHE=/models RAEE_ADDRESS=0.0.0.0:50051 HF_HUB_OFFLINE=1

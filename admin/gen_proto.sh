@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 out="${1:-.}"
 python="${PYTHON:-.venv/bin/python}"
 googleapis="$("$python" -c 'import google.rpc, pathlib; print(pathlib.Path(google.rpc.__path__[0]).parents[1])')"
-"$python" -m grpc_tools.protoc -Iraee_server/protos=proto -I"$googleapis" \
+"$python" -m grpc_tools.protoc -Iraee/protos=proto -I"$googleapis" \
   --python_out="$out" --grpc_python_out="$out" --pyi_out="$out" proto/raee/v1/raee.proto

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from raee_server.backbone import Backbone, CausalLMBackbone
-from raee_server.encoder import HashingEncoder
-from raee_server.engine import Engine
-from raee_server.metadata import MetadataStore
-from raee_server.settings import Settings
-from raee_server.tasks import Label, TaskSpec
-from raee_server.vector_store import EdgeVectorStore, collection_name
+from raee.core.engine import Engine
+from raee.models.backbone import Backbone, CausalLMBackbone
+from raee.models.encoders import HashingEncoder
+from raee.settings import Settings
+from raee.stores.metadata import MetadataStore
+from raee.stores.vectors import EdgeVectorStore, collection_name
+from raee.types import Label, TaskSpec
 
 from .databases import database
 from .tiny_models import tiny_causal_lm, tiny_tokenizer
@@ -54,7 +54,7 @@ def write_tsv(path: Path, rows: list[tuple[str, str]], header: str = "text\tlabe
 
 def admin_cli(data_dir: Path, backbone: Path, encoder: str = "hashing:32") -> Callable[..., str]:
     """`raee-admin` on a tiny model in-process: run(*args, code=0) checks the exit code, returns the output."""
-    from admin.cli import cli
+    from raee.cli.main import cli
 
     runner = CliRunner()
     base = ["--data-dir", str(data_dir), "--backbone", str(backbone), "--encoder", encoder]

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from raee_server.protos.raee.v1 import raee_pb2 as pb
-from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 
 
 def free_port() -> int:
@@ -28,7 +28,7 @@ def start_server(base: list[str], address: str, env: dict[str, str], timeout: fl
     With `log`, the server's stderr goes to that file (a pipe nobody reads would block a chatty server).
     """
     stderr = log.open("wb") if log else subprocess.PIPE
-    proc = subprocess.Popen([sys.executable, "-c", "from raee_server.grpc_server import main; main()", *base,
+    proc = subprocess.Popen([sys.executable, "-c", "from raee.serving.server import main; main()", *base,
                              "--address", address, "--metrics-port", str(metrics_port)], env=env, stderr=stderr)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
     deadline = time.monotonic() + timeout

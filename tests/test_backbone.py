@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raee_server.backbone import Backbone, CausalLMBackbone
-from raee_server.errors import InvalidInput
+from raee.errors import InvalidInput
+from raee.models.backbone import Backbone, CausalLMBackbone
 
 from .tiny_models import FAMILIES, tiny_causal_lm, tiny_tokenizer
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-
 from .conftest import admin_cli, write_tsv
 from .test_engine import ROWS
 from .tiny_models import save_tiny_backbone

@@ -11,22 +11,22 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from admin.cli import cli
-from raee_server import doctor
-from raee_server.backbone import CausalLMBackbone
-from raee_server.datafile import read_rows
-from raee_server.engine import Engine
-from raee_server.metadata import MetadataStore
-from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee.cli.main import cli
+from raee.core import doctor
+from raee.core.datafile import read_rows
+from raee.core.engine import Engine
+from raee.models.backbone import CausalLMBackbone
+from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.stores.metadata import MetadataStore
 
 from .conftest import SENTIMENT, write_tsv
 from .databases import fresh_postgres_database
+from .grpc_harness import ServerThread
 from .test_cli import SPEC
 from .test_grpc import ingest as grpc_ingest
 from .test_grpc import make_settings, tiny_engine_factory
 from .test_vector_store_congruence import qdrant_server_url
 from .tiny_models import WORDS, save_tiny_backbone, tiny_causal_lm, tiny_tokenizer
-from .grpc_harness import ServerThread
 
 
 def corpus(n: int) -> list[tuple[str, str]]:
@@ -97,7 +97,7 @@ def test_two_ingest_processes_against_postgres_and_a_qdrant_server(tmp_path: Pat
         assert runner.invoke(cli, [*base, "task", "create", "--file", str(tmp_path / "s.toml")]).exit_code == 0
         rows = corpus(200)
         files = [write_tsv(tmp_path / "a.tsv", rows[:130]), write_tsv(tmp_path / "b.tsv", rows[70:])]
-        procs = [subprocess.Popen([sys.executable, "-c", "from admin.cli import main; main()", *base, "ingest",
+        procs = [subprocess.Popen([sys.executable, "-c", "from raee.cli.main import main; main()", *base, "ingest",
                                    "--task", f"sentiment{os.getpid()}", str(f)], env=env) for f in files]
         assert [p.wait(300) for p in procs] == [0, 0]
         check = runner.invoke(cli, [*base, "doctor"])

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from raee_server.datafile import Rejected, Row, read_rows
-from raee_server.errors import InvalidInput
+from raee.core.datafile import read_rows
+from raee.errors import InvalidInput
+from raee.types import Rejected, Row
 
 
 def test_tsv_rows_and_rejections_carry_their_line_numbers(tmp_path: Path) -> None:

@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
-from raee_server.datafile import read_rows
-from raee_server.engine import Engine
-from raee_server.errors import InvalidInput, TaskExists, TaskNotFound
-from raee_server.policies import PaperPolicy
-from raee_server.records import record_id
-from raee_server.tasks import Label, TaskSpec
+from raee.core.datafile import read_rows
+from raee.core.engine import Engine
+from raee.core.policies import PaperPolicy
+from raee.errors import InvalidInput, TaskExists, TaskNotFound
+from raee.stores.records import record_id
+from raee.types import Label, TaskSpec
 
 from .conftest import SENTIMENT, write_tsv
 

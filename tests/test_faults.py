@@ -16,16 +16,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
-from raee_server.errors import NotReady
-from raee_server.protos.raee.v1 import raee_pb2 as pb
-from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee_server.vector_store import QdrantServerStore
+from raee.errors import NotReady
+from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee.stores.vectors import QdrantServerStore
 
 from .databases import fresh_postgres_database
 from .grpc_harness import ServerThread
+from .processes import free_port, sentiment_task, start_server
 from .test_concurrent_writers import corpus
 from .test_grpc import code_of, ingest, make_settings, tiny_engine_factory
-from .processes import free_port, sentiment_task, start_server
 from .tiny_models import save_tiny_backbone
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -180,8 +180,41 @@ def test_a_corrupt_data_dir_stops_the_server_with_a_clear_error(tmp_path: Path, 
         (shard / "segments").mkdir()
         expected = "partly written"
     proc = subprocess.run(
-        [sys.executable, "-c", "from raee_server.grpc_server import main; main()", "--data-dir", str(data),
+        [sys.executable, "-c", "from raee.serving.server import main; main()", "--data-dir", str(data),
          "--backbone", str(model), "--encoder", "hashing:32", "--address", f"127.0.0.1:{free_port()}",
          "--metrics-port", "-1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert expected in proc.stderr and "Traceback" not in proc.stderr.splitlines()[-1]
+
+
+def test_store_errors_are_classified_by_type_and_edge_messages_in_one_place(tmp_path: Path) -> None:
+    import grpc
+    import httpx
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    from raee.errors import StoreMismatch
+    from raee.stores.vectors import EdgeVectorStore, already_exists, edge_open_error, unreachable
+
+    class Rpc(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode) -> None:
+            self._code = code
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+    assert unreachable(Rpc(grpc.StatusCode.UNAVAILABLE)) and unreachable(Rpc(grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert unreachable(ResponseHandlingException(ConnectionRefusedError("refused")))
+    assert not unreachable(Rpc(grpc.StatusCode.INVALID_ARGUMENT))
+    assert not unreachable(ValueError("the word unavailable in a message means nothing"))
+    assert already_exists(Rpc(grpc.StatusCode.ALREADY_EXISTS))
+    assert already_exists(UnexpectedResponse(409, "Conflict", b"", httpx.Headers()))
+    assert not already_exists(RuntimeError("already exists"))
+    assert isinstance(edge_open_error(tmp_path, RuntimeError("WouldBlock: lock held")), NotReady)
+    assert isinstance(edge_open_error(tmp_path, RuntimeError("bad segment")), StoreMismatch)
+    # The real case: a second open of the same shard while the first holds its lock.
+    first = EdgeVectorStore(tmp_path / "q", "c", 4)
+    try:
+        with pytest.raises(NotReady, match="open in another process"):
+            EdgeVectorStore(tmp_path / "q", "c", 4)
+    finally:
+        first.close()

@@ -12,19 +12,18 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from raee_server.encoder import HashingEncoder
-from raee_server.engine import Engine
-from raee_server.metadata import MetadataStore
-from raee_server.protos.raee.v1 import raee_pb2 as pb
-from raee_server.settings import Settings
-from raee_server.vector_store import EdgeVectorStore, collection_name
+from raee.core.engine import Engine
+from raee.models.backbone import CausalLMBackbone
+from raee.models.encoders import HashingEncoder
+from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.settings import Settings
+from raee.stores.metadata import MetadataStore
+from raee.stores.vectors import EdgeVectorStore, collection_name
 
 from .conftest import SENTIMENT
 from .grpc_harness import ServerThread
 from .test_engine import ROWS
 from .tiny_models import tiny_causal_lm, tiny_tokenizer
-
-from raee_server.backbone import CausalLMBackbone
 
 
 def tiny_engine_factory(data_dir: Path, settings: Settings, gate: threading.Event | None = None):  # type: ignore[no-untyped-def]
@@ -210,7 +209,7 @@ def test_a_full_queue_answers_resource_exhausted(tmp_path: Path) -> None:
 def test_the_client_backs_off_and_retries_while_the_queue_is_full(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from raee_server.client import RaeeClient
+    from raee.client import RaeeClient
 
     settings = make_settings(tmp_path, queue_size=2, max_batch_size=1)
     server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))

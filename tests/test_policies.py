@@ -5,23 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raee_server.errors import InvalidInput
-from raee_server.policies import (
+from raee.core.policies import (
     ConfidencePolicy,
     FullPolicy,
     KnnAgreePolicy,
     KnnVotePolicy,
-    TolerancePolicy,
-    label_vote,
-    resolve_exit,
-    Neighbour,
     PaperPolicy,
     StaticPolicy,
+    TolerancePolicy,
+    label_vote,
     neighbour_weights,
     paper_layer_scores,
     parse_policy,
+    resolve_exit,
 )
-
+from raee.errors import InvalidInput
+from raee.types import Neighbour
 
 LABELS = ["x", "y"]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from raee_server.datafile import Row, read_rows
-from raee_server.engine import Engine
-from raee_server.evaluation import evaluate
-from raee_server.settings import Settings
-from raee_server.tasks import TaskSpec
+from raee.core.datafile import read_rows
+from raee.core.engine import Engine
+from raee.core.evaluation import evaluate
+from raee.settings import Settings
+from raee.types import Row, TaskSpec
 
 from .conftest import CORPORA
 
@@ -78,7 +78,7 @@ def test_ingest_then_eval_on_sst2(real: Engine) -> None:
 
 def test_grpc_classify_on_the_real_backbone(real: Engine) -> None:
     """Last in this module: the server takes over the engine and closes it when it stops."""
-    from raee_server.protos.raee.v1 import raee_pb2 as pb
+    from raee.protos.raee.v1 import raee_pb2 as pb
 
     from .grpc_harness import ServerThread
 

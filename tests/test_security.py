@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from raee_server.auth import add_key
-from raee_server.protos.raee.v1 import raee_pb2 as pb
-from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee.serving.auth import add_key
 
 from .grpc_harness import ServerThread
 from .test_grpc import code_of, make_settings, tiny_engine_factory

@@ -12,13 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from raee_server.protos.raee.v1 import raee_pb2 as pb
-from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 
 from .conftest import admin_cli, write_tsv
+from .processes import free_port, sentiment_task, start_server
 from .test_cli import SPEC
 from .test_engine import ROWS
-from .processes import free_port, sentiment_task, start_server
 from .tiny_models import save_tiny_backbone
 
 
@@ -72,7 +72,7 @@ def test_sigterm_finishes_work_in_flight_and_exits_cleanly(server) -> None:  # t
 @pytest.mark.parametrize("retry", [False, True], ids=["resend", "back-off"])
 def test_short_soak_sees_only_answers_or_backpressure(server, retry: bool) -> None:  # type: ignore[no-untyped-def]
     """The short version of the soak benchmark (docs/reliability.md has the long one's figures)."""
-    from raee_server.soak import soak
+    from raee.bench.soak import soak
 
     proc, address, _ = server
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
@@ -87,7 +87,7 @@ def test_short_soak_sees_only_answers_or_backpressure(server, retry: bool) -> No
 
 
 def test_loadtest_compares_policies_in_one_run(server) -> None:  # type: ignore[no-untyped-def]
-    from raee_server.soak import compare_policies
+    from raee.bench.soak import compare_policies
 
     _, address, _ = server
     sentiment_task(pb_grpc.RaeeStub(grpc.insecure_channel(address)), "t", ROWS)

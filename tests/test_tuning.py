@@ -6,16 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
-from raee_server.datafile import read_rows
-from raee_server.engine import Engine
-from raee_server.evaluation import Measured
-from raee_server.policies import Neighbour
-from raee_server.records import record_id
-from raee_server.tuning import choose, probs_from_sql, validation_rows
+from raee.core.auto import choose, needs_tuning, probs_from_sql, tune, validation_rows
+from raee.core.datafile import read_rows
+from raee.core.engine import Engine
+from raee.core.evaluation import Measured
+from raee.core.policies import parse_policy
+from raee.stores.records import record_id
+from raee.types import Neighbour
 
 from .conftest import SENTIMENT, write_tsv
-from .test_engine import ROWS
 from .test_concurrent_writers import corpus
+from .test_engine import ROWS
 
 
 def test_sql_probabilities_keep_what_exit_rules_read() -> None:
@@ -47,18 +48,26 @@ def test_validation_retrieves_leave_one_out(engine: Engine, tmp_path: Path) -> N
     assert all(r.probs.shape == (engine.depth + 1, 2) for r in rows)
 
 
-def test_auto_tunes_on_first_use_and_again_after_growth(engine: Engine, tmp_path: Path) -> None:
+def test_a_request_never_tunes_and_auto_follows_the_stored_choice(engine: Engine, tmp_path: Path) -> None:
     engine.settings = engine.settings.model_copy(update={"retune_check_seconds": 0.0, "retune_growth": 0.5})
     engine.create_task(SENTIMENT)
     rows = corpus(40)
     engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "a.tsv", rows[:20])))
-    first = engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")[0]
-    tuned = engine.task_info(SENTIMENT.name).tuned
-    assert tuned is not None and tuned["records"] == 20 and 0 <= tuned["accuracy"] <= 1
-    assert first.label in SENTIMENT.label_names
+    # Before any tuning, `auto` is the published method, and asking for it stores nothing.
+    assert engine.resolve_policy(SENTIMENT.name, "auto", None)[0].name == "paper"
+    assert engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")[0].label in SENTIMENT.label_names
+    assert engine.task_info(SENTIMENT.name).tuned is None
+    assert needs_tuning(engine, SENTIMENT.name)
+    choice = tune(engine, SENTIMENT.name)
+    stored = engine.task_info(SENTIMENT.name).tuned
+    assert stored == choice and choice.records == 20 and 0 <= choice.accuracy <= 1
+    assert engine.resolve_policy(SENTIMENT.name, "auto", None) == (parse_policy(choice.policy), choice.k)
     engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "b.tsv", rows[20:25])))  # +25 %: keep
-    engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")
-    assert engine.task_info(SENTIMENT.name).tuned["records"] == 20
+    assert not needs_tuning(engine, SENTIMENT.name)
     engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "c.tsv", rows[25:])))  # +100 %: re-tune
+    assert needs_tuning(engine, SENTIMENT.name)
     engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")
-    assert engine.task_info(SENTIMENT.name).tuned["records"] == 40
+    assert engine.task_info(SENTIMENT.name).tuned.records == 20  # the request did not tune
+    assert tune(engine, SENTIMENT.name).records == 40 and not needs_tuning(engine, SENTIMENT.name)
+
+

@@ -1,1 +1,0 @@
-"""`raee-admin`: the operator's command line (tasks, ingest, classify, eval, demo)."""

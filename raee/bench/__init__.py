@@ -1,0 +1,1 @@
+"""Offline tools: benchmarks, vector-store scale, soak and load tests (extra: [bench])."""

@@ -1,0 +1,637 @@
+"""`raee-admin`: manage tasks, ingest labelled data, classify, evaluate, and run the demo."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from tqdm import tqdm
+
+from raee.core.datafile import FORMATS, read_rows
+from raee.errors import RaeeError
+from raee.settings import Settings
+from raee.types import Row, TaskSpec, parse_label_flag
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEMO_SENTENCES = [
+    "a gorgeous, witty and deeply moving film",
+    "the plot is a tedious mess and the jokes fall flat",
+    "an unremarkable sequel that nobody asked for",
+]
+
+
+class Context:
+    """Settings from flags and RAEE_* variables; the engine is opened on first use (it loads models)."""
+
+    def __init__(self, settings: Settings, api_key: str | None = None, tls_ca: Path | None = None) -> None:
+        self.settings = settings
+        self.api_key = api_key
+        self.tls_ca = tls_ca
+        self._engine: Any = None
+
+    def client(self, server: str, timeout: float = 60.0) -> Any:
+        from raee.client import RaeeClient
+
+        return RaeeClient(server, timeout, self.api_key, self.tls_ca.read_bytes() if self.tls_ca else None)
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from raee.core.engine import Engine
+
+            click.echo(f"loading backbone {self.settings.backbone} and encoder {self.settings.encoder} ...", err=True)
+            self._engine = Engine.open(self.settings)
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
+def friendly_errors(func: F) -> F:
+    """Report a RaeeError as one line on stderr and exit 2: never a traceback for a user mistake."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RaeeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="stores directory [RAEE_DATA_DIR]")
+@click.option("--backbone", help="backbone spec [RAEE_BACKBONE]")
+@click.option("--encoder", help="key encoder spec [RAEE_ENCODER]")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [RAEE_DEVICE]")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="[RAEE_DTYPE]")
+@click.option("--api-key", envvar="RAEE_API_KEY", help="key for a server that requires one [RAEE_API_KEY]")
+@click.option("--tls-ca", envvar="RAEE_TLS_CA", type=click.Path(path_type=Path),
+              help="CA certificate (PEM) of a TLS server [RAEE_TLS_CA]")
+@click.option("-v", "--verbose", is_flag=True, help="log progress of model loading and conversion")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | None, **overrides: Any) -> None:
+    """Administer a RAEE (retrieval-augmented early exit) inference service."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    ctx.obj = Context(settings, api_key, tls_ca)
+    ctx.call_on_close(ctx.obj.close)
+
+
+server_option = click.option(
+    "--server", metavar="HOST:PORT", help="send the work to a running raee-server instead of opening the stores")
+
+
+# -- tasks ---------------------------------------------------------------------
+
+
+@cli.group()
+def task() -> None:
+    """Create, list, show and delete tasks (tenants)."""
+
+
+@task.command("create")
+@click.argument("name", required=False)
+@click.option("--file", "spec_file", type=click.Path(path_type=Path), help="TOML task spec")
+@click.option("--template", help="prompt template containing {text}")
+@click.option("--label", "labels", multiple=True, help="label as name=word (word with its leading space), repeatable")
+@click.option("--description", default="")
+@server_option
+@click.pass_obj
+@friendly_errors
+def task_create(obj: Context, name: str | None, spec_file: Path | None, template: str | None,
+                labels: tuple[str, ...], description: str, server: str | None) -> None:
+    """Create a task from flags or from a TOML file (see admin/tasks/*.toml)."""
+    if spec_file:
+        spec = TaskSpec.from_toml(spec_file)
+    else:
+        if not name or template is None:
+            raise click.UsageError("give NAME, --template and --label ... or --file spec.toml")
+        spec = TaskSpec(name, template, tuple(parse_label_flag(v) for v in labels), description)
+    if server:
+        obj.client(server).create_task(spec)
+    else:
+        obj.engine.create_task(spec)
+    click.echo(f"created task {spec.name} with labels {', '.join(spec.label_names)}")
+
+
+@task.command("list")
+@click.pass_obj
+@friendly_errors
+def task_list(obj: Context) -> None:
+    """List tasks with their record counts."""
+    from raee.stores.metadata import MetadataStore
+
+    infos = MetadataStore(obj.settings.sql_url).list_tasks()
+    if not infos:
+        click.echo("no tasks (create one with `raee-admin task create`)")
+    for info in infos:
+        click.echo(f"{info.spec.name:<20} {info.records:>8} records  labels: {', '.join(info.spec.label_names)}")
+
+
+@task.command("show")
+@click.argument("name")
+@click.pass_obj
+@friendly_errors
+def task_show(obj: Context, name: str) -> None:
+    """Show a task's spec, record count and per-layer accuracy of its database."""
+    from raee.stores.metadata import MetadataStore
+
+    store = MetadataStore(obj.settings.sql_url)
+    info = store.task(name)
+    click.echo(json.dumps({**info.spec.to_dict(), "backbone": info.backbone_id, "encoder": info.encoder_id,
+                           "records": info.records, "created": info.created_at.isoformat(),
+                           "auto": info.tuned.to_dict() if info.tuned else None}, indent=2))
+    acc = store.layer_accuracy(name)
+    if acc:
+        click.echo("records each exit gets right: " + " ".join(f"L{l}={100 * a:.0f}%" for l, a in acc.items()))
+
+
+@task.command("delete")
+@click.argument("name")
+@click.confirmation_option(prompt="Delete the task and all its records?")
+@server_option
+@click.pass_obj
+@friendly_errors
+def task_delete(obj: Context, name: str, server: str | None) -> None:
+    """Delete a task from both stores."""
+    if server:
+        obj.client(server).delete_task(name)
+    else:
+        obj.engine.delete_task(name)
+    click.echo(f"deleted task {name}")
+
+
+@cli.group()
+def key() -> None:
+    """API keys (stored hashed) for a server with RAEE_API_KEYS_FILE set."""
+
+
+@key.command("create")
+@click.option("--name", required=True, help="who the key is for")
+@click.option("--task", "tasks", multiple=True, help="task the key grants (repeatable; '*' for all)")
+@click.option("--admin", is_flag=True, help="grant the admin RPCs (CreateTask, DeleteTask, ListTasks)")
+@click.option("--file", "key_file", type=click.Path(path_type=Path), help="default: RAEE_API_KEYS_FILE")
+@click.pass_obj
+@friendly_errors
+def key_create(obj: Context, name: str, tasks: tuple[str, ...], admin: bool, key_file: Path | None) -> None:
+    """Create a key: its hash goes into the key file, the key itself is printed once."""
+    from raee.serving.auth import add_key
+
+    path = key_file or obj.settings.api_keys_file
+    if path is None:
+        raise click.UsageError("give --file or set RAEE_API_KEYS_FILE")
+    if not tasks and not admin:
+        raise click.UsageError("a key needs --task (repeatable) or --admin")
+    click.echo(add_key(path, name, tasks, admin))
+
+
+# -- data ----------------------------------------------------------------------
+
+
+def _file_options(func: F) -> F:
+    for option in reversed([
+        click.option("--text-column", default="text", show_default=True),
+        click.option("--label-column", default="label", show_default=True),
+        click.option("--format", "fmt", type=click.Choice(FORMATS), help="default: from the file extension"),
+        click.option("--limit", type=int, help="use only the first N data rows"),
+    ]):
+        func = option(func)
+    return func
+
+
+def _rows(path: Path, text_column: str, label_column: str, fmt: str | None, limit: int | None):  # type: ignore[no-untyped-def]
+    return itertools.islice(read_rows(path, text_column, label_column, fmt), limit)
+
+
+@cli.command()
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@_file_options
+@server_option
+@click.pass_obj
+@friendly_errors
+def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
+           limit: int | None, server: str | None = None) -> None:
+    """Append labelled rows (TSV/CSV/JSONL with text and label columns) to a task's exit database."""
+    total = sum(1 for _ in _rows(file, text_column, label_column, fmt, limit))  # reads it all: fails before writing
+    if server:
+        click.echo(f"streaming {total} rows to {server} ...", err=True)
+        client = obj.client(server, timeout=3600)
+        report = client.ingest(task_name, _rows(file, text_column, label_column, fmt, limit))
+        client.close()
+    else:
+        engine = obj.engine
+        with tqdm(total=total, unit="row", desc=f"ingest {task_name}", file=sys.stderr) as bar:
+            report = engine.ingest(task_name, _rows(file, text_column, label_column, fmt, limit), source=str(file),
+                                   progress=bar.update)
+        if report.added:
+            click.echo("indexing the new records ...", err=True)
+            engine.build_index()
+            from raee.core import auto
+
+            if auto.needs_tuning(engine, task_name):  # here, not on a later request
+                choice = auto.tune(engine, task_name)
+                click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k}", err=True)
+    for rej in report.rejected:
+        click.echo(f"{file}:{rej.line}: rejected: {rej.reason}", err=True)
+    click.echo(f"added {report.added}, already present {report.present}, rejected {len(report.rejected)}")
+    if report.rejected:
+        click.echo(f"error: {len(report.rejected)} row(s) rejected; the other rows were ingested", err=True)
+        sys.exit(1)
+
+
+@cli.command("ingest-batches")
+@click.option("--task", "task_name", help="only this task's batches")
+@click.option("--limit", default=20, show_default=True, help="newest N batches")
+@click.option("--json", "as_json", is_flag=True, help="one JSON array")
+@click.pass_obj
+@friendly_errors
+def ingest_batches(obj: Context, task_name: str | None, limit: int, as_json: bool) -> None:
+    """List ingest batches, newest first, with how each ended (done, cancelled, failed, interrupted).
+
+    Reads the metadata database directly (it may be shared with a running server). A batch
+    `cancelled` by its client kept the chunks written before (see its counts); re-sending the
+    same rows adds only the missing ones.
+    """
+    from raee.stores.metadata import MetadataStore
+
+    batches = MetadataStore(obj.settings.sql_url).list_batches(task_name, limit)
+    if as_json:
+        click.echo(json.dumps([{**vars(b), "started_at": b.started_at.isoformat(),
+                                "finished_at": b.finished_at.isoformat() if b.finished_at else None}
+                               for b in batches], indent=2))
+        return
+    if not batches:
+        click.echo("no ingest batches")
+    for b in batches:
+        ended = b.finished_at.strftime("%Y-%m-%d %H:%M:%S") if b.finished_at else "-"
+        click.echo(f"#{b.id:<5} {b.task:<16} {b.status:<11} added {b.added:>6}  present {b.present:>6}  "
+                   f"rejected {b.rejected:>4}  ended {ended}  {b.source}")
+
+
+@cli.command()
+@click.option("--task", "task_name", required=True)
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--policy", default="paper", show_default=True,
+              help="paper, auto, full, static:<layer>, paper-all, paper-tol:<t>, confidence:<t>, knn-vote, knn-agree")
+@click.option("--k", type=int, help="neighbours to retrieve (default 12)")
+@click.option("--neighbours", "show_neighbours", is_flag=True, help="print the retrieved neighbours")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per text")
+@server_option
+@click.pass_obj
+@friendly_errors
+def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, k: int | None,
+             show_neighbours: bool, as_json: bool, server: str | None = None) -> None:
+    """Classify texts with early exit: prints label, exit layer and label scores."""
+    if server:
+        client = obj.client(server)
+        labels = client.labels(task_name)
+        predictions = client.classify(task_name, list(texts), policy, k, neighbours=show_neighbours)
+        client.close()
+    else:
+        engine = obj.engine
+        labels = engine.task_info(task_name).spec.label_names
+        predictions = engine.classify(task_name, list(texts), policy=policy, k=k)
+    for text, pred in zip(texts, predictions):
+        scores = dict(zip(labels, pred.scores))
+        if as_json:
+            click.echo(json.dumps({"text": text, "label": pred.label, "exit_layer": pred.exit_layer,
+                                   "depth": pred.depth, "scores": scores, "timings_us": pred.timings_us}))
+            continue
+        score_text = " ".join(f"{name}={p:.3f}" for name, p in scores.items())
+        click.echo(f"{pred.label:<12} exit {pred.exit_layer:>2}/{pred.depth}  {score_text}  {text}")
+        if show_neighbours:
+            for n in pred.neighbours:
+                click.echo(f"    {n.similarity:.3f} {n.label:<12} exits {[l for l, _ in n.exits]}")
+
+
+@cli.command("eval")
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@_file_options
+@click.option("--policy", "policies", multiple=True, default=["paper"], show_default=True,
+              help="policy to measure (repeatable); `full` is always measured too")
+@click.option("--k", type=int, help="neighbours to retrieve (default 12)")
+@click.option("--json-out", type=click.Path(path_type=Path), help="also write the report as JSON")
+@click.pass_obj
+@friendly_errors
+def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
+                 limit: int | None, policies: tuple[str, ...], k: int | None, json_out: Path | None) -> None:
+    """Accuracy, mean exit layer and exit histogram of each policy and of full depth, on the same rows."""
+    from raee.core.evaluation import evaluate, format_report
+
+    items = list(_rows(file, text_column, label_column, fmt, limit))
+    rows = [r for r in items if isinstance(r, Row)]
+    if len(rows) != len(items):
+        click.echo(f"skipping {len(items) - len(rows)} unusable row(s)", err=True)
+    engine = obj.engine
+    with tqdm(total=len(rows), unit="row", desc=f"eval {task_name}", file=sys.stderr) as bar:
+        report = evaluate(engine, task_name, rows, list(policies), k, progress=bar.update)
+    click.echo(format_report(report))
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+@cli.command()
+@click.argument("tasks", nargs=-1, required=True)
+@click.option("--data", "data_root", type=click.Path(path_type=Path),
+              default=Path(__file__).resolve().parents[1] / "corpora", show_default="corpora/ of the checkout",
+              help="folder with <task>/train.tsv and <task>/dev.tsv")
+@click.option("--train-rows", default=5000, show_default=True, help="database: the first N train rows")
+@click.option("--dev-rows", default=500, show_default=True, help="measured: the first N dev rows")
+@click.option("--k", default=12, show_default=True)
+@click.option("--latency-rows", default=48, show_default=True, help="served requests timed per policy")
+@click.option("--sweep", "sweeps", multiple=True, type=click.Choice(["k", "size", "encoder"]),
+              default=["k", "size", "encoder"], show_default=True)
+@click.option("--alt-encoder", "alt_encoders", multiple=True, default=["backbone:3", "hashing:384"],
+              show_default=True, help="key encoders compared with the main one in the encoder sweep")
+@click.option("--size", "sizes", multiple=True, type=int, help="database sizes of the size sweep "
+              "(default 500, 1000, 2000, 5000, 10000, 20000, 60000, capped at --train-rows)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
+@click.pass_obj
+@friendly_errors
+def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int, dev_rows: int, k: int,
+          latency_rows: int, sweeps: tuple[str, ...], alt_encoders: tuple[str, ...], sizes: tuple[int, ...],
+          out: Path) -> None:
+    """Every exit policy side by side on each task: tables, JSON and plots in --out.
+
+    Stores go to <out>/data unless --data-dir is given, so a bench never touches the service's data.
+    """
+    from raee.bench import harness
+    from raee.core.engine import Engine
+    from raee.models.encoders import load_encoder
+    from raee.stores.vectors import EdgeVectorStore, collection_name
+
+    if obj.settings.data_dir == Settings().data_dir:
+        obj.settings = obj.settings.model_copy(update={"data_dir": out / "data"})
+    engine = obj.engine
+    others = []
+    if "encoder" in sweeps:
+        for spec in alt_encoders:
+            encoder = load_encoder(spec, obj.settings.device, engine.backbone)
+            store = EdgeVectorStore(obj.settings.data_dir / "qdrant",
+                                    collection_name(engine.backbone.model_id, encoder.model_id), encoder.dim)
+            others.append(Engine(engine.backbone, encoder, store, engine.metadata, obj.settings))
+    reports = []
+    for name in tasks:
+        spec_file = Path(str(resources.files("admin") / "tasks" / f"{name}.toml"))
+        if not spec_file.exists():
+            raise click.UsageError(f"no task spec admin/tasks/{name}.toml")
+        report = harness.bench_task(engine, TaskSpec.from_toml(spec_file), data_root / name / "train.tsv",
+                                    data_root / name / "dev.tsv", train_rows, dev_rows, k, latency_rows, sweeps,
+                                    others, sizes or harness.SIZE_SWEEP)
+        harness.print_summary(report, click.echo)
+        reports.append(report)
+    command = "raee-admin bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    for path in harness.write_reports(reports, out, command):
+        click.echo(f"wrote {path}")
+    for other in others:
+        other.vectors.close()
+
+
+@cli.command("loadtest")
+@click.option("--server", required=True, metavar="HOST:PORT", help="a server on this machine (loopback only)")
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--policy", "policies", multiple=True, default=["paper", "full"], show_default=True)
+@click.option("--clients", default=16, show_default=True)
+@click.option("--seconds", default=30.0, show_default=True)
+@click.option("--sequential", default=50, show_default=True, help="one-at-a-time requests per policy")
+@click.option("--json-out", type=click.Path(path_type=Path))
+@click.pass_obj
+def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tuple[str, ...], clients: int,
+             seconds: float, sequential: int, json_out: Path | None) -> None:
+    """Policies side by side against a running server: sequential latency, then N concurrent clients."""
+    from raee.bench.soak import compare_policies
+
+    texts = [r.text for r in read_rows(file) if isinstance(r, Row)]
+    results = compare_policies(server, task_name, texts, policies, clients, seconds, sequential, obj.api_key)
+    click.echo(f"{'policy':<12} {'seq p50 ms':>10} {'rps':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for name, r in results.items():
+        click.echo(f"{name:<12} {r['sequential_p50_ms']:>10.1f} {r['throughput_rps']:>7.2f} {r['p50_ms']:>8.1f} "
+                   f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {int(r['errors']):>6}")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@cli.command()
+@click.pass_obj
+@friendly_errors
+def index(obj: Context) -> None:
+    """Build the embedded vector store's pending indexes (also done at server start and after ingest).
+
+    Blocks whatever holds the store while it runs, so it runs here, with the server stopped."""
+    from raee.errors import NotReady
+
+    try:
+        engine = obj.engine
+    except NotReady as exc:
+        raise NotReady(f"{exc}. A running server builds pending indexes when it starts "
+                       "(RAEE_INDEX_ON_START): restart it, or stop it and run `raee-admin index`") from None
+    seconds = engine.build_index()
+    click.echo(f"{engine.vectors.count():,} points, indexes up to date ({seconds:.1f} s)")
+
+
+@cli.command("bench-scale")
+@click.option("--size", "sizes", multiple=True, type=int, default=[250_000, 500_000, 1_000_000], show_default=True)
+@click.option("--tenants", default=10, show_default=True)
+@click.option("--queries", default=1000, show_default=True, help="tenant-filtered top-12 queries per size and phase")
+@click.option("--keys", type=click.Choice(["clustered", "uniform"]), default="clustered", show_default=True,
+              help="synthetic keys: Gaussian clusters (like sentence embeddings) or uniform (worst case)")
+@click.option("--texts", "text_files", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="real keys instead: these data files' texts through the configured encoder (repeatable)")
+@click.option("--qdrant-url", help="measure this Qdrant server instead of the embedded store (a scratch collection)")
+@click.option("--out", type=click.Path(path_type=Path), help="write scale.json, scale.md and scale.png here")
+@click.pass_obj
+@friendly_errors
+def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int, keys: str,
+                text_files: tuple[Path, ...], qdrant_url: str | None, out: Path | None) -> None:
+    """Tenant-filtered top-12 query latency and recall as the vector store grows, before and after indexing."""
+    import numpy as np
+
+    from raee.bench import scale
+
+    key_source: str | np.ndarray = keys
+    if text_files:
+        from raee.models.encoders import load_encoder
+
+        texts = [row.text for f in text_files for row in read_rows(f) if isinstance(row, Row)]
+        encoder = load_encoder(obj.settings.encoder, obj.settings.device)
+        key_source = np.concatenate([encoder.encode(texts[i : i + 512]) for i in
+                                     tqdm(range(0, len(texts), 512), desc=f"encode {len(texts):,} texts",
+                                          file=sys.stderr)])
+        keys = f"{obj.settings.encoder} keys of {', '.join(str(f) for f in text_files)}"
+    dim = key_source.shape[1] if isinstance(key_source, np.ndarray) else 384
+    factory = scale.server_store_factory(qdrant_url, dim) if qdrant_url else None
+    results = scale.scale(sizes, tenants=tenants, queries=queries, keys=key_source, store_factory=factory)
+    click.echo(scale.table(results))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scale.json").write_text(json.dumps({"command": " ".join(sys.argv[1:]), "keys": keys,
+                                                    "store": qdrant_url or "embedded", "results": results}, indent=2))
+        (out / "scale.md").write_text(scale.table(results) + "\n")
+        scale.plot(results, out / "scale.png")
+        click.echo(f"wrote {out}/scale.json, scale.md, scale.png", err=True)
+
+
+@cli.command()
+@click.option("--task", "task_name", required=True)
+@click.option("--validation", default=300, show_default=True, help="validation records (leave-one-out)")
+@click.option("--all", "show_all", is_flag=True, help="print every candidate, not just the best ten")
+@click.pass_obj
+@friendly_errors
+def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> None:
+    """Choose the task's `auto` policy and k on a validation split of its own records, and store it."""
+    from raee.core import auto as tuning
+
+    engine = obj.engine
+    rows = tuning.validation_rows(engine, task_name, validation, max(tuning.K_CHOICES))
+    ranked = tuning.choose(rows, engine.depth, engine.task_info(task_name).spec.label_names)
+    click.echo(f"{'policy':<18} {'k':>3} {'accuracy':>9} {'mean exit':>10}")
+    for name, k, acc, mean in ranked if show_all else ranked[:10]:
+        click.echo(f"{name:<18} {k:>3} {100 * acc:>8.1f}% {mean:>10.2f}")
+    choice = tuning.tune(engine, task_name, validation)
+    click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k} "
+               f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
+
+
+@cli.command()
+@click.option("--task", "tasks", multiple=True, help="task to check (repeatable; default: all)")
+@click.option("--repair", is_flag=True, help="recompute rows missing from the vector store, delete orphan vectors")
+@click.pass_obj
+@friendly_errors
+def doctor(obj: Context, tasks: tuple[str, ...], repair: bool) -> None:
+    """Report (and with --repair fix) records present in one store and missing in the other."""
+    from raee.core import doctor as checks
+
+    engine = obj.engine
+    names = list(tasks) or [i.spec.name for i in engine.metadata.list_tasks()]
+    unhealthy = 0
+    for name in names:
+        diagnosis = checks.diagnose(engine, name)
+        click.echo(diagnosis.summary())
+        if not diagnosis.healthy and repair:
+            diagnosis = checks.repair(engine, diagnosis)
+            click.echo("  repaired -> " + diagnosis.summary())
+        unhealthy += not diagnosis.healthy
+    if unhealthy:
+        click.echo(f"error: {unhealthy} task(s) inconsistent; run with --repair", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--revision", default="head", show_default=True, help="target revision")
+@click.option("--downgrade", is_flag=True, help="downgrade to --revision (e.g. base) instead of upgrading")
+@click.pass_obj
+@friendly_errors
+def migrate(obj: Context, revision: str, downgrade: bool) -> None:
+    """Migrate the metadata database (SQLite in the data dir, or RAEE_DATABASE_URL) to a schema revision."""
+    from sqlalchemy import create_engine
+
+    from raee.stores import migrate as migrations
+
+    obj.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(obj.settings.sql_url)
+    before = migrations.current_revision(engine)
+    (migrations.downgrade if downgrade else migrations.upgrade)(engine, revision)
+    after = migrations.current_revision(engine)
+    click.echo(f"{engine.url.render_as_string(hide_password=True)}: schema {before or 'empty'} -> {after or 'base'}")
+    engine.dispose()
+
+
+@cli.command()
+@click.pass_context
+@friendly_errors
+def demo(ctx: click.Context) -> None:
+    """Build a small sst2 database from the shipped sample if none exists, then classify a few sentences."""
+    obj: Context = ctx.obj
+    engine = obj.engine
+    from raee.errors import TaskNotFound
+
+    assets = resources.files("admin")
+    try:
+        info = engine.task_info("sst2")
+    except TaskNotFound:
+        engine.create_task(TaskSpec.from_toml(Path(str(assets / "tasks" / "sst2.toml"))))
+        info = engine.task_info("sst2")
+    if info.records == 0:
+        sample = Path(str(assets / "demo" / "sst2_sample.tsv"))
+        click.echo(f"building the demo database from {sample.name} ...", err=True)
+        ctx.invoke(ingest, task_name="sst2", file=sample, text_column="text", label_column="label", fmt=None,
+                   limit=None)
+    ctx.invoke(classify, task_name="sst2", texts=tuple(DEMO_SENTENCES), policy="paper", k=None,
+               show_neighbours=False, as_json=False)
+
+
+@cli.command()
+@click.option("--server", required=True, metavar="HOST:PORT", help="a server on this machine (loopback only)")
+@click.option("--task", "task_name", required=True)
+@click.option("--clients", default=32, show_default=True)
+@click.option("--seconds", default=60.0, show_default=True)
+@click.option("--warmup", default=10.0, show_default=True)
+@click.option("--pid", type=int, help="the server's pid, to report its resident memory")
+@click.option("--policy", default="", help="exit policy of the requests (default: the server's)")
+@click.option("--retry", is_flag=True, help="clients back off and retry as RaeeClient does (else: resend after 10 ms)")
+@click.option("--json-out", type=click.Path(path_type=Path))
+@click.pass_obj
+def soak(obj: Context, server: str, task_name: str, clients: int, seconds: float, warmup: float, pid: int | None,
+         policy: str, retry: bool, json_out: Path | None) -> None:
+    """Bounded load test: concurrent clients for a fixed time; codes, p50/p95/p99, memory."""
+    from raee.bench.soak import soak as run
+
+    result = run(server, task_name, clients, seconds, warmup, obj.api_key, pid, policy, retry)
+    summary = result.to_dict()
+    click.echo(json.dumps(summary, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@click.option("--server", required=True, metavar="HOST:PORT")
+@click.option("--timeout", default=3.0, show_default=True)
+def health(server: str, timeout: float) -> None:
+    """Exit 0 when the server's health check says SERVING (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(server) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+    except grpc.RpcError as exc:
+        click.echo(f"{server}: {exc.code().name}", err=True)
+        sys.exit(1)
+    click.echo(f"{server}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    sys.exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@cli.command()
+@click.pass_obj
+def serve(obj: Context) -> None:
+    """Run the gRPC server (same as `raee-server`; settings from the global flags and RAEE_* variables)."""
+    import asyncio
+
+    from raee.serving.server import serve as run_server
+
+    logging.getLogger().setLevel(obj.settings.log_level.upper())
+    asyncio.run(run_server(obj.settings))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

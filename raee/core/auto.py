@@ -1,0 +1,100 @@
+"""The `auto` policy: per task, the policy (and k) with the best accuracy on a validation split of
+the task's own records, ties broken by less depth.
+
+Tuning never runs on a request: `raee-admin tune`, the end of a local `raee-admin ingest`, and
+the server's background re-tuner (when a task grew by RAEE_RETUNE_GROWTH) call `tune`; requests
+read the stored `Choice`.
+
+Validation costs no backbone forward: each validation record's per-exit
+predictions are in SQL, and its neighbours are retrieved leave-one-out (the
+record itself is dropped from its own neighbours).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+
+from raee.core.engine import Engine
+from raee.core.evaluation import Measured, run_policy
+from raee.core.policies import parse_policy
+from raee.errors import InvalidInput
+from raee.types import Choice
+
+K_CHOICES = (4, 8, 12, 16, 24, 32)
+MIN_RECORDS = 10
+
+
+def candidate_policies(depth: int) -> list[str]:
+    """Every policy auto may pick; static layers and thresholds are swept."""
+    return [
+        "paper", "paper-all", "knn-vote", "knn-agree", "full",
+        *(f"paper-tol:{t}" for t in (0.05, 0.1, 0.2, 0.3)),
+        *(f"confidence:{t}" for t in (0.6, 0.7, 0.8, 0.9, 0.95)),
+        *(f"static:{layer}" for layer in range(depth + 1)),
+    ]
+
+
+def probs_from_sql(results: Sequence[tuple[str, float, float]], labels: Sequence[str]) -> np.ndarray:
+    """[L + 1, C] with each exit's predicted label at its probability and the rest spread evenly.
+
+    The argmax and the max (what exit rules read) are exactly those of the original forward.
+    """
+    n = len(labels)
+    index = {name: i for i, name in enumerate(labels)}
+    out = np.zeros((len(results), n))
+    for layer, (predicted, p, *_) in enumerate(results):
+        out[layer, :] = (1.0 - p) / max(n - 1, 1)
+        out[layer, index[predicted]] = p
+    return out
+
+
+def validation_rows(engine: Engine, task: str, n: int, k_max: int, seed: int = 0) -> list[Measured]:
+    spec = engine.task_info(task).spec
+    examples = engine.metadata.committed_examples(task)
+    if len(examples) < MIN_RECORDS:
+        raise InvalidInput(f"task {task!r}: {len(examples)} records; auto needs at least {MIN_RECORDS} to choose")
+    sample = random.Random(seed).sample(examples, min(n, len(examples)))
+    layers = engine.metadata.layer_results([rid for rid, _, _ in sample])
+    found, _ = engine.neighbours(task, [text for _, text, _ in sample], k_max + 1)
+    rows = []
+    for (rid, _text, label), neighbours in zip(sample, found):
+        others = [nb for nb in neighbours if nb.id != rid][:k_max]
+        rows.append(Measured(spec.label_index(label), probs_from_sql(layers[rid], spec.label_names), others))
+    return rows
+
+
+def choose(rows: Sequence[Measured], depth: int, labels: Sequence[str],
+           ks: Sequence[int] = K_CHOICES) -> list[tuple[str, int, float, float]]:
+    """(policy, k, accuracy, mean exit) for every candidate, best first."""
+    scored = []
+    for name in candidate_policies(depth):
+        policy = parse_policy(name)
+        for k in ks if policy.uses_neighbours else (max(ks),):
+            r = run_policy(policy, rows, depth, labels, k)
+            scored.append((name, k, r.accuracy, r.mean_exit))
+    # Best accuracy; among equals, less depth; then fewer neighbours.
+    return sorted(scored, key=lambda s: (-round(s[2], 6), s[3], s[1]))
+
+
+def tune(engine: Engine, task: str, validation: int = 300, seed: int = 0) -> Choice:
+    start = time.perf_counter()
+    rows = validation_rows(engine, task, validation, max(K_CHOICES), seed)
+    policy, k, accuracy, mean_exit = choose(rows, engine.depth, engine.task_info(task).spec.label_names)[0]
+    choice = Choice(policy, k, accuracy, mean_exit, len(rows), engine.task_info(task).records,
+                    datetime.now(UTC).isoformat(timespec="seconds"), round(time.perf_counter() - start, 2))
+    engine.metadata.set_tuned(task, choice)
+    engine.forget_choice(task)
+    return choice
+
+
+def needs_tuning(engine: Engine, task: str) -> bool:
+    """No choice yet (and enough records to make one), or the database grew past RAEE_RETUNE_GROWTH."""
+    info = engine.task_info(task)
+    if info.records < MIN_RECORDS:
+        return False
+    return info.tuned is None or info.tuned.stale(info.records, engine.settings.retune_growth)

@@ -1,0 +1,384 @@
+"""The data plane: classify and ingest, with no transport code.
+
+The CLI calls it directly; the gRPC servicer calls it from its model worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from sqlalchemy.exc import OperationalError
+
+from raee.core.datafile import is_blank
+from raee.core.policies import Decision, ExitPolicy, parse_policy
+from raee.errors import InvalidInput, StoreMismatch
+from raee.models.backbone import Backbone, LabelHead
+from raee.models.encoders import KeyEncoder
+from raee.settings import Settings
+from raee.stores.metadata import MetadataStore, TaskInfo
+from raee.stores.records import ExitRecord, layer_results, record_id
+from raee.stores.vectors import VectorPoint, VectorStore
+from raee.types import Choice, IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1e6)
+
+
+class Engine:
+    def __init__(
+        self,
+        backbone: Backbone,
+        encoder: KeyEncoder,
+        vectors: VectorStore,
+        metadata: MetadataStore,
+        settings: Settings | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.encoder = encoder
+        self.vectors = vectors
+        self.metadata = metadata
+        self.settings = settings or Settings()
+        self._tasks: dict[str, tuple[TaskSpec, LabelHead]] = {}
+        self._auto: dict[str, tuple[float, Choice | None]] = {}  # task -> (read at, stored choice)
+
+    @classmethod
+    def open(cls, settings: Settings) -> Engine:
+        """Load the models and open the stores named by the settings."""
+        import torch
+
+        from raee.models.encoders import load_encoder
+        from raee.models.loading import load_backbone
+        from raee.stores.vectors import collection_name, open_vector_store
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        backbone = load_backbone(settings.backbone, settings.models_dir, settings.device, settings.dtype,
+                                 settings.max_tokens)
+        encoder = load_encoder(settings.encoder, settings.device, backbone)
+        vectors = open_vector_store(settings, collection_name(backbone.model_id, encoder.model_id), encoder.dim)
+        return cls(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
+
+    @classmethod
+    def open_for_serving(cls, settings: Settings) -> Engine:
+        """Engine.open, then build pending vector indexes (RAEE_INDEX_ON_START) before any request."""
+        engine = cls.open(settings)
+        if engine.vectors.exclusive:  # no other process can be ingesting: a `running` batch was cut off
+            stale = engine.metadata.close_stale_batches()
+            if stale:
+                log.warning("%d ingest batch(es) left running by a process that stopped: marked interrupted", stale)
+        if settings.index_on_start:
+            engine.build_index()
+        return engine
+
+    def build_index(self) -> float:
+        """Build the vector store's pending indexes; returns the seconds it took.
+
+        On the embedded store this blocks the whole process (see EdgeVectorStore), so callers
+        run it where no request waits: while the server loads, or at the end of a local ingest.
+        """
+        start = time.perf_counter()
+        log.info("indexing the vector store (%d points) ...", self.vectors.count())
+        changed = self.vectors.optimize()
+        seconds = time.perf_counter() - start
+        log.info("vector store %s in %.1f s", "indexed" if changed else "already indexed", seconds)
+        return seconds
+
+    def store_records(self, task: str, records: Sequence[ExitRecord], keys: np.ndarray, batch_id: int) -> None:
+        """The one write order of both stores: SQL pending, then vectors, then SQL committed.
+
+        A crash in between leaves pending rows that a rerun or `raee-admin doctor --repair` finishes.
+        """
+        self.metadata.write_pending(task, list(records), batch_id)
+        self.vectors.upsert([VectorPoint(rec.id, key, rec.payload()) for rec, key in zip(records, keys)])
+        self.metadata.mark_committed([rec.id for rec in records])
+
+    def close(self) -> None:
+        self.vectors.close()
+        self.metadata.close()
+
+    @property
+    def depth(self) -> int:
+        return self.backbone.depth
+
+    # -- tasks ---------------------------------------------------------------
+
+    def create_task(self, spec: TaskSpec) -> None:
+        spec.validate()
+        self.backbone.check_template(spec.template)  # e.g. a masked LM needs a {mask} slot
+        self.backbone.label_token_ids([lb.word for lb in spec.labels])  # rejects colliding label words
+        self.metadata.create_task(spec, self.backbone.model_id, self.encoder.model_id)
+
+    def delete_task(self, name: str) -> None:
+        self.metadata.task(name)  # TaskNotFound before touching anything
+        self.vectors.delete_task(name)
+        self.metadata.delete_task(name)
+        self._tasks.pop(name, None)
+        self._auto.pop(name, None)
+
+    def labels(self, name: str) -> list[str]:
+        """The task's label names, from the in-memory cache (no SQL on the hot path)."""
+        return self._task(name)[0].label_names
+
+    def task_info(self, name: str) -> TaskInfo:
+        return self.metadata.task(name)
+
+    def _prompt(self, spec: TaskSpec, text: str) -> str:
+        return self.backbone.format_prompt(spec.prompt(text))
+
+    def _task(self, name: str) -> tuple[TaskSpec, LabelHead]:
+        cached = self._tasks.get(name)
+        if cached is None:
+            info = self.metadata.task(name)
+            if (info.backbone_id, info.encoder_id) != (self.backbone.model_id, self.encoder.model_id):
+                raise StoreMismatch(
+                    f"task {name!r} was built with backbone {info.backbone_id!r} and encoder {info.encoder_id!r}; "
+                    f"this service runs {self.backbone.model_id!r} and {self.encoder.model_id!r}"
+                )
+            ids = self.backbone.label_token_ids([lb.word for lb in info.spec.labels])
+            cached = (info.spec, self.backbone.label_head(ids))
+            self._tasks[name] = cached
+        return cached
+
+    # -- classify ------------------------------------------------------------
+
+    def check_texts(self, texts: Sequence[str], field_name: str = "text") -> None:
+        if not texts:
+            raise InvalidInput(f"{field_name}: no text given")
+        for i, text in enumerate(texts):
+            where = field_name if len(texts) == 1 else f"{field_name}[{i}]"
+            if not isinstance(text, str) or is_blank(text):
+                raise InvalidInput(f"{where}: empty text")
+            if len(text) > self.settings.max_text_chars:
+                raise InvalidInput(f"{where}: {len(text)} characters, over the limit of {self.settings.max_text_chars}")
+            if "\x00" in text:
+                raise InvalidInput(f"{where}: contains a NUL character")
+
+    def check_k(self, k: int | None) -> int:
+        k = self.settings.default_k if k is None or k == 0 else k
+        if not 1 <= k <= self.settings.max_k:
+            raise InvalidInput(f"k: {k} out of range 1..{self.settings.max_k}")
+        return k
+
+    def validate(
+        self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None, k: int | None
+    ) -> tuple[ExitPolicy, int]:
+        """Check a classify request without computing anything: the policy to use and k."""
+        self._task(task)
+        self.check_texts(texts)
+        return self.resolve_policy(task, policy, k)
+
+    def resolve_policy(self, task: str, policy: str | ExitPolicy | None, k: int | None) -> tuple[ExitPolicy, int]:
+        """A policy by name (or as given) and its k; `auto` is the task's stored choice."""
+        if policy == "auto":
+            chosen, tuned_k = self.auto_policy(task)
+            return chosen, self.check_k(k or tuned_k)
+        chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
+        return chosen, self.check_k(k)
+
+    def auto_policy(self, task: str) -> tuple[ExitPolicy, int | None]:
+        """The task's stored `auto` choice (policy and k); the paper's method until one is made.
+
+        Never tunes: tuning runs off the request path (raee.core.auto). The choice is re-read from
+        SQL at most every `retune_check_seconds`, so a choice made by another process shows up.
+        """
+        cached = self._auto.get(task)
+        now = time.monotonic()
+        if cached is None or now - cached[0] > self.settings.retune_check_seconds:
+            try:
+                cached = (now, self.metadata.task(task).tuned)
+            except OperationalError:  # SQL down: serve the last choice (or the paper's method)
+                cached = (now, cached[1] if cached else None)
+            self._auto[task] = cached
+        choice = cached[1]
+        if choice is None:  # not tuned yet (or too few records): the published method
+            return parse_policy("paper"), None
+        return parse_policy(choice.policy), choice.k
+
+    def forget_choice(self, task: str) -> None:
+        """Drop the cached `auto` choice (a new one was just stored)."""
+        self._auto.pop(task, None)
+
+    def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
+        t0 = time.perf_counter()
+        keys = self.encoder.encode(texts)
+        t1 = time.perf_counter()
+        found = self.vectors.search(task, keys, k)
+        t2 = time.perf_counter()
+        return found, {"encode_us": _us(t1 - t0), "retrieve_us": _us(t2 - t1)}
+
+    def classify(
+        self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None
+    ) -> list[Prediction]:
+        """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it."""
+        chosen, k = self.validate(task, texts, policy, k)
+        return self.classify_validated(task, texts, chosen, k)
+
+    def classify_validated(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int) -> list[Prediction]:
+        """`classify` for a request that `validate` has already checked (the worker's batches)."""
+        spec, head = self._task(task)
+        timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
+        if chosen.uses_neighbours:
+            found, timings = self.neighbours(task, texts, k)
+        else:
+            found = [[] for _ in texts]
+        decisions = [chosen.decide(n, self.depth, spec.label_names) for n in found]
+        t0 = time.perf_counter()
+        probs, exits = self.forward_at(spec, head, texts, decisions)
+        timings["forward_us"] = _us(time.perf_counter() - t0)
+        return [
+            Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings),
+                       spec.label_names)
+            for p, e, n in zip(probs, exits, found)
+        ]
+
+    def forward_at(
+        self, spec: TaskSpec, head: LabelHead, texts: Sequence[str], decisions: Sequence[Decision]
+    ) -> tuple[np.ndarray, list[int]]:
+        """Label probabilities of each text where its decision exits, and those exits.
+
+        Rows with a fixed exit are grouped by it, so no row runs deeper than its exit and
+        an early row never waits on a later one's layers. Rows with a stop rule run one
+        at a time, layer by layer. Rows answered without the backbone run nothing.
+        """
+        out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
+        exits = [d.max_layer for d in decisions]
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, d in enumerate(decisions):
+            if d.answer is not None:
+                out[i], exits[i] = d.answer, 0
+            elif d.stop is not None:
+                logits, exits[i] = self.backbone.exit_logits_until(self._prompt(spec, texts[i]), head, d.max_layer, d.stop)
+                out[i] = softmax(logits.numpy().astype(np.float64))
+            else:
+                groups[d.max_layer].append(i)
+        size = self.settings.forward_batch_size
+        for layer, rows in sorted(groups.items()):
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                logits = self.backbone.exit_logits([self._prompt(spec, texts[i]) for i in chunk], head, layer)
+                out[chunk] = softmax(logits.cpu().numpy().astype(np.float64))
+        return out, exits
+
+    def all_exit_logits(self, task: str, texts: Sequence[str]) -> np.ndarray:
+        """[n, L + 1, n_labels] label-word logits at every exit (one full forward per row)."""
+        spec, head = self._task(task)
+        size = self.settings.forward_batch_size
+        parts = [
+            self.backbone.all_exit_logits([self._prompt(spec, t) for t in texts[i : i + size]], head).cpu().numpy()
+            for i in range(0, len(texts), size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.depth + 1, len(spec.labels)))
+
+    # -- ingest --------------------------------------------------------------
+
+    def ingest(
+        self,
+        task: str,
+        rows: Iterable[Row | Rejected],
+        source: str = "",
+        progress: Callable[[int], None] | None = None,
+    ) -> IngestReport:
+        """Add labelled rows to the task's exit database; idempotent, and a rerun repairs a crashed one."""
+        with self.ingest_session(task, source, progress) as session:
+            session.add(rows)
+        return session.report
+
+    def ingest_session(
+        self, task: str, source: str = "", progress: Callable[[int], None] | None = None
+    ) -> IngestSession:
+        """An ingest fed in pieces (the gRPC stream hands it one chunk per worker turn)."""
+        spec, _ = self._task(task)
+        return IngestSession(self, spec, self.metadata.begin_batch(task, source), progress)
+
+    @staticmethod
+    def row_problem(spec: TaskSpec, row: Row, max_chars: int) -> str | None:
+        if row.label not in spec.label_names:
+            return f"unknown label {row.label!r} (known: {', '.join(spec.label_names)})"
+        if len(row.text) > max_chars:
+            return f"text of {len(row.text)} characters, over the limit of {max_chars}"
+        return None
+
+
+class IngestSession:
+    """One ingest batch: rows validated, deduplicated, and written batch by batch.
+
+    Order per batch: SQL rows written as pending, vectors upserted, rows marked
+    committed. A crash leaves pending rows that the next run recomputes.
+    """
+
+    def __init__(self, engine: Engine, spec: TaskSpec, batch_id: int, progress: Callable[[int], None] | None) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.batch_id = batch_id
+        self.progress = progress
+        self.report = IngestReport()
+        self._seen: set[str] = set()
+
+    def __enter__(self) -> IngestSession:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.finish("failed" if exc_type else "done")
+
+    def finish(self, status: str = "done") -> None:
+        r = self.report
+        self.engine.metadata.finish_batch(self.batch_id, r.added, r.present, len(r.rejected), status)
+
+    def add(self, rows: Iterable[Row | Rejected]) -> None:
+        pending: list[Row] = []
+        size = self.engine.settings.ingest_batch_size
+        for item in rows:
+            if isinstance(item, Rejected):
+                self.report.rejected.append(item)
+                continue
+            reason = Engine.row_problem(self.spec, item, self.engine.settings.max_text_chars)
+            if reason:
+                self.report.rejected.append(Rejected(item.line, reason))
+                continue
+            rid = record_id(self.spec.name, item.text)
+            if rid in self._seen:
+                self.report.present += 1  # a duplicate within this input
+                if self.progress:
+                    self.progress(1)
+                continue
+            self._seen.add(rid)
+            pending.append(item)
+            if len(pending) >= size:
+                self._write(pending)
+                pending = []
+        self._write(pending)
+
+    def _write(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        engine, spec, report = self.engine, self.spec, self.report
+        ids = [record_id(spec.name, r.text) for r in rows]
+        done = engine.metadata.committed_ids(spec.name, ids)
+        new = [(rid, r) for rid, r in zip(ids, rows) if rid not in done]
+        report.present += len(rows) - len(new)
+        if new:
+            texts = [r.text for _, r in new]
+            logits = engine.all_exit_logits(spec.name, texts)
+            keys = engine.encoder.encode(texts)
+            records = [
+                ExitRecord(rid, spec.name, r.text, r.label, spec.label_index(r.label),
+                           layer_results(lg, spec.label_index(r.label)))
+                for (rid, r), lg in zip(new, logits)
+            ]
+            engine.store_records(spec.name, records, keys, self.batch_id)
+            report.added += len(records)
+        if self.progress:
+            self.progress(len(rows))

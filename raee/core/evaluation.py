@@ -1,0 +1,182 @@
+"""Offline evaluation of exit policies: every policy on the same rows, from one forward per row.
+
+Each measured row gets one full forward that yields the label probabilities at
+every exit, and one retrieval of its neighbours. A policy's answer is read at
+the exit its decision resolves to: that equals a truncated forward to that
+exit (layers below l never depend on later ones; tests pin this), so all
+policies are compared on identical computations for the cost of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raee.core.engine import Engine, softmax
+from raee.core.policies import ExitPolicy, resolve_exit
+from raee.types import Neighbour, Row
+
+
+@dataclass
+class Measured:
+    """Everything a policy needs to be evaluated on one row, without running the backbone again."""
+
+    gold: int
+    probs: np.ndarray  # [L + 1, C] label probabilities at every exit
+    neighbours: list[Neighbour]  # the nearest records, most similar first
+
+
+@dataclass
+class PolicyResult:
+    name: str
+    depth: int
+    gold: list[int] = field(default_factory=list)
+    predicted: list[int] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.gold)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(np.array(self.gold) == np.array(self.predicted))) if self.gold else 0.0
+
+    def macro_f1(self, n_labels: int) -> float:
+        gold, pred = np.array(self.gold), np.array(self.predicted)
+        scores = []
+        for c in range(n_labels):
+            tp = np.sum((pred == c) & (gold == c))
+            fp, fn = np.sum((pred == c) & (gold != c)), np.sum((pred != c) & (gold == c))
+            if tp + fp + fn:
+                scores.append(2 * tp / (2 * tp + fp + fn))
+        return float(np.mean(scores)) if scores else 0.0
+
+    @property
+    def mean_exit(self) -> float:
+        return float(np.mean(self.exits)) if self.exits else float("nan")
+
+    @property
+    def p95_exit(self) -> float:
+        return float(np.percentile(self.exits, 95)) if self.exits else float("nan")
+
+    @property
+    def layers_saved(self) -> float:
+        """Fraction of decoder-layer computations saved against running every row to the last layer."""
+        return 1.0 - self.mean_exit / self.depth if self.depth else 0.0
+
+    def histogram(self) -> list[int]:
+        return np.bincount(np.asarray(self.exits, dtype=int), minlength=self.depth + 1).tolist()
+
+    def summary(self, n_labels: int) -> dict[str, object]:
+        return {"policy": self.name, "rows": self.rows, "accuracy": self.accuracy,
+                "macro_f1": self.macro_f1(n_labels), "mean_exit_layer": self.mean_exit,
+                "p95_exit_layer": self.p95_exit, "layers_saved": self.layers_saved,
+                "exit_histogram": self.histogram()}
+
+
+def measure(engine: Engine, task: str, rows: Sequence[Row], k: int, chunk: int = 32,
+            progress: Callable[[int], None] | None = None) -> list[Measured]:
+    spec = engine.task_info(task).spec
+    out: list[Measured] = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        texts = [r.text for r in part]
+        logits = engine.all_exit_logits(task, texts)
+        found, _ = engine.neighbours(task, texts, k)
+        out += [Measured(spec.label_index(r.label), softmax(lg.astype(np.float64)), n)
+                for r, lg, n in zip(part, logits, found)]
+        if progress:
+            progress(len(part))
+    return out
+
+
+def run_policy(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels: Sequence[str],
+               k: int | None = None) -> PolicyResult:
+    """A policy's answers on measured rows (with only the first k neighbours when k is given)."""
+    result = PolicyResult(policy.name, depth)
+    for row in rows:
+        decision = policy.decide(row.neighbours[:k] if k else row.neighbours, depth, labels)
+        layer = resolve_exit(decision, row.probs)
+        answer = decision.answer if decision.answer is not None else row.probs[layer]
+        result.gold.append(row.gold)
+        result.predicted.append(int(np.argmax(answer)))
+        result.exits.append(layer)
+    return result
+
+
+def run_oracle(rows: Sequence[Measured], depth: int) -> PolicyResult:
+    """The earliest layer that is right for the row (last layer when none is): a limit, not a policy."""
+    result = PolicyResult("oracle", depth)
+    for row in rows:
+        right = np.flatnonzero(row.probs.argmax(-1) == row.gold)
+        layer = int(right[0]) if right.size else depth
+        result.gold.append(row.gold)
+        result.predicted.append(int(row.probs[layer].argmax()))
+        result.exits.append(layer)
+    return result
+
+
+def layer_accuracy(rows: Sequence[Measured]) -> list[float]:
+    if not rows:
+        return []
+    correct = np.array([r.probs.argmax(-1) == r.gold for r in rows])
+    return correct.mean(0).tolist()
+
+
+@dataclass
+class EvalReport:
+    task: str
+    depth: int
+    k: int
+    labels: list[str]
+    results: list[PolicyResult]
+    by_layer: list[float]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"task": self.task, "depth": self.depth, "k": self.k,
+                "policies": [r.summary(len(self.labels)) for r in self.results], "layer_accuracy": self.by_layer}
+
+
+BASELINES = ("full", "knn-vote")
+
+
+def evaluate(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[str], k: int | None = None,
+             progress: Callable[[int], None] | None = None) -> EvalReport:
+    """The named policies plus the baselines (full depth, retrieval-only vote) on the same rows."""
+    spec = engine.task_info(task).spec
+    names = list(dict.fromkeys([*policies, *BASELINES]))
+    chosen = [engine.resolve_policy(task, name, k) for name in names]  # `auto`: the stored choice and its k
+    measured = measure(engine, task, rows, max(policy_k for _, policy_k in chosen), progress=progress)
+    results = []
+    for name, (policy, policy_k) in zip(names, chosen):
+        result = run_policy(policy, measured, engine.depth, spec.label_names, policy_k)
+        if name == "auto":  # the report says what auto chose
+            result.name = f"auto={policy.name}"
+        results.append(result)
+    return EvalReport(task, engine.depth, engine.check_k(k), spec.label_names, results, layer_accuracy(measured))
+
+
+def format_table(results: Sequence[PolicyResult], n_labels: int) -> list[str]:
+    lines = [f"{'policy':<18} {'accuracy':>9} {'macro-F1':>9} {'mean exit':>10} {'p95 exit':>9} {'saved':>7}"]
+    for r in results:
+        lines.append(f"{r.name:<18} {100 * r.accuracy:>8.1f}% {100 * r.macro_f1(n_labels):>8.1f}% "
+                     f"{r.mean_exit:>10.2f} {r.p95_exit:>9.1f} {100 * r.layers_saved:>6.1f}%")
+    return lines
+
+
+def format_report(report: EvalReport) -> str:
+    n = report.results[0].rows if report.results else 0
+    lines = [f"task {report.task}: {n} rows, backbone depth {report.depth} layers, k = {report.k}", ""]
+    lines += format_table(report.results, len(report.labels))
+    for r in report.results:
+        hist = r.histogram()
+        peak = max(hist) or 1
+        lines += ["", f"exit-layer histogram, {r.name}:"]
+        lines += [f"  L{layer:>2} {count:>6} {'#' * round(40 * count / peak)}" for layer, count in enumerate(hist)
+                  if count]
+    lines += ["", "accuracy of each single exit: " + " ".join(
+        f"L{l}={100 * a:.0f}%" for l, a in enumerate(report.by_layer))]
+    return "\n".join(lines)

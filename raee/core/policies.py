@@ -1,0 +1,263 @@
+"""Exit policies: from a query's retrieved neighbours to where (and how) its forward stops.
+
+One pluggable piece. A policy's `decide()` returns a Decision before the forward:
+the deepest layer the row may run, optionally a rule that stops it earlier
+from the label probabilities the logit lens reads after each layer, or an
+answer that needs no backbone at all. Register a factory in `POLICIES` to make
+a policy selectable by name; the engine and the evaluation never look inside.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from raee.errors import InvalidInput
+from raee.types import Neighbour
+
+DEFAULT_POLICY = "paper"
+_MIN_DISTANCE = 1e-6  # an exact duplicate (distance 0) would divide by zero
+
+StopRule = Callable[[int, np.ndarray], bool]  # (layer, label probabilities there) -> stop here?
+
+
+@dataclass(frozen=True)
+class Decision:
+    max_layer: int  # the row never runs deeper than this
+    stop: StopRule | None = None  # stop at the first layer <= max_layer where this holds
+    answer: np.ndarray | None = None  # a label distribution decided without the backbone
+
+
+class ExitPolicy(Protocol):
+    name: str
+    uses_neighbours: bool
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision: ...
+
+
+# -- the paper's aggregation ---------------------------------------------------
+
+
+def neighbour_weights(neighbours: Sequence[Neighbour]) -> np.ndarray:
+    """w_j = min_i d_i / d_j with d = 1 - cosine similarity (the paper's distance weighting)."""
+    d = np.maximum(1.0 - np.array([n.similarity for n in neighbours], dtype=np.float64), _MIN_DISTANCE)
+    return d.min() / d
+
+
+def paper_layer_scores(
+    neighbours: Sequence[Neighbour], depth: int, threshold: float = 0.9, fallback_top: int = 3
+) -> np.ndarray:
+    """score(l) = sum over kept (l, p) pairs of p * w_j, as the RAEE reference code aggregates.
+
+    A neighbour keeps its pairs with p >= threshold; if none pass, its `fallback_top`
+    most probable correct layers. A neighbour no layer gets right contributes nothing.
+    threshold = 0 keeps every correct layer.
+    """
+    scores = np.zeros(depth + 1, dtype=np.float64)
+    if not neighbours:
+        return scores
+    for n, w in zip(neighbours, neighbour_weights(neighbours)):
+        kept = [(l, p) for l, p in n.exits if p >= threshold]
+        if not kept:
+            kept = sorted(n.exits, key=lambda lp: -lp[1])[:fallback_top]
+        for layer, p in kept:
+            if 0 <= layer <= depth:
+                scores[layer] += p * w
+    return scores
+
+
+def label_vote(neighbours: Sequence[Neighbour], labels: Sequence[str]) -> np.ndarray:
+    """The neighbours' distance-weighted label distribution (uniform when there are none)."""
+    votes = np.zeros(len(labels), dtype=np.float64)
+    index = {name: i for i, name in enumerate(labels)}
+    if neighbours:
+        for n, w in zip(neighbours, neighbour_weights(neighbours)):
+            if n.label in index:
+                votes[index[n.label]] += w
+    return votes / votes.sum() if votes.sum() > 0 else np.full(len(labels), 1.0 / len(labels))
+
+
+@dataclass(frozen=True)
+class PaperPolicy:
+    """RAEE as published: argmax of the aggregated scores; no evidence at all -> last layer."""
+
+    threshold: float = 0.9
+    fallback_top: int = 3
+    uses_neighbours: bool = True
+
+    @property
+    def name(self) -> str:
+        return "paper" if self.threshold == 0.9 else "paper-all" if self.threshold == 0 else f"paper@{self.threshold}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        scores = paper_layer_scores(neighbours, depth, self.threshold, self.fallback_top)
+        return Decision(int(scores.argmax()) if scores.max() > 0 else depth)
+
+
+@dataclass(frozen=True)
+class TolerancePolicy:
+    """Same evidence as `paper`, less depth: the earliest layer scoring within `tolerance` of the best."""
+
+    tolerance: float = 0.1
+    uses_neighbours: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"paper-tol:{self.tolerance:g}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        scores = paper_layer_scores(neighbours, depth)
+        if scores.max() <= 0:
+            return Decision(depth)
+        return Decision(int(np.argmax(scores >= (1 - self.tolerance) * scores.max())))
+
+
+# -- baselines and policies beyond the paper -----------------------------------------
+
+
+@dataclass(frozen=True)
+class FullPolicy:
+    name: str = "full"
+    uses_neighbours: bool = False
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        return Decision(depth)
+
+
+@dataclass(frozen=True)
+class StaticPolicy:
+    layer: int
+    uses_neighbours: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"static:{self.layer}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        if self.layer > depth:
+            raise InvalidInput(f"policy {self.name}: layer {self.layer} beyond the backbone's depth {depth}")
+        return Decision(self.layer)
+
+
+@dataclass(frozen=True)
+class ConfidencePolicy:
+    """Training-free early exit: the first layer whose top label-word probability reaches `threshold`."""
+
+    threshold: float = 0.9
+    uses_neighbours: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"confidence:{self.threshold:g}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        t = self.threshold
+        return Decision(depth, stop=lambda _layer, probs: float(probs.max()) >= t)
+
+
+@dataclass(frozen=True)
+class KnnVotePolicy:
+    """Retrieval only: the neighbours' weighted majority label; no backbone layer runs."""
+
+    name: str = "knn-vote"
+    uses_neighbours: bool = True
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        return Decision(0, answer=label_vote(neighbours, labels))
+
+
+@dataclass(frozen=True)
+class KnnAgreePolicy:
+    """Labels and exits together: run layer by layer and stop at the first layer whose prediction
+    agrees with the neighbours' weighted label, never deeper than `bound` (the paper's exit when
+    `bound` is None). Without neighbours it runs the full model."""
+
+    bound: int | None = None
+    uses_neighbours: bool = True
+
+    @property
+    def name(self) -> str:
+        return "knn-agree" if self.bound is None else f"knn-agree:{self.bound}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        if not neighbours:
+            return Decision(depth)
+        target = int(label_vote(neighbours, labels).argmax())
+        if self.bound is None:
+            limit = PaperPolicy().decide(neighbours, depth, labels).max_layer
+        else:
+            limit = min(self.bound, depth)
+        return Decision(limit, stop=lambda _layer, probs: int(probs.argmax()) == target)
+
+
+# -- names -------------------------------------------------------------------------
+
+
+# Numbers in policy arguments are ASCII: str.isdigit() and float() also accept "²", "٣" or "１",
+# which a client should hear about rather than have silently read as a layer.
+_ASCII_INT = re.compile(r"[0-9]{1,6}")
+_ASCII_DECIMAL = re.compile(r"[0-9]{0,6}(\.[0-9]{0,24})?")
+
+
+def _float(arg: str | None, name: str, default: float, lo: float, hi: float) -> float:
+    if arg is None:
+        return default
+    if not _ASCII_DECIMAL.fullmatch(arg) or arg in ("", "."):
+        raise InvalidInput(f"policy: {name} needs a decimal number in ASCII digits, e.g. {name}:0.5 (got {arg!r})")
+    value = float(arg)
+    if not lo <= value <= hi:
+        raise InvalidInput(f"policy: {name}:{arg} out of range {lo:g}..{hi:g}")
+    return value
+
+
+def _int(arg: str | None, name: str) -> int:
+    if arg is None or not _ASCII_INT.fullmatch(arg):
+        raise InvalidInput(f"policy: {name} needs a layer number in ASCII digits, e.g. {name}:6 (got {arg!r})")
+    return int(arg)
+
+
+def _no_arg(factory: Callable[[], ExitPolicy], name: str) -> Callable[[str | None], ExitPolicy]:
+    def make(arg: str | None) -> ExitPolicy:
+        if arg is not None:
+            raise InvalidInput(f"policy: {name!r} takes no argument (got {name}:{arg})")
+        return factory()
+
+    return make
+
+
+POLICIES: dict[str, Callable[[str | None], ExitPolicy]] = {
+    "paper": _no_arg(PaperPolicy, "paper"),
+    "paper-all": _no_arg(lambda: PaperPolicy(threshold=0.0), "paper-all"),
+    "paper-tol": lambda a: TolerancePolicy(_float(a, "paper-tol", 0.1, 0.0, 1.0)),
+    "full": _no_arg(FullPolicy, "full"),
+    "static": lambda a: StaticPolicy(_int(a, "static")),
+    "confidence": lambda a: ConfidencePolicy(_float(a, "confidence", 0.9, 0.0, 1.0)),
+    "knn-vote": _no_arg(KnnVotePolicy, "knn-vote"),
+    "knn-agree": lambda a: KnnAgreePolicy(None if a is None else _int(a, "knn-agree")),
+}
+
+
+def parse_policy(spec: str | None) -> ExitPolicy:
+    """A policy by name, e.g. `paper`, `static:6`, `confidence:0.8`; unknown names name the field.
+    (`auto` is per task and resolved by the engine, which knows the task's tuned choice.)"""
+    name, sep, arg = (spec or DEFAULT_POLICY).strip().partition(":")
+    factory = POLICIES.get(name)
+    if factory is None:
+        known = ", ".join(sorted([*POLICIES, "auto"]))
+        raise InvalidInput(f"policy: unknown exit policy {spec!r} (known: {known})")
+    return factory(arg if sep else None)
+
+
+def resolve_exit(decision: Decision, layer_probs: np.ndarray) -> int:
+    """Where a decision exits, given the label probabilities at every exit [L + 1, C] (for evaluation)."""
+    if decision.answer is not None:
+        return 0
+    if decision.stop is not None:
+        for layer in range(decision.max_layer + 1):
+            if decision.stop(layer, layer_probs[layer]):
+                return layer
+    return decision.max_layer

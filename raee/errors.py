@@ -1,0 +1,49 @@
+"""The service's error types: one place that says what kind of failure a caller sees.
+
+The gRPC layer maps each class to one status code; the CLI prints the message.
+Messages name the field, line or object at fault, never a traceback.
+"""
+
+
+class RaeeError(Exception):
+    """Base class for failures a caller can act on."""
+
+
+class InvalidInput(RaeeError, ValueError):
+    """The request or file is malformed; the message names the field or line."""
+
+
+class TaskNotFound(RaeeError, LookupError):
+    def __init__(self, task: str) -> None:
+        super().__init__(f"task {task!r} does not exist (create it with `raee-admin task create`)")
+        self.task = task
+
+
+class TaskExists(RaeeError):
+    def __init__(self, task: str) -> None:
+        super().__init__(f"task {task!r} already exists")
+        self.task = task
+
+
+class NotReady(RaeeError):
+    """A store or the model cannot serve right now (starting, stopping, unreachable)."""
+
+
+class StoreMismatch(RaeeError):
+    """The data directory was built for another backbone, encoder or format."""
+
+
+class Overloaded(RaeeError):
+    """The request queue is full; retry with backoff."""
+
+
+class DeadlineExpired(RaeeError):
+    """The caller's deadline passed before its compute started; it was dropped, not computed."""
+
+
+class Unauthenticated(RaeeError):
+    """No key, or a key the service does not know."""
+
+
+class PermissionDenied(RaeeError):
+    """A known key used outside what it grants."""

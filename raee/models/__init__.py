@@ -1,0 +1,1 @@
+"""Backbones (causal, masked, seq2seq families), their loading, and key encoders."""

@@ -1,0 +1,1 @@
+"""The gRPC server: servicers, the model worker, auth, metrics."""

@@ -1,0 +1,654 @@
+"""The gRPC front end: thin servicers that convert protobuf to engine calls and map errors to codes.
+
+Health (`grpc.health.v1`) is NOT_SERVING until the model and stores are loaded
+and again during shutdown; reflection is on; metrics are served on their own port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from raee.core import auto
+from raee.core.datafile import check_row
+from raee.core.engine import Engine, IngestSession
+from raee.errors import (
+    DeadlineExpired,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    PermissionDenied,
+    RaeeError,
+    StoreMismatch,
+    TaskExists,
+    TaskNotFound,
+    Unauthenticated,
+)
+from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee.serving.auth import KeyRing, Principal
+from raee.serving.metrics import Metrics
+from raee.serving.worker import ModelWorker
+from raee.settings import Settings
+from raee.types import METADATA_KEY, Label, Prediction, TaskSpec
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Raee"].full_name
+R = TypeVar("R")
+OTHER_TASK = "_other"  # the metrics label of every task name that does not exist (task names start alphanumeric)
+
+# The one place that decides which status code a failure gets. Anything else is
+# INTERNAL with a generic message (the traceback goes to the log, never to the caller).
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    TaskNotFound: grpc.StatusCode.NOT_FOUND,
+    TaskExists: grpc.StatusCode.ALREADY_EXISTS,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    StoreMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    from sqlalchemy.exc import OperationalError
+
+    for kind, code in STATUS_CODES.items():
+        if isinstance(exc, kind):
+            return code, str(exc)
+    if isinstance(exc, OperationalError):  # the metadata database went away: retry later, nothing was stored
+        return grpc.StatusCode.UNAVAILABLE, "metadata database unreachable; retry later"
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code of a call whose handler was cancelled: its deadline passed, or the client went away."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
+        grpc.StatusCode.CANCELLED
+
+
+class Undecodable:
+    """A stream message that is not valid protobuf (or holds invalid UTF-8): answered, never raised."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self, method: str) -> InvalidInput:
+        return InvalidInput(f"request: not a valid {method} message ({self.reason})")
+
+
+class RequestDecoding(grpc.aio.ServerInterceptor):
+    """Decode request messages inside the servicer's reach, so a malformed body is INVALID_ARGUMENT
+    with a one-line log (gRPC's own decoding answers UNKNOWN and logs a traceback each time).
+
+    Unary calls are aborted; a stream's undecodable message reaches the servicer as an `Undecodable`.
+    """
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+        method = str(details.method).rsplit("/", 1)[-1]
+
+        def parse(raw: bytes) -> Any:
+            try:
+                return decode(raw)
+            except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+                log.warning("%s: undecodable request message: %s", method, exc)
+                return Undecodable(str(exc) or type(exc).__name__)
+
+        async def messages(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for raw in raw_iterator:
+                yield parse(raw)
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                request = parse(raw)
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error(method)))
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                return await inner_su(messages(raw), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, None, handler.response_serializer)
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                async for response in inner_ss(messages(raw), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
+        return handler  # unary-stream: this service has none
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve without API keys on an address others can reach, unless told to (like Redis's
+    protected mode); loopback and Unix sockets are always allowed."""
+    if settings.api_keys_file is not None:
+        return
+    address = settings.address
+    if address.startswith("unix:"):
+        return
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return
+    if not settings.allow_unauthenticated:
+        raise InvalidInput(
+            f"address: {address} is reachable from other machines and no API keys are configured: anyone who "
+            "reaches it could create, delete and ingest into any task. Set RAEE_API_KEYS_FILE (docs/security.md), "
+            "bind a loopback address, or set RAEE_ALLOW_UNAUTHENTICATED=1 to serve it open on purpose")
+    log.warning("serving %s WITHOUT API keys (RAEE_ALLOW_UNAUTHENTICATED): anyone who reaches it can change "
+                "every task", address)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def to_response(p: Prediction, labels: Sequence[str], queued_since: float, started: float,
+                with_neighbours: bool) -> pb.ClassifyResponse:
+    now = time.monotonic()
+    t = p.timings_us
+    response = pb.ClassifyResponse(
+        label=p.label,
+        scores=[pb.LabelScore(label=name, score=s) for name, s in zip(labels, p.scores)],
+        exit_layer=p.exit_layer,
+        depth=p.depth,
+        timings=pb.Timings(
+            queue_us=max(0, int((now - queued_since) * 1e6) - sum(t.values())),
+            encode_us=t.get("encode_us", 0), retrieve_us=t.get("retrieve_us", 0),
+            forward_us=t.get("forward_us", 0), total_us=int((now - started) * 1e6),
+        ),
+    )
+    if with_neighbours:
+        response.neighbours.extend(
+            pb.Neighbour(id=n.id, similarity=n.similarity, label=n.label,
+                         exit_layers=[l for l, _ in n.exits], exit_probabilities=[q for _, q in n.exits])
+            for n in p.neighbours
+        )
+    return response
+
+
+class RaeeServicer(pb_grpc.RaeeServicer):
+    def __init__(self, worker: ModelWorker, metrics: Metrics, settings: Settings,
+                 keys: KeyRing | None = None) -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.settings = settings
+        self.keys = keys
+        self.known_tasks: set[str] = set()  # filled when the engine loads; grows with answers and CreateTask
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _authorize(self, context: grpc.aio.ServicerContext, method: str, task: str | None) -> Principal | None:
+        """With keys configured: the caller's key must exist, and grant `task` (or admin for admin RPCs)."""
+        if self.keys is None:
+            return None
+        return self.keys.authorize(self._key(context), method, task)
+
+    @staticmethod
+    def _key(context: grpc.aio.ServicerContext) -> str | None:
+        key = dict(context.invocation_metadata() or ()).get(METADATA_KEY)
+        return key if isinstance(key, str) else None
+
+    def _task_label(self, task: str | None, code: grpc.StatusCode) -> str:
+        """Metric labels name only tasks that exist: a made-up name must not grow the exposition."""
+        if not task:
+            return "-"
+        if code is grpc.StatusCode.OK:  # an answer proves the task exists
+            self.known_tasks.add(task)
+        return task if task in self.known_tasks else OTHER_TASK
+
+    def _count(self, method: str, task: str | None, code: grpc.StatusCode, seconds: float) -> None:
+        self.metrics.requests.labels(method, self._task_label(task, code), code.name).inc()
+        self.metrics.latency.labels(method).observe(seconds)
+
+    async def _observe(self, method: str, task: str | None, context: grpc.aio.ServicerContext,
+                       work: Callable[[], Awaitable[R]]) -> R:
+        """Run one RPC's work: check its key, count it by code, time it, and turn failures into codes."""
+        start = time.monotonic()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            self._authorize(context, method, task)
+            result = await work()
+            code = grpc.StatusCode.OK
+            return result
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed: count it as that
+            code = _ended_code(context)
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+        finally:
+            self._count(method, task, code, time.monotonic() - start)
+
+    async def _classify(self, task: str, texts: list[str], options: pb.ClassifyOptions,
+                        context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
+        started = time.monotonic()
+        if method:  # a stream: each request names its own task
+            self._authorize(context, method, task)
+        if options.truncate:
+            texts = [t[: self.settings.max_text_chars] for t in texts]
+        predictions, queued_since = await self.worker.classify(
+            task, texts, options.policy or None, options.k or None, _deadline(context))
+        for p in predictions:
+            self.metrics.exit_layer.labels(task).observe(p.exit_layer)
+        return [to_response(p, p.labels, queued_since, started, options.return_neighbours) for p in predictions]
+
+    # -- RPCs --------------------------------------------------------------------
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        async def work() -> pb.ClassifyResponse:
+            return (await self._classify(request.task, [request.text], request.options, context))[0]
+
+        return await self._observe("Classify", request.task, context, work)
+
+    async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ClassifyBatchResponse:
+        async def work() -> pb.ClassifyBatchResponse:
+            if not request.texts:
+                raise InvalidInput("texts: no text given")
+            if len(request.texts) > self.settings.max_batch_texts:
+                raise InvalidInput(f"texts: {len(request.texts)} texts, over the limit of "
+                                   f"{self.settings.max_batch_texts} per request (RAEE_MAX_BATCH_TEXTS)")
+            return pb.ClassifyBatchResponse(
+                results=await self._classify(request.task, list(request.texts), request.options, context))
+
+        return await self._observe("ClassifyBatch", request.task, context, work)
+
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest | Undecodable],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
+        # Requests are submitted as they arrive (so they batch with each other and with other
+        # callers); answers are written in request order. A failing request gets its own error
+        # response and the stream goes on. When the call ends (cancelled, deadline), the work of
+        # unanswered requests is cancelled: the worker drops it at its next chunk.
+        if self.keys is not None:  # the caller is known for the whole stream; each task is checked per message
+            try:
+                self.keys.authenticate(self._key(context))
+            except Unauthenticated as exc:
+                self._count("ClassifyStream", None, grpc.StatusCode.UNAUTHENTICATED, 0.0)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        pending: asyncio.Queue[asyncio.Task[pb.ClassifyResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                index = 0
+                async for request in request_iterator:
+                    pending.put_nowait(asyncio.create_task(self._stream_one(index, request, context)))
+                    index += 1
+            finally:
+                pending.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        answering: asyncio.Task[pb.ClassifyResponse] | None = None
+        try:
+            while (answering := await pending.get()) is not None:
+                yield await answering
+            await reader  # a failure to read the stream itself (not a bad message) ends the call
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                if (left := pending.get_nowait()) is not None:
+                    left.cancel()
+            if answering is not None:
+                answering.cancel()
+
+    async def _stream_one(self, index: int, request: pb.ClassifyRequest | Undecodable,
+                          context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        """One request of a stream: its answer, or a response that carries its error."""
+        start = time.monotonic()
+        task = None if isinstance(request, Undecodable) else request.task
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error("ClassifyRequest")
+            response = (await self._classify(request.task, [request.text], request.options, context,
+                                             "ClassifyStream"))[0]
+            response.index, response.request_id = index, request.request_id
+            code = grpc.StatusCode.OK
+            return response
+        except asyncio.CancelledError:
+            code = _ended_code(context)
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("ClassifyStream request %d failed", index)
+            return pb.ClassifyResponse(index=index, request_id="" if task is None else request.request_id,  # type: ignore[union-attr]
+                                       error=status_pb2.Status(code=code.value[0], message=message))
+        finally:
+            self._count("ClassifyStream", task, code, time.monotonic() - start)
+
+    async def Ingest(self, request_iterator: AsyncIterator[pb.IngestRequest | Undecodable],
+                     context: grpc.aio.ServicerContext) -> pb.IngestResponse:
+        """Chunks are written as messages arrive; the first message names the task and its key is
+        checked then. Contract on cancel/deadline: what was written stays, and the batch row says
+        `cancelled` with its counts (a re-send adds only the missing rows)."""
+        task = ""
+
+        async def work() -> pb.IngestResponse:
+            nonlocal task
+            session: IngestSession | None = None
+            status = "failed"
+            size = self.settings.ingest_batch_size
+            seen = 0
+            try:
+                async for message in request_iterator:
+                    if isinstance(message, Undecodable):
+                        raise message.error("IngestRequest")
+                    if session is None:
+                        if not message.task:
+                            raise InvalidInput("task: the first Ingest message must name the task")
+                        task = message.task
+                        self._authorize(context, "Ingest", task)
+                        session = await self.worker.call(lambda e: e.ingest_session(task, source="grpc"))
+                    elif message.task and message.task != task:
+                        raise InvalidInput(f"task: one Ingest call takes one task ({task!r}, then {message.task!r})")
+                    rows = [check_row(seen + i, ex.text, ex.label) for i, ex in enumerate(message.examples)]
+                    seen += len(rows)
+                    for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
+                        await self.worker.call(lambda e, c=rows[start : start + size]: session.add(c))
+                # A cancelled call's message stream just ends, like a finished one; its cancellation is
+                # delivered at the next await: yield once, so that it is recorded as cancelled, not done.
+                await asyncio.sleep(0)
+                if session is None:
+                    raise InvalidInput("task: no task named in the Ingest stream")
+                status = "done"
+            except asyncio.CancelledError:
+                status = "cancelled"
+                raise
+            finally:
+                if session is not None:
+                    await self._close_batch(session, status)
+            report = session.report
+            self.metrics.ingested.labels(task).inc(report.added)
+            return pb.IngestResponse(
+                added=report.added, already_present=report.present, rejected=len(report.rejected),
+                rejections=[pb.Rejection(index=r.line, reason=r.reason) for r in report.rejected])
+
+        return await self._observe("Ingest", None, context, work)
+
+    async def _close_batch(self, session: IngestSession, status: str) -> None:
+        """Record how an ingest call ended. Past the queue and shielded: the row must not stay
+        `running`. A cancellation that arrives while closing a `done` batch means the client never
+        got the answer: the row then says `cancelled` (same counts)."""
+        closing = asyncio.ensure_future(self.worker.call_now(lambda e: session.finish(status)))
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await closing
+            if status == "done":
+                await self.worker.call_now(lambda e: session.finish("cancelled"))
+            raise
+
+    async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
+        async def work() -> pb.ListTasksResponse:
+            names = await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()])
+            return pb.ListTasksResponse(tasks=[await self._task_message(n) for n in names])
+
+        return await self._observe("ListTasks", None, context, work)
+
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        return await self._observe("GetTask", request.name, context, lambda: self._task_message(request.name))
+
+    async def CreateTask(self, request: pb.CreateTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        async def work() -> pb.Task:
+            spec = TaskSpec(request.name, request.template,
+                            tuple(Label(lb.name, lb.word) for lb in request.labels), request.description)
+            await self.worker.call(lambda e: e.create_task(spec))
+            return await self._task_message(request.name)
+
+        return await self._observe("CreateTask", request.name, context, work)
+
+    async def DeleteTask(self, request: pb.DeleteTaskRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
+        async def work() -> pb.DeleteTaskResponse:
+            await self.worker.call(lambda e: e.delete_task(request.name))
+            return pb.DeleteTaskResponse()
+
+        response = await self._observe("DeleteTask", request.name, context, work)
+        self.known_tasks.discard(request.name)
+        return response
+
+    async def load_task_names(self) -> None:
+        self.known_tasks.update(await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()]))
+
+    async def _task_message(self, name: str) -> pb.Task:
+        def read(engine: Engine) -> pb.Task:
+            info = engine.task_info(name)
+            counts, never = engine.metadata.earliest_exits(name, engine.depth)
+            message = pb.Task(
+                name=info.spec.name, template=info.spec.template, description=info.spec.description,
+                labels=[pb.Label(name=lb.name, word=lb.word) for lb in info.spec.labels],
+                records=info.records, depth=engine.depth, earliest_exit_counts=counts, never_correct=never,
+                backbone=info.backbone_id, encoder=info.encoder_id)
+            if info.tuned:
+                t = info.tuned
+                message.auto.CopyFrom(pb.AutoChoice(
+                    policy=t.policy, k=t.k, validation_accuracy=t.accuracy, validation_mean_exit=t.mean_exit,
+                    validation_rows=t.validation_rows, records=t.records, chosen_at=t.chosen_at))
+            return message
+
+        return await self.worker.call(read)
+
+
+class RaeeServer:
+    """A running service: gRPC server, health, reflection, model worker and metrics."""
+
+    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> None:
+        self.settings = settings
+        self.engine_factory = engine_factory or functools.partial(Engine.open_for_serving, settings)
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.worker = ModelWorker(settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
+                                  self.metrics)
+        limits = settings.max_message_bytes
+        self.server = grpc.aio.server(interceptors=[RequestDecoding()], options=[
+            ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
+        keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
+        self.servicer = RaeeServicer(self.worker, self.metrics, settings, keys)
+        pb_grpc.add_RaeeServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.load_error: BaseException | None = None  # the last failed attempt (retried if transient)
+        self.failed = asyncio.Event()  # set when loading failed for good: the process should exit
+        self._serving = False
+        self._loading: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._retuner: asyncio.Task[None] | None = None
+
+    async def _set_health(self, serving: bool) -> None:
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Listen at once (health NOT_SERVING), then load the model and stores in the background."""
+        check_exposure(self.settings)
+        await self._set_health(False)
+        self.port = self._listen()
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.address}")
+        await self.server.start()
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port)
+        self.worker.start()
+        self._loading = asyncio.create_task(self._load())
+        log.info("listening on port %d (metrics on %s)", self.port, self.metrics_port)
+        return self.port
+
+    def _listen(self) -> int:
+        s = self.settings
+        if s.tls_cert is None:
+            return self.server.add_insecure_port(s.address)
+        if s.tls_key is None:
+            raise InvalidInput("tls_key: a TLS certificate needs its private key (RAEE_TLS_KEY)")
+        credentials = grpc.ssl_server_credentials(
+            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+            root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+            require_client_auth=s.tls_client_ca is not None)
+        return self.server.add_secure_port(s.address, credentials)
+
+    async def _load(self) -> None:
+        """Load the model and stores; retry while a store is unreachable, give up on a broken setup."""
+        while True:
+            try:
+                await self.worker.load(self.engine_factory)
+                break
+            except NotReady as exc:  # e.g. Qdrant not up yet: keep NOT_SERVING and retry
+                self.load_error = exc
+                log.warning("not ready, retrying in %.0f s: %s", self.settings.retry_seconds, exc)
+                await asyncio.sleep(self.settings.retry_seconds)
+            except BaseException as exc:  # a corrupt data dir, a wrong backbone: a clear error, then exit
+                self.load_error = exc
+                log.error("cannot start: %s", exc)
+                self.failed.set()
+                return
+        self.load_error = None
+        await self.servicer.load_task_names()
+        await self._set_health(True)
+        self._monitor = asyncio.create_task(self._watch_stores())
+        self._retuner = asyncio.create_task(self._retune())
+        log.info("serving")
+
+    async def _watch_stores(self) -> None:
+        """Health follows the model worker and the vector store: NOT_SERVING while the store is
+        unreachable (SERVING once it is back), and for good if the worker loop stopped (an
+        orchestrator should restart the process)."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval_seconds)
+            engine = self.worker.engine
+            if engine is None:
+                continue
+            if not self.worker.alive:
+                log.error("the model worker loop is not running: health NOT_SERVING")
+                await self._set_health(False)
+                return
+            try:
+                await asyncio.wait_for(asyncio.to_thread(engine.vectors.ping), self.settings.health_interval_seconds)
+                healthy = True
+            except Exception as exc:
+                healthy = False
+                if self._serving:
+                    log.warning("vector store unreachable: %s", exc)
+            if healthy != self._serving:
+                await self._set_health(healthy)
+
+    async def _retune(self) -> None:
+        """Choose each task's `auto` policy in the background: when it has none yet or has grown by
+        RAEE_RETUNE_GROWTH. Tuning reads SQL, encodes and searches, but runs no backbone forward, so it
+        runs on its own thread beside the model worker: no request waits for it."""
+        while True:
+            await asyncio.sleep(self.settings.retune_check_seconds)
+            engine = self.worker.engine
+            if engine is None:
+                continue
+            try:
+                tasks = [i.spec.name for i in await asyncio.to_thread(engine.metadata.list_tasks)]
+                for task in tasks:
+                    if await asyncio.to_thread(auto.needs_tuning, engine, task):
+                        choice = await asyncio.to_thread(auto.tune, engine, task)
+                        log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice.policy, choice.k,
+                                 choice.seconds, choice.records)
+            except Exception:  # a store outage or a task deleted meanwhile: try again next round
+                log.warning("background tuning failed; retrying in %.0f s", self.settings.retune_check_seconds,
+                            exc_info=True)
+
+    async def wait_ready(self, timeout: float = 600) -> None:
+        """Until serving; raises the error if loading failed for good."""
+        assert self._loading is not None
+        await asyncio.wait_for(asyncio.shield(self._loading), timeout)
+        if self.failed.is_set() and self.load_error:
+            raise self.load_error
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking work, finish what is queued within the grace period, then release the stores."""
+        for task in (self._monitor, self._retuner, self._loading):
+            if task and not task.done():
+                task.cancel()
+        await self._set_health(False)
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        try:
+            await asyncio.wait_for(self.worker.drain(), timeout=1.0)
+        except TimeoutError:
+            log.warning("jobs still queued after the grace period were dropped")
+        self.worker.close()
+
+
+async def serve(settings: Settings) -> None:
+    server = RaeeServer(settings)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    waits = [asyncio.create_task(stopping.wait()), asyncio.create_task(server.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if server.failed.is_set():
+        await server.stop(0)
+        raise SystemExit(f"raee-server: cannot start: {server.load_error}")
+    log.info("shutting down (grace %.1f s)", settings.grace_seconds)
+    await server.stop()
+
+
+def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per Settings field, so flags and RAEE_* variables name the same things."""
+    import click
+
+    for name, field in reversed(list(Settings.model_fields.items())):
+        func = click.option(f"--{name.replace('_', '-')}", name, default=None,
+                            help=f"{field.description or ''} [RAEE_{name.upper()}]")(func)
+    return func
+
+
+def main() -> None:
+    import click
+
+    @click.command(name="raee-server")
+    @settings_options
+    def run(**flags: Any) -> None:
+        """Serve RAEE classification over gRPC."""
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            asyncio.run(serve(settings))
+        except RaeeError as exc:  # a refused setting: one line, no traceback
+            raise SystemExit(f"raee-server: cannot start: {exc}") from None
+
+    run()

@@ -1,0 +1,1 @@
+"""Vector store (Qdrant Edge / server), SQL metadata, migrations, consistency checks."""

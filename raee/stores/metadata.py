@@ -1,0 +1,387 @@
+"""The SQL record of what was ingested: tasks, exit records, per-layer correctness, ingest batches.
+
+SQLite in the data directory by default; any SQLAlchemy URL (Postgres) through
+`RAEE_DATABASE_URL`. The hot path never reads it: it serves admin and analytics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from raee.errors import NotReady, StoreMismatch, TaskExists, TaskNotFound
+from raee.stores.records import ExitRecord, text_hash
+from raee.types import Choice, Label, TaskSpec
+
+# A naming convention gives every constraint a stable name, so that migrations can drop
+# and alter them on every database (SQLite batch mode included).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+PENDING, COMMITTED = "pending", "committed"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class TaskRow(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    template: Mapped[str] = mapped_column(Text)
+    labels: Mapped[list] = mapped_column(JSON)  # [{"name": ..., "word": ...}] in label order
+    description: Mapped[str] = mapped_column(Text, default="")
+    backbone_id: Mapped[str] = mapped_column(String(200))
+    encoder_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # The `auto` policy's choice for this task and its validation figures (raee.core.auto).
+    tuned: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(
+            name=self.name,
+            template=self.template,
+            labels=tuple(Label(d["name"], d["word"]) for d in self.labels),
+            description=self.description,
+        )
+
+
+class IngestBatchRow(Base):
+    __tablename__ = "ingest_batches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(Text)
+    added: Mapped[int] = mapped_column(Integer, default=0)
+    present: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ExitRecordRow(Base):
+    __tablename__ = "exit_records"
+    __table_args__ = (UniqueConstraint("task_id", "text_hash"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the vector store's point id
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    text_hash: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(String(200))
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_batches.id", ondelete="SET NULL"), nullable=True)
+    # pending: rows written, vectors not yet confirmed; committed: both stores hold it.
+    status: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LayerResultRow(Base):
+    __tablename__ = "layer_results"
+    record_id: Mapped[str] = mapped_column(ForeignKey("exit_records.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    predicted: Mapped[str] = mapped_column(String(200))
+    probability: Mapped[float] = mapped_column(Float)
+    gold_probability: Mapped[float] = mapped_column(Float)
+    correct: Mapped[bool] = mapped_column(Boolean)
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One ingest call: its counts and how it ended (running, done, cancelled, failed, interrupted)."""
+
+    id: int
+    task: str
+    source: str
+    status: str
+    added: int
+    present: int
+    rejected: int
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    spec: TaskSpec
+    backbone_id: str
+    encoder_id: str
+    created_at: datetime
+    records: int
+    tuned: Choice | None = None
+
+
+def _dialect_insert(dialect: str):  # type: ignore[no-untyped-def]
+    """INSERT with ON CONFLICT for the two supported databases."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"metadata store: {dialect} is not supported (use SQLite or Postgres)")
+    return insert
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")  # readers (admin) do not block the writer (ingest)
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+
+class MetadataStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url, json_serializer=lambda o: json.dumps(o, ensure_ascii=False))
+        if self.engine.dialect.name == "sqlite":
+            _sqlite_pragmas(self.engine)
+        from sqlalchemy.exc import DatabaseError, OperationalError
+
+        from raee.stores.migrate import ensure_schema
+
+        where = self.engine.url.render_as_string(hide_password=True)
+        try:
+            ensure_schema(self.engine)
+        except OperationalError as exc:  # cannot connect (or a SQLite file that cannot be opened)
+            if self.engine.dialect.name == "sqlite" and "not a database" not in str(exc):
+                raise StoreMismatch(f"metadata database {where} cannot be opened: {exc.orig}") from exc
+            raise NotReady(f"metadata database {where} is unreachable: {exc.orig}") from exc
+        except DatabaseError as exc:  # e.g. "file is not a database": never start on an empty replacement
+            raise StoreMismatch(f"metadata database {where} is corrupt or not a database: {exc.orig}") from exc
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- tasks ---------------------------------------------------------------
+
+    def _task_row(self, s: Session, name: str) -> TaskRow:
+        row = s.scalar(select(TaskRow).where(TaskRow.name == name))
+        if row is None:
+            raise TaskNotFound(name)
+        return row
+
+    def create_task(self, spec: TaskSpec, backbone_id: str, encoder_id: str) -> None:
+        with self._session.begin() as s:
+            if s.scalar(select(TaskRow.id).where(TaskRow.name == spec.name)) is not None:
+                raise TaskExists(spec.name)
+            d = spec.to_dict()
+            s.add(TaskRow(name=spec.name, template=spec.template, labels=d["labels"], description=spec.description,
+                          backbone_id=backbone_id, encoder_id=encoder_id))
+
+    def task(self, name: str) -> TaskInfo:
+        with self._session() as s:
+            row = self._task_row(s, name)
+            n = s.scalar(
+                select(func.count()).select_from(ExitRecordRow)
+                .where(ExitRecordRow.task_id == row.id, ExitRecordRow.status == COMMITTED)
+            )
+            return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, int(n or 0),
+                            Choice.from_dict(row.tuned) if row.tuned else None)
+
+    def list_tasks(self) -> list[TaskInfo]:
+        with self._session() as s:
+            names = s.scalars(select(TaskRow.name).order_by(TaskRow.name)).all()
+        return [self.task(n) for n in names]
+
+    def set_tuned(self, name: str, choice: Choice) -> None:
+        with self._session.begin() as s:
+            self._task_row(s, name).tuned = choice.to_dict()
+
+    def layer_results(self, ids: Sequence[str]) -> dict[str, list[tuple[str, float, float]]]:
+        """(predicted label, its probability, the gold label's probability) at every exit, per record."""
+        out: dict[str, list[tuple[str, float, float]]] = {}
+        with self._session() as s:
+            for i in range(0, len(ids), 500):
+                rows = s.execute(
+                    select(LayerResultRow.record_id, LayerResultRow.layer, LayerResultRow.predicted,
+                           LayerResultRow.probability, LayerResultRow.gold_probability)
+                    .where(LayerResultRow.record_id.in_(list(ids[i:i + 500])))
+                    .order_by(LayerResultRow.record_id, LayerResultRow.layer))
+                for rid, _layer, predicted, p, gold_p in rows:
+                    out.setdefault(rid, []).append((predicted, p, gold_p))
+        return out
+
+    def committed_examples(self, task: str, limit: int | None = None) -> list[tuple[str, str, str]]:
+        """(id, text, label) of committed records in ingest order."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            q = (select(ExitRecordRow.id, ExitRecordRow.text, ExitRecordRow.label)
+                 .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
+                 .order_by(ExitRecordRow.created_at, ExitRecordRow.id))
+            return [tuple(r) for r in s.execute(q.limit(limit) if limit else q)]  # type: ignore[misc]
+
+    def delete_task(self, name: str) -> None:
+        with self._session.begin() as s:
+            row = self._task_row(s, name)
+            ids = select(ExitRecordRow.id).where(ExitRecordRow.task_id == row.id)
+            s.execute(delete(LayerResultRow).where(LayerResultRow.record_id.in_(ids)))
+            s.execute(delete(ExitRecordRow).where(ExitRecordRow.task_id == row.id))
+            s.execute(delete(IngestBatchRow).where(IngestBatchRow.task_id == row.id))
+            s.delete(row)
+
+    # -- ingest --------------------------------------------------------------
+
+    def committed_ids(self, task: str, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            for i in range(0, len(ids), 500):
+                chunk = list(ids[i : i + 500])
+                found.update(s.scalars(
+                    select(ExitRecordRow.id).where(
+                        ExitRecordRow.task_id == task_id, ExitRecordRow.id.in_(chunk),
+                        ExitRecordRow.status == COMMITTED)
+                ))
+        return found
+
+    def begin_batch(self, task: str, source: str) -> int:
+        with self._session.begin() as s:
+            row = IngestBatchRow(task_id=self._task_row(s, task).id, source=source)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def finish_batch(self, batch_id: int, added: int, present: int, rejected: int, status: str) -> None:
+        with self._session.begin() as s:
+            s.execute(update(IngestBatchRow).where(IngestBatchRow.id == batch_id).values(
+                added=added, present=present, rejected=rejected, status=status, finished_at=_now()))
+
+    def list_batches(self, task: str | None = None, limit: int = 50) -> list[BatchInfo]:
+        """The newest ingest batches first (of one task, or of all)."""
+        query = (select(IngestBatchRow, TaskRow.name).join(TaskRow, TaskRow.id == IngestBatchRow.task_id)
+                 .order_by(IngestBatchRow.id.desc()).limit(limit))
+        if task is not None:
+            query = query.where(TaskRow.name == task)
+        with self._session() as s:
+            if task is not None:
+                self._task_row(s, task)  # TaskNotFound for a made-up name
+            return [BatchInfo(b.id, name, b.source, b.status, b.added, b.present, b.rejected, b.started_at,
+                              b.finished_at) for b, name in s.execute(query).all()]
+
+    def close_stale_batches(self) -> int:
+        """Mark batches still `running` as `interrupted`: for a process that holds the only write
+        access (the embedded store's lock), such rows are left by a process that died mid-ingest."""
+        with self._session.begin() as s:
+            result = s.execute(update(IngestBatchRow).where(IngestBatchRow.status == "running")
+                               .values(status="interrupted", finished_at=_now()))
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def write_pending(self, task: str, records: Iterable[ExitRecord], batch_id: int | None) -> None:
+        """Record examples and their per-layer results as pending, in one transaction.
+
+        Upserts, not inserts: several writers may ingest overlapping rows at once, and a
+        crashed attempt's rows are overwritten. A row another writer already committed
+        stays committed (its values are the same: ids and results are deterministic).
+        """
+        records = list(records)
+        if not records:
+            return
+        insert = _dialect_insert(self.engine.dialect.name)
+        with self._session.begin() as s:
+            task_row = self._task_row(s, task)
+            labels = task_row.spec().label_names
+            rows = [dict(id=r.id, task_id=task_row.id, text_hash=text_hash(r.text), text=r.text, label=r.label,
+                         batch_id=batch_id, status=PENDING, created_at=_now()) for r in records]
+            stmt = insert(ExitRecordRow).values(rows)
+            s.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={"batch_id": stmt.excluded.batch_id}))
+            results = [dict(record_id=r.id, layer=lr.layer, predicted=labels[lr.predicted], probability=lr.probability,
+                            gold_probability=lr.gold_probability, correct=lr.correct)
+                       for r in records for lr in r.layers]
+            for i in range(0, len(results), 2000):  # bounded statement size
+                stmt = insert(LayerResultRow).values(results[i : i + 2000])
+                s.execute(stmt.on_conflict_do_update(
+                    index_elements=["record_id", "layer"],
+                    set_={c: stmt.excluded[c] for c in ("predicted", "probability", "gold_probability", "correct")}))
+
+    def mark_committed(self, ids: Sequence[str]) -> None:
+        with self._session.begin() as s:
+            s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids))).values(status=COMMITTED))
+
+    def record_states(self, task: str) -> dict[str, str]:
+        """Every record id of the task with its state (pending or committed)."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            rows = s.execute(select(ExitRecordRow.id, ExitRecordRow.status).where(ExitRecordRow.task_id == task_id))
+            return {rid: status for rid, status in rows}
+
+    def examples(self, ids: Sequence[str]) -> list[tuple[str, str]]:
+        """(text, label) of the given records, to recompute them."""
+        out: list[tuple[str, str]] = []
+        with self._session() as s:
+            for i in range(0, len(ids), 500):
+                out += [(t, l) for t, l in s.execute(
+                    select(ExitRecordRow.text, ExitRecordRow.label).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))))]
+        return out
+
+    def mark_pending(self, ids: Sequence[str]) -> None:
+        with self._session.begin() as s:
+            for i in range(0, len(ids), 500):
+                s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))).values(status=PENDING))
+
+    # -- analytics -----------------------------------------------------------
+
+    def layer_accuracy(self, task: str) -> dict[int, float]:
+        """Fraction of the task's committed records each exit gets right."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            rows = s.execute(
+                select(LayerResultRow.layer, func.avg(func.cast(LayerResultRow.correct, Integer)))
+                .join(ExitRecordRow, ExitRecordRow.id == LayerResultRow.record_id)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
+                .group_by(LayerResultRow.layer).order_by(LayerResultRow.layer)
+            ).all()
+        return {int(layer): float(acc) for layer, acc in rows}
+
+    def earliest_exits(self, task: str, depth: int) -> tuple[list[int], int]:
+        """Records whose earliest correct exit is each layer 0..depth, and records no layer gets right."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            first = (
+                select(func.min(LayerResultRow.layer).label("layer"))
+                .join(ExitRecordRow, ExitRecordRow.id == LayerResultRow.record_id)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED,
+                       LayerResultRow.correct.is_(True))
+                .group_by(LayerResultRow.record_id).subquery()
+            )
+            rows = s.execute(select(first.c.layer, func.count()).group_by(first.c.layer)).all()
+            total = s.scalar(select(func.count()).select_from(ExitRecordRow).where(
+                ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)) or 0
+        counts = [0] * (depth + 1)
+        for layer, n in rows:
+            if 0 <= layer <= depth:
+                counts[int(layer)] = int(n)
+        return counts, int(total) - sum(counts)

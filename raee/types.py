@@ -1,0 +1,194 @@
+"""The data the service, its client and its tools share: task specs, labelled rows, answers.
+
+Plain data classes; nothing here imports torch, numpy or a store, so `raee.client` can use
+them in a process that has only grpcio and protobuf installed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raee.errors import InvalidInput
+
+METADATA_KEY = "x-api-key"  # the gRPC metadata entry that carries an API key
+TEXT_SLOT = "{text}"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    word: str  # the verbaliser; its first sub-token's logit is the label's score
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    template: str
+    labels: tuple[Label, ...]
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise InvalidInput(
+                f"task name {self.name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+            )
+        if TEXT_SLOT not in self.template:
+            raise InvalidInput(f"template of task {self.name!r} has no {TEXT_SLOT} slot: {self.template!r}")
+        if len(self.labels) < 2:
+            raise InvalidInput(f"task {self.name!r} needs at least two labels, got {len(self.labels)}")
+        seen: set[str] = set()
+        for label in self.labels:
+            if not label.name.strip():
+                raise InvalidInput(f"task {self.name!r}: a label has an empty name")
+            if not label.word.strip():
+                raise InvalidInput(f"task {self.name!r}: label {label.name!r} has an empty label word")
+            if label.name in seen:
+                raise InvalidInput(f"task {self.name!r}: duplicate label {label.name!r}")
+            seen.add(label.name)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    def label_index(self, name: str) -> int:
+        """Index of a label by name; raises InvalidInput naming the known labels."""
+        for i, label in enumerate(self.labels):
+            if label.name == name:
+                return i
+        raise InvalidInput(f"unknown label {name!r} for task {self.name!r} (known: {', '.join(self.label_names)})")
+
+    def prompt(self, text: str) -> str:
+        # str.replace, not str.format: user texts and templates may hold braces.
+        return self.template.replace(TEXT_SLOT, text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "template": self.template,
+            "description": self.description,
+            "labels": [{"name": lb.name, "word": lb.word} for lb in self.labels],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "task spec") -> TaskSpec:
+        for key in ("name", "template", "labels"):
+            if key not in data:
+                raise InvalidInput(f"{source}: missing field {key!r}")
+        raw_labels = data["labels"]
+        labels: list[Label] = []
+        if isinstance(raw_labels, dict):  # {name = word} shorthand
+            raw_labels = [{"name": k, "word": v} for k, v in raw_labels.items()]
+        if not isinstance(raw_labels, list):
+            raise InvalidInput(f"{source}: field 'labels' must be a list of {{name, word}} tables")
+        for i, item in enumerate(raw_labels):
+            if not isinstance(item, dict) or "name" not in item:
+                raise InvalidInput(f"{source}: labels[{i}] needs a 'name' (and a 'word')")
+            name = str(item["name"])
+            labels.append(Label(name=name, word=str(item.get("word", " " + name))))
+        return cls(
+            name=str(data["name"]),
+            template=str(data["template"]),
+            labels=tuple(labels),
+            description=str(data.get("description", "")),
+        )
+
+    @classmethod
+    def from_toml(cls, path: Path) -> TaskSpec:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidInput(f"{path}: cannot read task spec: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+
+def parse_label_flag(value: str) -> Label:
+    """Parse `name=word` (word with its leading space, e.g. `positive= positive`) or a bare `name`."""
+    if "=" in value:
+        name, word = value.split("=", 1)
+    else:
+        name, word = value, " " + value
+    return Label(name=name.strip(), word=word)
+
+
+# -- labelled rows (from a file or an Ingest stream) --------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int  # 1-based line of the row's start in the file (the header is line 1)
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    line: int
+    reason: str
+
+
+# -- answers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A retrieved exit record: similarity to the query and the layers that predict its label correctly."""
+
+    id: str
+    similarity: float  # cosine similarity (Qdrant's score); distance = 1 - similarity
+    label: str
+    exits: tuple[tuple[int, float], ...]  # (layer, probability of the gold label) for correct layers
+
+
+@dataclass
+class Prediction:
+    label: str
+    scores: list[float]  # softmax over the task's label words at the exit layer, in label order
+    exit_layer: int
+    depth: int
+    neighbours: list[Neighbour] = field(default_factory=list)
+    timings_us: dict[str, int] = field(default_factory=dict)  # encode, retrieve, forward (shared by a batch)
+    labels: list[str] = field(default_factory=list)  # the task's label names, in the order of `scores`
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    present: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The `auto` policy of one task: the policy and k that scored best on the task's own records
+    (leave-one-out), and what they scored. Stored with the task; chosen off the request path."""
+
+    policy: str
+    k: int
+    accuracy: float  # on `validation_rows` records
+    mean_exit: float
+    validation_rows: int
+    records: int  # database size when chosen: auto re-tunes once it has grown by RAEE_RETUNE_GROWTH
+    chosen_at: str  # ISO 8601, UTC
+    seconds: float  # time the choice took
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Choice:
+        return cls(str(data["policy"]), int(data["k"]), float(data["accuracy"]), float(data["mean_exit"]),
+                   int(data["validation_rows"]), int(data["records"]), str(data["chosen_at"]),
+                   float(data.get("seconds", 0.0)))
+
+    def stale(self, records: int, growth: float) -> bool:
+        """True once the task has grown by `growth` (a fraction) since this choice was made."""
+        return records > self.records * (1 + growth)

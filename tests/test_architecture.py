@@ -1,0 +1,70 @@
+"""The layout's rules, checked on the source: no import cycle between modules, and subpackages
+depend one way only (docs/architecture.md draws the order)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "raee"
+# Lower layers never import higher ones. Same rank: independent of each other.
+RANK = {"errors": 0, "types": 1, "settings": 1, "protos": 1, "client": 2, "models": 3, "stores": 4, "core": 5,
+        "serving": 6, "bench": 7, "cli": 8}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if "protos" in parts or "migrations" in parts:
+            continue
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imports(path: Path, top_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raee"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("raee"))
+    return out
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else module
+
+
+def test_no_import_cycle_between_modules() -> None:
+    mods = modules()
+    graph = {m: {i for i in imports(p, top_level_only=True) if i in mods and i != m} for m, p in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in graph[m]:
+            assert state.get(n) != 1, "import cycle: " + " -> ".join([*path, m, n])
+            if n not in state:
+                visit(n, [*path, m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+
+
+def test_subpackages_depend_one_way() -> None:
+    for module, path in modules().items():
+        if module == "raee":
+            continue
+        here = layer(module)
+        for imported in imports(path, top_level_only=False):  # lazy imports count too
+            there = layer(imported)
+            if there in RANK and there != here:
+                assert RANK[there] < RANK[here], f"{module} imports {imported}: {here} must not depend on {there}"
