@@ -5,6 +5,13 @@ Messages name the field, line or object at fault, never a traceback.
 """
 
 
+def clip(value: str, limit: int = 80) -> str:
+    """repr() of a caller's value, cut to `limit` characters: an error message names what was
+    sent, but must not echo 10 KB back (gRPC caps a status message's size)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 12]}...' ({len(value)} chars)"
+
+
 class RaeeError(Exception):
     """Base class for failures a caller can act on."""
 
@@ -15,13 +22,13 @@ class InvalidInput(RaeeError, ValueError):
 
 class TaskNotFound(RaeeError, LookupError):
     def __init__(self, task: str) -> None:
-        super().__init__(f"task {task!r} does not exist (create it with `raee-admin task create`)")
+        super().__init__(f"task {clip(task)} does not exist (create it with `raee-admin task create`)")
         self.task = task
 
 
 class TaskExists(RaeeError):
     def __init__(self, task: str) -> None:
-        super().__init__(f"task {task!r} already exists")
+        super().__init__(f"task {clip(task)} already exists")
         self.task = task
 
 

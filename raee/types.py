@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import re
 import tomllib
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raee.errors import InvalidInput
+from raee.errors import InvalidInput, clip
+
+# Characters that show nothing: separators, controls and format characters (zero-width space,
+# word joiner, BOM, bidi marks). A text made only of these is as empty as "".
+_INVISIBLE = ("Z", "Cc", "Cf")
+
+
+def is_blank(text: str) -> bool:
+    """True when no character of `text` is visible (all whitespace, controls or format characters)."""
+    return all(unicodedata.category(c).startswith(_INVISIBLE) for c in text)
+
 
 METADATA_KEY = "x-api-key"  # the gRPC metadata entry that carries an API key
 TEXT_SLOT = "{text}"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -37,22 +48,22 @@ class TaskSpec:
         self.validate()
 
     def validate(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not _NAME_RE.fullmatch(self.name):  # fullmatch: `$` would let a final newline through
             raise InvalidInput(
-                f"task name {self.name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+                f"task name {clip(self.name)}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
             )
         if TEXT_SLOT not in self.template:
-            raise InvalidInput(f"template of task {self.name!r} has no {TEXT_SLOT} slot: {self.template!r}")
+            raise InvalidInput(f"template of task {clip(self.name)} has no {TEXT_SLOT} slot: {clip(self.template)}")
         if len(self.labels) < 2:
-            raise InvalidInput(f"task {self.name!r} needs at least two labels, got {len(self.labels)}")
+            raise InvalidInput(f"task {clip(self.name)} needs at least two labels, got {len(self.labels)}")
         seen: set[str] = set()
         for label in self.labels:
-            if not label.name.strip():
-                raise InvalidInput(f"task {self.name!r}: a label has an empty name")
-            if not label.word.strip():
-                raise InvalidInput(f"task {self.name!r}: label {label.name!r} has an empty label word")
+            if is_blank(label.name):
+                raise InvalidInput(f"task {clip(self.name)}: a label has an empty name")
+            if is_blank(label.word):
+                raise InvalidInput(f"task {clip(self.name)}: label {clip(label.name)} has an empty label word")
             if label.name in seen:
-                raise InvalidInput(f"task {self.name!r}: duplicate label {label.name!r}")
+                raise InvalidInput(f"task {clip(self.name)}: duplicate label {clip(label.name)}")
             seen.add(label.name)
 
     @property
@@ -64,7 +75,7 @@ class TaskSpec:
         for i, label in enumerate(self.labels):
             if label.name == name:
                 return i
-        raise InvalidInput(f"unknown label {name!r} for task {self.name!r} (known: {', '.join(self.label_names)})")
+        raise InvalidInput(f"unknown label {clip(name)} for task {clip(self.name)} (known: {', '.join(self.label_names)})")
 
     def prompt(self, text: str) -> str:
         # str.replace, not str.format: user texts and templates may hold braces.

@@ -4,7 +4,6 @@ google protos (the base install's dependencies) imports `raee.client` and calls 
 from __future__ import annotations
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -22,7 +22,7 @@ from .conftest import CORPORA
 
 pytestmark = pytest.mark.real_model
 
-SST2 = Path(__file__).resolve().parents[1] / "admin" / "tasks" / "sst2.toml"
+SST2 = Path(__file__).resolve().parents[1] / "raee" / "cli" / "tasks" / "sst2.toml"
 TRAIN_ROWS, DEV_ROWS = 240, 100
 
 

@@ -113,7 +113,7 @@ def task() -> None:
 @friendly_errors
 def task_create(obj: Context, name: str | None, spec_file: Path | None, template: str | None,
                 labels: tuple[str, ...], description: str, server: str | None) -> None:
-    """Create a task from flags or from a TOML file (see admin/tasks/*.toml)."""
+    """Create a task from flags or from a TOML file (see raee/cli/tasks/*.toml)."""
     if spec_file:
         spec = TaskSpec.from_toml(spec_file)
     else:
@@ -387,9 +387,9 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
             others.append(Engine(engine.backbone, encoder, store, engine.metadata, obj.settings))
     reports = []
     for name in tasks:
-        spec_file = Path(str(resources.files("admin") / "tasks" / f"{name}.toml"))
+        spec_file = Path(str(resources.files("raee.cli") / "tasks" / f"{name}.toml"))
         if not spec_file.exists():
-            raise click.UsageError(f"no task spec admin/tasks/{name}.toml")
+            raise click.UsageError(f"no task spec raee/cli/tasks/{name}.toml")
         report = harness.bench_task(engine, TaskSpec.from_toml(spec_file), data_root / name / "train.tsv",
                                     data_root / name / "dev.tsv", train_rows, dev_rows, k, latency_rows, sweeps,
                                     others, sizes or harness.SIZE_SWEEP)
@@ -561,7 +561,7 @@ def demo(ctx: click.Context) -> None:
     engine = obj.engine
     from raee.errors import TaskNotFound
 
-    assets = resources.files("admin")
+    assets = resources.files("raee.cli")
     try:
         info = engine.task_info("sst2")
     except TaskNotFound:

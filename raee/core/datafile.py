@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
 from raee.errors import InvalidInput
-from raee.types import Rejected, Row
+from raee.types import Rejected, Row, is_blank
 
 FORMATS = ("tsv", "csv", "jsonl")
 csv.field_size_limit(sys.maxsize)
@@ -48,16 +47,6 @@ def read_rows(
                 yield from _delimited_rows(handle, path, "\t" if fmt == "tsv" else ",", text_column, label_column)
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-
-
-# Characters that show nothing: separators, controls and format characters (zero-width space,
-# word joiner, BOM, bidi marks). A text made only of these is as empty as "".
-_INVISIBLE = ("Z", "Cc", "Cf")
-
-
-def is_blank(text: str) -> bool:
-    """True when no character of `text` is visible (all whitespace, controls or format characters)."""
-    return all(unicodedata.category(c).startswith(_INVISIBLE) for c in text)
 
 
 def check_row(line: int, text: object, label: object) -> Row | Rejected:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from sqlalchemy.exc import OperationalError
 
-from raee.core.datafile import is_blank
 from raee.core.policies import Decision, ExitPolicy, parse_policy
 from raee.errors import InvalidInput, StoreMismatch
 from raee.models.backbone import Backbone, LabelHead
@@ -22,7 +21,7 @@ from raee.settings import Settings
 from raee.stores.metadata import MetadataStore, TaskInfo
 from raee.stores.records import ExitRecord, layer_results, record_id
 from raee.stores.vectors import VectorPoint, VectorStore
-from raee.types import Choice, IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec
+from raee.types import Choice, IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec, is_blank
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,7 @@ from raee.types import METADATA_KEY, Label, Prediction, TaskSpec
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Raee"].full_name
 R = TypeVar("R")
+MAX_MESSAGE = 2048  # characters of an error message sent to a caller
 OTHER_TASK = "_other"  # the metrics label of every task name that does not exist (task names start alphanumeric)
 
 # The one place that decides which status code a failure gets. Anything else is
@@ -69,17 +70,21 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
     for kind, code in STATUS_CODES.items():
         if isinstance(exc, kind):
-            return code, str(exc)
+            message = str(exc)  # gRPC drops a status whose message overflows its 8 KB metadata limit
+            return code, message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
     if isinstance(exc, OperationalError):  # the metadata database went away: retry later, nothing was stored
         return grpc.StatusCode.UNAVAILABLE, "metadata database unreachable; retry later"
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """The code of a call whose handler was cancelled: its deadline passed, or the client went away."""
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
-        grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
 
 
 class Undecodable:
@@ -241,7 +246,8 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         try:
             self._authorize(context, method, task)
             result = await work()
-            code = grpc.StatusCode.OK
+            # An answer that comes after the caller's deadline never reaches it: count what it sees.
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.OK
             return result
         except asyncio.CancelledError:  # the client cancelled or its deadline passed: count it as that
             code = _ended_code(context)
@@ -272,7 +278,9 @@ class RaeeServicer(pb_grpc.RaeeServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         async def work() -> pb.ClassifyResponse:
-            return (await self._classify(request.task, [request.text], request.options, context))[0]
+            response = (await self._classify(request.task, [request.text], request.options, context))[0]
+            response.request_id = request.request_id
+            return response
 
         return await self._observe("Classify", request.task, context, work)
 
