@@ -26,7 +26,9 @@ class Settings(BaseSettings):
         default=DEFAULT_BACKBONE,
         description="'gguf:gemma3-270m-q4-k-m' (packaged), a local directory, a cached model id or a .gguf path",
     )
-    encoder: str = Field(default=DEFAULT_ENCODER, description="'minilm' (packaged) or a local sentence-transformers dir")
+    encoder: str = Field(
+        default=DEFAULT_ENCODER, description="'minilm' (packaged) or a local sentence-transformers dir"
+    )
     device: str = "cpu"
     dtype: str = Field(default="float32", description="float32, bfloat16 or float16")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
@@ -55,7 +57,9 @@ class Settings(BaseSettings):
     address: str = "127.0.0.1:50051"
     metrics_port: int = 9464
     max_batch_size: int = Field(default=16, description="texts per model batch (a larger request is cut into chunks)")
-    max_batch_texts: int = Field(default=1024, description="texts one ClassifyBatch may carry (INVALID_ARGUMENT past it)")
+    max_batch_texts: int = Field(
+        default=1024, description="texts one ClassifyBatch may carry (INVALID_ARGUMENT past it)"
+    )
     max_wait_ms: float = 5.0
     queue_size: int = 256
     grace_seconds: float = 10.0

@@ -50,7 +50,8 @@ class TaskSpec:
     def validate(self) -> None:
         if not _NAME_RE.fullmatch(self.name):  # fullmatch: `$` would let a final newline through
             raise InvalidInput(
-                f"task name {clip(self.name)}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+                f"task name {clip(self.name)}: use 1-64 letters, digits, '_', '-' or '.', "
+                "starting with a letter or digit"
             )
         if TEXT_SLOT not in self.template:
             raise InvalidInput(f"template of task {clip(self.name)} has no {TEXT_SLOT} slot: {clip(self.template)}")
@@ -75,7 +76,9 @@ class TaskSpec:
         for i, label in enumerate(self.labels):
             if label.name == name:
                 return i
-        raise InvalidInput(f"unknown label {clip(name)} for task {clip(self.name)} (known: {', '.join(self.label_names)})")
+        raise InvalidInput(
+            f"unknown label {clip(name)} for task {clip(self.name)} (known: {', '.join(self.label_names)})"
+        )
 
     def prompt(self, text: str) -> str:
         # str.replace, not str.format: user texts and templates may hold braces.

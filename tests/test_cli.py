@@ -68,6 +68,13 @@ def test_ingest_classify_eval_round_trip(run, tmp_path: Path) -> None:  # type: 
     assert saved["policies"][1]["exit_histogram"] == [0, 4, 0, 0, 0]
     assert saved["policies"][2]["mean_exit_layer"] == 4 and saved["policies"][2]["layers_saved"] == 0
 
+    # The local ingest tuned `auto` (10 records); eval uses that stored choice and says what it is.
+    assert "auto for sentiment:" in first
+    chosen = json.loads(run("task", "show", "sentiment").split("\nrecords each exit")[0])["auto"]
+    run("eval", "--task", "sentiment", str(dev), "--policy", "auto", "--json-out", str(tmp_path / "a.json"))
+    policies = [p["policy"] for p in json.loads((tmp_path / "a.json").read_text())["policies"]]
+    assert policies[0] == f"auto={chosen['policy']}"
+
 
 def test_user_mistakes_get_one_line_not_a_traceback(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     missing = run("classify", "--task", "nope", "hello", code=2)

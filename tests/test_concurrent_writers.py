@@ -60,8 +60,8 @@ def test_two_writers_share_the_sql_database(engine: Engine, tmp_path: Path) -> N
     """Two engines (two SQL connection pools) write overlapping rows at the same time."""
     engine.create_task(SENTIMENT)
     # A backbone reads exits with hooks on its modules: one per thread, as in separate processes.
-    second = Engine(CausalLMBackbone(tiny_causal_lm(), tiny_tokenizer(), engine.backbone.model_id), engine.encoder, engine.vectors, MetadataStore(engine.metadata.url),
-                    engine.settings)
+    second = Engine(CausalLMBackbone(tiny_causal_lm(), tiny_tokenizer(), engine.backbone.model_id), engine.encoder,
+                    engine.vectors, MetadataStore(engine.metadata.url), engine.settings)
     rows = corpus(90)
     files = [write_tsv(tmp_path / "a.tsv", rows[:60]), write_tsv(tmp_path / "b.tsv", rows[30:])]
     errors: list[BaseException] = []

@@ -78,8 +78,8 @@ def test_a_store_made_before_tenant_graphs_opens_and_converges(tmp_path: Path) -
     assert uuid.UUID(hits[0].id).int - 1 == 5 and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
     store.close()
     saved = json.loads((path / "edge_config.json").read_text())
-    assert (saved["hnsw_config"]["m"], saved["hnsw_config"]["payload_m"], saved["hnsw_config"]["full_scan_threshold"]) == (
-        0, 16, 40_000)
+    hnsw = saved["hnsw_config"]
+    assert (hnsw["m"], hnsw["payload_m"], hnsw["full_scan_threshold"]) == (0, 16, 40_000)
 
 
 def test_the_server_engine_builds_indexes_before_serving_unless_told_not_to(

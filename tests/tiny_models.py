@@ -8,7 +8,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-WORDS = ["the", "a", "an", "and", "or", "but", "not", "no", "is", "was", "it", "this", "that", "of", "to", "in", "on", "for", "with", "as", "at", "by", "from", "very", "good", "great", "bad", "awful", "terrible", "wonderful", "fine", "movie", "film", "plot", "acting", "story", "boring", "fun", "funny", "sad", "happy", "love", "hate", "loved", "hated", "best", "worst", "dull", "brilliant", "mess", "masterpiece", "what", "sentiment", "sentence", "print", "negative", "positive", "answer", "category", "question", "who", "where", "when", "how", "many", "why", "world", "sports", "business", "technology", "team", "game", "market", "stock", "company", "phone", "software", "won", "lost"]
+WORDS = [
+    "the", "a", "an", "and", "or", "but", "not", "no", "is", "was", "it", "this", "that", "of", "to", "in", "on",
+    "for", "with", "as", "at", "by", "from", "very", "good", "great", "bad", "awful", "terrible", "wonderful",
+    "fine", "movie", "film", "plot", "acting", "story", "boring", "fun", "funny", "sad", "happy", "love", "hate",
+    "loved", "hated", "best", "worst", "dull", "brilliant", "mess", "masterpiece", "what", "sentiment", "sentence",
+    "print", "negative", "positive", "answer", "category", "question", "who", "where", "when", "how", "many", "why",
+    "world", "sports", "business", "technology", "team", "game", "market", "stock", "company", "phone", "software",
+    "won", "lost",
+]
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<mask>"]
 
 

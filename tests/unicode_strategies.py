@@ -223,8 +223,9 @@ def policy_verdict(spec: str, depth: int) -> tuple[Verdict, PolicyReading | None
     """The answer a ClassifyOptions.policy must get, and how an accepted one must be read.
 
     Rules: "" is `paper`; names are exact and lower case; `paper`, `paper-all`, `full`,
-    `knn-vote` and `auto` take no argument, `static` needs one, the others may have one; numbers in arguments are ASCII (a layer: ASCII
-    digits; a threshold: an ASCII decimal in 0..1); `static:<layer>` needs layer <= depth.
+    `knn-vote` and `auto` take no argument, `static` needs one, the others may have one; numbers in
+    arguments are ASCII (a layer: ASCII digits; a threshold: an ASCII decimal in 0..1); `static:<layer>`
+    needs layer <= depth.
     Whitespace around the whole string may be ignored or refused; so may an unusual but
     ASCII spelling of a number ("03", "1e-1"). Anything non-ASCII in a number is refused.
     """

@@ -57,7 +57,8 @@ class TaskBench:
     def to_dict(self) -> dict[str, Any]:
         return {
             "task": self.task, "depth": self.depth, "labels": self.labels, "train_rows": self.train_rows,
-            "dev_rows": self.dev_rows, "k": self.k, "auto": self.tuned.to_dict(), "calibrated_on_train": self.calibrated,
+            "dev_rows": self.dev_rows, "k": self.k, "auto": self.tuned.to_dict(),
+            "calibrated_on_train": self.calibrated,
             "policies": [r.summary(len(self.labels)) for r in self.results],
             "layer_accuracy": self.layer_accuracy, "latency_us": self.latency,
             "k_sweep": self.k_sweep, "size_sweep": self.size_sweep, "encoder_sweep": self.encoder_sweep,

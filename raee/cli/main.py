@@ -84,7 +84,9 @@ def friendly_errors(func: F) -> F:
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | None, **overrides: Any) -> None:
     """Administer a RAEE (retrieval-augmented early exit) inference service."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     ctx.obj = Context(settings, api_key, tls_ca)
     ctx.call_on_close(ctx.obj.close)

@@ -1,1 +1,1 @@
-"""The method: tasks, exit records, policies, the engine (classify and ingest), auto tuning, evaluation."""
+"""The method: exit policies, the engine (classify and ingest), auto tuning, evaluation, doctor."""

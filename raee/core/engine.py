@@ -259,7 +259,9 @@ class Engine:
             if d.answer is not None:
                 out[i], exits[i] = d.answer, 0
             elif d.stop is not None:
-                logits, exits[i] = self.backbone.exit_logits_until(self._prompt(spec, texts[i]), head, d.max_layer, d.stop)
+                logits, exits[i] = self.backbone.exit_logits_until(
+                    self._prompt(spec, texts[i]), head, d.max_layer, d.stop
+                )
                 out[i] = softmax(logits.numpy().astype(np.float64))
             else:
                 groups[d.max_layer].append(i)

@@ -382,13 +382,13 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                             raise InvalidInput("task: the first Ingest message must name the task")
                         task = message.task
                         self._authorize(context, "Ingest", task)
-                        session = await self.worker.call(lambda e: e.ingest_session(task, source="grpc"))
+                        session = await self.worker.call(lambda e, t=task: e.ingest_session(t, source="grpc"))
                     elif message.task and message.task != task:
                         raise InvalidInput(f"task: one Ingest call takes one task ({task!r}, then {message.task!r})")
                     rows = [check_row(seen + i, ex.text, ex.label) for i, ex in enumerate(message.examples)]
                     seen += len(rows)
                     for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
-                        await self.worker.call(lambda e, c=rows[start : start + size]: session.add(c))
+                        await self.worker.call(lambda e, s=session, c=rows[start : start + size]: s.add(c))
                 # A cancelled call's message stream just ends, like a finished one; its cancellation is
                 # delivered at the next await: yield once, so that it is recorded as cancelled, not done.
                 await asyncio.sleep(0)

@@ -199,6 +199,7 @@ class ModelWorker:
                     job = self._calls.popleft()
                     try:
                         if not job.future.done():
+                            assert self.engine is not None  # _submit takes no job before the engine is loaded
                             await self._deliver(job.future, loop.run_in_executor(self._thread, job.fn, self.engine))
                     finally:
                         self._settle_job()
@@ -306,11 +307,11 @@ class ModelWorker:
             policy, k = job.resolved
             groups[(job.task, policy.name, k)].append(i)
             policies[policy.name] = policy
-        for (task, policy, k), members in groups.items():
+        for (task, policy_name, k), members in groups.items():
             texts = [t for i in members for t in batch[i][0].texts[batch[i][1] : batch[i][2]]]
             start = time.perf_counter()
             try:
-                predictions = self.engine.classify_validated(task, texts, policies[policy], k)
+                predictions = self.engine.classify_validated(task, texts, policies[policy_name], k)
             except Exception as exc:
                 if not isinstance(exc, RaeeError):
                     log.exception("batch of %d texts for task %s failed", len(texts), task)

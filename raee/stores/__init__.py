@@ -1,1 +1,1 @@
-"""Vector store (Qdrant Edge / server), SQL metadata, migrations, consistency checks."""
+"""Where exit records live: vector store (Qdrant Edge / server), SQL metadata, migrations."""

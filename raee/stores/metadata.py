@@ -350,7 +350,9 @@ class MetadataStore:
     def mark_pending(self, ids: Sequence[str]) -> None:
         with self._session.begin() as s:
             for i in range(0, len(ids), 500):
-                s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))).values(status=PENDING))
+                s.execute(
+                    update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))).values(status=PENDING)
+                )
 
     # -- analytics -----------------------------------------------------------
 
