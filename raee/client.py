@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grpc
 
@@ -58,7 +59,7 @@ class _WithMetadata:
         self._stub = stub
         self._metadata = metadata
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Any:
         method = getattr(self._stub, name)
         return lambda *args, **kwargs: method(*args, metadata=self._metadata, **kwargs)
 

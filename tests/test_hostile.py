@@ -277,7 +277,9 @@ def test_an_ingest_cancelled_before_its_first_chunk_leaves_nothing_running(serve
     for first in ([], [pb.IngestRequest(task="early")]):  # nothing sent; only the task named
         release = threading.Event()
 
-        def messages(first: list[pb.IngestRequest] = first) -> Iterator[pb.IngestRequest]:
+        def messages(
+            first: list[pb.IngestRequest] = first, release: threading.Event = release
+        ) -> Iterator[pb.IngestRequest]:
             yield from first
             release.wait(60)
 
@@ -310,8 +312,8 @@ def test_expired_and_cancelled_calls_are_counted_with_their_codes(served: Served
     # The worker is busy with a large batch, so these short calls expire while queued (as under load).
     busy = served.stub.ClassifyBatch.future(
         pb.ClassifyBatchRequest(task="t", texts=[f"busy {i}" for i in range(1000)]), timeout=600)
-    codes = [code_of(lambda t=t: served.stub.Classify(pb.ClassifyRequest(task="t", text=f"deadline {i}"),
-                                                       timeout=t))[0]
+    codes = [code_of(lambda i=i, t=t: served.stub.Classify(pb.ClassifyRequest(task="t", text=f"deadline {i}"),
+                                                            timeout=t))[0]
              for i, t in enumerate([0.001] * 10 + [0.05] * 10)]
     busy.result()
     time.sleep(1.0)  # a handler may still be finishing

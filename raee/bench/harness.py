@@ -229,8 +229,8 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
                 out += ["", f"Sweep over {title} (accuracy, mean exit):", "",
                         "| policy | " + " | ".join(f"{x} {unit}" for x in xs) + " |",
                         "|---|" + "---|" * len(xs)]
-                for p, points in sweep.items():
-                    out.append(f"| {p} | " + " | ".join(f"{100 * a:.1f} % @ {m:.1f}" for _, a, m in points) + " |")
+                for policy, points in sweep.items():
+                    out.append(f"| {policy} | " + " | ".join(f"{100 * a:.1f} % @ {m:.1f}" for _, a, m in points) + " |")
         if r.encoder_sweep:
             out += ["", "Key encoders (accuracy, mean exit):", "", "| encoder | " + " | ".join(SWEEP_POLICIES) + " |",
                     "|---|" + "---|" * len(SWEEP_POLICIES)]

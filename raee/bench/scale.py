@@ -154,8 +154,8 @@ def scale(sizes: Sequence[int], tenants: int = 10, dim: int = 384, k: int = 12, 
                     bar.update(n)
             upsert_s = time.perf_counter() - start
             probes = make_keys.probes(queries)
-            measured = dict(keys=all_keys[:size], tenant_of=tenant_of[:size], probes=probes, tenants=tenants, k=k,
-                            recall_queries=recall_queries)
+            measured: dict[str, Any] = dict(keys=all_keys[:size], tenant_of=tenant_of[:size], probes=probes,
+                                            tenants=tenants, k=k, recall_queries=recall_queries)
             scan = _measure(store, desc=f"scan at {size:,}", **measured)
             start = time.perf_counter()
             store.optimize()

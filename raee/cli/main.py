@@ -7,7 +7,7 @@ import itertools
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from raee.core.datafile import FORMATS, read_rows
 from raee.errors import RaeeError
 from raee.settings import Settings
-from raee.types import Row, TaskSpec, parse_label_flag
+from raee.types import Rejected, Row, TaskSpec, parse_label_flag
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -214,7 +214,9 @@ def _file_options(func: F) -> F:
     return func
 
 
-def _rows(path: Path, text_column: str, label_column: str, fmt: str | None, limit: int | None):  # type: ignore[no-untyped-def]
+def _rows(
+    path: Path, text_column: str, label_column: str, fmt: str | None, limit: int | None
+) -> Iterator[Row | Rejected]:
     return itertools.islice(read_rows(path, text_column, label_column, fmt), limit)
 
 

@@ -33,8 +33,12 @@ class Decision:
 
 
 class ExitPolicy(Protocol):
-    name: str
-    uses_neighbours: bool
+    # read-only: the policies are frozen dataclasses, and `name` is a property on some of them
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def uses_neighbours(self) -> bool: ...
 
     def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision: ...
 

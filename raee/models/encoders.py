@@ -10,13 +10,15 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
 from raee.errors import InvalidInput
 
 if TYPE_CHECKING:
+    import torch
+
     from raee.models.backbone import Backbone
 
 
@@ -36,7 +38,9 @@ class SentenceTransformerEncoder:
 
         self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.model_id = model_id
-        self.dim = int(self._model.get_embedding_dimension())
+        dim = self._model.get_embedding_dimension()
+        assert dim is not None, f"{path}: the encoder reports no embedding dimension"
+        self.dim = int(dim)
         self.batch_size = batch_size
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -74,7 +78,8 @@ class BackboneKeyEncoder:
         self.backbone = backbone
         self.layer = layer
         self.model_id = f"{backbone.model_id}-hidden{layer}"
-        self.dim = int(backbone.lm_head.weight.shape[1])
+        # torch types a module's attributes as `Tensor | Module`; an LM head's weight is a Tensor
+        self.dim = int(cast("torch.Tensor", backbone.lm_head.weight).shape[1])
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         pooled = self.backbone.pooled_hidden(list(texts), self.layer).cpu().numpy()

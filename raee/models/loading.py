@@ -41,7 +41,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model with the (unserialisable) GGUF quantizer attached; the
     # weights are already dequantised, so dropping it loses nothing.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch types unknown Module attributes as Tensor | Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp)
@@ -105,6 +105,6 @@ def load_backbone(
         raise InvalidInput(
             f"backbone {spec!r}: not a local directory, a .gguf file or a model in the local cache ({exc})"
         ) from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to` is typed without its `self` binding
     log.info("backbone %s loaded in %.1f s", model_id, time.perf_counter() - start)
     return family(model, tokenizer, model_id, max_tokens=max_tokens)

@@ -42,7 +42,7 @@ from raee.serving.auth import KeyRing, Principal
 from raee.serving.metrics import Metrics
 from raee.serving.worker import ModelWorker
 from raee.settings import Settings
-from raee.types import METADATA_KEY, Label, Prediction, TaskSpec
+from raee.types import METADATA_KEY, Label, Prediction, Rejected, Row, TaskSpec
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Raee"].full_name
@@ -382,13 +382,22 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                             raise InvalidInput("task: the first Ingest message must name the task")
                         task = message.task
                         self._authorize(context, "Ingest", task)
-                        session = await self.worker.call(lambda e, t=task: e.ingest_session(t, source="grpc"))
+
+                        def open_session(e: Engine, name: str = task) -> IngestSession:
+                            return e.ingest_session(name, source="grpc")
+
+                        session = await self.worker.call(open_session)
                     elif message.task and message.task != task:
                         raise InvalidInput(f"task: one Ingest call takes one task ({task!r}, then {message.task!r})")
                     rows = [check_row(seen + i, ex.text, ex.label) for i, ex in enumerate(message.examples)]
                     seen += len(rows)
                     for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
-                        await self.worker.call(lambda e, s=session, c=rows[start : start + size]: s.add(c))
+
+                        def add_chunk(e: Engine, s: IngestSession = session,
+                                      c: list[Row | Rejected] = rows[start : start + size]) -> None:
+                            s.add(c)
+
+                        await self.worker.call(add_chunk)
                 # A cancelled call's message stream just ends, like a finished one; its cancellation is
                 # delivered at the next await: yield once, so that it is recorded as cancelled, not done.
                 await asyncio.sleep(0)
@@ -480,7 +489,7 @@ class RaeeServer:
         self.settings = settings
         self.engine_factory = engine_factory or functools.partial(Engine.open_for_serving, settings)
         self.metrics = Metrics()
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lack health.aio
         self.worker = ModelWorker(settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
                                   self.metrics)
         limits = settings.max_message_bytes

@@ -7,9 +7,10 @@ SQLite in the data directory by default; any SQLAlchemy URL (Postgres) through
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -141,20 +142,22 @@ class TaskInfo:
     tuned: Choice | None = None
 
 
-def _dialect_insert(dialect: str):  # type: ignore[no-untyped-def]
+def _dialect_insert(dialect: str) -> Callable[..., Any]:
     """INSERT with ON CONFLICT for the two supported databases."""
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        raise NotImplementedError(f"metadata store: {dialect} is not supported (use SQLite or Postgres)")
-    return insert
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+    raise NotImplementedError(f"metadata store: {dialect} is not supported (use SQLite or Postgres)")
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA journal_mode=WAL")  # readers (admin) do not block the writer (ingest)

@@ -244,7 +244,7 @@ class EdgeVectorStore:
             if self._shard is not None:
                 self._shard.flush()
                 self._shard.close()
-                self._shard = None
+                self._shard = None  # type: ignore[assignment]  # closed: only ping()/close() may run after this
 
 
 class QdrantServerStore:
