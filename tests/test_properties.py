@@ -643,8 +643,10 @@ def check_create_task(server: LiveServer, request: pb.CreateTaskRequest, text: s
 
 ingest_examples = st.lists(st.builds(
     lambda focus, text, label, plain_text, plain_label: pb.Example(
-        text=text if focus in ("text", "all") else plain_text, label=label if focus in ("label", "all") else plain_label),
-    st.sampled_from(("text", "label", "all", "none")), texts, label_names, words, st.sampled_from(SENTIMENT.label_names)),
+        text=text if focus in ("text", "all") else plain_text,
+        label=label if focus in ("label", "all") else plain_label),
+    st.sampled_from(("text", "label", "all", "none")), texts, label_names, words,
+    st.sampled_from(SENTIMENT.label_names)),
     max_size=5)
 ingest_messages = st.lists(
     st.builds(lambda task, exs: pb.IngestRequest(task=task, examples=exs),
