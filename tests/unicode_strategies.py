@@ -54,7 +54,7 @@ other_digits = st.one_of(
     st.builds(lambda z, d: chr(ord(z) + d), st.sampled_from(DIGIT_ZEROS), st.integers(0, 9)),
     st.characters(categories=("Nd", "Nl", "No"), exclude_characters="0123456789"),
 )
-format_chars = st.one_of(st.sampled_from(FORMAT_CHARS), st.characters(categories=("Cf",)))
+format_chars = st.one_of(st.sampled_from(FORMAT_CHARS), st.characters(categories=["Cf"]))
 whitespace_chars = st.one_of(st.sampled_from(WHITESPACE), st.characters(categories=("Zs", "Zl", "Zp")))
 invisible_chars = st.one_of(format_chars, whitespace_chars, st.sampled_from(CONTROLS[1:]))
 

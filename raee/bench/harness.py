@@ -24,6 +24,7 @@ from raee.core import auto as tuning
 from raee.core.datafile import read_rows
 from raee.core.engine import Engine
 from raee.core.evaluation import Measured, PolicyResult, layer_accuracy, measure, run_oracle, run_policy
+from raee.core.heads import fit_heads
 from raee.core.policies import parse_policy
 from raee.stores.records import ExitRecord, LayerResult, record_id
 from raee.types import Choice, Row, TaskSpec
@@ -137,6 +138,19 @@ def latency(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[t
     return out
 
 
+def key_logreg(engine: Engine, spec: TaskSpec, train: Path, train_rows: int, rows: Sequence[Row],
+               depth: int) -> PolicyResult:
+    """What a practitioner tries first: logistic regression on the retrieval keys (no backbone),
+    fit on the train records with C chosen by cross-validation, as the exit heads are."""
+    records = first_rows(train, train_rows)
+    keys = engine.encoder.encode([r.text for r in records])
+    fitted = fit_heads(np.asarray(keys, dtype=np.float32)[:, None, :], [spec.label_index(r.label) for r in records],
+                       len(spec.labels), [str(i) for i in range(len(records))], spec.label_names)
+    probs = fitted.probs(0, np.asarray(engine.encoder.encode([r.text for r in rows]), dtype=np.float32))
+    return PolicyResult("key-logreg", depth, [spec.label_index(r.label) for r in rows],
+                        [int(p.argmax()) for p in probs], [0] * len(rows))
+
+
 def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_rows: int, dev_rows: int,
                k: int = 12, latency_rows: int = 48, sweeps: Sequence[str] = ("k", "size", "encoder"),
                encoders: Sequence[Engine] = (), sizes: Sequence[int] = SIZE_SWEEP) -> TaskBench:
@@ -145,11 +159,13 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     build(engine, task, train, train_rows)
     depth, labels = engine.depth, spec.label_names
 
-    # Choices made on the train records only (leave-one-out), never on the measured rows.
+    # Choices made on the train records only (leave-one-out / out of fold), never on the measured rows.
+    heads = tuning.fit_task_heads(engine, task) if tuning.needs_heads(engine, task) else engine.heads(task)
     validation = tuning.validation_rows(engine, task, 300, max(tuning.K_CHOICES))
-    ranked = tuning.choose(validation, depth, labels)
+    ranked = tuning.choose(validation, depth, labels, heads=heads)
+    families = ("static", "confidence", "paper-tol") + (("knn-heads",) if heads else ())
     calibrated = {family: next(name for name, *_ in ranked if name.startswith(family + ":"))
-                  for family in ("static", "confidence", "paper-tol")}
+                  for family in families}
     best = ranked[0]
     tuned = Choice(best[0], best[1], best[2], best[3], len(validation), train_rows,
                    datetime.now(UTC).isoformat(timespec="seconds"), 0.0)
@@ -159,10 +175,17 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
         measured = measure(engine, task, rows, max(K_SWEEP), progress=bar.update)
     names = ["full", calibrated["static"], calibrated["confidence"], "paper", "paper-all", calibrated["paper-tol"],
              "knn-agree", "knn-vote"]
+    if heads:  # the best fixed head (out of fold on train), the paper over head-judged exits, the stop rule
+        names += [f"heads:{heads.best_exit}", "paper-heads", calibrated["knn-heads"]]
     results = [run_policy(parse_policy(n), measured, depth, labels, k) for n in names]
     auto = run_policy(parse_policy(best[0]), measured, depth, labels, best[1])
     auto.name = f"auto={best[0]}"
-    results += [auto, run_oracle(measured, depth)]
+    results += [auto, key_logreg(engine, spec, train, train_rows, rows, depth), run_oracle(measured, depth)]
+    if heads:
+        oracle = run_oracle([Measured(m.gold, m.head_probs, m.neighbours) for m in measured
+                             if m.head_probs is not None], depth)
+        oracle.name = "oracle-heads"
+        results.append(oracle)
     report = TaskBench(task, depth, labels, train_rows, len(rows), k, tuned, calibrated, results,
                        layer_accuracy(measured))
 

@@ -246,7 +246,11 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
             engine.build_index()
             from raee.core import auto
 
-            if auto.needs_tuning(engine, task_name):  # here, not on a later request
+            if auto.needs_heads(engine, task_name):  # here, not on a later request
+                heads = auto.fit_task_heads(engine, task_name)
+                click.echo(f"exit heads v{heads.version} for {task_name}: best exit {heads.best_exit} "
+                           f"({100 * heads.accuracy[heads.best_exit]:.1f}% out of fold)", err=True)
+            if auto.needs_tuning(engine, task_name) or auto.needs_tuning_after_heads(engine, task_name):
                 choice = auto.tune(engine, task_name)
                 click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k}", err=True)
     for rej in report.rejected:
@@ -510,6 +514,43 @@ def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> None:
     choice = tuning.tune(engine, task_name, validation)
     click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k} "
                f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
+
+
+@cli.command("fit-heads")
+@click.option("--task", "task_name", required=True)
+@click.option("--json", "as_json", is_flag=True, help="the fit's summary as one JSON object")
+@click.pass_obj
+@friendly_errors
+def fit_heads_cmd(obj: Context, task_name: str, as_json: bool) -> None:
+    """Fit the task's exit heads (a linear head per exit on its records' exit features, C chosen by
+    cross-validation) as a new version, then re-choose its `auto` policy."""
+    from raee.core import auto
+
+    engine = obj.engine
+    heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True))
+    choice = auto.tune(engine, task_name)
+    if as_json:
+        click.echo(json.dumps({**heads.summary(), "auto": choice.to_dict()}, indent=2))
+        return
+    click.echo(f"exit heads v{heads.version} for {task_name}: {len(heads.record_ids)} records, "
+               f"{heads.seconds:.1f} s")
+    click.echo("out-of-fold accuracy per exit: " + " ".join(
+        f"L{layer}={100 * a:.1f}%" for layer, a in enumerate(heads.accuracy)))
+    click.echo(f"best exit {heads.best_exit}; auto for {task_name}: {choice.policy} with k = {choice.k} "
+               f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f})")
+
+
+@cli.command("backfill-features")
+@click.option("--task", "task_name", required=True)
+@click.pass_obj
+@friendly_errors
+def backfill_features(obj: Context, task_name: str) -> None:
+    """Compute exit features for records stored before exit heads existed (one forward each)."""
+    engine = obj.engine
+    missing = len(engine.metadata.without_features(task_name))
+    with tqdm(total=missing, unit="record", desc=f"features {task_name}", file=sys.stderr) as bar:
+        done = engine.backfill_features(task_name, progress=bar.update)
+    click.echo(f"exit features added to {done} records of {task_name}")
 
 
 @cli.command()

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
 
 from raee.core.engine import Engine
 from raee.core.evaluation import Measured, run_policy
+from raee.core.heads import MIN_RECORDS as HEADS_MIN_RECORDS
+from raee.core.heads import ExitHeads, fit_heads
 from raee.core.policies import parse_policy
 from raee.errors import InvalidInput
 from raee.types import Choice
@@ -29,14 +31,21 @@ K_CHOICES = (4, 8, 12, 16, 24, 32)
 MIN_RECORDS = 10
 
 
-def candidate_policies(depth: int) -> list[str]:
-    """Every policy auto may pick; static layers and thresholds are swept."""
-    return [
+def candidate_policies(depth: int, heads: ExitHeads | None = None) -> list[str]:
+    """Every policy auto may pick; static layers and thresholds are swept. With exit heads: each
+    head, the paper's aggregation over head-judged exits, and knn-heads stop rules (unbounded and
+    bounded by the best head's exit)."""
+    names = [
         "paper", "paper-all", "knn-vote", "knn-agree", "full",
         *(f"paper-tol:{t}" for t in (0.05, 0.1, 0.2, 0.3)),
         *(f"confidence:{t}" for t in (0.6, 0.7, 0.8, 0.9, 0.95)),
         *(f"static:{layer}" for layer in range(depth + 1)),
     ]
+    if heads is not None:
+        thresholds = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+        names += [*(f"heads:{layer}" for layer in range(depth + 1)), "paper-heads",
+                  *(f"knn-heads:{t}" for t in thresholds), *(f"knn-heads:{t}:{heads.best_exit}" for t in thresholds)]
+    return names
 
 
 def probs_from_sql(results: Sequence[tuple[str, float, float]], labels: Sequence[str]) -> np.ndarray:
@@ -61,18 +70,23 @@ def validation_rows(engine: Engine, task: str, n: int, k_max: int, seed: int = 0
     sample = random.Random(seed).sample(examples, min(n, len(examples)))
     layers = engine.metadata.layer_results([rid for rid, _, _ in sample])
     found, _ = engine.neighbours(task, [text for _, text, _ in sample], k_max + 1)
+    heads = engine.heads(task)
     rows = []
     for (rid, _text, label), neighbours in zip(sample, found):
         others = [nb for nb in neighbours if nb.id != rid][:k_max]
-        rows.append(Measured(spec.label_index(label), probs_from_sql(layers[rid], spec.label_names), others))
+        judged = heads.judged(rid) if heads else None  # out of fold: the head never saw this record
+        rows.append(Measured(spec.label_index(label), probs_from_sql(layers[rid], spec.label_names), others,
+                             judged, engine.head_judged(others, heads, spec) if heads else None))
+    if heads is not None and any(r.head_probs is None for r in rows):  # records newer than the heads
+        rows = [r for r in rows if r.head_probs is not None]
     return rows
 
 
-def choose(rows: Sequence[Measured], depth: int, labels: Sequence[str],
-           ks: Sequence[int] = K_CHOICES) -> list[tuple[str, int, float, float]]:
+def choose(rows: Sequence[Measured], depth: int, labels: Sequence[str], ks: Sequence[int] = K_CHOICES,
+           heads: ExitHeads | None = None) -> list[tuple[str, int, float, float]]:
     """(policy, k, accuracy, mean exit) for every candidate, best first."""
     scored = []
-    for name in candidate_policies(depth):
+    for name in candidate_policies(depth, heads if rows and rows[0].head_probs is not None else None):
         policy = parse_policy(name)
         for k in ks if policy.uses_neighbours else (max(ks),):
             r = run_policy(policy, rows, depth, labels, k)
@@ -84,7 +98,8 @@ def choose(rows: Sequence[Measured], depth: int, labels: Sequence[str],
 def tune(engine: Engine, task: str, validation: int = 300, seed: int = 0) -> Choice:
     start = time.perf_counter()
     rows = validation_rows(engine, task, validation, max(K_CHOICES), seed)
-    policy, k, accuracy, mean_exit = choose(rows, engine.depth, engine.task_info(task).spec.label_names)[0]
+    labels = engine.task_info(task).spec.label_names
+    policy, k, accuracy, mean_exit = choose(rows, engine.depth, labels, heads=engine.heads(task))[0]
     choice = Choice(policy, k, accuracy, mean_exit, len(rows), engine.task_info(task).records,
                     datetime.now(UTC).isoformat(timespec="seconds"), round(time.perf_counter() - start, 2))
     engine.metadata.set_tuned(task, choice)
@@ -98,3 +113,34 @@ def needs_tuning(engine: Engine, task: str) -> bool:
     if info.records < MIN_RECORDS:
         return False
     return info.tuned is None or info.tuned.stale(info.records, engine.settings.retune_growth)
+
+
+def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | None = None) -> ExitHeads:
+    """Fit the task's exit heads on its records' features and store them as a new version; the
+    served heads switch to it at the engine's next check (atomically: one row, one version)."""
+    spec = engine.task_info(task).spec
+    ids, labels, features = engine.metadata.features(task)
+    heads = fit_heads(features, [spec.label_index(label) for label in labels], len(spec.labels), ids,
+                      spec.label_names, progress=progress)
+    heads.fitted_at = datetime.now(UTC).isoformat(timespec="seconds")
+    heads.version = engine.metadata.save_heads(task, heads.summary(), heads.to_bytes())
+    engine.forget_heads(task)
+    return heads
+
+
+def needs_heads(engine: Engine, task: str) -> bool:
+    """No heads yet (and enough records), or the task grew past RAEE_RETUNE_GROWTH since the fit."""
+    info = engine.task_info(task)
+    if info.records < HEADS_MIN_RECORDS:
+        return False
+    stored = engine.metadata.heads(task)
+    if stored is None:
+        return True
+    return info.records > int(stored.summary.get("records", 0)) * (1 + engine.settings.retune_growth)
+
+
+def needs_tuning_after_heads(engine: Engine, task: str) -> bool:
+    """The stored `auto` choice predates the task's newest exit heads (their policies were not candidates)."""
+    info = engine.task_info(task)
+    stored = engine.metadata.heads(task)
+    return stored is not None and info.tuned is not None and info.tuned.chosen_at < stored.fitted_at.isoformat()

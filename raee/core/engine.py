@@ -9,17 +9,19 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
 
-from raee.core.policies import Decision, ExitPolicy, parse_policy
+from raee.core.heads import ExitHeads
+from raee.core.policies import Decision, ExitPolicy, HeadsPolicy, mix, parse_policy, reads_heads, uses_head_exits
 from raee.errors import InvalidInput, StoreMismatch
 from raee.models.backbone import Backbone, LabelHead
 from raee.models.encoders import KeyEncoder
 from raee.settings import Settings
 from raee.stores.metadata import MetadataStore, TaskInfo
-from raee.stores.records import ExitRecord, layer_results, record_id
+from raee.stores.records import ExitRecord, layer_results, record_id, to_features
 from raee.stores.vectors import VectorPoint, VectorStore
 from raee.types import Choice, IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec, is_blank
 
@@ -51,6 +53,7 @@ class Engine:
         self.settings = settings or Settings()
         self._tasks: dict[str, tuple[TaskSpec, LabelHead]] = {}
         self._auto: dict[str, tuple[float, Choice | None]] = {}  # task -> (read at, stored choice)
+        self._heads: dict[str, tuple[float, ExitHeads | None]] = {}  # task -> (checked at, loaded heads)
 
     @classmethod
     def open(cls, settings: Settings) -> Engine:
@@ -180,11 +183,20 @@ class Engine:
         return self.resolve_policy(task, policy, k)
 
     def resolve_policy(self, task: str, policy: str | ExitPolicy | None, k: int | None) -> tuple[ExitPolicy, int]:
-        """A policy by name (or as given) and its k; `auto` is the task's stored choice."""
+        """A policy by name (or as given) and its k; `auto` is the task's stored choice. A policy
+        that reads exit heads needs the task's heads (`heads` alone: the exit that scored best)."""
         if policy == "auto":
             chosen, tuned_k = self.auto_policy(task)
-            return chosen, self.check_k(k or tuned_k)
-        chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
+            k = k or tuned_k
+        else:
+            chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
+        if reads_heads(chosen):
+            heads = self.heads(task)
+            if heads is None:
+                raise InvalidInput(f"policy: {chosen.name} needs exit heads and task {task!r} has none yet "
+                                   "(fit them with `raee-admin fit-heads`)")
+            if isinstance(chosen, HeadsPolicy) and chosen.layer < 0:
+                chosen = HeadsPolicy(heads.best_exit)
         return chosen, self.check_k(k)
 
     def auto_policy(self, task: str) -> tuple[ExitPolicy, int | None]:
@@ -228,14 +240,16 @@ class Engine:
     def classify_validated(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int) -> list[Prediction]:
         """`classify` for a request that `validate` has already checked (the worker's batches)."""
         spec, head = self._task(task)
+        heads = self.heads(task) if reads_heads(chosen) else None
         timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
         if chosen.uses_neighbours:
             found, timings = self.neighbours(task, texts, k)
         else:
             found = [[] for _ in texts]
-        decisions = [chosen.decide(n, self.depth, spec.label_names) for n in found]
+        seen = [self.head_judged(n, heads, spec) for n in found] if heads and uses_head_exits(chosen) else found
+        decisions = [chosen.decide(n, self.depth, spec.label_names) for n in seen]
         t0 = time.perf_counter()
-        probs, exits = self.forward_at(spec, head, texts, decisions)
+        probs, exits = self.forward_at(spec, head, texts, decisions, heads)
         timings["forward_us"] = _us(time.perf_counter() - t0)
         return [
             Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings),
@@ -243,45 +257,122 @@ class Engine:
             for p, e, n in zip(probs, exits, found)
         ]
 
+    @staticmethod
+    def head_judged(neighbours: list[Neighbour], heads: ExitHeads, spec: TaskSpec) -> list[Neighbour]:
+        """The neighbours with the exits their heads judged correct (out of fold) as their exits."""
+        out = []
+        for n in neighbours:
+            judged = heads.judged(n.id)
+            if judged is None:  # ingested after the heads were fit: no head judgment yet
+                out.append(replace(n, exits=()))
+                continue
+            gold = spec.label_index(n.label)
+            exits = tuple((layer, float(p[gold])) for layer, p in enumerate(judged) if int(p.argmax()) == gold)
+            out.append(replace(n, exits=exits))
+        return out
+
     def forward_at(
-        self, spec: TaskSpec, head: LabelHead, texts: Sequence[str], decisions: Sequence[Decision]
+        self, spec: TaskSpec, head: LabelHead, texts: Sequence[str], decisions: Sequence[Decision],
+        heads: ExitHeads | None = None,
     ) -> tuple[np.ndarray, list[int]]:
         """Label probabilities of each text where its decision exits, and those exits.
 
-        Rows with a fixed exit are grouped by it, so no row runs deeper than its exit and
-        an early row never waits on a later one's layers. Rows with a stop rule run one
-        at a time, layer by layer. Rows answered without the backbone run nothing.
+        Rows with a fixed exit are grouped by (reader, exit), so no row runs deeper than its exit
+        and an early row never waits on a later one's layers. Rows with a stop rule run one at a
+        time, layer by layer. Rows answered without the backbone run nothing. An exit is read by
+        the lens or, for `reader="heads"`, by the task's exit head; a decision's prior multiplies it.
         """
         out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
         exits = [d.max_layer for d in decisions]
-        groups: dict[int, list[int]] = defaultdict(list)
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, d in enumerate(decisions):
             if d.answer is not None:
                 out[i], exits[i] = d.answer, 0
             elif d.stop is not None:
-                logits, exits[i] = self.backbone.exit_logits_until(
-                    self._prompt(spec, texts[i]), head, d.max_layer, d.stop
-                )
-                out[i] = softmax(logits.numpy().astype(np.float64))
+                out[i], exits[i] = self._run_until(spec, head, heads, texts[i], d)
             else:
-                groups[d.max_layer].append(i)
+                groups[(d.reader, d.max_layer)].append(i)
         size = self.settings.forward_batch_size
-        for layer, rows in sorted(groups.items()):
+        for (reader, layer), rows in sorted(groups.items()):
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
-                logits = self.backbone.exit_logits([self._prompt(spec, texts[i]) for i in chunk], head, layer)
-                out[chunk] = softmax(logits.cpu().numpy().astype(np.float64))
+                prompts = [self._prompt(spec, texts[i]) for i in chunk]
+                if reader == "heads":
+                    assert heads is not None
+                    probs = heads.probs(layer, self.backbone.exit_features(prompts, layer))
+                else:
+                    probs = softmax(self.backbone.exit_logits(prompts, head, layer).cpu().numpy().astype(np.float64))
+                for i, p in zip(chunk, probs):
+                    out[i] = mix(p, decisions[i].prior)
         return out, exits
+
+    def _run_until(self, spec: TaskSpec, head: LabelHead, heads: ExitHeads | None, text: str,
+                   d: Decision) -> tuple[np.ndarray, int]:
+        assert d.stop is not None
+        stop = d.stop
+        prompt = self._prompt(spec, text)
+        if d.reader == "heads":
+            assert heads is not None
+            features, layer = self.backbone.features_until(
+                prompt, d.max_layer, lambda l, f: stop(l, mix(heads.probs(l, f), d.prior)))
+            return mix(heads.probs(layer, features), d.prior), layer
+        logits, layer = self.backbone.exit_logits_until(prompt, head, d.max_layer,
+                                                        lambda l, p: stop(l, mix(p, d.prior)))
+        return mix(softmax(logits.numpy().astype(np.float64)), d.prior), layer
+
+    def all_exits(self, task: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One full forward per row: label-word logits [n, L + 1, C] and exit features
+        [n, L + 1, H] (float16, as stored) at every exit."""
+        spec, head = self._task(task)
+        size = self.settings.forward_batch_size
+        logits, features = [], []
+        for i in range(0, len(texts), size):
+            f = self.backbone.all_exit_features([self._prompt(spec, t) for t in texts[i : i + size]])
+            logits.append(self.backbone.lens(f, head).cpu().numpy())
+            features.append(to_features(f.float().cpu().numpy()))
+        if not logits:
+            return np.zeros((0, self.depth + 1, len(spec.labels))), np.zeros((0, self.depth + 1, 0), np.float16)
+        return np.concatenate(logits), np.concatenate(features)
 
     def all_exit_logits(self, task: str, texts: Sequence[str]) -> np.ndarray:
         """[n, L + 1, n_labels] label-word logits at every exit (one full forward per row)."""
-        spec, head = self._task(task)
-        size = self.settings.forward_batch_size
-        parts = [
-            self.backbone.all_exit_logits([self._prompt(spec, t) for t in texts[i : i + size]], head).cpu().numpy()
-            for i in range(0, len(texts), size)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.depth + 1, len(spec.labels)))
+        return self.all_exits(task, texts)[0]
+
+    # -- exit heads ----------------------------------------------------------
+
+    def heads(self, task: str) -> ExitHeads | None:
+        """The task's newest exit heads, loaded once per version; checked for a newer version at
+        most every `retune_check_seconds` (a fit elsewhere replaces them atomically)."""
+        now = time.monotonic()
+        cached = self._heads.get(task)
+        if cached is not None and now - cached[0] <= self.settings.retune_check_seconds:
+            return cached[1]
+        current = cached[1] if cached else None
+        try:
+            stored = self.metadata.heads(task, newer_than=current.version if current else 0)
+        except OperationalError:  # SQL down: keep serving the loaded heads
+            stored = None
+        if stored is not None:
+            current = ExitHeads.from_bytes(stored.data, stored.version, stored.fitted_at.isoformat(),
+                                           float(stored.summary.get("seconds", 0.0)))
+        self._heads[task] = (now, current)
+        return current
+
+    def forget_heads(self, task: str) -> None:
+        self._heads.pop(task, None)
+
+    def backfill_features(self, task: str, progress: Callable[[int], None] | None = None) -> int:
+        """Exit features for records stored before exit heads existed: one forward each."""
+        missing = self.metadata.without_features(task)
+        size = self.settings.ingest_batch_size
+        for start in range(0, len(missing), size):
+            chunk = missing[start : start + size]
+            _, features = self.all_exits(task, [text for _, text, _ in chunk])
+            self.metadata.write_features([ExitRecord(rid, task, text, label, 0, (), f)
+                                          for (rid, text, label), f in zip(chunk, features)])
+            if progress:
+                progress(len(chunk))
+        return len(missing)
 
     # -- ingest --------------------------------------------------------------
 
@@ -372,12 +463,12 @@ class IngestSession:
         report.present += len(rows) - len(new)
         if new:
             texts = [r.text for _, r in new]
-            logits = engine.all_exit_logits(spec.name, texts)
+            logits, features = engine.all_exits(spec.name, texts)
             keys = engine.encoder.encode(texts)
             records = [
                 ExitRecord(rid, spec.name, r.text, r.label, spec.label_index(r.label),
-                           layer_results(lg, spec.label_index(r.label)))
-                for (rid, r), lg in zip(new, logits)
+                           layer_results(lg, spec.label_index(r.label)), f)
+                for (rid, r), lg, f in zip(new, logits, features)
             ]
             engine.store_records(spec.name, records, keys, self.batch_id)
             report.added += len(records)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raee.core.engine import Engine, softmax
-from raee.core.policies import ExitPolicy, resolve_exit
+from raee.core.policies import ExitPolicy, mix, reads_heads, resolve_exit, uses_head_exits
+from raee.errors import InvalidInput
 from raee.types import Neighbour, Row
 
 
@@ -24,8 +25,10 @@ class Measured:
     """Everything a policy needs to be evaluated on one row, without running the backbone again."""
 
     gold: int
-    probs: np.ndarray  # [L + 1, C] label probabilities at every exit
+    probs: np.ndarray  # [L + 1, C] label probabilities at every exit (the lens)
     neighbours: list[Neighbour]  # the nearest records, most similar first
+    head_probs: np.ndarray | None = None  # [L + 1, C] the task's exit heads (when it has them)
+    head_neighbours: list[Neighbour] | None = None  # the neighbours with their head-judged exits
 
 
 @dataclass
@@ -84,10 +87,13 @@ def measure(engine: Engine, task: str, rows: Sequence[Row], k: int, chunk: int =
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         texts = [r.text for r in part]
-        logits = engine.all_exit_logits(task, texts)
+        logits, features = engine.all_exits(task, texts)
         found, _ = engine.neighbours(task, texts, k)
-        out += [Measured(spec.label_index(r.label), softmax(lg.astype(np.float64)), n)
-                for r, lg, n in zip(part, logits, found)]
+        heads = engine.heads(task)
+        head_probs = heads.all_probs(features) if heads else [None] * len(part)
+        judged = [engine.head_judged(n, heads, spec) for n in found] if heads else [None] * len(part)
+        out += [Measured(spec.label_index(r.label), softmax(lg.astype(np.float64)), n, hp, hn)
+                for r, lg, n, hp, hn in zip(part, logits, found, head_probs, judged)]
         if progress:
             progress(len(part))
     return out
@@ -97,10 +103,15 @@ def run_policy(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels:
                k: int | None = None) -> PolicyResult:
     """A policy's answers on measured rows (with only the first k neighbours when k is given)."""
     result = PolicyResult(policy.name, depth)
+    heads, head_exits = reads_heads(policy), uses_head_exits(policy)
     for row in rows:
-        decision = policy.decide(row.neighbours[:k] if k else row.neighbours, depth, labels)
-        layer = resolve_exit(decision, row.probs)
-        answer = decision.answer if decision.answer is not None else row.probs[layer]
+        neighbours = row.head_neighbours if head_exits and row.head_neighbours is not None else row.neighbours
+        decision = policy.decide(neighbours[:k] if k else neighbours, depth, labels)
+        probs = row.head_probs if heads else row.probs
+        if probs is None:
+            raise InvalidInput(f"policy: {policy.name} needs exit heads; the task has none yet")
+        layer = resolve_exit(decision, probs)
+        answer = decision.answer if decision.answer is not None else mix(probs[layer], decision.prior)
         result.gold.append(row.gold)
         result.predicted.append(int(np.argmax(answer)))
         result.exits.append(layer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -30,9 +30,23 @@ class Decision:
     max_layer: int  # the row never runs deeper than this
     stop: StopRule | None = None  # stop at the first layer <= max_layer where this holds
     answer: np.ndarray | None = None  # a label distribution decided without the backbone
+    reader: str = "lens"  # what reads an exit: "lens" (label-word logits) or "heads" (the task's exit heads)
+    prior: np.ndarray | None = None  # multiplies the exit's label probabilities (then renormalised)
+
+
+def mix(probs: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+    """An exit's label probabilities times a prior (e.g. the neighbours' vote), renormalised."""
+    if prior is None:
+        return probs
+    z = probs * prior
+    total = z.sum(-1, keepdims=True)
+    return np.where(total > 0, z / np.where(total > 0, total, 1), probs)
 
 
 class ExitPolicy(Protocol):
+    """`uses_head_exits`: the neighbours handed to `decide` carry the exits the task's exit heads
+    judged correct (out of fold) instead of the lens' (the engine swaps them)."""
+
     # read-only: the policies are frozen dataclasses, and `name` is a property on some of them
     @property
     def name(self) -> str: ...
@@ -198,6 +212,62 @@ class KnnAgreePolicy:
         return Decision(limit, stop=lambda _layer, probs: int(probs.argmax()) == target)
 
 
+# -- exit heads ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadsPolicy:
+    """The task's exit head at one fixed exit (`heads:<layer>`); `heads` alone: the exit whose head
+    scored best out of fold (the engine resolves it when the task's heads are loaded)."""
+
+    layer: int
+    uses_neighbours: bool = False
+    uses_head_exits: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"heads:{self.layer}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        return Decision(min(self.layer, depth), reader="heads")
+
+
+@dataclass(frozen=True)
+class PaperHeadsPolicy:
+    """The paper's aggregation over the neighbours' head-judged exits; the head at that exit answers."""
+
+    name: str = "paper-heads"
+    uses_neighbours: bool = True
+    uses_head_exits: bool = True
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        return replace(PaperPolicy().decide(neighbours, depth, labels), reader="heads")
+
+
+@dataclass(frozen=True)
+class KnnHeadsPolicy:
+    """Run layer by layer; at each exit multiply the head's label probabilities by the neighbours'
+    vote (smoothed) and stop at the first exit whose top combined probability reaches `threshold`,
+    never past `bound` (default: the full depth). The answer is the combined distribution there."""
+
+    threshold: float = 0.9
+    bound: int | None = None
+    uses_neighbours: bool = True
+    uses_head_exits: bool = False
+
+    @property
+    def name(self) -> str:
+        base = f"knn-heads:{self.threshold:g}"
+        return base if self.bound is None else f"{base}:{self.bound}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        limit = depth if self.bound is None else min(self.bound, depth)
+        # Laplace-smoothed vote: one neighbour never vetoes a label the head is sure of.
+        prior = (label_vote(neighbours, labels) * len(neighbours) + 1) / (len(neighbours) + len(labels))
+        return Decision(limit, stop=lambda _layer, probs: float(probs.max()) >= self.threshold,
+                        reader="heads", prior=prior)
+
+
 # -- names -------------------------------------------------------------------------
 
 
@@ -242,7 +312,16 @@ POLICIES: dict[str, Callable[[str | None], ExitPolicy]] = {
     "confidence": lambda a: ConfidencePolicy(_float(a, "confidence", 0.9, 0.0, 1.0)),
     "knn-vote": _no_arg(KnnVotePolicy, "knn-vote"),
     "knn-agree": lambda a: KnnAgreePolicy(None if a is None else _int(a, "knn-agree")),
+    "heads": lambda a: HeadsPolicy(-1 if a is None else _int(a, "heads")),  # -1: the best exit, resolved per task
+    "paper-heads": _no_arg(PaperHeadsPolicy, "paper-heads"),
+    "knn-heads": lambda a: _knn_heads(a),
 }
+
+
+def _knn_heads(arg: str | None) -> KnnHeadsPolicy:
+    threshold, _, bound = (arg or "").partition(":")
+    return KnnHeadsPolicy(_float(threshold or None, "knn-heads", 0.9, 0.0, 1.0),
+                          None if not bound else _int(bound, "knn-heads:<threshold>"))
 
 
 def parse_policy(spec: str | None) -> ExitPolicy:
@@ -256,12 +335,23 @@ def parse_policy(spec: str | None) -> ExitPolicy:
     return factory(arg if sep else None)
 
 
+def reads_heads(policy: ExitPolicy) -> bool:
+    """The policy's exits are read by the task's exit heads, not the lens."""
+    return isinstance(policy, HeadsPolicy | PaperHeadsPolicy | KnnHeadsPolicy)
+
+
+def uses_head_exits(policy: ExitPolicy) -> bool:
+    """The policy aggregates the neighbours' head-judged exits (the engine swaps them in)."""
+    return bool(getattr(policy, "uses_head_exits", False))
+
+
 def resolve_exit(decision: Decision, layer_probs: np.ndarray) -> int:
-    """Where a decision exits, given the label probabilities at every exit [L + 1, C] (for evaluation)."""
+    """Where a decision exits, given its reader's label probabilities at every exit [L + 1, C]
+    (for evaluation; the stop rule sees them mixed with the decision's prior, as served)."""
     if decision.answer is not None:
         return 0
     if decision.stop is not None:
         for layer in range(decision.max_layer + 1):
-            if decision.stop(layer, layer_probs[layer]):
+            if decision.stop(layer, mix(layer_probs[layer], decision.prior)):
                 return layer
     return decision.max_layer

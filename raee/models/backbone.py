@@ -161,13 +161,18 @@ class Backbone:
 
     # -- forwards ----------------------------------------------------------
 
+    def lens(self, features: torch.Tensor, head: LabelHead) -> torch.Tensor:
+        """The logit lens on exit features: the label-word rows of the output layer, [..., H] -> [..., C]."""
+        return nn.functional.linear(features.to(head.weight.dtype), head.weight, head.bias).float()
+
     def _project(self, hidden: torch.Tensor, head: LabelHead) -> torch.Tensor:
-        """The family's transform, then the label-word rows of the output layer: [..., H] -> [..., C]."""
-        return nn.functional.linear(self._transform(hidden), head.weight, head.bias).float()
+        """The family's transform, then the lens: [..., H] -> [..., C]."""
+        return self.lens(self._transform(hidden), head)
 
     @torch.inference_mode()
-    def all_exit_logits(self, prompts: Sequence[str], head: LabelHead) -> torch.Tensor:
-        """Label-word logits at every exit in one full forward: [batch, L + 1, n_labels]."""
+    def all_exit_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The readout position's hidden state at every exit, through the family's transform (the
+        vector the lens reads; exit heads are fit on it), in one full forward: [batch, L + 1, H]."""
         states: list[torch.Tensor] = []
         inputs = self._inputs(prompts)
         at = self._readout(inputs)
@@ -182,16 +187,63 @@ class Backbone:
         handles += [layer.register_forward_hook(after_layer) for layer in self.layers]
         with _hooked(handles):
             self._run(inputs)
-        return self._project(torch.stack(states, dim=1), head)
+        return self._transform(torch.stack(states, dim=1))
+
+    def all_exit_logits(self, prompts: Sequence[str], head: LabelHead) -> torch.Tensor:
+        """Label-word logits at every exit in one full forward: [batch, L + 1, n_labels]."""
+        return self.lens(self.all_exit_features(prompts), head)
 
     @torch.inference_mode()
-    def exit_logits(self, prompts: Sequence[str], head: LabelHead, exit_layer: int) -> torch.Tensor:
-        """Label-word logits at one exit, running only layers 0..exit_layer-1: [batch, n_labels]."""
+    def exit_features(self, prompts: Sequence[str], exit_layer: int) -> torch.Tensor:
+        """The exit features at one exit, running only layers 0..exit_layer-1: [batch, H]."""
         if not 0 <= exit_layer <= self.depth:
             raise InvalidInput(f"exit layer {exit_layer} outside 0..{self.depth}")
         inputs = self._inputs(prompts)
         hidden = self._hidden_entering(inputs, exit_layer)
-        return self._project(self._pick(hidden, self._readout(inputs)), head)
+        return self._transform(self._pick(hidden, self._readout(inputs)))
+
+    def exit_logits(self, prompts: Sequence[str], head: LabelHead, exit_layer: int) -> torch.Tensor:
+        """Label-word logits at one exit, running only layers 0..exit_layer-1: [batch, n_labels]."""
+        return self.lens(self.exit_features(prompts, exit_layer), head)
+
+    @torch.inference_mode()
+    def features_until(self, prompt: str, max_layer: int,
+                       stop: Callable[[int, torch.Tensor], bool]) -> tuple[torch.Tensor, int]:
+        """Run one prompt layer by layer; stop at the first exit where `stop(layer, features)` holds,
+        or at `max_layer`. Returns the features there [H] and the exit. Layers past it never run."""
+        if not 0 <= max_layer <= self.depth:
+            raise InvalidInput(f"exit layer {max_layer} outside 0..{self.depth}")
+
+        exit_at = [max_layer]
+        inputs = self._inputs([prompt])
+        at = self._readout(inputs)
+
+        def check(layer: int, hidden: torch.Tensor) -> None:
+            if layer == max_layer or stop(layer, self._transform(self._pick(hidden, at))[0]):
+                exit_at[0] = layer
+                raise _ExitReached(hidden)
+
+        handles = [self.layers[0].register_forward_pre_hook(
+            lambda _m, args, kwargs: check(0, _hidden_of(args, kwargs)), with_kwargs=True)]
+        handles += [
+            layer.register_forward_hook(lambda _m, _a, out, i=i: check(i + 1, _output_hidden(out)))
+            for i, layer in enumerate(self.layers[:max_layer])
+        ]
+        with _hooked(handles):
+            try:
+                self._run(inputs)
+                raise RuntimeError("the forward ended without reaching its exit")  # unreachable
+            except _ExitReached as stop_here:
+                hidden = stop_here.hidden
+        return self._transform(self._pick(hidden, at))[0], exit_at[0]
+
+    def exit_logits_until(
+        self, prompt: str, head: LabelHead, max_layer: int, stop: Callable[[int, np.ndarray], bool]
+    ) -> tuple[torch.Tensor, int]:
+        """`features_until` with a rule on the lens' label probabilities; returns the logits there."""
+        features, layer = self.features_until(
+            prompt, max_layer, lambda l, f: stop(l, torch.softmax(self.lens(f, head), -1).numpy()))
+        return self.lens(features, head), layer
 
     @torch.inference_mode()
     def pooled_hidden(self, texts: Sequence[str], exit_layer: int) -> torch.Tensor:
@@ -210,39 +262,6 @@ class Backbone:
             except _ExitReached as stop:
                 captured.append(stop.hidden)
         return captured[-1]
-
-    @torch.inference_mode()
-    def exit_logits_until(
-        self, prompt: str, head: LabelHead, max_layer: int, stop: Callable[[int, np.ndarray], bool]
-    ) -> tuple[torch.Tensor, int]:
-        """Run one prompt layer by layer; stop at the first exit where `stop(layer, label probs)` holds,
-        or at `max_layer`. Returns the label logits there and the exit. Layers past it never run."""
-        if not 0 <= max_layer <= self.depth:
-            raise InvalidInput(f"exit layer {max_layer} outside 0..{self.depth}")
-
-        exit_at = [max_layer]
-        inputs = self._inputs([prompt])
-        at = self._readout(inputs)
-
-        def check(layer: int, hidden: torch.Tensor) -> None:
-            logits = self._project(self._pick(hidden, at), head)
-            if layer == max_layer or stop(layer, torch.softmax(logits[0], -1).numpy()):
-                exit_at[0] = layer
-                raise _ExitReached(hidden)
-
-        handles = [self.layers[0].register_forward_pre_hook(
-            lambda _m, args, kwargs: check(0, _hidden_of(args, kwargs)), with_kwargs=True)]
-        handles += [
-            layer.register_forward_hook(lambda _m, _a, out, i=i: check(i + 1, _output_hidden(out)))
-            for i, layer in enumerate(self.layers[:max_layer])
-        ]
-        with _hooked(handles):
-            try:
-                self._run(inputs)
-                raise RuntimeError("the forward ended without reaching its exit")  # unreachable
-            except _ExitReached as stop_here:
-                hidden = stop_here.hidden
-        return self._project(self._pick(hidden, at), head)[0], exit_at[0]
 
     @contextmanager
     def _stop_before(self, exit_layer: int) -> Iterator[list[torch.Tensor]]:
@@ -457,17 +476,17 @@ class Seq2SeqBackbone(Backbone):
         return states
 
     @torch.inference_mode()
-    def all_exit_logits(self, prompts: Sequence[str], head: LabelHead) -> torch.Tensor:
+    def all_exit_features(self, prompts: Sequence[str]) -> torch.Tensor:
         inputs = self._inputs(prompts)
         mask = inputs["attention_mask"]
         norm = self.encoder.final_layer_norm
         encoder_states = self._encoder_states(inputs)
         finals = [self._decode(norm(h), mask) for h in encoder_states]  # exits 0..D
         decoder_states = self._decoder_states(norm(encoder_states[-1]), mask, len(self.decoder_layers))
-        return self._project(torch.stack(finals + decoder_states, dim=1), head)
+        return self._transform(torch.stack(finals + decoder_states, dim=1))
 
     @torch.inference_mode()
-    def exit_logits(self, prompts: Sequence[str], head: LabelHead, exit_layer: int) -> torch.Tensor:
+    def exit_features(self, prompts: Sequence[str], exit_layer: int) -> torch.Tensor:
         if not 0 <= exit_layer <= self.depth:
             raise InvalidInput(f"exit layer {exit_layer} outside 0..{self.depth}")
         inputs = self._inputs(prompts)
@@ -475,19 +494,18 @@ class Seq2SeqBackbone(Backbone):
         norm = self.encoder.final_layer_norm
         if exit_layer <= self.encoder_depth:
             states = self._encoder_states(inputs, upto=exit_layer)
-            return self._project(self._decode(norm(states[exit_layer]), mask), head)
+            return self._transform(self._decode(norm(states[exit_layer]), mask))
         encoded = norm(self._encoder_states(inputs)[-1])
-        return self._project(self._decoder_states(encoded, mask, exit_layer - self.encoder_depth)[-1], head)
+        return self._transform(self._decoder_states(encoded, mask, exit_layer - self.encoder_depth)[-1])
 
     @torch.inference_mode()
-    def exit_logits_until(
-        self, prompt: str, head: LabelHead, max_layer: int, stop: Callable[[int, np.ndarray], bool]
-    ) -> tuple[torch.Tensor, int]:
-        """Exit by exit, never past the first exit where the rule holds (each exit as exit_logits runs it)."""
+    def features_until(self, prompt: str, max_layer: int,
+                       stop: Callable[[int, torch.Tensor], bool]) -> tuple[torch.Tensor, int]:
+        """Exit by exit, never past the first exit where the rule holds (each exit as exit_features runs it)."""
         for layer in range(max_layer + 1):
-            logits = self.exit_logits([prompt], head, layer)[0]
-            if layer == max_layer or stop(layer, torch.softmax(logits, -1).numpy()):
-                return logits, layer
+            features = self.exit_features([prompt], layer)[0]
+            if layer == max_layer or stop(layer, features):
+                return features, layer
         raise AssertionError("unreachable")
 
     @torch.inference_mode()

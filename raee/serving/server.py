@@ -472,6 +472,12 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 labels=[pb.Label(name=lb.name, word=lb.word) for lb in info.spec.labels],
                 records=info.records, depth=engine.depth, earliest_exit_counts=counts, never_correct=never,
                 backbone=info.backbone_id, encoder=info.encoder_id)
+            heads = engine.heads(name)
+            if heads is not None:
+                message.heads.CopyFrom(pb.ExitHeadsInfo(
+                    version=heads.version, fitted_at=heads.fitted_at, fit_seconds=heads.seconds,
+                    records=len(heads.record_ids), validation_accuracy=[float(a) for a in heads.accuracy],
+                    best_exit=heads.best_exit))
             if info.tuned:
                 t = info.tuned
                 message.auto.CopyFrom(pb.AutoChoice(
@@ -588,9 +594,10 @@ class RaeeServer:
                 await self._set_health(healthy)
 
     async def _retune(self) -> None:
-        """Choose each task's `auto` policy in the background: when it has none yet or has grown by
-        RAEE_RETUNE_GROWTH. Tuning reads SQL, encodes and searches, but runs no backbone forward, so it
-        runs on its own thread beside the model worker: no request waits for it."""
+        """Fit each task's exit heads and choose its `auto` policy in the background: when it has none
+        yet or has grown by RAEE_RETUNE_GROWTH. Neither runs a backbone forward (heads are fit on the
+        stored exit features), so both run on their own thread beside the model worker: no request
+        waits for them; the engine switches to a new heads version at its next check."""
         while True:
             await asyncio.sleep(self.settings.retune_check_seconds)
             engine = self.worker.engine
@@ -599,7 +606,12 @@ class RaeeServer:
             try:
                 tasks = [i.spec.name for i in await asyncio.to_thread(engine.metadata.list_tasks)]
                 for task in tasks:
-                    if await asyncio.to_thread(auto.needs_tuning, engine, task):
+                    if await asyncio.to_thread(auto.needs_heads, engine, task):
+                        heads = await asyncio.to_thread(auto.fit_task_heads, engine, task)
+                        log.info("exit heads v%d for %s fitted (%.1f s, %d records)", heads.version, task,
+                                 heads.seconds, len(heads.record_ids))
+                    if await asyncio.to_thread(auto.needs_tuning, engine, task) or \
+                            await asyncio.to_thread(auto.needs_tuning_after_heads, engine, task):
                         choice = await asyncio.to_thread(auto.tune, engine, task)
                         log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice.policy, choice.k,
                                  choice.seconds, choice.records)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -115,6 +117,36 @@ class LayerResultRow(Base):
     probability: Mapped[float] = mapped_column(Float)
     gold_probability: Mapped[float] = mapped_column(Float)
     correct: Mapped[bool] = mapped_column(Boolean)
+
+
+class ExitFeaturesRow(Base):
+    """A record's exit features: float16 [L + 1, H], row-major bytes (about 24 KB for Gemma 3 270M)."""
+
+    __tablename__ = "exit_features"
+    record_id: Mapped[str] = mapped_column(ForeignKey("exit_records.id", ondelete="CASCADE"), primary_key=True)
+    exits: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class TaskHeadsRow(Base):
+    """One fitted set of exit heads of a task (a version); the newest is served."""
+
+    __tablename__ = "task_heads"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    fitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    summary: Mapped[dict] = mapped_column(JSON)  # records, C and accuracy per exit
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # npz: weights, scaling, out-of-fold judgments
+
+
+@dataclass(frozen=True)
+class StoredHeads:
+    version: int
+    fitted_at: datetime
+    summary: dict[str, Any]
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -252,6 +284,8 @@ class MetadataStore:
             row = self._task_row(s, name)
             ids = select(ExitRecordRow.id).where(ExitRecordRow.task_id == row.id)
             s.execute(delete(LayerResultRow).where(LayerResultRow.record_id.in_(ids)))
+            s.execute(delete(ExitFeaturesRow).where(ExitFeaturesRow.record_id.in_(ids)))
+            s.execute(delete(TaskHeadsRow).where(TaskHeadsRow.task_id == row.id))
             s.execute(delete(ExitRecordRow).where(ExitRecordRow.task_id == row.id))
             s.execute(delete(IngestBatchRow).where(IngestBatchRow.task_id == row.id))
             s.delete(row)
@@ -329,6 +363,69 @@ class MetadataStore:
                 s.execute(stmt.on_conflict_do_update(
                     index_elements=["record_id", "layer"],
                     set_={c: stmt.excluded[c] for c in ("predicted", "probability", "gold_probability", "correct")}))
+            self._write_features(s, [r for r in records if r.features is not None])
+
+    def _write_features(self, s: Session, records: Sequence[ExitRecord]) -> None:
+        insert = _dialect_insert(self.engine.dialect.name)
+        for i in range(0, len(records), 64):  # ~1.5 MB a statement for Gemma 3 270M
+            rows = [dict(record_id=r.id, exits=r.features.shape[0], dim=r.features.shape[1],  # type: ignore[union-attr]
+                         data=r.features.tobytes()) for r in records[i : i + 64]]  # type: ignore[union-attr]
+            stmt = insert(ExitFeaturesRow).values(rows)
+            s.execute(stmt.on_conflict_do_update(index_elements=["record_id"],
+                                                 set_={c: stmt.excluded[c] for c in ("exits", "dim", "data")}))
+
+    def write_features(self, records: Sequence[ExitRecord]) -> None:
+        """Add exit features to existing records (the backfill)."""
+        with self._session.begin() as s:
+            self._write_features(s, records)
+
+    def features(self, task: str) -> tuple[list[str], list[str], np.ndarray]:
+        """Committed records that have exit features: ids, labels, features [N, L + 1, H] float16."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            rows = s.execute(
+                select(ExitRecordRow.id, ExitRecordRow.label, ExitFeaturesRow.exits, ExitFeaturesRow.dim,
+                       ExitFeaturesRow.data)
+                .join(ExitFeaturesRow, ExitFeaturesRow.record_id == ExitRecordRow.id)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
+                .order_by(ExitRecordRow.id)).all()
+        if not rows:
+            return [], [], np.zeros((0, 0, 0), dtype=np.float16)
+        x = np.stack([np.frombuffer(r.data, dtype=np.float16).reshape(r.exits, r.dim) for r in rows])
+        return [r.id for r in rows], [r.label for r in rows], x
+
+    def without_features(self, task: str) -> list[tuple[str, str, str]]:
+        """(id, text, label) of committed records that have no exit features yet."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            has = select(ExitFeaturesRow.record_id)
+            return [tuple(r) for r in s.execute(  # type: ignore[misc]
+                select(ExitRecordRow.id, ExitRecordRow.text, ExitRecordRow.label)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED,
+                       ExitRecordRow.id.not_in(has))).all()]
+
+    def save_heads(self, task: str, summary: dict[str, Any], data: bytes) -> int:
+        """Store a new version of the task's exit heads; returns its version number."""
+        with self._session.begin() as s:
+            task_id = self._task_row(s, task).id
+            version = int(s.scalar(select(func.max(TaskHeadsRow.version))
+                                   .where(TaskHeadsRow.task_id == task_id)) or 0) + 1
+            s.add(TaskHeadsRow(task_id=task_id, version=version, summary=summary, data=data))
+            return version
+
+    def heads(self, task: str, newer_than: int = 0) -> StoredHeads | None:
+        """The task's newest exit heads (None if none, or none newer than `newer_than`)."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            row = s.scalars(select(TaskHeadsRow).where(TaskHeadsRow.task_id == task_id,
+                                                       TaskHeadsRow.version > newer_than)
+                            .order_by(TaskHeadsRow.version.desc()).limit(1)).first()
+            return None if row is None else StoredHeads(row.version, row.fitted_at, dict(row.summary), row.data)
+
+    def heads_version(self, task: str) -> int:
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            return int(s.scalar(select(func.max(TaskHeadsRow.version)).where(TaskHeadsRow.task_id == task_id)) or 0)
 
     def mark_committed(self, ids: Sequence[str]) -> None:
         with self._session.begin() as s:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class ExitRecord:
     label: str
     label_index: int
     layers: tuple[LayerResult, ...]
+    # The readout features at every exit, [L + 1, H] float16 (what exit heads are fit on); None when
+    # the record was made without them (records from before exit heads: `raee-admin backfill-features`).
+    features: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def exits(self) -> tuple[tuple[int, float], ...]:
@@ -52,6 +55,11 @@ class ExitRecord:
             "exit_layers": [layer for layer, _ in self.exits],
             "exit_probs": [round(p, 6) for _, p in self.exits],
         }
+
+
+def to_features(features: np.ndarray) -> np.ndarray:
+    """Exit features as stored: float16, clipped to its range (a large activation must not become inf)."""
+    return np.clip(features, -65000.0, 65000.0).astype(np.float16)
 
 
 def layer_results(logits: np.ndarray, gold: int) -> tuple[LayerResult, ...]:

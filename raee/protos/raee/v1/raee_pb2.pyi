@@ -166,7 +166,7 @@ class Label(_message.Message):
     def __init__(self, name: _Optional[str] = ..., word: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto")
+    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto", "heads")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class Task(_message.Message):
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     AUTO_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
@@ -189,7 +190,24 @@ class Task(_message.Message):
     backbone: str
     encoder: str
     auto: AutoChoice
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ...) -> None: ...
+    heads: ExitHeadsInfo
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ..., heads: _Optional[_Union[ExitHeadsInfo, _Mapping]] = ...) -> None: ...
+
+class ExitHeadsInfo(_message.Message):
+    __slots__ = ("version", "fitted_at", "fit_seconds", "records", "validation_accuracy", "best_exit")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    BEST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    fitted_at: str
+    fit_seconds: float
+    records: int
+    validation_accuracy: _containers.RepeatedScalarFieldContainer[float]
+    best_exit: int
+    def __init__(self, version: _Optional[int] = ..., fitted_at: _Optional[str] = ..., fit_seconds: _Optional[float] = ..., records: _Optional[int] = ..., validation_accuracy: _Optional[_Iterable[float]] = ..., best_exit: _Optional[int] = ...) -> None: ...
 
 class AutoChoice(_message.Message):
     __slots__ = ("policy", "k", "validation_accuracy", "validation_mean_exit", "validation_rows", "records", "chosen_at")

@@ -1,0 +1,148 @@
+"""Exit heads: features kept at ingest, heads fit off the request path, policies that read them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from raee.core import auto
+from raee.core.datafile import read_rows
+from raee.core.engine import Engine
+from raee.core.heads import ExitHeads, fit_heads
+from raee.core.policies import HeadsPolicy, KnnHeadsPolicy, mix
+from raee.errors import InvalidInput
+
+from .conftest import SENTIMENT, write_tsv
+from .test_concurrent_writers import corpus
+
+
+def separable(n: int = 300, exits: int = 4, dim: int = 16, labels: int = 3, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Features whose class signal grows with the exit: exit 0 carries none, the last a lot."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, labels, n)
+    strength = np.linspace(0.0, 2.0, exits)
+    centres = rng.normal(size=(exits, labels, dim)) * strength[:, None, None]
+    x = centres[:, y].transpose(1, 0, 2) + rng.normal(size=(n, exits, dim))
+    return x.astype(np.float16), y
+
+
+def test_heads_learn_where_the_signal_is_and_judge_records_out_of_fold() -> None:
+    x, y = separable()
+    heads = fit_heads(x, y, 3, [f"r{i}" for i in range(len(y))], ["a", "b", "c"])
+    assert heads.accuracy[0] < 0.5 < 0.9 < heads.accuracy[-1]  # chance at exit 0, near perfect at the last
+    assert heads.best_exit >= 2 and set(heads.c) <= {0.01, 0.1, 1.0}
+    # Out-of-fold judgments are not the in-sample fit: they agree with its accuracy figure, per exit.
+    oof_accuracy = (heads.oof.astype(np.float64).argmax(-1) == y[:, None]).mean(0)
+    np.testing.assert_allclose(oof_accuracy, heads.accuracy, atol=1e-9)
+    assert heads.judged("r0").shape == (4, 3) and heads.judged("unknown") is None
+    # The stored form serves the same probabilities.
+    again = ExitHeads.from_bytes(heads.to_bytes(), 7, "t", 1.0)
+    np.testing.assert_allclose(again.probs(2, x[:5, 2]), heads.probs(2, x[:5, 2]), atol=1e-6)
+    np.testing.assert_allclose(heads.all_probs(x[:5])[:, 2], heads.probs(2, x[:5, 2]), atol=1e-9)
+
+
+def test_class_weights_keep_a_rare_label_from_vanishing() -> None:
+    x, y = separable(n=400, exits=2, labels=2, seed=1)
+    keep = np.flatnonzero((y == 0) | (np.arange(len(y)) % 8 == 0))  # label 1 is ~1 in 9
+    heads = fit_heads(x[keep], y[keep], 2, [str(i) for i in keep], ["a", "b"])
+    predicted = heads.oof[:, -1].astype(np.float64).argmax(-1)
+    rare = y[keep] == 1
+    assert (predicted[rare] == 1).mean() > 0.7  # recall of the rare label, out of fold
+
+
+def test_too_few_records_are_refused() -> None:
+    x, y = separable(n=10)
+    with pytest.raises(InvalidInput, match="at least 20 records"):
+        fit_heads(x, y, 3, [str(i) for i in range(10)], ["a", "b", "c"])
+
+
+@pytest.fixture
+def grown(engine: Engine, tmp_path: Path) -> Engine:
+    engine.settings = engine.settings.model_copy(update={"retune_check_seconds": 0.0})
+    engine.create_task(SENTIMENT)
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "a.tsv", corpus(60))))
+    return engine
+
+
+def test_ingest_keeps_exit_features_and_heads_serve_every_policy(grown: Engine) -> None:
+    engine = grown
+    ids, labels, features = engine.metadata.features(SENTIMENT.name)
+    assert len(ids) == 60 and features.shape[:2] == (60, engine.depth + 1) and features.dtype == np.float16
+    with pytest.raises(InvalidInput, match="fit-heads"):
+        engine.classify(SENTIMENT.name, ["a great movie"], policy="heads:2")
+    assert auto.needs_heads(engine, SENTIMENT.name)
+    heads = auto.fit_task_heads(engine, SENTIMENT.name)
+    assert heads.version == 1 and not auto.needs_heads(engine, SENTIMENT.name)
+
+    texts = ["a great movie", "the worst plot", "i loved it"]
+    answers = engine.classify(SENTIMENT.name, texts, policy="heads:2")
+    expected = heads.probs(2, engine.backbone.exit_features(
+        [engine._prompt(SENTIMENT, t) for t in texts], 2).float().numpy())
+    for answer, p in zip(answers, expected):
+        assert answer.exit_layer == 2
+        np.testing.assert_allclose(answer.scores, p, atol=1e-5)
+    best = engine.classify(SENTIMENT.name, texts, policy="heads")
+    assert {a.exit_layer for a in best} == {heads.best_exit}
+    for name in ("paper-heads", "knn-heads:0.6", "knn-heads:0.99:2"):
+        for answer in engine.classify(SENTIMENT.name, texts, policy=name):
+            assert answer.label in SENTIMENT.label_names and abs(sum(answer.scores) - 1) < 1e-6
+            assert answer.exit_layer <= (2 if name.endswith(":2") else engine.depth)
+
+
+def test_knn_heads_stops_where_the_combined_answer_is_sure(grown: Engine) -> None:
+    engine = grown
+    heads = auto.fit_task_heads(engine, SENTIMENT.name)
+    spec, head = engine._task(SENTIMENT.name)
+    found, _ = engine.neighbours(SENTIMENT.name, ["a great movie"], 12)
+    decision = KnnHeadsPolicy(0.8).decide(found[0], engine.depth, spec.label_names)
+    probs, layer = engine.forward_at(spec, head, ["a great movie"], [decision], heads)
+    prompt = engine._prompt(spec, "a great movie")
+    per_exit = [mix(heads.probs(l, engine.backbone.exit_features([prompt], l).float().numpy())[0], decision.prior)
+                for l in range(engine.depth + 1)]
+    first = next((l for l, p in enumerate(per_exit) if p.max() >= 0.8), engine.depth)
+    assert layer == [first]
+    np.testing.assert_allclose(probs[0], per_exit[first], atol=1e-5)
+
+
+def test_a_new_fit_replaces_the_served_heads_and_deleting_the_task_removes_them(grown: Engine,
+                                                                               tmp_path: Path) -> None:
+    engine = grown
+    first = auto.fit_task_heads(engine, SENTIMENT.name)
+    assert engine.heads(SENTIMENT.name).version == first.version  # type: ignore[union-attr]
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "b.tsv", corpus(100)[60:])))
+    assert auto.needs_heads(engine, SENTIMENT.name)  # grew by 67 % > RAEE_RETUNE_GROWTH (50 %)
+    second = auto.fit_task_heads(engine, SENTIMENT.name)
+    served = engine.heads(SENTIMENT.name)
+    assert served is not None and served.version == second.version == first.version + 1
+    assert len(served.record_ids) == 100
+    engine.delete_task(SENTIMENT.name)
+    with engine.metadata.engine.connect() as conn:
+        assert conn.execute(text("select count(*) from exit_features")).scalar() == 0
+        assert conn.execute(text("select count(*) from task_heads")).scalar() == 0
+
+
+def test_backfill_gives_old_records_the_features_ingest_would_have(grown: Engine) -> None:
+    engine = grown
+    ids, _, before = engine.metadata.features(SENTIMENT.name)
+    with engine.metadata.engine.begin() as conn:  # records from before exit heads: no features
+        conn.execute(text("delete from exit_features"))
+    assert len(engine.metadata.without_features(SENTIMENT.name)) == 60
+    assert engine.backfill_features(SENTIMENT.name) == 60
+    again_ids, _, after = engine.metadata.features(SENTIMENT.name)
+    assert again_ids == ids
+    np.testing.assert_allclose(after.astype(np.float32), before.astype(np.float32), atol=1e-2)
+
+
+def test_auto_can_choose_a_heads_policy_once_heads_exist(grown: Engine) -> None:
+    engine = grown
+    auto.fit_task_heads(engine, SENTIMENT.name)
+    names = auto.candidate_policies(engine.depth, engine.heads(SENTIMENT.name))
+    assert {"paper-heads", "heads:0", f"heads:{engine.depth}"} <= set(names)
+    assert any(n.startswith("knn-heads:") for n in names)
+    choice = auto.tune(engine, SENTIMENT.name)
+    assert choice.policy in names
+    policy, _ = engine.resolve_policy(SENTIMENT.name, "auto", None)
+    assert policy.name == choice.policy or (isinstance(policy, HeadsPolicy) and choice.policy.startswith("heads"))
