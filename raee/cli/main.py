@@ -356,7 +356,7 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
 @cli.command()
 @click.argument("tasks", nargs=-1, required=True)
 @click.option("--data", "data_root", type=click.Path(path_type=Path),
-              default=Path(__file__).resolve().parents[1] / "corpora", show_default="corpora/ of the checkout",
+              default=Path(__file__).resolve().parents[2] / "corpora", show_default="corpora/ of the checkout",
               help="folder with <task>/train.tsv and <task>/dev.tsv")
 @click.option("--train-rows", default=5000, show_default=True, help="database: the first N train rows")
 @click.option("--dev-rows", default=500, show_default=True, help="measured: the first N dev rows")
