@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,45 @@ def test_auto_can_choose_a_heads_policy_once_heads_exist(grown: Engine) -> None:
     assert choice.policy in names
     policy, _ = engine.resolve_policy(SENTIMENT.name, "auto", None)
     assert policy.name == choice.policy or (isinstance(policy, HeadsPolicy) and choice.policy.startswith("heads"))
+
+
+def test_a_server_fits_heads_in_the_background_and_serves_them(tmp_path: Path) -> None:
+    """Grown online through gRPC, the task gets exit heads without any request waiting for a fit;
+    GetTask shows them, a heads policy answers with the head's scores, its exit and timings."""
+    from raee.protos.raee.v1 import raee_pb2 as pb
+
+    from .grpc_harness import ServerThread
+    from .test_grpc import ingest, make_settings, tiny_engine_factory
+
+    settings = make_settings(tmp_path, retune_check_seconds=0.2)
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    server.wait_ready()
+    try:
+        assert not server.stub.GetTask(pb.GetTaskRequest(name="sentiment")).HasField("heads")
+        ingest(server.stub, "sentiment", corpus(60), chunk=16)
+        deadline = time.monotonic() + 300
+        # Fit once the task has 20 records (maybe mid-ingest), refit once it grew by RAEE_RETUNE_GROWTH.
+        while (task := server.stub.GetTask(pb.GetTaskRequest(name="sentiment"))).heads.records != 60:
+            assert server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="a fine film"), timeout=60).label
+            assert time.monotonic() < deadline, "no heads were fit in the background"
+            time.sleep(0.2)
+        assert task.heads.version >= 1
+        assert len(task.heads.validation_accuracy) == task.depth + 1 and task.heads.best_exit <= task.depth
+        reply = server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie",
+                                                        options=pb.ClassifyOptions(policy="heads:3")), timeout=60)
+        assert reply.exit_layer == 3 and abs(sum(s.score for s in reply.scores) - 1) < 1e-5
+        assert reply.timings.forward_us > 0
+    finally:
+        server.stop()
+
+
+def test_doctor_reports_records_without_features_and_repair_backfills_them(grown: Engine) -> None:
+    from raee.core import doctor
+
+    engine = grown
+    assert doctor.diagnose(engine, SENTIMENT.name).healthy
+    with engine.metadata.engine.begin() as conn:
+        conn.execute(text("delete from exit_features"))
+    found = doctor.diagnose(engine, SENTIMENT.name)
+    assert not found.healthy and found.without_features == 60 and "60 without exit features" in found.summary()
+    assert doctor.repair(engine, found).healthy

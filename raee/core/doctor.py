@@ -23,16 +23,17 @@ class Diagnosis:
     pending: list[str] = field(default_factory=list)  # SQL rows of an unfinished ingest
     missing_vectors: list[str] = field(default_factory=list)  # committed in SQL, absent from the vector store
     orphan_vectors: list[str] = field(default_factory=list)  # in the vector store, unknown to SQL
+    without_features: int = 0  # committed records with no exit features (from before exit heads)
 
     @property
     def healthy(self) -> bool:
-        return not (self.pending or self.missing_vectors or self.orphan_vectors)
+        return not (self.pending or self.missing_vectors or self.orphan_vectors or self.without_features)
 
     def summary(self) -> str:
         state = "consistent" if self.healthy else "INCONSISTENT"
         return (f"{self.task}: {state}: {self.committed} committed rows, {self.vectors} vectors, "
                 f"{len(self.pending)} pending, {len(self.missing_vectors)} missing vectors, "
-                f"{len(self.orphan_vectors)} orphan vectors")
+                f"{len(self.orphan_vectors)} orphan vectors, {self.without_features} without exit features")
 
 
 def diagnose(engine: Engine, task: str) -> Diagnosis:
@@ -46,6 +47,7 @@ def diagnose(engine: Engine, task: str) -> Diagnosis:
         pending=sorted(rid for rid, s in states.items() if s != "committed"),
         missing_vectors=sorted(committed - vectors),
         orphan_vectors=sorted(vectors - set(states)),
+        without_features=len(engine.metadata.without_features(task)),
     )
 
 
@@ -57,4 +59,5 @@ def repair(engine: Engine, diagnosis: Diagnosis) -> Diagnosis:
         engine.metadata.mark_pending(redo)
         rows = [Row(i, text, label) for i, (text, label) in enumerate(engine.metadata.examples(redo))]
         engine.ingest(diagnosis.task, rows, source="doctor --repair")
+    engine.backfill_features(diagnosis.task)  # records from before exit heads (or whose features were lost)
     return diagnose(engine, diagnosis.task)
