@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
+import torch
 from sqlalchemy.exc import OperationalError
 
 from raee.core.heads import ExitHeads
@@ -285,14 +286,17 @@ class Engine:
         out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
         exits = [d.max_layer for d in decisions]
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        walking: list[int] = []
         for i, d in enumerate(decisions):
             if d.answer is not None:
                 out[i], exits[i] = d.answer, 0
             elif d.stop is not None:
-                out[i], exits[i] = self._run_until(spec, head, heads, texts[i], d)
+                walking.append(i)
             else:
                 groups[(d.reader, d.max_layer)].append(i)
         size = self.settings.forward_batch_size
+        for start in range(0, len(walking), size):  # stop rules: batched, each row stops at its own exit
+            self._walk(spec, head, heads, texts, decisions, walking[start : start + size], out, exits)
         for (reader, layer), rows in sorted(groups.items()):
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
@@ -306,19 +310,31 @@ class Engine:
                     out[i] = mix(p, decisions[i].prior)
         return out, exits
 
-    def _run_until(self, spec: TaskSpec, head: LabelHead, heads: ExitHeads | None, text: str,
-                   d: Decision) -> tuple[np.ndarray, int]:
-        assert d.stop is not None
-        stop = d.stop
-        prompt = self._prompt(spec, text)
-        if d.reader == "heads":
-            assert heads is not None
-            features, layer = self.backbone.features_until(
-                prompt, d.max_layer, lambda l, f: stop(l, mix(heads.probs(l, f), d.prior)))
-            return mix(heads.probs(layer, features), d.prior), layer
-        logits, layer = self.backbone.exit_logits_until(prompt, head, d.max_layer,
-                                                        lambda l, p: stop(l, mix(p, d.prior)))
-        return mix(softmax(logits.numpy().astype(np.float64)), d.prior), layer
+    def _walk(self, spec: TaskSpec, head: LabelHead, heads: ExitHeads | None, texts: Sequence[str],
+              decisions: Sequence[Decision], rows: list[int], out: np.ndarray, exits: list[int]) -> None:
+        """Rows with stop rules in one batched forward, exit by exit: a row's answer is taken at the
+        first exit where its rule holds (or its bound); the forward ends once every row has one.
+        Rows that stopped ride along until then (the batch does not shrink), so a row's answer is
+        what it gets alone, at the cost of the batch's deepest exit."""
+        open_rows = set(range(len(rows)))
+
+        def visit(layer: int, features: torch.Tensor) -> bool:
+            live = sorted(open_rows)
+            if decisions[rows[live[0]]].reader == "heads":  # one policy per batch: one reader
+                assert heads is not None
+                probs = heads.probs(layer, features[live])
+            else:
+                probs = softmax(self.backbone.lens(features[live], head).cpu().numpy().astype(np.float64))
+            for j, p in zip(live, probs):
+                d = decisions[rows[j]]
+                mixed = mix(p, d.prior)
+                if layer >= d.max_layer or (d.stop is not None and d.stop(layer, mixed)):
+                    out[rows[j]], exits[rows[j]] = mixed, layer
+                    open_rows.discard(j)
+            return not open_rows
+
+        last = max(decisions[i].max_layer for i in rows)
+        self.backbone.walk_exits([self._prompt(spec, texts[i]) for i in rows], last, visit)
 
     def all_exits(self, task: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """One full forward per row: label-word logits [n, L + 1, C] and exit features

@@ -237,6 +237,33 @@ class Backbone:
                 hidden = stop_here.hidden
         return self._transform(self._pick(hidden, at))[0], exit_at[0]
 
+    @torch.inference_mode()
+    def walk_exits(self, prompts: Sequence[str], last_layer: int,
+                   visit: Callable[[int, torch.Tensor], bool]) -> None:
+        """One batched forward, exit by exit: `visit(layer, features [batch, H])` sees every row's exit
+        features at exits 0..last_layer in order and returns True to stop the forward there (layers
+        after it never run). Callers keep per-row state: rows that stopped earlier ride along."""
+        if not 0 <= last_layer <= self.depth:
+            raise InvalidInput(f"exit layer {last_layer} outside 0..{self.depth}")
+        inputs = self._inputs(prompts)
+        at = self._readout(inputs)
+
+        def check(layer: int, hidden: torch.Tensor) -> None:
+            if visit(layer, self._transform(self._pick(hidden, at))) or layer == last_layer:
+                raise _ExitReached(hidden)
+
+        handles = [self.layers[0].register_forward_pre_hook(
+            lambda _m, args, kwargs: check(0, _hidden_of(args, kwargs)), with_kwargs=True)]
+        handles += [
+            layer.register_forward_hook(lambda _m, _a, out, i=i: check(i + 1, _output_hidden(out)))
+            for i, layer in enumerate(self.layers[:last_layer])
+        ]
+        with _hooked(handles):
+            try:
+                self._run(inputs)
+            except _ExitReached:
+                pass
+
     def exit_logits_until(
         self, prompt: str, head: LabelHead, max_layer: int, stop: Callable[[int, np.ndarray], bool]
     ) -> tuple[torch.Tensor, int]:
@@ -497,6 +524,14 @@ class Seq2SeqBackbone(Backbone):
             return self._transform(self._decode(norm(states[exit_layer]), mask))
         encoded = norm(self._encoder_states(inputs)[-1])
         return self._transform(self._decoder_states(encoded, mask, exit_layer - self.encoder_depth)[-1])
+
+    @torch.inference_mode()
+    def walk_exits(self, prompts: Sequence[str], last_layer: int,
+                   visit: Callable[[int, torch.Tensor], bool]) -> None:
+        """Exit by exit (each exit as exit_features runs it: the encoder-decoder split has no single pass)."""
+        for layer in range(last_layer + 1):
+            if visit(layer, self.exit_features(prompts, layer)):
+                return
 
     @torch.inference_mode()
     def features_until(self, prompt: str, max_layer: int,
