@@ -801,6 +801,10 @@ TARGETED: dict[str, Callable[[LiveServer], None]] = {
     **{f"Classify text {ascii(t)}": _classify(text=t) for t in [
         "\u200b", "\u2060", "\ufeff", "\u202e", "\u200b\u2060\ufeff", "\u200b \u2060\n", "\u00ad", "\x00", "a\x00b",
         "\U000e0001", "a\u200b", "²", "٣", "\u202egood movie"]},
+    **{f"Classify long policy {name}": _classify(policy=p) for name, p in [
+        ("unknown", "\xa1" * 3000), ("static:<foreign digits>", "static:" + "\u0663" * 3000),
+        ("confidence:<junk>", "confidence:" + "x\u200b" * 3000), ("paper:<arg>", "paper:" + "\xb2" * 3000),
+        ("knn-agree:<junk>", "knn-agree:" + "\U0010ffff" * 2000)]},
     "Classify task 'sentiment\\n'": _classify(task=KNOWN + "\n"),
     "Classify task fullwidth": _classify(task="ｓｅｎｔｉｍｅｎｔ"),
     "Classify task 30k characters": _classify(task=LONG_NAME),
@@ -812,6 +816,9 @@ TARGETED: dict[str, Callable[[LiveServer], None]] = {
     "Ingest zero-width text": lambda server: check_ingest(server, [pb.IngestRequest(task=KNOWN, examples=[
         pb.Example(text="\u200b\u2060", label="positive"), pb.Example(text="\ufeff", label="negative"),
         pb.Example(text="a fine movie", label="positive\u200b"), pb.Example(text="a fine movie", label=" positive")])]),
+    "Ingest two tasks with long names": lambda server: check_ingest(server, [
+        pb.IngestRequest(task=KNOWN, examples=[pb.Example(text="a fine film", label="positive")]),
+        pb.IngestRequest(task=LONG_NAME, examples=[pb.Example(text="a dull film", label="negative")])]),
     "GetTask 30k characters": lambda server: check_get_task(server, LONG_NAME),
     "GetTask 'sentiment\\n'": lambda server: check_get_task(server, KNOWN + "\n"),
     "DeleteTask 30k characters": lambda server: check_delete_task(server, LONG_NAME),

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from raee.errors import InvalidInput
+from raee.errors import InvalidInput, clip
 from raee.types import Neighbour
 
 DEFAULT_POLICY = "paper"
@@ -281,7 +281,7 @@ def _float(arg: str | None, name: str, default: float, lo: float, hi: float) -> 
     if arg is None:
         return default
     if not _ASCII_DECIMAL.fullmatch(arg) or arg in ("", "."):
-        raise InvalidInput(f"policy: {name} needs a decimal number in ASCII digits, e.g. {name}:0.5 (got {arg!r})")
+        raise InvalidInput(f"policy: {name} needs a decimal number in ASCII digits, e.g. {name}:0.5 (got {clip(arg)})")
     value = float(arg)
     if not lo <= value <= hi:
         raise InvalidInput(f"policy: {name}:{arg} out of range {lo:g}..{hi:g}")
@@ -290,14 +290,15 @@ def _float(arg: str | None, name: str, default: float, lo: float, hi: float) -> 
 
 def _int(arg: str | None, name: str) -> int:
     if arg is None or not _ASCII_INT.fullmatch(arg):
-        raise InvalidInput(f"policy: {name} needs a layer number in ASCII digits, e.g. {name}:6 (got {arg!r})")
+        raise InvalidInput(
+            f"policy: {name} needs a layer number in ASCII digits, e.g. {name}:6 (got {clip(arg or '')})")
     return int(arg)
 
 
 def _no_arg(factory: Callable[[], ExitPolicy], name: str) -> Callable[[str | None], ExitPolicy]:
     def make(arg: str | None) -> ExitPolicy:
         if arg is not None:
-            raise InvalidInput(f"policy: {name!r} takes no argument (got {name}:{arg})")
+            raise InvalidInput(f"policy: {name!r} takes no argument (got {clip(f'{name}:{arg}')})")
         return factory()
 
     return make
@@ -331,7 +332,7 @@ def parse_policy(spec: str | None) -> ExitPolicy:
     factory = POLICIES.get(name)
     if factory is None:
         known = ", ".join(sorted([*POLICIES, "auto"]))
-        raise InvalidInput(f"policy: unknown exit policy {spec!r} (known: {known})")
+        raise InvalidInput(f"policy: unknown exit policy {clip(spec or '')} (known: {known})")
     return factory(arg if sep else None)
 
 

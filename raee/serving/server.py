@@ -35,6 +35,7 @@ from raee.errors import (
     TaskExists,
     TaskNotFound,
     Unauthenticated,
+    clip,
 )
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
@@ -388,7 +389,8 @@ class RaeeServicer(pb_grpc.RaeeServicer):
 
                         session = await self.worker.call(open_session)
                     elif message.task and message.task != task:
-                        raise InvalidInput(f"task: one Ingest call takes one task ({task!r}, then {message.task!r})")
+                        raise InvalidInput(
+                            f"task: one Ingest call takes one task ({clip(task)}, then {clip(message.task)})")
                     rows = [check_row(seen + i, ex.text, ex.label) for i, ex in enumerate(message.examples)]
                     seen += len(rows)
                     for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
@@ -605,7 +607,12 @@ class RaeeServer:
                 continue
             try:
                 tasks = [i.spec.name for i in await asyncio.to_thread(engine.metadata.list_tasks)]
-                for task in tasks:
+            except Exception:  # a store outage: try again next round
+                log.warning("background tuning cannot list tasks; retrying in %.0f s",
+                            self.settings.retune_check_seconds, exc_info=True)
+                continue
+            for task in tasks:  # one task's failure (e.g. deleted meanwhile) does not stop the others
+                try:
                     if await asyncio.to_thread(auto.needs_heads, engine, task):
                         heads = await asyncio.to_thread(auto.fit_task_heads, engine, task)
                         log.info("exit heads v%d for %s fitted (%.1f s, %d records)", heads.version, task,
@@ -615,9 +622,9 @@ class RaeeServer:
                         choice = await asyncio.to_thread(auto.tune, engine, task)
                         log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice.policy, choice.k,
                                  choice.seconds, choice.records)
-            except Exception:  # a store outage or a task deleted meanwhile: try again next round
-                log.warning("background tuning failed; retrying in %.0f s", self.settings.retune_check_seconds,
-                            exc_info=True)
+                except Exception:  # a store outage or the task deleted meanwhile: try again next round
+                    log.warning("background tuning of %s failed; retrying in %.0f s", task,
+                                self.settings.retune_check_seconds, exc_info=True)
 
     async def wait_ready(self, timeout: float = 600) -> None:
         """Until serving; raises the error if loading failed for good."""
