@@ -189,3 +189,12 @@ def test_doctor_reports_records_without_features_and_repair_backfills_them(grown
     found = doctor.diagnose(engine, SENTIMENT.name)
     assert not found.healthy and found.without_features == 60 and "60 without exit features" in found.summary()
     assert doctor.repair(engine, found).healthy
+
+
+def test_a_fit_stops_when_asked() -> None:
+    """A server on SIGTERM must not wait minutes for a background fit: the fit checks a flag."""
+    from raee.core.heads import FitCancelled
+
+    x, y = separable(n=60)
+    with pytest.raises(FitCancelled):
+        fit_heads(x, y, 3, [str(i) for i in range(60)], ["a", "b", "c"], cancelled=lambda: True)

@@ -115,13 +115,14 @@ def needs_tuning(engine: Engine, task: str) -> bool:
     return info.tuned is None or info.tuned.stale(info.records, engine.settings.retune_growth)
 
 
-def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | None = None) -> ExitHeads:
+def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | None = None,
+                   cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
     """Fit the task's exit heads on its records' features and store them as a new version; the
     served heads switch to it at the engine's next check (atomically: one row, one version)."""
     spec = engine.task_info(task).spec
     ids, labels, features = engine.metadata.features(task)
     heads = fit_heads(features, [spec.label_index(label) for label in labels], len(spec.labels), ids,
-                      spec.label_names, progress=progress)
+                      spec.label_names, progress=progress, cancelled=cancelled)
     heads.fitted_at = datetime.now(UTC).isoformat(timespec="seconds")
     heads.version = engine.metadata.save_heads(task, heads.summary(), heads.to_bytes())
     engine.forget_heads(task)

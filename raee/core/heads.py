@@ -106,8 +106,12 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return np.asarray(e / e.sum(axis=-1, keepdims=True))
 
 
+class FitCancelled(Exception):
+    """A fit stopped on request (the server is shutting down)."""
+
+
 def _fit(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, c: torch.Tensor, n_labels: int,
-         max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+         max_iter: int = 100, cancelled: Callable[[], bool] = lambda: False) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-weighted multinomial logistic regression per exit, all exits at once.
 
     x [E, N, H] standardised, y [N], weights [N] (class weights), c [E]. Minimises, per exit,
@@ -122,6 +126,8 @@ def _fit(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, c: torch.Tenso
     targets = y.expand(exits, n)
 
     def closure() -> torch.Tensor:
+        if cancelled():
+            raise FitCancelled("exit-head fit cancelled")
         optimizer.zero_grad()
         logits = torch.bmm(x, weight) + bias  # [E, N, C]
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, n_labels), targets.reshape(-1), reduction="none")
@@ -141,7 +147,8 @@ def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
 
 def fit_heads(features: np.ndarray, labels: Sequence[int], n_labels: int, record_ids: Sequence[str],
               label_names: Sequence[str], c_grid: Sequence[float] = C_GRID, folds: int = FOLDS, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> ExitHeads:
+              progress: Callable[[str], None] | None = None,
+              cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
     """Fit one head per exit on [N, E, H] features; C per exit by `folds`-fold cross-validation."""
     start = time.perf_counter()
     n = len(labels)
@@ -164,7 +171,7 @@ def fit_heads(features: np.ndarray, labels: Sequence[int], n_labels: int, record
         c = torch.full((exits,), float(c_value))
         for f in range(folds):
             train, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
-            w, b = _fit(x[:, train], y[train], class_weight[y[train]], c, n_labels)
+            w, b = _fit(x[:, train], y[train], class_weight[y[train]], c, n_labels, cancelled=cancelled)
             oof[ci, held] = _predict(x[:, held], w, b).permute(1, 0, 2).numpy()
         if progress:
             progress(f"C={c_value}: {folds} folds fitted")
@@ -174,7 +181,8 @@ def fit_heads(features: np.ndarray, labels: Sequence[int], n_labels: int, record
     loss = -np.log(np.take_along_axis(oof, gold[None, :, None, None], -1)[..., 0].clip(1e-12)).mean(1)  # [G, E]
     chosen = np.lexsort((loss, -np.round(accuracy, 6)), axis=0)[0]  # per exit: best accuracy, then loss
     c_chosen = np.array([c_grid[g] for g in chosen])
-    weight, bias = _fit(x, y, class_weight[y], torch.tensor(c_chosen, dtype=torch.float32), n_labels)
+    weight, bias = _fit(x, y, class_weight[y], torch.tensor(c_chosen, dtype=torch.float32), n_labels,
+                        cancelled=cancelled)
     exit_index = np.arange(exits)
     return ExitHeads(list(label_names), mean, scale, weight.double().numpy(), bias.double().numpy(), c_chosen,
                      accuracy[chosen, exit_index], list(record_ids),

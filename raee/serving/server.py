@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from raee.core import auto
 from raee.core.datafile import check_row
 from raee.core.engine import Engine, IngestSession
+from raee.core.heads import FitCancelled
 from raee.errors import (
     DeadlineExpired,
     InvalidInput,
@@ -516,6 +518,7 @@ class RaeeServer:
         self._loading: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._retuner: asyncio.Task[None] | None = None
+        self._stopping = threading.Event()  # a background fit checks it: SIGTERM must not wait for a fit
 
     async def _set_health(self, serving: bool) -> None:
         self._serving = serving
@@ -614,7 +617,8 @@ class RaeeServer:
             for task in tasks:  # one task's failure (e.g. deleted meanwhile) does not stop the others
                 try:
                     if await asyncio.to_thread(auto.needs_heads, engine, task):
-                        heads = await asyncio.to_thread(auto.fit_task_heads, engine, task)
+                        heads = await asyncio.to_thread(auto.fit_task_heads, engine, task, None,
+                                                        self._stopping.is_set)
                         log.info("exit heads v%d for %s fitted (%.1f s, %d records)", heads.version, task,
                                  heads.seconds, len(heads.record_ids))
                     if await asyncio.to_thread(auto.needs_tuning, engine, task) or \
@@ -622,6 +626,8 @@ class RaeeServer:
                         choice = await asyncio.to_thread(auto.tune, engine, task)
                         log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice.policy, choice.k,
                                  choice.seconds, choice.records)
+                except FitCancelled:
+                    return
                 except Exception:  # a store outage or the task deleted meanwhile: try again next round
                     log.warning("background tuning of %s failed; retrying in %.0f s", task,
                                 self.settings.retune_check_seconds, exc_info=True)
@@ -635,6 +641,7 @@ class RaeeServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work, finish what is queued within the grace period, then release the stores."""
+        self._stopping.set()
         for task in (self._monitor, self._retuner, self._loading):
             if task and not task.done():
                 task.cancel()
