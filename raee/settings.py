@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_text_chars: int = 8192
     max_tokens: int = 512
     ingest_batch_size: int = 32
+    ingest_chunk_rows: int = Field(
+        default=4, description="rows of an online Ingest computed per worker turn (a Classify waits at most one turn)")
     forward_batch_size: int = 16
     retune_growth: float = Field(default=0.5, description="auto re-tunes when the database grew by this fraction")
     retune_check_seconds: float = 30.0

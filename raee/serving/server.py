@@ -374,7 +374,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             nonlocal task
             session: IngestSession | None = None
             status = "failed"
-            size = self.settings.ingest_batch_size
+            size = self.settings.ingest_chunk_rows  # one worker turn each: a Classify waits at most one
             seen = 0
             try:
                 async for message in request_iterator:

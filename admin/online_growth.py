@@ -1,0 +1,68 @@
+"""Grow sst2 online through a running server while a client classifies with `auto`; the server refits
+the exit heads in the background. Usage (from the checkout): .venv/bin/python admin/online_growth.py HOST:PORT OUT.json
+Reports errors, p50/p99 before the growth, and latency while the background fit ran (from GetTask's heads)."""
+import json
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from raee.client import RaeeClient
+from raee.core.datafile import read_rows
+from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.types import Row
+
+address, out = sys.argv[1], Path(sys.argv[2])
+client = RaeeClient(address, timeout=120)
+dev = [r.text for r in read_rows(Path("corpora/sst2/dev.tsv")) if isinstance(r, Row)]
+train = [r for r in read_rows(Path("corpora/sst2/train.tsv")) if isinstance(r, Row)]
+samples, errors, stop = [], [], threading.Event()
+
+def classify_loop():
+    i = 0
+    while not stop.is_set():
+        t0 = time.time()
+        try:
+            client.classify("sst2", [dev[i % len(dev)]], policy="auto")
+            samples.append((t0, time.time() - t0))
+        except Exception as exc:  # noqa: BLE001
+            errors.append((t0, repr(exc)))
+        i += 1
+
+def heads():
+    return client.stub.GetTask(pb.GetTaskRequest(name="sst2")).heads
+
+before = heads()
+worker = threading.Thread(target=classify_loop)
+worker.start()
+time.sleep(30)
+t_ingest = time.time()
+start = before_records = client.stub.GetTask(pb.GetTaskRequest(name="sst2")).records
+report = client.ingest("sst2", train[start:start + 1000])
+t_ingested = time.time()
+while heads().version == before.version:
+    time.sleep(1)
+after = heads()
+time.sleep(30)
+stop.set()
+worker.join()
+fit_end = datetime.fromisoformat(after.fitted_at).timestamp()
+fit_start = fit_end - after.fit_seconds
+lat = np.array([l for _, l in samples])
+base = np.array([l for t, l in samples if t < t_ingest])
+during = np.array([l for t, l in samples if fit_start <= t <= fit_end])
+result = {"records_before": int(before_records), "added": report.added, "ingest_seconds": t_ingested - t_ingest,
+          "errors": len(errors),
+          "heads_before": {"version": before.version, "records": before.records},
+          "heads_after": {"version": after.version, "records": after.records, "fit_seconds": after.fit_seconds},
+          "requests": len(samples), "p50_before_ms": float(np.percentile(base, 50) * 1000),
+          "p99_before_ms": float(np.percentile(base, 99) * 1000),
+          "requests_during_fit": int(len(during)),
+          "max_during_fit_ms": float(during.max() * 1000) if len(during) else None,
+          "p99_during_fit_ms": float(np.percentile(during, 99) * 1000) if len(during) else None,
+          "max_overall_ms": float(lat.max() * 1000)}
+out.write_text(json.dumps(result, indent=2))
+print(json.dumps(result, indent=2))
