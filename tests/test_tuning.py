@@ -71,3 +71,13 @@ def test_a_request_never_tunes_and_auto_follows_the_stored_choice(engine: Engine
     assert tune(engine, SENTIMENT.name).records == 40 and not needs_tuning(engine, SENTIMENT.name)
 
 
+
+
+def test_auto_takes_the_shallowest_candidate_within_one_standard_error() -> None:
+    from raee.core.auto import pick
+
+    ranked = [("heads:12", 32, 0.92, 12.0), ("knn-heads:0.99:11", 8, 0.91, 6.5), ("knn-vote", 8, 0.80, 0.0)]
+    # 300 rows: one standard error of 92 % is 1.57 points, so 91 % is a tie and 80 % is not.
+    assert pick(ranked, 300)[0] == "knn-heads:0.99:11"
+    # 30,000 rows: the band is 0.16 points; the more accurate one wins.
+    assert pick(ranked, 30_000)[0] == "heads:12"

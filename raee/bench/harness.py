@@ -166,7 +166,7 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     families = ("static", "confidence", "paper-tol") + (("knn-heads",) if heads else ())
     calibrated = {family: next(name for name, *_ in ranked if name.startswith(family + ":"))
                   for family in families}
-    best = ranked[0]
+    best = tuning.pick(ranked, len(validation))
     tuned = Choice(best[0], best[1], best[2], best[3], len(validation), train_rows,
                    datetime.now(UTC).isoformat(timespec="seconds"), 0.0)
 

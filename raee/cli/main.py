@@ -507,11 +507,13 @@ def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> None:
 
     engine = obj.engine
     rows = tuning.validation_rows(engine, task_name, validation, max(tuning.K_CHOICES))
-    ranked = tuning.choose(rows, engine.depth, engine.task_info(task_name).spec.label_names)
-    click.echo(f"{'policy':<18} {'k':>3} {'accuracy':>9} {'mean exit':>10}")
+    ranked = tuning.choose(rows, engine.depth, engine.task_info(task_name).spec.label_names,
+                           heads=engine.heads(task_name))
+    click.echo(f"{'policy':<22} {'k':>3} {'accuracy':>9} {'mean exit':>10}")
     for name, k, acc, mean in ranked if show_all else ranked[:10]:
-        click.echo(f"{name:<18} {k:>3} {100 * acc:>8.1f}% {mean:>10.2f}")
+        click.echo(f"{name:<22} {k:>3} {100 * acc:>8.1f}% {mean:>10.2f}")
     choice = tuning.tune(engine, task_name, validation)
+    click.echo("auto: the least mean exit within one standard error of the best accuracy")
     click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k} "
                f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
 

@@ -1,5 +1,5 @@
-"""The `auto` policy: per task, the policy (and k) with the best accuracy on a validation split of
-the task's own records, ties broken by less depth.
+"""The `auto` policy: per task, the policy (and k) chosen on a validation split of the task's own
+records: the least mean exit among the candidates within one standard error of the best accuracy.
 
 Tuning never runs on a request: `raee-admin tune`, the end of a local `raee-admin ingest`, and
 the server's background re-tuner (when a task grew by RAEE_RETUNE_GROWTH) call `tune`; requests
@@ -12,6 +12,7 @@ record itself is dropped from its own neighbours).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -95,11 +96,20 @@ def choose(rows: Sequence[Measured], depth: int, labels: Sequence[str], ks: Sequ
     return sorted(scored, key=lambda s: (-round(s[2], 6), s[3], s[1]))
 
 
+def pick(ranked: Sequence[tuple[str, int, float, float]], rows: int) -> tuple[str, int, float, float]:
+    """The one-standard-error rule: among the candidates whose validation accuracy is within one
+    standard error of the best (on `rows` validation rows), the one with the least mean exit.
+    Differences inside that band are noise on a few hundred rows; depth is compute saved."""
+    best = ranked[0][2]
+    band = best - math.sqrt(max(best * (1 - best), 1e-12) / max(rows, 1))
+    return min((r for r in ranked if r[2] >= band), key=lambda r: (r[3], -r[2], r[1]))
+
+
 def tune(engine: Engine, task: str, validation: int = 300, seed: int = 0) -> Choice:
     start = time.perf_counter()
     rows = validation_rows(engine, task, validation, max(K_CHOICES), seed)
     labels = engine.task_info(task).spec.label_names
-    policy, k, accuracy, mean_exit = choose(rows, engine.depth, labels, heads=engine.heads(task))[0]
+    policy, k, accuracy, mean_exit = pick(choose(rows, engine.depth, labels, heads=engine.heads(task)), len(rows))
     choice = Choice(policy, k, accuracy, mean_exit, len(rows), engine.task_info(task).records,
                     datetime.now(UTC).isoformat(timespec="seconds"), round(time.perf_counter() - start, 2))
     engine.metadata.set_tuned(task, choice)
