@@ -207,37 +207,6 @@ class Backbone:
         return self.lens(self.exit_features(prompts, exit_layer), head)
 
     @torch.inference_mode()
-    def features_until(self, prompt: str, max_layer: int,
-                       stop: Callable[[int, torch.Tensor], bool]) -> tuple[torch.Tensor, int]:
-        """Run one prompt layer by layer; stop at the first exit where `stop(layer, features)` holds,
-        or at `max_layer`. Returns the features there [H] and the exit. Layers past it never run."""
-        if not 0 <= max_layer <= self.depth:
-            raise InvalidInput(f"exit layer {max_layer} outside 0..{self.depth}")
-
-        exit_at = [max_layer]
-        inputs = self._inputs([prompt])
-        at = self._readout(inputs)
-
-        def check(layer: int, hidden: torch.Tensor) -> None:
-            if layer == max_layer or stop(layer, self._transform(self._pick(hidden, at))[0]):
-                exit_at[0] = layer
-                raise _ExitReached(hidden)
-
-        handles = [self.layers[0].register_forward_pre_hook(
-            lambda _m, args, kwargs: check(0, _hidden_of(args, kwargs)), with_kwargs=True)]
-        handles += [
-            layer.register_forward_hook(lambda _m, _a, out, i=i: check(i + 1, _output_hidden(out)))
-            for i, layer in enumerate(self.layers[:max_layer])
-        ]
-        with _hooked(handles):
-            try:
-                self._run(inputs)
-                raise RuntimeError("the forward ended without reaching its exit")  # unreachable
-            except _ExitReached as stop_here:
-                hidden = stop_here.hidden
-        return self._transform(self._pick(hidden, at))[0], exit_at[0]
-
-    @torch.inference_mode()
     def walk_exits(self, prompts: Sequence[str], last_layer: int,
                    visit: Callable[[int, torch.Tensor], bool]) -> None:
         """One batched forward, exit by exit: `visit(layer, features [batch, H])` sees every row's exit
@@ -263,6 +232,21 @@ class Backbone:
                 self._run(inputs)
             except _ExitReached:
                 pass
+
+    def features_until(self, prompt: str, max_layer: int,
+                       stop: Callable[[int, torch.Tensor], bool]) -> tuple[torch.Tensor, int]:
+        """One prompt, exit by exit: the features [H] at the first exit where `stop(layer, features)`
+        holds (or at `max_layer`), and that exit. Layers past it never run."""
+        found: list[tuple[torch.Tensor, int]] = []
+
+        def visit(layer: int, features: torch.Tensor) -> bool:
+            if layer == max_layer or stop(layer, features[0]):
+                found.append((features[0], layer))
+                return True
+            return False
+
+        self.walk_exits([prompt], max_layer, visit)
+        return found[0]
 
     def exit_logits_until(
         self, prompt: str, head: LabelHead, max_layer: int, stop: Callable[[int, np.ndarray], bool]
@@ -532,16 +516,6 @@ class Seq2SeqBackbone(Backbone):
         for layer in range(last_layer + 1):
             if visit(layer, self.exit_features(prompts, layer)):
                 return
-
-    @torch.inference_mode()
-    def features_until(self, prompt: str, max_layer: int,
-                       stop: Callable[[int, torch.Tensor], bool]) -> tuple[torch.Tensor, int]:
-        """Exit by exit, never past the first exit where the rule holds (each exit as exit_features runs it)."""
-        for layer in range(max_layer + 1):
-            features = self.exit_features([prompt], layer)[0]
-            if layer == max_layer or stop(layer, features):
-                return features, layer
-        raise AssertionError("unreachable")
 
     @torch.inference_mode()
     def pooled_hidden(self, texts: Sequence[str], exit_layer: int) -> torch.Tensor:
