@@ -193,6 +193,7 @@ class Choice:
     records: int  # database size when chosen: auto re-tunes once it has grown by RAEE_RETUNE_GROWTH
     chosen_at: str  # ISO 8601, UTC
     seconds: float  # time the choice took
+    heads_version: int = 0  # the exit heads it chose among (0: none); a newer version calls for a new choice
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,7 +202,7 @@ class Choice:
     def from_dict(cls, data: dict[str, Any]) -> Choice:
         return cls(str(data["policy"]), int(data["k"]), float(data["accuracy"]), float(data["mean_exit"]),
                    int(data["validation_rows"]), int(data["records"]), str(data["chosen_at"]),
-                   float(data.get("seconds", 0.0)))
+                   float(data.get("seconds", 0.0)), int(data.get("heads_version", 0)))
 
     def stale(self, records: int, growth: float) -> bool:
         """True once the task has grown by `growth` (a fraction) since this choice was made."""

@@ -144,7 +144,10 @@ def test_auto_can_choose_a_heads_policy_once_heads_exist(grown: Engine) -> None:
     assert {"paper-heads", "heads:0", f"heads:{engine.depth}"} <= set(names)
     assert any(n.startswith("knn-heads:") for n in names)
     choice = auto.tune(engine, SENTIMENT.name)
-    assert choice.policy in names
+    assert choice.policy in names and choice.heads_version == 1
+    assert not auto.needs_tuning_after_heads(engine, SENTIMENT.name)
+    auto.fit_task_heads(engine, SENTIMENT.name)  # version 2: the choice was made among older heads
+    assert auto.needs_tuning_after_heads(engine, SENTIMENT.name)
     policy, _ = engine.resolve_policy(SENTIMENT.name, "auto", None)
     assert policy.name == choice.policy or (isinstance(policy, HeadsPolicy) and choice.policy.startswith("heads"))
 

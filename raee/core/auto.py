@@ -109,9 +109,11 @@ def tune(engine: Engine, task: str, validation: int = 300, seed: int = 0) -> Cho
     start = time.perf_counter()
     rows = validation_rows(engine, task, validation, max(K_CHOICES), seed)
     labels = engine.task_info(task).spec.label_names
-    policy, k, accuracy, mean_exit = pick(choose(rows, engine.depth, labels, heads=engine.heads(task)), len(rows))
+    heads = engine.heads(task)
+    policy, k, accuracy, mean_exit = pick(choose(rows, engine.depth, labels, heads=heads), len(rows))
     choice = Choice(policy, k, accuracy, mean_exit, len(rows), engine.task_info(task).records,
-                    datetime.now(UTC).isoformat(timespec="seconds"), round(time.perf_counter() - start, 2))
+                    datetime.now(UTC).isoformat(timespec="seconds"), round(time.perf_counter() - start, 2),
+                    heads.version if heads else 0)
     engine.metadata.set_tuned(task, choice)
     engine.forget_choice(task)
     return choice
@@ -140,18 +142,16 @@ def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | 
 
 
 def needs_heads(engine: Engine, task: str) -> bool:
-    """No heads yet (and enough records), or the task grew past RAEE_RETUNE_GROWTH since the fit."""
+    """No heads yet (and enough records), or the task grew past RAEE_RETUNE_GROWTH since the fit.
+    Reads the engine's loaded heads (refreshed per version), not the stored blob."""
     info = engine.task_info(task)
     if info.records < HEADS_MIN_RECORDS:
         return False
-    stored = engine.metadata.heads(task)
-    if stored is None:
-        return True
-    return info.records > int(stored.summary.get("records", 0)) * (1 + engine.settings.retune_growth)
+    heads = engine.heads(task)
+    return heads is None or info.records > len(heads.record_ids) * (1 + engine.settings.retune_growth)
 
 
 def needs_tuning_after_heads(engine: Engine, task: str) -> bool:
-    """The stored `auto` choice predates the task's newest exit heads (their policies were not candidates)."""
-    info = engine.task_info(task)
-    stored = engine.metadata.heads(task)
-    return stored is not None and info.tuned is not None and info.tuned.chosen_at < stored.fitted_at.isoformat()
+    """The stored `auto` choice was made among older exit heads (or none): their policies changed."""
+    heads, tuned = engine.heads(task), engine.task_info(task).tuned
+    return heads is not None and tuned is not None and tuned.heads_version != heads.version

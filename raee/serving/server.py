@@ -241,6 +241,14 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         self.metrics.requests.labels(method, self._task_label(task, code), code.name).inc()
         self.metrics.latency.labels(method).observe(seconds)
 
+    @staticmethod
+    def _failure(exc: Exception, what: str) -> tuple[grpc.StatusCode, str]:
+        """The status a failure gets; an unexpected one (INTERNAL) is logged with its traceback."""
+        code, message = status_of(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", what)
+        return code, message
+
     async def _observe(self, method: str, task: str | None, context: grpc.aio.ServicerContext,
                        work: Callable[[], Awaitable[R]]) -> R:
         """Run one RPC's work: check its key, count it by code, time it, and turn failures into codes."""
@@ -256,9 +264,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             code = _ended_code(context)
             raise
         except Exception as exc:
-            code, message = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
+            code, message = self._failure(exc, method)
             await context.abort(code, message)
             raise  # unreachable: abort raises
         finally:
@@ -355,9 +361,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             code = _ended_code(context)
             raise
         except Exception as exc:
-            code, message = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("ClassifyStream request %d failed", index)
+            code, message = self._failure(exc, f"ClassifyStream request {index}")
             return pb.ClassifyResponse(index=index, request_id="" if task is None else request.request_id,  # type: ignore[union-attr]
                                        error=status_pb2.Status(code=code.value[0], message=message))
         finally:

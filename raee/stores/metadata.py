@@ -422,11 +422,6 @@ class MetadataStore:
                             .order_by(TaskHeadsRow.version.desc()).limit(1)).first()
             return None if row is None else StoredHeads(row.version, row.fitted_at, dict(row.summary), row.data)
 
-    def heads_version(self, task: str) -> int:
-        with self._session() as s:
-            task_id = self._task_row(s, task).id
-            return int(s.scalar(select(func.max(TaskHeadsRow.version)).where(TaskHeadsRow.task_id == task_id)) or 0)
-
     def mark_committed(self, ids: Sequence[str]) -> None:
         with self._session.begin() as s:
             s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids))).values(status=COMMITTED))
