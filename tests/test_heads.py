@@ -13,7 +13,7 @@ from raee.core import auto
 from raee.core.datafile import read_rows
 from raee.core.engine import Engine
 from raee.core.heads import ExitHeads, fit_heads
-from raee.core.policies import HeadsPolicy, KnnHeadsPolicy, mix
+from raee.core.policies import CascadePolicy, HeadsPolicy, KnnHeadsPolicy, mix
 from raee.errors import InvalidInput
 
 from .conftest import SENTIMENT, write_tsv
@@ -201,3 +201,57 @@ def test_a_fit_stops_when_asked() -> None:
     x, y = separable(n=60)
     with pytest.raises(FitCancelled):
         fit_heads(x, y, 3, [str(i) for i in range(60)], ["a", "b", "c"], cancelled=lambda: True)
+
+
+def simulate_cascade(oof: np.ndarray, gold: np.ndarray, thresholds: np.ndarray, bound: int
+                     ) -> tuple[float, float]:
+    """Accuracy and mean exit of a cascade on out-of-fold probabilities, row by row."""
+    right, exits = [], []
+    for probs, y in zip(oof, gold):
+        layer = next((l for l in range(bound) if probs[l].max() >= thresholds[l]), bound)
+        right.append(probs[layer].argmax() == y)
+        exits.append(layer)
+    return float(np.mean(right)), float(np.mean(exits))
+
+
+def test_cascade_thresholds_bound_the_accuracy_lost_to_stopping_early() -> None:
+    x, y = separable(n=600, exits=6)
+    heads = fit_heads(x, y, 3, [f"r{i}" for i in range(len(y))], ["a", "b", "c"])
+    oof, bound = heads.oof.astype(np.float64), heads.best_exit
+    depths = []
+    for margin in (0.0, 0.02, 0.1):
+        t = heads.cascade_thresholds(margin)
+        assert np.isinf(t[bound:]).all()  # never stops at or past the bound by threshold
+        accuracy, mean_exit = simulate_cascade(oof, y, t, bound)
+        assert accuracy >= heads.accuracy[bound] - margin - 1e-9  # out of fold, by construction
+        depths.append(mean_exit)
+    assert depths[-1] < bound and depths[-1] <= depths[0]  # a larger margin buys depth
+    # Kept with the stored heads; heads stored before the labels were kept say how to fix it.
+    again = ExitHeads.from_bytes(heads.to_bytes(), 1, "t", 1.0)
+    np.testing.assert_array_equal(again.cascade_thresholds(0.02), heads.cascade_thresholds(0.02))
+    again.gold = None
+    again._cascades.clear()
+    with pytest.raises(InvalidInput, match="fit-heads"):
+        again.cascade_thresholds(0.02)
+
+
+def test_cascade_serves_the_first_exit_whose_head_is_sure(grown: Engine) -> None:
+    engine = grown
+    heads = auto.fit_task_heads(engine, SENTIMENT.name)
+    policy, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05", None)
+    assert isinstance(policy, CascadePolicy) and policy.bound == heads.best_exit
+    thresholds = heads.cascade_thresholds(0.05)
+    texts = ["a great movie", "the worst plot", "i loved it", "dull and slow"]
+    answers = engine.classify(SENTIMENT.name, texts, policy="cascade:0.05")
+    for text_, answer in zip(texts, answers):
+        prompt = engine._prompt(SENTIMENT, text_)
+        per_exit = [heads.probs(l, engine.backbone.exit_features([prompt], l).float().numpy())[0]
+                    for l in range(engine.depth + 1)]
+        first = next((l for l in range(heads.best_exit) if per_exit[l].max() >= thresholds[l]), heads.best_exit)
+        assert answer.exit_layer == first
+        np.testing.assert_allclose(answer.scores, per_exit[first], atol=1e-5)
+    bounded, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05:1", None)
+    assert bounded.name == "cascade:0.05:1"
+    assert all(a.exit_layer <= 1 for a in engine.classify(SENTIMENT.name, texts, policy="cascade:0.05:1"))
+    with pytest.raises(InvalidInput, match="cascade"):
+        engine.classify(SENTIMENT.name, texts, policy="cascade:２")

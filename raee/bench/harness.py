@@ -25,13 +25,16 @@ from raee.core.datafile import read_rows
 from raee.core.engine import Engine
 from raee.core.evaluation import Measured, PolicyResult, layer_accuracy, measure, run_oracle, run_policy
 from raee.core.heads import fit_heads
-from raee.core.policies import parse_policy
+from raee.core.policies import ExitPolicy, bind, parse_policy
 from raee.stores.records import ExitRecord, LayerResult, record_id
 from raee.types import Choice, Row, TaskSpec
 
 K_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
 SIZE_SWEEP = (500, 1000, 2000, 5000, 10000, 20000, 60000)
 SWEEP_POLICIES = ("paper", "paper-all", "knn-agree", "knn-vote")
+
+
+CASCADE_SHOWN = ("cascade:0.01", "cascade:0.02", "cascade:0.03")  # the accuracy/depth trade, beside the tuned one
 
 
 def _bar(total: int, desc: str) -> tqdm:
@@ -163,7 +166,7 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     heads = tuning.fit_task_heads(engine, task) if tuning.needs_heads(engine, task) else engine.heads(task)
     validation = tuning.validation_rows(engine, task, 300, max(tuning.K_CHOICES))
     ranked = tuning.choose(validation, depth, labels, heads=heads)
-    families = ("static", "confidence", "paper-tol") + (("knn-heads",) if heads else ())
+    families = ("static", "confidence", "paper-tol") + (("knn-heads", "cascade") if heads else ())
     calibrated = {family: next(name for name, *_ in ranked if name.startswith(family + ":"))
                   for family in families}
     best = tuning.pick(ranked, len(validation))
@@ -176,9 +179,15 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     names = ["full", calibrated["static"], calibrated["confidence"], "paper", "paper-all", calibrated["paper-tol"],
              "knn-agree", "knn-vote"]
     if heads:  # the best fixed head (out of fold on train), the paper over head-judged exits, the stop rule
-        names += [f"heads:{heads.best_exit}", "paper-heads", calibrated["knn-heads"]]
-    results = [run_policy(parse_policy(n), measured, depth, labels, k) for n in names]
-    auto = run_policy(parse_policy(best[0]), measured, depth, labels, best[1])
+        names += [f"heads:{heads.best_exit}", "paper-heads", calibrated["knn-heads"], calibrated["cascade"],
+                  *CASCADE_SHOWN]
+        names = list(dict.fromkeys(names))
+
+    def policy(name: str) -> ExitPolicy:
+        return bind(parse_policy(name), heads) if heads else parse_policy(name)
+
+    results = [run_policy(policy(n), measured, depth, labels, k) for n in names]
+    auto = run_policy(policy(best[0]), measured, depth, labels, best[1])
     auto.name = f"auto={best[0]}"
     results += [auto, key_logreg(engine, spec, train, train_rows, rows, depth), run_oracle(measured, depth)]
     if heads:

@@ -24,18 +24,19 @@ from raee.core.engine import Engine
 from raee.core.evaluation import Measured, run_policy
 from raee.core.heads import MIN_RECORDS as HEADS_MIN_RECORDS
 from raee.core.heads import ExitHeads, fit_heads
-from raee.core.policies import parse_policy
+from raee.core.policies import bind, parse_policy
 from raee.errors import InvalidInput
 from raee.types import Choice
 
 K_CHOICES = (4, 8, 12, 16, 24, 32)
+CASCADE_MARGINS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05)
 MIN_RECORDS = 10
 
 
 def candidate_policies(depth: int, heads: ExitHeads | None = None) -> list[str]:
     """Every policy auto may pick; static layers and thresholds are swept. With exit heads: each
     head, the paper's aggregation over head-judged exits, and knn-heads stop rules (unbounded and
-    bounded by the best head's exit)."""
+    bounded by the best head's exit), and cascades of heads at several accuracy margins."""
     names = [
         "paper", "paper-all", "knn-vote", "knn-agree", "full",
         *(f"paper-tol:{t}" for t in (0.05, 0.1, 0.2, 0.3)),
@@ -45,7 +46,8 @@ def candidate_policies(depth: int, heads: ExitHeads | None = None) -> list[str]:
     if heads is not None:
         thresholds = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
         names += [*(f"heads:{layer}" for layer in range(depth + 1)), "paper-heads",
-                  *(f"knn-heads:{t}" for t in thresholds), *(f"knn-heads:{t}:{heads.best_exit}" for t in thresholds)]
+                  *(f"knn-heads:{t}" for t in thresholds), *(f"knn-heads:{t}:{heads.best_exit}" for t in thresholds),
+                  *(f"cascade:{m}" for m in CASCADE_MARGINS)]
     return names
 
 
@@ -87,8 +89,9 @@ def choose(rows: Sequence[Measured], depth: int, labels: Sequence[str], ks: Sequ
            heads: ExitHeads | None = None) -> list[tuple[str, int, float, float]]:
     """(policy, k, accuracy, mean exit) for every candidate, best first."""
     scored = []
-    for name in candidate_policies(depth, heads if rows and rows[0].head_probs is not None else None):
-        policy = parse_policy(name)
+    heads = heads if rows and rows[0].head_probs is not None else None
+    for name in candidate_policies(depth, heads):
+        policy = bind(parse_policy(name), heads) if heads is not None else parse_policy(name)
         for k in ks if policy.uses_neighbours else (max(ks),):
             r = run_policy(policy, rows, depth, labels, k)
             scored.append((name, k, r.accuracy, r.mean_exit))

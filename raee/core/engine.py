@@ -16,7 +16,7 @@ import torch
 from sqlalchemy.exc import OperationalError
 
 from raee.core.heads import ExitHeads
-from raee.core.policies import Decision, ExitPolicy, HeadsPolicy, mix, parse_policy, reads_heads, uses_head_exits
+from raee.core.policies import Decision, ExitPolicy, bind, mix, parse_policy, reads_heads, uses_head_exits
 from raee.errors import InvalidInput, StoreMismatch
 from raee.models.backbone import Backbone, LabelHead
 from raee.models.encoders import KeyEncoder
@@ -196,8 +196,7 @@ class Engine:
             if heads is None:
                 raise InvalidInput(f"policy: {chosen.name} needs exit heads and task {task!r} has none yet "
                                    "(fit them with `raee-admin fit-heads`)")
-            if isinstance(chosen, HeadsPolicy) and chosen.layer < 0:
-                chosen = HeadsPolicy(heads.best_exit)
+            chosen = bind(chosen, heads)
         return chosen, self.check_k(k)
 
     def auto_policy(self, task: str) -> tuple[ExitPolicy, int | None]:

@@ -47,10 +47,12 @@ class ExitHeads:
     accuracy: np.ndarray  # [E] out-of-fold accuracy on the records
     record_ids: list[str]
     oof: np.ndarray  # [N, E, C] float16 out-of-fold probabilities of each record
+    gold: np.ndarray | None = None  # [N] each record's label index (None in heads stored before it was kept)
     version: int = 0
     fitted_at: str = ""
     seconds: float = 0.0
     _index: dict[str, int] = field(default_factory=dict, repr=False)
+    _cascades: dict[tuple[float, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {rid: i for i, rid in enumerate(self.record_ids)}
@@ -80,6 +82,21 @@ class ExitHeads:
         i = self._index.get(record_id)
         return None if i is None else self.oof[i].astype(np.float64)
 
+    def cascade_thresholds(self, margin: float, bound: int | None = None) -> np.ndarray:
+        """Per-exit confidence thresholds [E] of the cascade that stops each row at the first exit
+        whose head is at least that sure, and otherwise answers with the head at `bound` (default:
+        the best exit). Calibrated on the records' out-of-fold probabilities, exit by exit: at each
+        exit, the lowest threshold at which the rows still running that would stop there lose at
+        most `margin` accuracy against what the bound's head gets on those same rows. So the
+        cascade's out-of-fold accuracy is at most `margin` below the bound head's; inf: never stop."""
+        bound = self.best_exit if bound is None else bound
+        key = (round(margin, 6), bound)
+        if key not in self._cascades:
+            if self.gold is None:
+                raise InvalidInput("these exit heads predate cascade calibration: refit them (`raee-admin fit-heads`)")
+            self._cascades[key] = _cascade(self.oof.astype(np.float64), self.gold, margin, bound)
+        return self._cascades[key]
+
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "fitted_at": self.fitted_at, "seconds": round(self.seconds, 2),
                 "records": len(self.record_ids), "c": [float(c) for c in self.c],
@@ -90,7 +107,8 @@ class ExitHeads:
         np.savez_compressed(buffer, labels=np.array(self.labels), mean=self.mean.astype(np.float32),
                             scale=self.scale.astype(np.float32), weight=self.weight.astype(np.float32),
                             bias=self.bias.astype(np.float32), c=self.c, accuracy=self.accuracy,
-                            record_ids=np.array(self.record_ids), oof=self.oof.astype(np.float16))
+                            record_ids=np.array(self.record_ids), oof=self.oof.astype(np.float16),
+                            **({} if self.gold is None else {"gold": self.gold.astype(np.int32)}))
         return buffer.getvalue()
 
     @classmethod
@@ -98,7 +116,31 @@ class ExitHeads:
         z = np.load(io.BytesIO(data), allow_pickle=False)
         return cls([str(x) for x in z["labels"]], z["mean"].astype(np.float64), z["scale"].astype(np.float64),
                    z["weight"].astype(np.float64), z["bias"].astype(np.float64), z["c"], z["accuracy"],
-                   [str(x) for x in z["record_ids"]], z["oof"], version, fitted_at, seconds)
+                   [str(x) for x in z["record_ids"]], z["oof"], z["gold"] if "gold" in z.files else None,
+                   version, fitted_at, seconds)
+
+
+def _cascade(oof: np.ndarray, gold: np.ndarray, margin: float, bound: int, min_rows: int = 10) -> np.ndarray:
+    """See `ExitHeads.cascade_thresholds`. At least `min_rows` records must stop at an exit for
+    it to get a threshold: fewer say nothing about the head's accuracy at that confidence."""
+    correct = oof.argmax(-1) == gold[:, None]  # [N, E]
+    confidence = oof.max(-1)
+    thresholds = np.full(oof.shape[1], np.inf)
+    running = np.ones(len(gold), dtype=bool)
+    for exit_ in range(min(bound, oof.shape[1] - 1)):
+        rows = np.flatnonzero(running)
+        order = rows[np.argsort(-confidence[rows, exit_], kind="stable")]
+        ranked = confidence[order, exit_]
+        lost = np.cumsum(correct[order, bound].astype(np.int64) - correct[order, exit_])
+        ok = np.flatnonzero(lost <= margin * np.arange(1, len(order) + 1))
+        # a threshold stops every row at least that sure: cut only between different confidences
+        boundary = np.append(ranked[1:] < ranked[:-1], True)  # the next row is less sure
+        ok = ok[(ok + 1 >= min_rows) & boundary[ok]]
+        if ok.size == 0:
+            continue
+        thresholds[exit_] = confidence[order[ok.max()], exit_]
+        running &= ~(confidence[:, exit_] >= thresholds[exit_])
+    return thresholds
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -186,5 +228,5 @@ def fit_heads(features: np.ndarray, labels: Sequence[int], n_labels: int, record
     exit_index = np.arange(exits)
     return ExitHeads(list(label_names), mean, scale, weight.double().numpy(), bias.double().numpy(), c_chosen,
                      accuracy[chosen, exit_index], list(record_ids),
-                     oof[chosen, :, exit_index].transpose(1, 0, 2).astype(np.float16),
+                     oof[chosen, :, exit_index].transpose(1, 0, 2).astype(np.float16), gold.astype(np.int32),
                      seconds=time.perf_counter() - start)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from raee.errors import InvalidInput, clip
 from raee.types import Neighbour
+
+if TYPE_CHECKING:
+    from raee.core.heads import ExitHeads
 
 DEFAULT_POLICY = "paper"
 _MIN_DISTANCE = 1e-6  # an exact duplicate (distance 0) would divide by zero
@@ -268,6 +271,47 @@ class KnnHeadsPolicy:
                         reader="heads", prior=prior)
 
 
+@dataclass(frozen=True)
+class CascadePolicy:
+    """Per input, the earliest exit whose head is sure enough; else the best head's exit.
+
+    `cascade:<margin>`: run layer by layer and stop at the first exit whose head's top probability
+    reaches that exit's threshold, never past the best head's exit (or `bound`). The thresholds
+    are calibrated on the records' out-of-fold head probabilities so that stopping early costs at
+    most `margin` accuracy against the best head (`ExitHeads.cascade_thresholds`); `bind` fills
+    them in from the task's heads. No retrieval: the heads alone decide where a row stops.
+    """
+
+    margin: float = 0.01
+    bound: int | None = None
+    thresholds: tuple[float, ...] = ()
+    uses_neighbours: bool = False
+    uses_head_exits: bool = False
+
+    @property
+    def name(self) -> str:
+        base = f"cascade:{self.margin:g}"
+        return base if self.bound is None else f"{base}:{self.bound}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        if not self.thresholds or self.bound is None:
+            raise InvalidInput(f"policy: {self.name} needs the task's exit heads to calibrate its thresholds")
+        limit, thresholds = min(self.bound, depth), self.thresholds
+        return Decision(limit, stop=lambda layer, probs: float(probs.max()) >= thresholds[layer], reader="heads")
+
+
+def bind(policy: ExitPolicy, heads: ExitHeads) -> ExitPolicy:
+    """A heads policy made concrete for one task's heads: `heads` alone becomes the best exit, a
+    cascade gets its bound and calibrated thresholds."""
+    if isinstance(policy, HeadsPolicy) and policy.layer < 0:
+        return HeadsPolicy(heads.best_exit)
+    if isinstance(policy, CascadePolicy) and not policy.thresholds:
+        bound = heads.best_exit if policy.bound is None else min(policy.bound, heads.exits - 1)
+        thresholds = heads.cascade_thresholds(policy.margin, bound)
+        return replace(policy, bound=bound, thresholds=tuple(float(t) for t in thresholds))
+    return policy
+
+
 # -- names -------------------------------------------------------------------------
 
 
@@ -316,6 +360,7 @@ POLICIES: dict[str, Callable[[str | None], ExitPolicy]] = {
     "heads": lambda a: HeadsPolicy(-1 if a is None else _int(a, "heads")),  # -1: the best exit, resolved per task
     "paper-heads": _no_arg(PaperHeadsPolicy, "paper-heads"),
     "knn-heads": lambda a: _knn_heads(a),
+    "cascade": lambda a: _cascade(a),
 }
 
 
@@ -323,6 +368,12 @@ def _knn_heads(arg: str | None) -> KnnHeadsPolicy:
     threshold, _, bound = (arg or "").partition(":")
     return KnnHeadsPolicy(_float(threshold or None, "knn-heads", 0.9, 0.0, 1.0),
                           None if not bound else _int(bound, "knn-heads:<threshold>"))
+
+
+def _cascade(arg: str | None) -> CascadePolicy:
+    margin, _, bound = (arg or "").partition(":")
+    return CascadePolicy(_float(margin or None, "cascade", 0.01, 0.0, 1.0),
+                         None if not bound else _int(bound, "cascade:<margin>"))
 
 
 def parse_policy(spec: str | None) -> ExitPolicy:
@@ -338,7 +389,7 @@ def parse_policy(spec: str | None) -> ExitPolicy:
 
 def reads_heads(policy: ExitPolicy) -> bool:
     """The policy's exits are read by the task's exit heads, not the lens."""
-    return isinstance(policy, HeadsPolicy | PaperHeadsPolicy | KnnHeadsPolicy)
+    return isinstance(policy, HeadsPolicy | PaperHeadsPolicy | KnnHeadsPolicy | CascadePolicy)
 
 
 def uses_head_exits(policy: ExitPolicy) -> bool:
