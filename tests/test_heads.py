@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from raee.core.engine import Engine
 from raee.core.heads import ExitHeads, fit_heads
 from raee.core.policies import CascadePolicy, HeadsPolicy, KnnHeadsPolicy, mix
 from raee.errors import InvalidInput
+from raee.serving.fitter import fit_heads_in_child
 
 from .conftest import SENTIMENT, write_tsv
 from .test_concurrent_writers import corpus
@@ -255,3 +258,23 @@ def test_cascade_serves_the_first_exit_whose_head_is_sure(grown: Engine) -> None
     assert all(a.exit_layer <= 1 for a in engine.classify(SENTIMENT.name, texts, policy="cascade:0.05:1"))
     with pytest.raises(InvalidInput, match="cascade"):
         engine.classify(SENTIMENT.name, texts, policy="cascade:２")
+
+
+def test_a_child_process_fits_and_stores_heads_the_engine_then_serves(grown: Engine) -> None:
+    engine = grown
+    summary = asyncio.run(fit_heads_in_child(engine.settings.sql_url, SENTIMENT.name))
+    assert summary["version"] == 1 and summary["records"] == 60
+    served = engine.heads(SENTIMENT.name)
+    assert served is not None and served.version == 1 and served.gold is not None
+    with pytest.raises(RuntimeError, match="no-such-task"):
+        asyncio.run(fit_heads_in_child(engine.settings.sql_url, "no-such-task"))
+
+
+def test_a_running_ingest_holds_back_the_background_fit(grown: Engine) -> None:
+    metadata = grown.metadata
+    assert not metadata.ingesting(SENTIMENT.name)
+    batch = metadata.begin_batch(SENTIMENT.name, "stream")
+    assert metadata.ingesting(SENTIMENT.name)
+    assert not metadata.ingesting(SENTIMENT.name, within=timedelta(seconds=-1))  # a stale `running` row
+    metadata.finish_batch(batch, 1, 0, 0, "done")
+    assert not metadata.ingesting(SENTIMENT.name)

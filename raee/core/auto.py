@@ -26,6 +26,7 @@ from raee.core.heads import MIN_RECORDS as HEADS_MIN_RECORDS
 from raee.core.heads import ExitHeads, fit_heads
 from raee.core.policies import bind, parse_policy
 from raee.errors import InvalidInput
+from raee.stores.metadata import MetadataStore
 from raee.types import Choice
 
 K_CHOICES = (4, 8, 12, 16, 24, 32)
@@ -130,16 +131,25 @@ def needs_tuning(engine: Engine, task: str) -> bool:
     return info.tuned is None or info.tuned.stale(info.records, engine.settings.retune_growth)
 
 
-def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | None = None,
-                   cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
+def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[str], None] | None = None,
+                        cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
     """Fit the task's exit heads on its records' features and store them as a new version; the
-    served heads switch to it at the engine's next check (atomically: one row, one version)."""
-    spec = engine.task_info(task).spec
-    ids, labels, features = engine.metadata.features(task)
+    served heads switch to it at the engine's next check (atomically: one row, one version).
+    Needs only the SQL store, so a server runs it in a separate low-priority process
+    (raee.serving.fitter)."""
+    spec = metadata.task(task).spec
+    ids, labels, features = metadata.features(task)
     heads = fit_heads(features, [spec.label_index(label) for label in labels], len(spec.labels), ids,
                       spec.label_names, progress=progress, cancelled=cancelled)
     heads.fitted_at = datetime.now(UTC).isoformat(timespec="seconds")
-    heads.version = engine.metadata.save_heads(task, heads.summary(), heads.to_bytes())
+    heads.version = metadata.save_heads(task, heads.summary(), heads.to_bytes())
+    return heads
+
+
+def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | None = None,
+                   cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
+    """`fit_and_store_heads` in this process; the engine serves the new version at once."""
+    heads = fit_and_store_heads(engine.metadata, task, progress, cancelled)
     engine.forget_heads(task)
     return heads
 

@@ -87,8 +87,9 @@ class ExitHeads:
         whose head is at least that sure, and otherwise answers with the head at `bound` (default:
         the best exit). Calibrated on the records' out-of-fold probabilities, exit by exit: at each
         exit, the lowest threshold at which the rows still running that would stop there lose at
-        most `margin` accuracy against what the bound's head gets on those same rows. So the
-        cascade's out-of-fold accuracy is at most `margin` below the bound head's; inf: never stop."""
+        most `margin` accuracy (plus one standard error) against what the bound's head gets on those
+        same rows. So the cascade's out-of-fold accuracy is at most `margin` below the bound head's;
+        inf: never stop."""
         bound = self.best_exit if bound is None else bound
         key = (round(margin, 6), bound)
         if key not in self._cascades:
@@ -104,11 +105,14 @@ class ExitHeads:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, labels=np.array(self.labels), mean=self.mean.astype(np.float32),
-                            scale=self.scale.astype(np.float32), weight=self.weight.astype(np.float32),
-                            bias=self.bias.astype(np.float32), c=self.c, accuracy=self.accuracy,
-                            record_ids=np.array(self.record_ids), oof=self.oof.astype(np.float16),
-                            **({} if self.gold is None else {"gold": self.gold.astype(np.int32)}))
+        arrays: dict[str, np.ndarray] = {
+            "labels": np.array(self.labels), "mean": self.mean.astype(np.float32),
+            "scale": self.scale.astype(np.float32), "weight": self.weight.astype(np.float32),
+            "bias": self.bias.astype(np.float32), "c": self.c, "accuracy": self.accuracy,
+            "record_ids": np.array(self.record_ids), "oof": self.oof.astype(np.float16)}
+        if self.gold is not None:
+            arrays["gold"] = self.gold.astype(np.int32)
+        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
         return buffer.getvalue()
 
     @classmethod
@@ -131,8 +135,11 @@ def _cascade(oof: np.ndarray, gold: np.ndarray, margin: float, bound: int, min_r
         rows = np.flatnonzero(running)
         order = rows[np.argsort(-confidence[rows, exit_], kind="stable")]
         ranked = confidence[order, exit_]
-        lost = np.cumsum(correct[order, bound].astype(np.int64) - correct[order, exit_])
-        ok = np.flatnonzero(lost <= margin * np.arange(1, len(order) + 1))
+        change = correct[order, bound].astype(np.int64) - correct[order, exit_]  # +1: stopping here loses it
+        lost, count = np.cumsum(change), np.arange(1, len(order) + 1)
+        spread = np.sqrt(np.maximum(np.cumsum(change**2) - lost**2 / count, 0.0))  # sqrt(n) x sd of the loss
+        # the loss plus one standard error within the budget: a lucky run of rows sets no threshold
+        ok = np.flatnonzero(lost + spread <= margin * count)
         # a threshold stops every row at least that sure: cut only between different confidences
         boundary = np.append(ranked[1:] < ranked[:-1], True)  # the next row is less sure
         ok = ok[(ok + 1 >= min_rows) & boundary[ok]]

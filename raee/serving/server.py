@@ -11,7 +11,6 @@ import functools
 import ipaddress
 import logging
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -25,7 +24,6 @@ from grpc_reflection.v1alpha import reflection
 from raee.core import auto
 from raee.core.datafile import check_row
 from raee.core.engine import Engine, IngestSession
-from raee.core.heads import FitCancelled
 from raee.errors import (
     DeadlineExpired,
     InvalidInput,
@@ -42,6 +40,7 @@ from raee.errors import (
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from raee.serving.auth import KeyRing, Principal
+from raee.serving.fitter import fit_heads_in_child
 from raee.serving.metrics import Metrics
 from raee.serving.worker import ModelWorker
 from raee.settings import Settings
@@ -522,7 +521,6 @@ class RaeeServer:
         self._loading: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._retuner: asyncio.Task[None] | None = None
-        self._stopping = threading.Event()  # a background fit checks it: SIGTERM must not wait for a fit
 
     async def _set_health(self, serving: bool) -> None:
         self._serving = serving
@@ -605,8 +603,9 @@ class RaeeServer:
     async def _retune(self) -> None:
         """Fit each task's exit heads and choose its `auto` policy in the background: when it has none
         yet or has grown by RAEE_RETUNE_GROWTH. Neither runs a backbone forward (heads are fit on the
-        stored exit features), so both run on their own thread beside the model worker: no request
-        waits for them; the engine switches to a new heads version at its next check."""
+        stored exit features), so no request waits for them. The fit runs in a low-priority child
+        process (raee.serving.fitter), and not while the task is being ingested into (the records
+        are still arriving); the engine switches to the new heads version at once."""
         while True:
             await asyncio.sleep(self.settings.retune_check_seconds)
             engine = self.worker.engine
@@ -620,18 +619,17 @@ class RaeeServer:
                 continue
             for task in tasks:  # one task's failure (e.g. deleted meanwhile) does not stop the others
                 try:
-                    if await asyncio.to_thread(auto.needs_heads, engine, task):
-                        heads = await asyncio.to_thread(auto.fit_task_heads, engine, task, None,
-                                                        self._stopping.is_set)
-                        log.info("exit heads v%d for %s fitted (%.1f s, %d records)", heads.version, task,
-                                 heads.seconds, len(heads.record_ids))
+                    if await asyncio.to_thread(auto.needs_heads, engine, task) and \
+                            not await asyncio.to_thread(engine.metadata.ingesting, task):
+                        summary = await fit_heads_in_child(self.settings.sql_url, task)
+                        engine.forget_heads(task)
+                        log.info("exit heads v%d for %s fitted (%.1f s, %d records)", summary["version"], task,
+                                 summary["seconds"], summary["records"])
                     if await asyncio.to_thread(auto.needs_tuning, engine, task) or \
                             await asyncio.to_thread(auto.needs_tuning_after_heads, engine, task):
                         choice = await asyncio.to_thread(auto.tune, engine, task)
                         log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice.policy, choice.k,
                                  choice.seconds, choice.records)
-                except FitCancelled:
-                    return
                 except Exception:  # a store outage or the task deleted meanwhile: try again next round
                     log.warning("background tuning of %s failed; retrying in %.0f s", task,
                                 self.settings.retune_check_seconds, exc_info=True)
@@ -645,7 +643,6 @@ class RaeeServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work, finish what is queued within the grace period, then release the stores."""
-        self._stopping.set()
         for task in (self._monitor, self._retuner, self._loading):
             if task and not task.done():
                 task.cancel()

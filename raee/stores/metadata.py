@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -328,6 +328,16 @@ class MetadataStore:
                 self._task_row(s, task)  # TaskNotFound for a made-up name
             return [BatchInfo(b.id, name, b.source, b.status, b.added, b.present, b.rejected, b.started_at,
                               b.finished_at) for b, name in s.execute(query).all()]
+
+    def ingesting(self, task: str, within: timedelta = timedelta(hours=1)) -> bool:
+        """An ingest batch of the task is running now (started within `within`: a batch left
+        `running` by a process that died must not hold back the task's background work forever)."""
+        since = datetime.now(UTC) - within
+        with self._session() as s:
+            row = self._task_row(s, task)
+            return s.scalar(select(func.count()).select_from(IngestBatchRow).where(
+                IngestBatchRow.task_id == row.id, IngestBatchRow.status == "running",
+                IngestBatchRow.started_at >= since)) != 0
 
     def close_stale_batches(self) -> int:
         """Mark batches still `running` as `interrupted`: for a process that holds the only write
