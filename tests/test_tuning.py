@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raee.core.auto import choose, needs_tuning, probs_from_sql, tune, validation_rows
+from raee.core.auto import choose, needs_tuning, probs_from_sql, quotes, tune, validation_rows
 from raee.core.datafile import read_rows
 from raee.core.engine import Engine
 from raee.core.evaluation import Measured
@@ -46,6 +46,23 @@ def test_validation_retrieves_leave_one_out(engine: Engine, tmp_path: Path) -> N
     ids = {record_id(SENTIMENT.name, t) for t, _ in ROWS}
     assert all({n.id for n in r.neighbours} < ids for r in rows)
     assert all(r.probs.shape == (engine.depth + 1, 2) for r in rows)
+
+
+def test_validation_drops_neighbours_that_quote_the_record(engine: Engine, tmp_path: Path) -> None:
+    assert quotes("A  great movie", "what a great movie , really") and quotes("what a great movie", "great movie")
+    assert not quotes("a great movie", "a great movies") and not quotes("", "anything")
+    phrases = [("the plot is thin and the acting is worse", "negative"), ("the acting is worse", "negative"),
+               ("the plot is thin", "negative"), ("a warm and funny film", "positive"),
+               ("warm and funny", "positive"), ("a joy from start to end", "positive"),
+               *[(f"review number {i} of a film", "positive" if i % 2 else "negative") for i in range(6)]]
+    engine.create_task(SENTIMENT)
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "q.tsv", phrases)))
+    texts = {record_id(SENTIMENT.name, t): t for t, _ in phrases}
+    # Each record's neighbours: every other record except those that quote it or that it quotes.
+    expected = sorted(sorted(u for u, _ in phrases if u != t and not quotes(u, t)) for t, _ in phrases)
+    rows = validation_rows(engine, SENTIMENT.name, len(phrases), 16)
+    assert sorted(sorted(texts[n.id] for n in r.neighbours) for r in rows) == expected
+    assert min(len(e) for e in expected) == len(phrases) - 3  # the long sentence loses both of its phrases
 
 
 def test_a_request_never_tunes_and_auto_follows_the_stored_choice(engine: Engine, tmp_path: Path) -> None:
