@@ -54,6 +54,8 @@ fit_start = fit_end - after.fit_seconds
 lat = np.array([l for _, l in samples])
 base = np.array([l for t, l in samples if t < t_ingest])
 during = np.array([l for t, l in samples if fit_start <= t <= fit_end])
+ingesting = np.array([l for t, l in samples if t_ingest <= t <= t_ingested])
+after_fit = np.array([l for t, l in samples if t > fit_end])  # includes the re-tune of `auto`
 result = {"records_before": int(before_records), "added": report.added, "ingest_seconds": t_ingested - t_ingest,
           "errors": len(errors),
           "heads_before": {"version": before.version, "records": before.records},
@@ -63,6 +65,11 @@ result = {"records_before": int(before_records), "added": report.added, "ingest_
           "requests_during_fit": int(len(during)),
           "max_during_fit_ms": float(during.max() * 1000) if len(during) else None,
           "p99_during_fit_ms": float(np.percentile(during, 99) * 1000) if len(during) else None,
+          "p99_during_ingest_ms": float(np.percentile(ingesting, 99) * 1000) if len(ingesting) else None,
+          "max_during_ingest_ms": float(ingesting.max() * 1000) if len(ingesting) else None,
+          "p99_after_fit_ms": float(np.percentile(after_fit, 99) * 1000) if len(after_fit) else None,
+          "max_after_fit_ms": float(after_fit.max() * 1000) if len(after_fit) else None,
+          "fit_started_after_ingest_s": fit_start - t_ingested,
           "max_overall_ms": float(lat.max() * 1000)}
 out.write_text(json.dumps(result, indent=2))
 print(json.dumps(result, indent=2))

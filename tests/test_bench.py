@@ -50,6 +50,11 @@ def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
                 "size_sweep.png", "encoder_sweep.png"):
         assert (out / png).stat().st_size > 5000
     assert "| paper |" in (out / "results.md").read_text()
+    # Exit heads: fit on the train records; the cascades and the comparison against the baselines are reported.
+    assert report["heads"]["records"] == 100 and len(report["heads"]["accuracy"]) == 5
+    assert {"cascade:0.01", "cascade:0.02", "cascade:0.03", "key-logreg", "oracle-heads"} <= set(policies)
+    assert all(policies[c]["mean_exit_layer"] <= report["heads"]["best_exit"] for c in policies if c.startswith("casc"))
+    assert "against the best baseline" in (out / "results.md").read_text()
 
 
 def test_scale_benchmark_measures_each_size_before_and_after_indexing(tmp_path: Path) -> None:

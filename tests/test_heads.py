@@ -242,7 +242,7 @@ def test_cascade_serves_the_first_exit_whose_head_is_sure(grown: Engine) -> None
     engine = grown
     heads = auto.fit_task_heads(engine, SENTIMENT.name)
     policy, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05", None)
-    assert isinstance(policy, CascadePolicy) and policy.bound == heads.best_exit
+    assert isinstance(policy, CascadePolicy) and policy.last == heads.best_exit and policy.name == "cascade:0.05"
     thresholds = heads.cascade_thresholds(0.05)
     texts = ["a great movie", "the worst plot", "i loved it", "dull and slow"]
     answers = engine.classify(SENTIMENT.name, texts, policy="cascade:0.05")

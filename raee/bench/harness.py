@@ -57,6 +57,7 @@ class TaskBench:
     k_sweep: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     size_sweep: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     encoder_sweep: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    heads: dict[str, Any] = field(default_factory=dict)  # the exit heads' summary (version, fit time, accuracy)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,7 +67,29 @@ class TaskBench:
             "policies": [r.summary(len(self.labels)) for r in self.results],
             "layer_accuracy": self.layer_accuracy, "latency_us": self.latency,
             "k_sweep": self.k_sweep, "size_sweep": self.size_sweep, "encoder_sweep": self.encoder_sweep,
+            "heads": self.heads,
         }
+
+    def against_baselines(self) -> list[str]:
+        """`auto` against the best method that needs no exit heads, and each per-input heads policy
+        against the best fixed head (accuracy in points, depth as a share)."""
+        by_name = {r.name: r for r in self.results}
+        baselines = [r for r in self.results if r.name in ("full", "paper", "knn-vote", "key-logreg")]
+        auto = next((r for r in self.results if r.name.startswith("auto=")), None)
+        lines = []
+        if auto and baselines:
+            best = max(baselines, key=lambda r: r.accuracy)
+            lines.append(f"- {auto.name}: {100 * auto.accuracy:.1f} % at mean exit {auto.mean_exit:.2f} "
+                         f"({100 * auto.mean_exit / self.depth:.0f} % of the depth), "
+                         f"{100 * (auto.accuracy - best.accuracy):+.1f} points against the best baseline "
+                         f"({best.name}, {100 * best.accuracy:.1f} %)")
+        head = next((r for r in self.results if r.name.startswith("heads:")), None)
+        if head:
+            for r in self.results:
+                if r.name.split(":")[0] in ("cascade", "knn-heads", "paper-heads") and r.name in by_name:
+                    lines.append(f"- {r.name}: {100 * (r.accuracy - head.accuracy):+.1f} points against {head.name} "
+                                 f"at {100 * r.mean_exit / max(head.mean_exit, 1e-9):.0f} % of its depth")
+        return lines
 
 
 def first_rows(path: Path, n: int, skip: int = 0) -> list[Row]:
@@ -196,7 +219,7 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
         oracle.name = "oracle-heads"
         results.append(oracle)
     report = TaskBench(task, depth, labels, train_rows, len(rows), k, tuned, calibrated, results,
-                       layer_accuracy(measured))
+                       layer_accuracy(measured), heads=heads.summary() if heads else {})
 
     served = [(n, n, k) for n in names] + [(auto.name, best[0], best[1])]
     report.latency = latency(engine, task, rows[:latency_rows], served)
@@ -243,7 +266,13 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
                 f"Database: first {r.train_rows} train rows; measured: first {r.dev_rows} dev rows; "
                 f"backbone depth {r.depth}; k = {r.k}. Static layer, confidence threshold and tolerance "
                 f"chosen on the train records (leave-one-out): {', '.join(r.calibrated.values())}; "
-                f"auto chose {r.tuned.policy} with k = {r.tuned.k}.", "",
+                f"auto chose {r.tuned.policy} with k = {r.tuned.k} "
+                f"({100 * r.tuned.accuracy:.1f} % on {r.tuned.validation_rows} validation records).", ""]
+        if r.heads:
+            out += [f"Exit heads v{r.heads['version']}: fit on {r.heads['records']} records in "
+                    f"{r.heads['seconds']:.0f} s; out-of-fold accuracy per exit: "
+                    + " ".join(f"L{i}={100 * a:.1f}%" for i, a in enumerate(r.heads["accuracy"])), ""]
+        out += [*r.against_baselines(), "",
                 "| policy | accuracy | macro-F1 | mean exit | p95 exit | layers saved |", "|---|---|---|---|---|---|"]
         for p in r.results:
             out.append(f"| {p.name} | {100 * p.accuracy:.1f} % | {100 * p.macro_f1(n):.1f} % | {p.mean_exit:.2f} | "

@@ -283,8 +283,9 @@ class CascadePolicy:
     """
 
     margin: float = 0.01
-    bound: int | None = None
-    thresholds: tuple[float, ...] = ()
+    bound: int | None = None  # as named; None: the best head's exit
+    thresholds: tuple[float, ...] = ()  # per exit, from `bind`
+    last: int = -1  # the exit rows that never stop answer at, from `bind`
     uses_neighbours: bool = False
     uses_head_exits: bool = False
 
@@ -294,9 +295,9 @@ class CascadePolicy:
         return base if self.bound is None else f"{base}:{self.bound}"
 
     def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
-        if not self.thresholds or self.bound is None:
+        if not self.thresholds or self.last < 0:
             raise InvalidInput(f"policy: {self.name} needs the task's exit heads to calibrate its thresholds")
-        limit, thresholds = min(self.bound, depth), self.thresholds
+        limit, thresholds = min(self.last, depth), self.thresholds
         return Decision(limit, stop=lambda layer, probs: float(probs.max()) >= thresholds[layer], reader="heads")
 
 
@@ -308,7 +309,7 @@ def bind(policy: ExitPolicy, heads: ExitHeads) -> ExitPolicy:
     if isinstance(policy, CascadePolicy) and not policy.thresholds:
         bound = heads.best_exit if policy.bound is None else min(policy.bound, heads.exits - 1)
         thresholds = heads.cascade_thresholds(policy.margin, bound)
-        return replace(policy, bound=bound, thresholds=tuple(float(t) for t in thresholds))
+        return replace(policy, last=bound, thresholds=tuple(float(t) for t in thresholds))
     return policy
 
 
