@@ -107,3 +107,27 @@ def test_over_long_prompts_keep_their_end(backbone: Backbone) -> None:
     kept = backbone.tokenizer.convert_ids_to_tokens(backbone._inputs([long_prompt])["input_ids"][0])
     assert kept[-3:] == ["the", "answer", "is"] and len(kept) == 8
     assert backbone.all_exit_logits([long_prompt], head).shape == (1, backbone.depth + 1, 2)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_rows_leave_the_batch_at_their_own_exit_with_unchanged_features(family: str) -> None:
+    bb = make(family)
+    everything = bb.all_exit_features(PROMPTS)  # [rows, exits, H], left-padded together
+    leave_at = {0: 1, 1: 3, 2: bb.depth}
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    sizes: list[int] = []
+    for layer in bb.layers:  # the batch each layer ran on
+        layer.register_forward_hook(lambda _m, _a, out: sizes.append(int((out[0] if isinstance(out, tuple)
+                                                                           else out).shape[0])))
+
+    def visit(layer: int, rows: list[int], features: torch.Tensor) -> list[int]:
+        for row, f in zip(rows, features):
+            seen[(row, layer)] = f
+        return [row for row in rows if leave_at[row] == layer]
+
+    bb.walk_exits(PROMPTS, bb.depth, visit)
+    assert sorted(seen) == sorted((row, layer) for row, last in leave_at.items() for layer in range(last + 1))
+    for (row, layer), f in seen.items():
+        torch.testing.assert_close(f, everything[row, layer], rtol=1e-4, atol=1e-5)
+    # Layer i makes exit i + 1: it runs on the rows not done at exit i.
+    assert sizes == [sum(1 for last in leave_at.values() if last > i) for i in range(bb.depth)]

@@ -85,3 +85,20 @@ def test_ingest_classify_and_bench_on_a_masked_lm(family: str, tmp_path: Path) -
     assert answer["depth"] == 3 and 0 <= answer["exit_layer"] <= 3
     report = run("eval", "--task", "s", str(write_tsv(tmp_path / "dev.tsv", rows[50:])))
     assert "paper" in report and "knn-vote" in report
+
+
+@pytest.mark.parametrize("family", MASKED_FAMILIES)
+def test_rows_leave_the_batch_with_the_features_they_would_have_had(family: str) -> None:
+    bb = make(family)
+    everything = bb.all_exit_features(prompts(bb))
+    leave_at = {0: 0, 1: 2, 2: bb.depth}
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    def visit(layer: int, rows: list[int], features: torch.Tensor) -> list[int]:
+        seen.update({(row, layer): f for row, f in zip(rows, features)})
+        return [row for row in rows if leave_at[row] == layer]
+
+    bb.walk_exits(prompts(bb), bb.depth, visit)
+    assert sorted(seen) == sorted((row, layer) for row, last in leave_at.items() for layer in range(last + 1))
+    for (row, layer), f in seen.items():
+        torch.testing.assert_close(f, everything[row, layer], rtol=1e-4, atol=1e-5)

@@ -278,9 +278,10 @@ class Engine:
         """Label probabilities of each text where its decision exits, and those exits.
 
         Rows with a fixed exit are grouped by (reader, exit), so no row runs deeper than its exit
-        and an early row never waits on a later one's layers. Rows with a stop rule run one at a
-        time, layer by layer. Rows answered without the backbone run nothing. An exit is read by
-        the lens or, for `reader="heads"`, by the task's exit head; a decision's prior multiplies it.
+        and an early row never waits on a later one's layers. Rows with a stop rule run batched,
+        layer by layer, each leaving the batch at its own exit. Rows answered without the backbone
+        run nothing. An exit is read by the lens or, for `reader="heads"`, by the task's exit head;
+        a decision's prior multiplies it.
         """
         out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
         exits = [d.max_layer for d in decisions]
@@ -312,25 +313,23 @@ class Engine:
     def _walk(self, spec: TaskSpec, head: LabelHead, heads: ExitHeads | None, texts: Sequence[str],
               decisions: Sequence[Decision], rows: list[int], out: np.ndarray, exits: list[int]) -> None:
         """Rows with stop rules in one batched forward, exit by exit: a row's answer is taken at the
-        first exit where its rule holds (or its bound); the forward ends once every row has one.
-        Rows that stopped ride along until then (the batch does not shrink), so a row's answer is
-        what it gets alone, at the cost of the batch's deepest exit."""
-        open_rows = set(range(len(rows)))
+        first exit where its rule holds (or its bound), and the row leaves the batch there (a
+        shrinking batch: later layers run on the rows still open only)."""
 
-        def visit(layer: int, features: torch.Tensor) -> bool:
-            live = sorted(open_rows)
+        def visit(layer: int, live: list[int], features: torch.Tensor) -> list[int]:
             if decisions[rows[live[0]]].reader == "heads":  # one policy per batch: one reader
                 assert heads is not None
-                probs = heads.probs(layer, features[live])
+                probs = heads.probs(layer, features)
             else:
-                probs = softmax(self.backbone.lens(features[live], head).cpu().numpy().astype(np.float64))
+                probs = softmax(self.backbone.lens(features, head).cpu().numpy().astype(np.float64))
+            done = []
             for j, p in zip(live, probs):
                 d = decisions[rows[j]]
                 mixed = mix(p, d.prior)
                 if layer >= d.max_layer or (d.stop is not None and d.stop(layer, mixed)):
                     out[rows[j]], exits[rows[j]] = mixed, layer
-                    open_rows.discard(j)
-            return not open_rows
+                    done.append(j)
+            return done
 
         last = max(decisions[i].max_layer for i in rows)
         self.backbone.walk_exits([self._prompt(spec, texts[i]) for i in rows], last, visit)

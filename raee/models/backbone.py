@@ -10,7 +10,7 @@ independent of each family's attention-mask and rotary details.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,10 @@ from raee.errors import InvalidInput
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# (exit, the rows still running, their exit features [rows, H]) -> the rows that are done there
+Visit = Callable[[int, list[int], torch.Tensor], Collection[int]]
 
 
 class _ExitReached(Exception):
@@ -207,26 +211,63 @@ class Backbone:
         return self.lens(self.exit_features(prompts, exit_layer), head)
 
     @torch.inference_mode()
-    def walk_exits(self, prompts: Sequence[str], last_layer: int,
-                   visit: Callable[[int, torch.Tensor], bool]) -> None:
-        """One batched forward, exit by exit: `visit(layer, features [batch, H])` sees every row's exit
-        features at exits 0..last_layer in order and returns True to stop the forward there (layers
-        after it never run). Callers keep per-row state: rows that stopped earlier ride along."""
+    def walk_exits(self, prompts: Sequence[str], last_layer: int, visit: Visit) -> None:
+        """One batched forward, exit by exit, in which rows leave the batch as they finish.
+
+        `visit(layer, rows, features)` sees the exit features [len(rows), H] of the rows still
+        running (`rows`: their indices in `prompts`) at exits 0..last_layer in order, and returns
+        the rows that are done there. Those rows leave the batch: later layers run on the others
+        only (their attention masks and position embeddings are cut to match), and the forward
+        stops once none is left. A row's features never depend on the other rows in the batch,
+        so leaving changes no answer; it saves the layers the row no longer needs."""
         if not 0 <= last_layer <= self.depth:
             raise InvalidInput(f"exit layer {last_layer} outside 0..{self.depth}")
         inputs = self._inputs(prompts)
         at = self._readout(inputs)
+        batch = len(prompts)
+        running = torch.arange(batch)
 
-        def check(layer: int, hidden: torch.Tensor) -> None:
-            if visit(layer, self._transform(self._pick(hidden, at))) or layer == last_layer:
+        def check(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+            """Visit an exit; the hidden states of the rows that go on (None: all of them)."""
+            nonlocal running
+            done = visit(layer, running.tolist(), self._transform(self._pick(hidden, at[running])))
+            if layer == last_layer:
                 raise _ExitReached(hidden)
+            if not done:
+                return None
+            keep = ~torch.isin(running, torch.as_tensor(sorted(done), dtype=running.dtype))
+            if not keep.any():
+                raise _ExitReached(hidden)
+            running = running[keep]
+            return hidden[keep]
 
-        handles = [self.layers[0].register_forward_pre_hook(
-            lambda _m, args, kwargs: check(0, _hidden_of(args, kwargs)), with_kwargs=True)]
-        handles += [
-            layer.register_forward_hook(lambda _m, _a, out, i=i: check(i + 1, _output_hidden(out)))
-            for i, layer in enumerate(self.layers[:last_layer])
-        ]
+        def rows_only(value: Any) -> Any:
+            """A layer's per-row inputs (masks, position embeddings) cut to the running rows."""
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                return value[running]
+            if isinstance(value, tuple):
+                return tuple(rows_only(v) for v in value)
+            return value
+
+        def enter(index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+            hidden = _hidden_of(args, kwargs)
+            if index == 0 and (kept := check(0, hidden)) is not None:
+                hidden = kept
+            if len(running) == batch:
+                return None
+            kwargs = {name: rows_only(v) for name, v in kwargs.items() if name != "hidden_states"}
+            return (hidden, *(rows_only(a) for a in args[1:])), kwargs
+
+        def leave(index: int, output: Any) -> Any:
+            kept = check(index + 1, _output_hidden(output))
+            if kept is None:
+                return None
+            return (kept, *output[1:]) if isinstance(output, tuple) else kept
+
+        handles = [layer.register_forward_pre_hook(lambda _m, a, kw, i=i: enter(i, a, kw), with_kwargs=True)
+                   for i, layer in enumerate(self.layers[: last_layer + 1])]
+        handles += [layer.register_forward_hook(lambda _m, _a, out, i=i: leave(i, out))
+                    for i, layer in enumerate(self.layers[:last_layer])]
         with _hooked(handles):
             try:
                 self._run(inputs)
@@ -239,11 +280,11 @@ class Backbone:
         holds (or at `max_layer`), and that exit. Layers past it never run."""
         found: list[tuple[torch.Tensor, int]] = []
 
-        def visit(layer: int, features: torch.Tensor) -> bool:
+        def visit(layer: int, rows: list[int], features: torch.Tensor) -> list[int]:
             if layer == max_layer or stop(layer, features[0]):
                 found.append((features[0], layer))
-                return True
-            return False
+                return rows
+            return []
 
         self.walk_exits([prompt], max_layer, visit)
         return found[0]
@@ -510,11 +551,14 @@ class Seq2SeqBackbone(Backbone):
         return self._transform(self._decoder_states(encoded, mask, exit_layer - self.encoder_depth)[-1])
 
     @torch.inference_mode()
-    def walk_exits(self, prompts: Sequence[str], last_layer: int,
-                   visit: Callable[[int, torch.Tensor], bool]) -> None:
-        """Exit by exit (each exit as exit_features runs it: the encoder-decoder split has no single pass)."""
+    def walk_exits(self, prompts: Sequence[str], last_layer: int, visit: Visit) -> None:
+        """Exit by exit (each exit as exit_features runs it: the encoder-decoder split has no single
+        pass); rows that are done leave the batch."""
+        running = list(range(len(prompts)))
         for layer in range(last_layer + 1):
-            if visit(layer, self.exit_features(prompts, layer)):
+            done = set(visit(layer, running, self.exit_features([prompts[i] for i in running], layer)))
+            running = [i for i in running if i not in done]
+            if not running:
                 return
 
     @torch.inference_mode()
