@@ -133,3 +133,14 @@ def test_neighbours_without_a_correct_layer_add_nothing() -> None:
     scores = paper_layer_scores(with_empty, 8)
     assert scores.nonzero()[0].tolist() == [5]
     assert PaperPolicy().decide(with_empty, 8, LABELS).max_layer == 5
+
+
+def test_balanced_accuracy_does_not_reward_the_majority_label() -> None:
+    from raee.core.evaluation import PolicyResult
+
+    majority = PolicyResult("always-0", 4, gold=[0] * 8 + [1] * 2, predicted=[0] * 10, exits=[0] * 10)
+    assert majority.accuracy == pytest.approx(0.8)
+    assert majority.balanced_accuracy(2) == pytest.approx(0.5)  # recall 1 on label 0, 0 on label 1
+    mixed = PolicyResult("m", 4, gold=[0, 0, 0, 1, 2, 2], predicted=[0, 1, 0, 1, 2, 0], exits=[0] * 6)
+    assert mixed.balanced_accuracy(4) == pytest.approx((2 / 3 + 1 + 1 / 2) / 3)  # label 3 absent: not averaged
+    assert mixed.summary(4)["balanced_accuracy"] == pytest.approx(mixed.balanced_accuracy(4))

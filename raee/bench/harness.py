@@ -273,9 +273,11 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
                     f"{r.heads['seconds']:.0f} s; out-of-fold accuracy per exit: "
                     + " ".join(f"L{i}={100 * a:.1f}%" for i, a in enumerate(r.heads["accuracy"])), ""]
         out += [*r.against_baselines(), "",
-                "| policy | accuracy | macro-F1 | mean exit | p95 exit | layers saved |", "|---|---|---|---|---|---|"]
+                "| policy | accuracy | balanced accuracy | macro-F1 | mean exit | p95 exit | layers saved |",
+                "|---|---|---|---|---|---|---|"]
         for p in r.results:
-            out.append(f"| {p.name} | {100 * p.accuracy:.1f} % | {100 * p.macro_f1(n):.1f} % | {p.mean_exit:.2f} | "
+            out.append(f"| {p.name} | {100 * p.accuracy:.1f} % | {100 * p.balanced_accuracy(n):.1f} % | "
+                       f"{100 * p.macro_f1(n):.1f} % | {p.mean_exit:.2f} | "
                        f"{p.p95_exit:.0f} | {100 * p.layers_saved:.0f} % |")
         if r.latency:
             out += ["", "Served latency, one text per request (µs, p50 / p95):", "",

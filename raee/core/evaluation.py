@@ -47,6 +47,13 @@ class PolicyResult:
     def accuracy(self) -> float:
         return float(np.mean(np.array(self.gold) == np.array(self.predicted))) if self.gold else 0.0
 
+    def balanced_accuracy(self, n_labels: int) -> float:
+        """Mean recall over the labels present in the gold answers: what always answering the
+        majority label cannot score well on."""
+        gold, pred = np.array(self.gold), np.array(self.predicted)
+        recalls = [float(np.mean(pred[gold == c] == c)) for c in range(n_labels) if np.any(gold == c)]
+        return float(np.mean(recalls)) if recalls else 0.0
+
     def macro_f1(self, n_labels: int) -> float:
         gold, pred = np.array(self.gold), np.array(self.predicted)
         scores = []
@@ -75,6 +82,7 @@ class PolicyResult:
 
     def summary(self, n_labels: int) -> dict[str, object]:
         return {"policy": self.name, "rows": self.rows, "accuracy": self.accuracy,
+                "balanced_accuracy": self.balanced_accuracy(n_labels),
                 "macro_f1": self.macro_f1(n_labels), "mean_exit_layer": self.mean_exit,
                 "p95_exit_layer": self.p95_exit, "layers_saved": self.layers_saved,
                 "exit_histogram": self.histogram()}
@@ -171,9 +179,11 @@ def evaluate(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[
 
 
 def format_table(results: Sequence[PolicyResult], n_labels: int) -> list[str]:
-    lines = [f"{'policy':<18} {'accuracy':>9} {'macro-F1':>9} {'mean exit':>10} {'p95 exit':>9} {'saved':>7}"]
+    lines = [f"{'policy':<18} {'accuracy':>9} {'balanced':>9} {'macro-F1':>9} {'mean exit':>10} {'p95 exit':>9} "
+             f"{'saved':>7}"]
     for r in results:
-        lines.append(f"{r.name:<18} {100 * r.accuracy:>8.1f}% {100 * r.macro_f1(n_labels):>8.1f}% "
+        lines.append(f"{r.name:<18} {100 * r.accuracy:>8.1f}% {100 * r.balanced_accuracy(n_labels):>8.1f}% "
+                     f"{100 * r.macro_f1(n_labels):>8.1f}% "
                      f"{r.mean_exit:>10.2f} {r.p95_exit:>9.1f} {100 * r.layers_saved:>6.1f}%")
     return lines
 
