@@ -6,6 +6,7 @@ them in a process that has only grpcio and protobuf installed.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 import unicodedata
@@ -34,6 +35,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 class Label:
     name: str
     word: str  # the verbaliser; its first sub-token's logit is the label's score
+    share: float | None = None  # the label's expected share of the traffic, where the operator knows it
+
+
+# What `auto` maximises on its validation rows. Balanced accuracy by default: the records' label
+# mix is rarely the traffic's, and plain accuracy rewards answering the records' majority label.
+OBJECTIVES = ("balanced_accuracy", "accuracy", "macro_f1")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,10 @@ class TaskSpec:
     labels: tuple[Label, ...]
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    objective: str = "balanced_accuracy"  # what `auto` maximises (OBJECTIVES)
+    # Weigh the neighbours' votes by (traffic share / records share) of their labels: the declared
+    # shares, or equal shares where none are declared. Off: the records' own mix is the prior.
+    prior_correction: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +77,26 @@ class TaskSpec:
             if label.name in seen:
                 raise InvalidInput(f"task {clip(self.name)}: duplicate label {clip(label.name)}")
             seen.add(label.name)
+        if self.objective not in OBJECTIVES:
+            raise InvalidInput(f"task {clip(self.name)}: objective {clip(self.objective)} is not one of "
+                               f"{', '.join(OBJECTIVES)}")
+        shares = [label.share for label in self.labels]
+        if any(s is not None for s in shares):
+            if any(s is None for s in shares):
+                raise InvalidInput(f"task {clip(self.name)}: give every label a share, or none")
+            if not all(isinstance(s, float) and math.isfinite(s) and 0 < s <= 1 for s in shares):
+                raise InvalidInput(f"task {clip(self.name)}: a label share must be a number in (0, 1]")
+            if abs(sum(s for s in shares if s is not None) - 1) > 0.01:
+                raise InvalidInput(f"task {clip(self.name)}: label shares sum to "
+                                   f"{sum(s for s in shares if s is not None):.3f}, not 1")
+
+    @property
+    def shares(self) -> list[float]:
+        """The labels' expected traffic shares: as declared, else equal."""
+        if self.labels[0].share is None:
+            return [1.0 / len(self.labels)] * len(self.labels)
+        total = sum(label.share or 0.0 for label in self.labels)
+        return [(label.share or 0.0) / total for label in self.labels]
 
     @property
     def label_names(self) -> list[str]:
@@ -89,7 +120,10 @@ class TaskSpec:
             "name": self.name,
             "template": self.template,
             "description": self.description,
-            "labels": [{"name": lb.name, "word": lb.word} for lb in self.labels],
+            "labels": [{"name": lb.name, "word": lb.word, **({} if lb.share is None else {"share": lb.share})}
+                       for lb in self.labels],
+            "objective": self.objective,
+            "prior_correction": self.prior_correction,
         }
 
     @classmethod
@@ -107,12 +141,21 @@ class TaskSpec:
             if not isinstance(item, dict) or "name" not in item:
                 raise InvalidInput(f"{source}: labels[{i}] needs a 'name' (and a 'word')")
             name = str(item["name"])
-            labels.append(Label(name=name, word=str(item.get("word", " " + name))))
+            share = item.get("share")
+            if share is not None and (isinstance(share, bool) or not isinstance(share, int | float)):
+                raise InvalidInput(f"{source}: labels[{i}].share must be a number, got {clip(repr(share))}")
+            labels.append(Label(name=name, word=str(item.get("word", " " + name)),
+                                share=None if share is None else float(share)))
+        correction = data.get("prior_correction", True)
+        if not isinstance(correction, bool):
+            raise InvalidInput(f"{source}: prior_correction must be true or false, got {clip(repr(correction))}")
         return cls(
             name=str(data["name"]),
             template=str(data["template"]),
             labels=tuple(labels),
             description=str(data.get("description", "")),
+            objective=str(data.get("objective", "balanced_accuracy")),
+            prior_correction=correction,
         )
 
     @classmethod
@@ -160,6 +203,7 @@ class Neighbour:
     similarity: float  # cosine similarity (Qdrant's score); distance = 1 - similarity
     label: str
     exits: tuple[tuple[int, float], ...]  # (layer, probability of the gold label) for correct layers
+    weight: float = 1.0  # prior correction: the label's traffic share over its share of the records
 
 
 @dataclass
@@ -194,6 +238,7 @@ class Choice:
     chosen_at: str  # ISO 8601, UTC
     seconds: float  # time the choice took
     heads_version: int = 0  # the exit heads it chose among (0: none); a newer version calls for a new choice
+    objective: str = "accuracy"  # what `accuracy` above measures (choices made before objectives: accuracy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,7 +247,8 @@ class Choice:
     def from_dict(cls, data: dict[str, Any]) -> Choice:
         return cls(str(data["policy"]), int(data["k"]), float(data["accuracy"]), float(data["mean_exit"]),
                    int(data["validation_rows"]), int(data["records"]), str(data["chosen_at"]),
-                   float(data.get("seconds", 0.0)), int(data.get("heads_version", 0)))
+                   float(data.get("seconds", 0.0)), int(data.get("heads_version", 0)),
+                   str(data.get("objective", "accuracy")))
 
     def stale(self, records: int, growth: float) -> bool:
         """True once the task has grown by `growth` (a fraction) since this choice was made."""

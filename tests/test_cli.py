@@ -70,7 +70,9 @@ def test_ingest_classify_eval_round_trip(run, tmp_path: Path) -> None:  # type: 
 
     # The local ingest tuned `auto` (10 records); eval uses that stored choice and says what it is.
     assert "auto for sentiment:" in first
-    chosen = json.loads(run("task", "show", "sentiment").split("\nrecords each exit")[0])["auto"]
+    shown = json.loads(run("task", "show", "sentiment"))  # one JSON document, nothing else
+    chosen = shown["auto"]
+    assert sum(shown["label_records"].values()) == shown["records"] and set(shown["exit_accuracy"]) == set("01234")
     run("eval", "--task", "sentiment", str(dev), "--policy", "auto", "--json-out", str(tmp_path / "a.json"))
     policies = [p["policy"] for p in json.loads((tmp_path / "a.json").read_text())["policies"]]
     assert policies[0] == f"auto={chosen['policy']}"

@@ -57,7 +57,7 @@ def test_raee_admin_migrate(tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["--data-dir", str(tmp_path)]
     up = runner.invoke(cli, [*base, "migrate"], catch_exceptions=False)
-    assert up.exit_code == 0 and "schema empty -> 0003" in up.output
+    assert up.exit_code == 0 and "schema empty -> 0004" in up.output
     down = runner.invoke(cli, [*base, "migrate", "--downgrade", "--revision", "base"], catch_exceptions=False)
-    assert down.exit_code == 0 and "0003 -> base" in down.output
+    assert down.exit_code == 0 and "0004 -> base" in down.output
     assert not TABLES & set(inspect(create_engine(f"sqlite:///{tmp_path / 'metadata.sqlite'}")).get_table_names())

@@ -188,13 +188,14 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     # Choices made on the train records only (leave-one-out / out of fold), never on the measured rows.
     heads = tuning.fit_task_heads(engine, task) if tuning.needs_heads(engine, task) else engine.heads(task)
     validation = tuning.validation_rows(engine, task, 300, max(tuning.K_CHOICES))
-    ranked = tuning.choose(validation, depth, labels, heads=heads)
+    ranked = tuning.choose(validation, depth, labels, heads=heads, objective=spec.objective)
     families = ("static", "confidence", "paper-tol") + (("knn-heads", "cascade") if heads else ())
     calibrated = {family: next(name for name, *_ in ranked if name.startswith(family + ":"))
                   for family in families}
     best = tuning.pick(ranked, len(validation))
     tuned = Choice(best[0], best[1], best[2], best[3], len(validation), train_rows,
-                   datetime.now(UTC).isoformat(timespec="seconds"), 0.0)
+                   datetime.now(UTC).isoformat(timespec="seconds"), 0.0, heads.version if heads else 0,
+                   spec.objective)
 
     rows = first_rows(dev, dev_rows)
     with _bar(len(rows), f"{task}: measure") as bar:
@@ -267,7 +268,8 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
                 f"backbone depth {r.depth}; k = {r.k}. Static layer, confidence threshold and tolerance "
                 f"chosen on the train records (leave-one-out): {', '.join(r.calibrated.values())}; "
                 f"auto chose {r.tuned.policy} with k = {r.tuned.k} "
-                f"({100 * r.tuned.accuracy:.1f} % on {r.tuned.validation_rows} validation records).", ""]
+                f"({r.tuned.objective.replace('_', ' ')} {100 * r.tuned.accuracy:.1f} % on "
+                f"{r.tuned.validation_rows} validation records).", ""]
         if r.heads:
             out += [f"Exit heads v{r.heads['version']}: fit on {r.heads['records']} records in "
                     f"{r.heads['seconds']:.0f} s; out-of-fold accuracy per exit: "

@@ -148,17 +148,24 @@ def task_list(obj: Context) -> None:
 @click.pass_obj
 @friendly_errors
 def task_show(obj: Context, name: str) -> None:
-    """Show a task's spec, record count and per-layer accuracy of its database."""
+    """Show a task as one JSON document: its spec, records per label, `auto` choice, and the share of
+    records each exit gets right (a warning on stderr when the records' label mix is imbalanced)."""
     from raee.stores.metadata import MetadataStore
 
     store = MetadataStore(obj.settings.sql_url)
     info = store.task(name)
     click.echo(json.dumps({**info.spec.to_dict(), "backbone": info.backbone_id, "encoder": info.encoder_id,
-                           "records": info.records, "created": info.created_at.isoformat(),
-                           "auto": info.tuned.to_dict() if info.tuned else None}, indent=2))
-    acc = store.layer_accuracy(name)
-    if acc:
-        click.echo("records each exit gets right: " + " ".join(f"L{l}={100 * a:.0f}%" for l, a in acc.items()))
+                           "records": info.records, "label_records": info.label_records,
+                           "imbalanced": info.imbalanced, "created": info.created_at.isoformat(),
+                           "auto": info.tuned.to_dict() if info.tuned else None,
+                           "exit_accuracy": {str(layer): a for layer, a in store.layer_accuracy(name).items()}},
+                          indent=2, ensure_ascii=False))
+    if info.imbalanced:
+        mix = ", ".join(f"{label} {100 * n / info.records:.0f} %" for label, n in info.label_records.items())
+        click.echo(f"warning: the records' label mix ({mix}) is far from the expected traffic's "
+                   f"({', '.join(f'{lb.name} {100 * w:.0f} %' for lb, w in zip(info.spec.labels, info.spec.shares))})"
+                   f"; votes are {'corrected toward it' if info.spec.prior_correction else 'NOT corrected'}",
+                   err=True)
 
 
 @task.command("delete")
@@ -507,15 +514,17 @@ def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> None:
 
     engine = obj.engine
     rows = tuning.validation_rows(engine, task_name, validation, max(tuning.K_CHOICES))
-    ranked = tuning.choose(rows, engine.depth, engine.task_info(task_name).spec.label_names,
-                           heads=engine.heads(task_name))
-    click.echo(f"{'policy':<22} {'k':>3} {'accuracy':>9} {'mean exit':>10}")
+    spec = engine.task_info(task_name).spec
+    ranked = tuning.choose(rows, engine.depth, spec.label_names, heads=engine.heads(task_name),
+                           objective=spec.objective)
+    objective = spec.objective.replace("_", " ")
+    click.echo(f"{'policy':<22} {'k':>3} {objective:>17} {'mean exit':>10}")
     for name, k, acc, mean in ranked if show_all else ranked[:10]:
-        click.echo(f"{name:<22} {k:>3} {100 * acc:>8.1f}% {mean:>10.2f}")
+        click.echo(f"{name:<22} {k:>3} {100 * acc:>16.1f}% {mean:>10.2f}")
     choice = tuning.tune(engine, task_name, validation)
-    click.echo("auto: the least mean exit within one standard error of the best accuracy")
-    click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k} "
-               f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
+    click.echo(f"auto: the least mean exit within one standard error of the best {objective}")
+    click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k} ({objective} "
+               f"{100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
 
 
 @cli.command("fit-heads")

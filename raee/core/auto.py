@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from raee.core.engine import Engine
-from raee.core.evaluation import Measured, run_policy
+from raee.core.evaluation import Measured, PolicyResult, run_policy
 from raee.core.heads import MIN_RECORDS as HEADS_MIN_RECORDS
 from raee.core.heads import ExitHeads, fit_heads
 from raee.core.policies import bind, parse_policy
@@ -101,16 +101,25 @@ def quotes(a: str, b: str) -> bool:
     return len(wa) > 2 and len(wb) > 2 and (wa in wb or wb in wa)
 
 
+def score(result: PolicyResult, objective: str, n_labels: int) -> float:
+    """A policy's validation result under one of OBJECTIVES."""
+    if objective == "balanced_accuracy":
+        return result.balanced_accuracy(n_labels)
+    if objective == "macro_f1":
+        return result.macro_f1(n_labels)
+    return result.accuracy
+
+
 def choose(rows: Sequence[Measured], depth: int, labels: Sequence[str], ks: Sequence[int] = K_CHOICES,
-           heads: ExitHeads | None = None) -> list[tuple[str, int, float, float]]:
-    """(policy, k, accuracy, mean exit) for every candidate, best first."""
+           heads: ExitHeads | None = None, objective: str = "balanced_accuracy") -> list[tuple[str, int, float, float]]:
+    """(policy, k, score under `objective`, mean exit) for every candidate, best first."""
     scored = []
     heads = heads if rows and rows[0].head_probs is not None else None
     for name in candidate_policies(depth, heads):
         policy = bind(parse_policy(name), heads) if heads is not None else parse_policy(name)
         for k in ks if policy.uses_neighbours else (max(ks),):
             r = run_policy(policy, rows, depth, labels, k)
-            scored.append((name, k, r.accuracy, r.mean_exit))
+            scored.append((name, k, score(r, objective, len(labels)), r.mean_exit))
     # Best accuracy; among equals, less depth; then fewer neighbours.
     return sorted(scored, key=lambda s: (-round(s[2], 6), s[3], s[1]))
 
@@ -127,12 +136,13 @@ def pick(ranked: Sequence[tuple[str, int, float, float]], rows: int) -> tuple[st
 def tune(engine: Engine, task: str, validation: int = 300, seed: int = 0) -> Choice:
     start = time.perf_counter()
     rows = validation_rows(engine, task, validation, max(K_CHOICES), seed)
-    labels = engine.task_info(task).spec.label_names
+    spec = engine.task_info(task).spec
     heads = engine.heads(task)
-    policy, k, accuracy, mean_exit = pick(choose(rows, engine.depth, labels, heads=heads), len(rows))
+    ranked = choose(rows, engine.depth, spec.label_names, heads=heads, objective=spec.objective)
+    policy, k, accuracy, mean_exit = pick(ranked, len(rows))
     choice = Choice(policy, k, accuracy, mean_exit, len(rows), engine.task_info(task).records,
                     datetime.now(UTC).isoformat(timespec="seconds"), round(time.perf_counter() - start, 2),
-                    heads.version if heads else 0)
+                    heads.version if heads else 0, spec.objective)
     engine.metadata.set_tuned(task, choice)
     engine.forget_choice(task)
     return choice

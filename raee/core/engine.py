@@ -54,6 +54,7 @@ class Engine:
         self.settings = settings or Settings()
         self._tasks: dict[str, tuple[TaskSpec, LabelHead]] = {}
         self._auto: dict[str, tuple[float, Choice | None]] = {}  # task -> (read at, stored choice)
+        self._weights: dict[str, tuple[float, dict[str, float]]] = {}  # task -> (read at, label weights)
         self._heads: dict[str, tuple[float, ExitHeads | None]] = {}  # task -> (checked at, loaded heads)
 
     @classmethod
@@ -130,6 +131,7 @@ class Engine:
         self.metadata.delete_task(name)
         self._tasks.pop(name, None)
         self._auto.pop(name, None)
+        self._weights.pop(name, None)
 
     def labels(self, name: str) -> list[str]:
         """The task's label names, from the in-memory cache (no SQL on the hot path)."""
@@ -223,12 +225,36 @@ class Engine:
         self._auto.pop(task, None)
 
     def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
+        """The k nearest records of each text, each weighed by its label's prior correction."""
         t0 = time.perf_counter()
         keys = self.encoder.encode(texts)
         t1 = time.perf_counter()
         found = self.vectors.search(task, keys, k)
+        weights = self.label_weights(task)
+        if weights:
+            found = [[replace(n, weight=weights.get(n.label, 1.0)) for n in row] for row in found]
         t2 = time.perf_counter()
         return found, {"encode_us": _us(t1 - t0), "retrieve_us": _us(t2 - t1)}
+
+    def label_weights(self, task: str) -> dict[str, float]:
+        """Per label, its expected traffic share (declared, else equal) over its share of the task's
+        records: the weight of a neighbour with that label in votes and in the paper's aggregation,
+        so a label the records over-represent does not win by numbers alone. Empty when the task
+        opts out (`prior_correction = false`). Re-read at most every `retune_check_seconds`."""
+        cached = self._weights.get(task)
+        now = time.monotonic()
+        if cached is None or now - cached[0] > self.settings.retune_check_seconds:
+            try:
+                info = self.metadata.task(task)
+            except OperationalError:  # SQL down: keep the last weights
+                return cached[1] if cached else {}
+            total = sum(info.label_records.values())
+            weights = {} if not info.spec.prior_correction or not total else {
+                label.name: want * total / info.label_records[label.name]
+                for label, want in zip(info.spec.labels, info.spec.shares) if info.label_records.get(label.name)}
+            cached = (now, weights)
+            self._weights[task] = cached
+        return cached[1]
 
     def classify(
         self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None

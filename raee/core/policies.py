@@ -72,7 +72,8 @@ def neighbour_weights(neighbours: Sequence[Neighbour]) -> np.ndarray:
 def paper_layer_scores(
     neighbours: Sequence[Neighbour], depth: int, threshold: float = 0.9, fallback_top: int = 3
 ) -> np.ndarray:
-    """score(l) = sum over kept (l, p) pairs of p * w_j, as the RAEE reference code aggregates.
+    """score(l) = sum over kept (l, p) pairs of p * w_j, as the RAEE reference code aggregates
+    (times each neighbour's prior-correction weight, 1 unless the engine set it).
 
     A neighbour keeps its pairs with p >= threshold; if none pass, its `fallback_top`
     most probable correct layers. A neighbour no layer gets right contributes nothing.
@@ -87,18 +88,19 @@ def paper_layer_scores(
             kept = sorted(n.exits, key=lambda lp: -lp[1])[:fallback_top]
         for layer, p in kept:
             if 0 <= layer <= depth:
-                scores[layer] += p * w
+                scores[layer] += p * w * n.weight
     return scores
 
 
 def label_vote(neighbours: Sequence[Neighbour], labels: Sequence[str]) -> np.ndarray:
-    """The neighbours' distance-weighted label distribution (uniform when there are none)."""
+    """The neighbours' distance-weighted label distribution (uniform when there are none), each
+    neighbour also weighed by its prior-correction weight."""
     votes = np.zeros(len(labels), dtype=np.float64)
     index = {name: i for i, name in enumerate(labels)}
     if neighbours:
         for n, w in zip(neighbours, neighbour_weights(neighbours)):
             if n.label in index:
-                votes[index[n.label]] += w
+                votes[index[n.label]] += w * n.weight
     return votes / votes.sum() if votes.sum() > 0 else np.full(len(labels), 1.0 / len(labels))
 
 

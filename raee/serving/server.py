@@ -451,7 +451,11 @@ class RaeeServicer(pb_grpc.RaeeServicer):
     async def CreateTask(self, request: pb.CreateTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
         async def work() -> pb.Task:
             spec = TaskSpec(request.name, request.template,
-                            tuple(Label(lb.name, lb.word) for lb in request.labels), request.description)
+                            tuple(Label(lb.name, lb.word, lb.share if lb.HasField("share") else None)
+                                  for lb in request.labels), request.description,
+                            objective=request.objective or "balanced_accuracy",
+                            prior_correction=request.prior_correction if request.HasField("prior_correction")
+                            else True)
             await self.worker.call(lambda e: e.create_task(spec))
             return await self._task_message(request.name)
 
@@ -476,9 +480,11 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             counts, never = engine.metadata.earliest_exits(name, engine.depth)
             message = pb.Task(
                 name=info.spec.name, template=info.spec.template, description=info.spec.description,
-                labels=[pb.Label(name=lb.name, word=lb.word) for lb in info.spec.labels],
+                labels=[pb.Label(name=lb.name, word=lb.word, share=lb.share) for lb in info.spec.labels],
                 records=info.records, depth=engine.depth, earliest_exit_counts=counts, never_correct=never,
-                backbone=info.backbone_id, encoder=info.encoder_id)
+                backbone=info.backbone_id, encoder=info.encoder_id, label_records=info.label_records,
+                imbalanced=info.imbalanced, objective=info.spec.objective,
+                prior_correction=info.spec.prior_correction)
             heads = engine.heads(name)
             if heads is not None:
                 message.heads.CopyFrom(pb.ExitHeadsInfo(
@@ -489,7 +495,8 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 t = info.tuned
                 message.auto.CopyFrom(pb.AutoChoice(
                     policy=t.policy, k=t.k, validation_accuracy=t.accuracy, validation_mean_exit=t.mean_exit,
-                    validation_rows=t.validation_rows, records=t.records, chosen_at=t.chosen_at))
+                    validation_rows=t.validation_rows, records=t.records, chosen_at=t.chosen_at,
+                    objective=t.objective))
             return message
 
         return await self.worker.call(read)

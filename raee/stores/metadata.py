@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -72,13 +72,18 @@ class TaskRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     # The `auto` policy's choice for this task and its validation figures (raee.core.auto).
     tuned: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # {"objective": ..., "prior_correction": ...}; NULL for tasks made before them: the defaults
+    options: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     def spec(self) -> TaskSpec:
+        options = self.options or {}
         return TaskSpec(
             name=self.name,
             template=self.template,
-            labels=tuple(Label(d["name"], d["word"]) for d in self.labels),
+            labels=tuple(Label(d["name"], d["word"], d.get("share")) for d in self.labels),
             description=self.description,
+            objective=str(options.get("objective", "balanced_accuracy")),
+            prior_correction=bool(options.get("prior_correction", True)),
         )
 
 
@@ -172,6 +177,17 @@ class TaskInfo:
     created_at: datetime
     records: int
     tuned: Choice | None = None
+    label_records: dict[str, int] = field(default_factory=dict)  # committed records per label
+
+    @property
+    def imbalanced(self) -> bool:
+        """The records' label mix is far from the traffic's expected one (the declared shares, else
+        equal): some label holds over 1.5x, or under half, its expected share."""
+        total = sum(self.label_records.values())
+        if not total:
+            return False
+        return any(not 0.5 * want <= self.label_records.get(label.name, 0) / total <= 1.5 * want
+                   for label, want in zip(self.spec.labels, self.spec.shares))
 
 
 def _dialect_insert(dialect: str) -> Callable[..., Any]:
@@ -235,17 +251,18 @@ class MetadataStore:
                 raise TaskExists(spec.name)
             d = spec.to_dict()
             s.add(TaskRow(name=spec.name, template=spec.template, labels=d["labels"], description=spec.description,
-                          backbone_id=backbone_id, encoder_id=encoder_id))
+                          backbone_id=backbone_id, encoder_id=encoder_id,
+                          options={"objective": spec.objective, "prior_correction": spec.prior_correction}))
 
     def task(self, name: str) -> TaskInfo:
         with self._session() as s:
             row = self._task_row(s, name)
-            n = s.scalar(
-                select(func.count()).select_from(ExitRecordRow)
-                .where(ExitRecordRow.task_id == row.id, ExitRecordRow.status == COMMITTED)
-            )
-            return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, int(n or 0),
-                            Choice.from_dict(row.tuned) if row.tuned else None)
+            counts = {str(label): int(n) for label, n in s.execute(
+                select(ExitRecordRow.label, func.count()).where(
+                    ExitRecordRow.task_id == row.id, ExitRecordRow.status == COMMITTED)
+                .group_by(ExitRecordRow.label)).all()}
+            return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, sum(counts.values()),
+                            Choice.from_dict(row.tuned) if row.tuned else None, counts)
 
     def list_tasks(self) -> list[TaskInfo]:
         with self._session() as s:

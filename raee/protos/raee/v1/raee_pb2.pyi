@@ -158,15 +158,24 @@ class GetTaskRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Label(_message.Message):
-    __slots__ = ("name", "word")
+    __slots__ = ("name", "word", "share")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WORD_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     word: str
-    def __init__(self, name: _Optional[str] = ..., word: _Optional[str] = ...) -> None: ...
+    share: float
+    def __init__(self, name: _Optional[str] = ..., word: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto", "heads")
+    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto", "heads", "label_records", "imbalanced", "objective", "prior_correction")
+    class LabelRecordsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +188,10 @@ class Task(_message.Message):
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     AUTO_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
@@ -191,7 +204,11 @@ class Task(_message.Message):
     encoder: str
     auto: AutoChoice
     heads: ExitHeadsInfo
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ..., heads: _Optional[_Union[ExitHeadsInfo, _Mapping]] = ...) -> None: ...
+    label_records: _containers.ScalarMap[str, int]
+    imbalanced: bool
+    objective: str
+    prior_correction: bool
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ..., heads: _Optional[_Union[ExitHeadsInfo, _Mapping]] = ..., label_records: _Optional[_Mapping[str, int]] = ..., imbalanced: _Optional[bool] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ...) -> None: ...
 
 class ExitHeadsInfo(_message.Message):
     __slots__ = ("version", "fitted_at", "fit_seconds", "records", "validation_accuracy", "best_exit")
@@ -210,7 +227,7 @@ class ExitHeadsInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., fitted_at: _Optional[str] = ..., fit_seconds: _Optional[float] = ..., records: _Optional[int] = ..., validation_accuracy: _Optional[_Iterable[float]] = ..., best_exit: _Optional[int] = ...) -> None: ...
 
 class AutoChoice(_message.Message):
-    __slots__ = ("policy", "k", "validation_accuracy", "validation_mean_exit", "validation_rows", "records", "chosen_at")
+    __slots__ = ("policy", "k", "validation_accuracy", "validation_mean_exit", "validation_rows", "records", "chosen_at", "objective")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +235,7 @@ class AutoChoice(_message.Message):
     VALIDATION_ROWS_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_AT_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     policy: str
     k: int
     validation_accuracy: float
@@ -225,19 +243,24 @@ class AutoChoice(_message.Message):
     validation_rows: int
     records: int
     chosen_at: str
-    def __init__(self, policy: _Optional[str] = ..., k: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_mean_exit: _Optional[float] = ..., validation_rows: _Optional[int] = ..., records: _Optional[int] = ..., chosen_at: _Optional[str] = ...) -> None: ...
+    objective: str
+    def __init__(self, policy: _Optional[str] = ..., k: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_mean_exit: _Optional[float] = ..., validation_rows: _Optional[int] = ..., records: _Optional[int] = ..., chosen_at: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
-    __slots__ = ("name", "template", "labels", "description")
+    __slots__ = ("name", "template", "labels", "description", "objective", "prior_correction")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
     description: str
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
+    objective: str
+    prior_correction: bool
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ...) -> None: ...
 
 class DeleteTaskRequest(_message.Message):
     __slots__ = ("name",)

@@ -1,0 +1,114 @@
+"""When the records' label mix is not the traffic's: the mix is shown, `auto` tunes for balanced
+accuracy, and the neighbours' votes are weighed toward the expected shares."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from raee.core import auto
+from raee.core.datafile import read_rows
+from raee.core.engine import Engine
+from raee.core.policies import label_vote
+from raee.errors import InvalidInput
+from raee.types import Label, Neighbour, TaskSpec
+
+from .conftest import SENTIMENT, write_tsv
+from .tiny_models import save_tiny_backbone
+
+POSITIVE = ["a great movie", "a wonderful film", "i loved the story", "the best acting", "very funny",
+            "a joy to watch", "warm and witty", "brilliant work"]
+NEGATIVE = ["a boring mess", "the worst plot"]
+SKEWED = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
+
+
+def test_the_vote_weighs_each_neighbour_by_its_labels_correction() -> None:
+    same = [Neighbour(str(i), 0.5, "positive", ()) for i in range(4)] + [Neighbour("n", 0.5, "negative", ())]
+    assert label_vote(same, ["negative", "positive"]).tolist() == pytest.approx([0.2, 0.8])
+    # 4 to 1 in numbers; with the records 80 % positive, each negative counts 4x as much as a positive
+    weighed = [Neighbour(n.id, n.similarity, n.label, n.exits, 0.625 if n.label == "positive" else 2.5)
+               for n in same]
+    assert label_vote(weighed, ["negative", "positive"]).tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_engine_weights_follow_the_records_mix_and_the_declared_shares(engine: Engine, tmp_path: Path) -> None:
+    engine.settings = engine.settings.model_copy(update={"retune_check_seconds": 0.0})
+    engine.create_task(SENTIMENT)
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "s.tsv", SKEWED)))
+    info = engine.task_info(SENTIMENT.name)
+    assert info.label_records == {"positive": 8, "negative": 2} and info.imbalanced
+    # equal expected shares: 0.5 / 0.8 and 0.5 / 0.2
+    assert engine.label_weights(SENTIMENT.name) == pytest.approx({"positive": 0.625, "negative": 2.5})
+    found, _ = engine.neighbours(SENTIMENT.name, ["a boring film"], 10)
+    assert {n.label: n.weight for n in found[0]} == pytest.approx({"positive": 0.625, "negative": 2.5})
+
+    declared = TaskSpec("declared", SENTIMENT.template, (Label("negative", " negative", 0.2),
+                                                         Label("positive", " positive", 0.8)))
+    engine.create_task(declared)
+    engine.ingest("declared", read_rows(write_tsv(tmp_path / "s.tsv", SKEWED)))
+    assert not engine.task_info("declared").imbalanced  # the records match the declared traffic
+    assert engine.label_weights("declared") == pytest.approx({"positive": 1.0, "negative": 1.0})
+
+    off = TaskSpec("off", SENTIMENT.template, SENTIMENT.labels, prior_correction=False, objective="accuracy")
+    engine.create_task(off)
+    engine.ingest("off", read_rows(write_tsv(tmp_path / "s.tsv", SKEWED)))
+    assert engine.label_weights("off") == {}
+    found, _ = engine.neighbours("off", ["a boring film"], 10)
+    assert {n.weight for n in found[0]} == {1.0}
+    stored = engine.task_info("off").spec
+    assert (stored.objective, stored.prior_correction) == ("accuracy", False)
+
+
+def test_auto_scores_candidates_by_the_tasks_objective(engine: Engine, tmp_path: Path) -> None:
+    engine.create_task(SENTIMENT)
+    engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "s.tsv", SKEWED)))
+    rows = auto.validation_rows(engine, SENTIMENT.name, 10, 8)
+    labels = SENTIMENT.label_names
+    by_accuracy = {r[0]: r[2] for r in auto.choose(rows, engine.depth, labels, ks=(8,), objective="accuracy")}
+    balanced = {r[0]: r[2] for r in auto.choose(rows, engine.depth, labels, ks=(8,))}
+    # the same policy, scored two ways; a constant answer scores 0.5 balanced whatever the mix
+    assert by_accuracy.keys() == balanced.keys() and by_accuracy != balanced
+    choice = auto.tune(engine, SENTIMENT.name, validation=10)
+    assert choice.objective == "balanced_accuracy"
+
+
+@pytest.mark.parametrize(("labels", "error"), [
+    ([{"name": "a", "share": 0.5}, {"name": "b"}], "every label a share, or none"),
+    ([{"name": "a", "share": 0.7}, {"name": "b", "share": 0.7}], "sum to 1.400"),
+    ([{"name": "a", "share": "half"}, {"name": "b", "share": 0.5}], r"labels\[0\].share must be a number"),
+    ([{"name": "a", "share": 0.0}, {"name": "b", "share": 1.0}], r"a number in \(0, 1\]"),
+])
+def test_bad_shares_are_refused_naming_the_field(labels: list[dict[str, object]], error: str) -> None:
+    with pytest.raises(InvalidInput, match=error):
+        TaskSpec.from_dict({"name": "t", "template": "{text}", "labels": labels})
+
+
+def test_bad_objective_and_switch_are_refused() -> None:
+    base = {"name": "t", "template": "{text}", "labels": [{"name": "a"}, {"name": "b"}]}
+    with pytest.raises(InvalidInput, match="objective 'f1' is not one of"):
+        TaskSpec.from_dict({**base, "objective": "f1"})
+    with pytest.raises(InvalidInput, match="prior_correction must be true or false"):
+        TaskSpec.from_dict({**base, "prior_correction": "yes"})
+
+
+def test_task_show_reports_the_mix_as_json_and_warns_on_stderr(tmp_path: Path) -> None:
+    from raee.cli.main import cli
+
+    model_dir = save_tiny_backbone(tmp_path / "model")
+    base = ["--data-dir", str(tmp_path / "data"), "--backbone", str(model_dir), "--encoder", "hashing:32"]
+    runner = CliRunner()
+    spec = tmp_path / "t.toml"
+    spec.write_text('name = "sentiment"\ntemplate = "review : {text} . sentiment :"\n'
+                    'labels = [{name = "negative", word = " negative"}, {name = "positive", word = " positive"}]\n')
+    assert runner.invoke(cli, [*base, "task", "create", "--file", str(spec)]).exit_code == 0
+    data = write_tsv(tmp_path / "s.tsv", SKEWED)
+    assert runner.invoke(cli, [*base, "ingest", "--task", "sentiment", str(data)]).exit_code == 0
+    shown = runner.invoke(cli, [*base, "task", "show", "sentiment"])
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(shown.stdout)
+    assert report["label_records"] == {"positive": 8, "negative": 2} and report["imbalanced"] is True
+    assert report["objective"] == "balanced_accuracy" and report["prior_correction"] is True
+    assert "warning: the records' label mix (" in shown.stderr and "corrected toward it" in shown.stderr
