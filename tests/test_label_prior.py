@@ -112,3 +112,47 @@ def test_task_show_reports_the_mix_as_json_and_warns_on_stderr(tmp_path: Path) -
     assert report["label_records"] == {"positive": 8, "negative": 2} and report["imbalanced"] is True
     assert report["objective"] == "balanced_accuracy" and report["prior_correction"] is True
     assert "warning: the records' label mix (" in shown.stderr and "corrected toward it" in shown.stderr
+
+
+def test_skewed_mixes_follow_the_issue_and_draws_hit_them() -> None:
+    from raee.bench.shift import draw, skewed_shares
+
+    assert skewed_shares({"negative": 45, "positive": 55}) == {"positive": 0.8, "negative": 0.2}
+    even = skewed_shares({"a": 100, "b": 95, "c": 105, "d": 100})
+    assert even["c"] == 0.55 and even["a"] == even["b"] == even["d"] == pytest.approx(0.15)
+    uneven = skewed_shares({"a": 400, "b": 200, "c": 100})
+    assert uneven["a"] / uneven["b"] == pytest.approx(4.0)  # (400 / 200) squared
+    examples = [(f"{label}{i}", f"text {label} {i}", label) for label in "ab" for i in range(30)] + \
+               [(f"c{i}", f"text c {i}", "c") for i in range(5)]
+    drawn = draw(examples, {"a": 0.5, "b": 0.3, "c": 0.2}, 50)
+    mix = {label: sum(1 for e in drawn if e[2] == label) for label in "abc"}
+    assert len(drawn) == 50 == len({e[0] for e in drawn}) and mix["c"] == 5  # c gives all it has; a, b fill
+    assert mix["a"] > mix["b"] > mix["c"]
+
+
+def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp_path: Path) -> None:
+    from raee.cli.main import cli
+
+    from .test_concurrent_writers import corpus
+
+    model = save_tiny_backbone(tmp_path / "model")
+    rows = corpus(200)  # one third negative
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    write_tsv(tmp_path / "data" / "sst2" / "train.tsv", rows[:160])
+    write_tsv(tmp_path / "data" / "sst2" / "dev.tsv", rows[160:])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [
+        "--backbone", str(model), "--encoder", "hashing:32", "bench-shift", "sst2", "--data", str(tmp_path / "data"),
+        "--train-rows", "160", "--records", "60", "--dev-rows", "40", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "shift.json").read_text())["tasks"][0]
+    assert report["databases"]["skewed"]["label_records"] == {"positive": 48, "negative": 12}
+    assert report["databases"]["balanced"]["label_records"] == {"positive": 30, "negative": 30}
+    for db in report["databases"].values():
+        for variant in ("corrected", "uncorrected"):
+            results = db["variants"][variant]
+            assert {"full", "paper", "knn-vote", "cascade:0.01", "auto"} <= set(results)
+            assert all(0 <= r["balanced_accuracy"] <= 1 for r in results.values())
+            # full ignores the neighbours: the correction cannot change it
+            assert results["full"] == db["variants"]["uncorrected"]["full"]
+    assert (out / "shift.png").stat().st_size > 5000 and "| knn-vote |" in (out / "shift.md").read_text()

@@ -111,24 +111,27 @@ def build(engine: Engine, task: str, train: Path, n: int) -> None:
         engine.ingest(task, rows, source=str(train), progress=bar.update)
 
 
-def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int | None) -> int:
-    """A task's first `limit` records under another name (and the destination's key encoder), built
-    from the exit results SQL holds: no backbone forward."""
+def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int | None,
+                 examples: Sequence[tuple[str, str, str]] | None = None) -> int:
+    """A task's first `limit` records (or these `examples`) under another name and the destination's
+    key encoder, with their exit features, built from what SQL holds: no backbone forward."""
     spec = src.task_info(task).spec
     ensure_task(dst, TaskSpec(dst_task, spec.template, spec.labels, f"bench copy of {task}"))
     if dst.task_info(dst_task).records:
         return dst.task_info(dst_task).records
-    examples = src.metadata.committed_examples(task, limit)
+    examples = list(examples) if examples is not None else src.metadata.committed_examples(task, limit)
     bar = _bar(len(examples), f"{dst_task}: copy")
     for start in range(0, len(examples), 256):
         part = examples[start : start + 256]
         layers = src.metadata.layer_results([rid for rid, _, _ in part])
+        features = src.metadata.features_of([rid for rid, _, _ in part])
         records = []
         for rid, text, label in part:
             gold = spec.label_index(label)
             results = tuple(LayerResult(l, spec.label_index(pred), p, gold_p, pred == label)
                             for l, (pred, p, gold_p) in enumerate(layers[rid]))
-            records.append(ExitRecord(record_id(dst_task, text), dst_task, text, label, gold, results))
+            records.append(ExitRecord(record_id(dst_task, text), dst_task, text, label, gold, results,
+                                      features.get(rid)))
         keys = dst.encoder.encode([r.text for r in records])
         batch = dst.metadata.begin_batch(dst_task, f"copy of {task}")
         dst.store_records(dst_task, records, keys, batch)

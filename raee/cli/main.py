@@ -417,6 +417,45 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
         other.vectors.close()
 
 
+@cli.command("bench-shift")
+@click.argument("tasks", nargs=-1, required=True)
+@click.option("--data", "data_root", type=click.Path(path_type=Path),
+              default=Path(__file__).resolve().parents[2] / "corpora", show_default="corpora/ of the checkout",
+              help="folder with <task>/train.tsv and <task>/dev.tsv")
+@click.option("--train-rows", default=5000, show_default=True,
+              help="the base database: the first N train rows (reused when a bench built it)")
+@click.option("--records", default=2000, show_default=True, help="records in each drawn database")
+@click.option("--dev-rows", default=500, show_default=True, help="measured: the first N dev rows")
+@click.option("--k", default=12, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/shift"), show_default=True)
+@click.pass_obj
+@friendly_errors
+def bench_shift(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int, records: int,
+                dev_rows: int, k: int, out: Path) -> None:
+    """Label-prior shift: a skewed and a balanced database of the same size drawn from each task's
+    records, every policy with and without the prior correction, on the same dev rows.
+
+    Stores go to <out>/data unless --data-dir is given (point it at a bench's to reuse its records).
+    """
+    from raee.bench import harness, shift
+
+    if obj.settings.data_dir == Settings().data_dir:
+        obj.settings = obj.settings.model_copy(update={"data_dir": out / "data"})
+    engine = obj.engine
+    reports = []
+    for name in tasks:
+        spec_file = Path(str(resources.files("raee.cli") / "tasks" / f"{name}.toml"))
+        if not spec_file.exists():
+            raise click.UsageError(f"no task spec raee/cli/tasks/{name}.toml")
+        spec = TaskSpec.from_toml(spec_file)
+        harness.ensure_task(engine, spec)
+        harness.build(engine, name, data_root / name / "train.tsv", train_rows)
+        reports.append(shift.shift_task(engine, spec, data_root / name / "dev.tsv", records, dev_rows, k))
+    command = "raee-admin bench-shift " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench-shift"] else sys.argv[1:])
+    for path in shift.write(reports, out, command):
+        click.echo(f"wrote {path}")
+
+
 @cli.command("loadtest")
 @click.option("--server", required=True, metavar="HOST:PORT", help="a server on this machine (loopback only)")
 @click.option("--task", "task_name", required=True)

@@ -421,6 +421,16 @@ class MetadataStore:
         x = np.stack([np.frombuffer(r.data, dtype=np.float16).reshape(r.exits, r.dim) for r in rows])
         return [r.id for r in rows], [r.label for r in rows], x
 
+    def features_of(self, record_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The exit features [L + 1, H] float16 of these records (those that have them)."""
+        out: dict[str, np.ndarray] = {}
+        with self._session() as s:
+            for i in range(0, len(record_ids), 500):
+                for r in s.execute(select(ExitFeaturesRow).where(
+                        ExitFeaturesRow.record_id.in_(record_ids[i : i + 500]))).scalars():
+                    out[r.record_id] = np.frombuffer(r.data, dtype=np.float16).reshape(r.exits, r.dim)
+        return out
+
     def without_features(self, task: str) -> list[tuple[str, str, str]]:
         """(id, text, label) of committed records that have no exit features yet."""
         with self._session() as s:
