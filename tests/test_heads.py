@@ -145,7 +145,7 @@ def test_auto_can_choose_a_heads_policy_once_heads_exist(grown: Engine) -> None:
     auto.fit_task_heads(engine, SENTIMENT.name)
     names = auto.candidate_policies(engine.depth, engine.heads(SENTIMENT.name))
     assert {"paper-heads", "heads:0", f"heads:{engine.depth}"} <= set(names)
-    assert any(n.startswith("knn-heads:") for n in names)
+    assert any(n.startswith("cascade:") for n in names) and not any(n.startswith("knn-heads") for n in names)
     choice = auto.tune(engine, SENTIMENT.name)
     assert choice.policy in names and choice.heads_version == 1
     assert not auto.needs_tuning_after_heads(engine, SENTIMENT.name)

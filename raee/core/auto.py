@@ -36,8 +36,7 @@ MIN_RECORDS = 10
 
 def candidate_policies(depth: int, heads: ExitHeads | None = None) -> list[str]:
     """Every policy auto may pick; static layers and thresholds are swept. With exit heads: each
-    head, the paper's aggregation over head-judged exits, and knn-heads stop rules (unbounded and
-    bounded by the best head's exit), and cascades of heads at several accuracy margins."""
+    head, the paper's aggregation over head-judged exits, and cascades of heads at several margins."""
     names = [
         "paper", "paper-all", "knn-vote", "knn-agree", "full",
         *(f"paper-tol:{t}" for t in (0.05, 0.1, 0.2, 0.3)),
@@ -45,10 +44,11 @@ def candidate_policies(depth: int, heads: ExitHeads | None = None) -> list[str]:
         *(f"static:{layer}" for layer in range(depth + 1)),
     ]
     if heads is not None:
-        thresholds = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+        # Not knn-heads: validation on the records overrates it (SST-2, 5,000 records: 89.6 % on
+        # 1,000 validation records, 84.0 % on dev, while heads and cascades validate within about a
+        # point of dev; docs/results.md). It stays selectable by name.
         names += [*(f"heads:{layer}" for layer in range(depth + 1)), "paper-heads",
-                  *(f"knn-heads:{t}" for t in thresholds), *(f"knn-heads:{t}:{heads.best_exit}" for t in thresholds),
-                  *(f"cascade:{m}" for m in CASCADE_MARGINS)]
+                  *(f"cascade:{m:g}" for m in CASCADE_MARGINS)]
     return names
 
 
