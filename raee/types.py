@@ -54,6 +54,9 @@ class TaskSpec:
     # Weigh the neighbours' votes by (traffic share / records share) of their labels: the declared
     # shares, or equal shares where none are declared. Off: the records' own mix is the prior.
     prior_correction: bool = True
+    # Estimate the traffic's label mix from the service's own recent answers (EM, raee.core.prior)
+    # and re-weight answers toward it. Opt-in: it acts on traffic, not on labelled data.
+    adapt_prior: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +127,7 @@ class TaskSpec:
                        for lb in self.labels],
             "objective": self.objective,
             "prior_correction": self.prior_correction,
+            "adapt_prior": self.adapt_prior,
         }
 
     @classmethod
@@ -146,9 +150,10 @@ class TaskSpec:
                 raise InvalidInput(f"{source}: labels[{i}].share must be a number, got {clip(repr(share))}")
             labels.append(Label(name=name, word=str(item.get("word", " " + name)),
                                 share=None if share is None else float(share)))
-        correction = data.get("prior_correction", True)
-        if not isinstance(correction, bool):
-            raise InvalidInput(f"{source}: prior_correction must be true or false, got {clip(repr(correction))}")
+        correction, adapt = data.get("prior_correction", True), data.get("adapt_prior", False)
+        for key, value in (("prior_correction", correction), ("adapt_prior", adapt)):
+            if not isinstance(value, bool):
+                raise InvalidInput(f"{source}: {key} must be true or false, got {clip(repr(value))}")
         return cls(
             name=str(data["name"]),
             template=str(data["template"]),
@@ -156,6 +161,7 @@ class TaskSpec:
             description=str(data.get("description", "")),
             objective=str(data.get("objective", "balanced_accuracy")),
             prior_correction=correction,
+            adapt_prior=adapt,
         )
 
     @classmethod

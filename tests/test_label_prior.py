@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -156,3 +157,63 @@ def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp
             # full ignores the neighbours: the correction cannot change it
             assert results["full"] == db["variants"]["uncorrected"]["full"]
     assert (out / "shift.png").stat().st_size > 5000 and "| knn-vote |" in (out / "shift.md").read_text()
+
+
+def calibrated_answers(labels: np.ndarray, rng: np.random.Generator, strength: float = 1.2) -> np.ndarray:
+    """Posteriors of a classifier calibrated under equal label shares: p(y|x) = softmax(scores),
+    where the score of the row's own label is raised by a noisy margin."""
+    scores = rng.normal(size=(len(labels), 2))
+    scores[np.arange(len(labels)), labels] += strength
+    e = np.exp(scores)
+    return e / e.sum(1, keepdims=True)
+
+
+def test_the_prior_estimate_follows_a_shift_in_the_traffic_and_helps_after_it() -> None:
+    from raee.core.prior import PriorTracker
+
+    rng = np.random.default_rng(0)
+    tracker = PriorTracker(["negative", "positive"], [0.5, 0.5])
+    first = rng.random(500) < 0.5
+    tracker.observe(calibrated_answers(first.astype(int), rng))
+    assert abs(tracker.estimate[1] - 0.5) < 0.1
+    second = (rng.random(500) < 0.9).astype(int)  # the traffic turns 90 % positive
+    answers = calibrated_answers(second, rng)
+    right_plain = right_adjusted = 0
+    for i in range(0, 500, 10):  # the service answers as it learns, ten requests at a time
+        batch = answers[i : i + 10]
+        right_plain += int((batch.argmax(1) == second[i : i + 10]).sum())
+        tracker.observe(batch)
+        right_adjusted += int((tracker.adjust(batch).argmax(1) == second[i : i + 10]).sum())
+    assert abs(tracker.estimate[1] - 0.9) < 0.1  # within 0.1 of the new mix within 500 requests
+    assert right_adjusted > right_plain  # and better answers on the second half
+    assert tracker.updated_at and tracker.seen == 1000
+
+
+def test_the_prior_estimate_is_bounded_against_a_burst() -> None:
+    from raee.core.prior import PriorTracker
+
+    rng = np.random.default_rng(1)
+    tracker = PriorTracker(["a", "b"], [0.5, 0.5], max_ratio=2.0)
+    tracker.observe(calibrated_answers(rng.integers(0, 2, 60), rng))
+    assert not tracker.active and tracker.ratio().tolist() == [1.0, 1.0]  # too few answers to act on
+    tracker.observe(calibrated_answers(rng.integers(0, 2, 440), rng))
+    tracker.observe(calibrated_answers(np.ones(50, dtype=int), rng, strength=4.0))  # a burst of one label
+    assert tracker.estimate[1] < 0.65  # diluted by the window
+    tracker.observe(calibrated_answers(np.ones(500, dtype=int), rng, strength=4.0))
+    assert tracker.ratio()[0] == 0.5  # a label's weight never falls below 1 / max_ratio
+
+
+def test_a_task_that_adapts_shows_its_estimate_and_answers_with_it(engine: Engine, tmp_path: Path) -> None:
+    adapting = TaskSpec("adapting", SENTIMENT.template, SENTIMENT.labels, adapt_prior=True)
+    engine.create_task(adapting)
+    engine.ingest("adapting", read_rows(write_tsv(tmp_path / "s.tsv", SKEWED)))
+    assert engine.prior_tracker("adapting") is not None and engine.task_info("adapting").spec.adapt_prior
+    texts = [f"a great film, number {i}" for i in range(30)]
+    for _ in range(4):
+        answers = engine.classify("adapting", texts, policy="full")
+        assert all(abs(sum(a.scores) - 1) < 1e-6 for a in answers)
+    tracker = engine.prior_tracker("adapting")
+    assert tracker is not None and tracker.seen == 120 and tracker.active
+    assert abs(sum(tracker.estimate) - 1) < 1e-9
+    engine.create_task(SENTIMENT)
+    assert engine.prior_tracker(SENTIMENT.name) is None  # opt-in

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from raee.core.heads import ExitHeads
 from raee.core.policies import Decision, ExitPolicy, bind, mix, parse_policy, reads_heads, uses_head_exits
+from raee.core.prior import PriorTracker
 from raee.errors import InvalidInput, StoreMismatch
 from raee.models.backbone import Backbone, LabelHead
 from raee.models.encoders import KeyEncoder
@@ -55,6 +56,7 @@ class Engine:
         self._tasks: dict[str, tuple[TaskSpec, LabelHead]] = {}
         self._auto: dict[str, tuple[float, Choice | None]] = {}  # task -> (read at, stored choice)
         self._weights: dict[str, tuple[float, dict[str, float]]] = {}  # task -> (read at, label weights)
+        self._trackers: dict[str, PriorTracker] = {}  # tasks that adapt to the traffic's label prior
         self._heads: dict[str, tuple[float, ExitHeads | None]] = {}  # task -> (checked at, loaded heads)
 
     @classmethod
@@ -132,6 +134,7 @@ class Engine:
         self._tasks.pop(name, None)
         self._auto.pop(name, None)
         self._weights.pop(name, None)
+        self._trackers.pop(name, None)
 
     def labels(self, name: str) -> list[str]:
         """The task's label names, from the in-memory cache (no SQL on the hot path)."""
@@ -236,6 +239,25 @@ class Engine:
         t2 = time.perf_counter()
         return found, {"encode_us": _us(t1 - t0), "retrieve_us": _us(t2 - t1)}
 
+    def prior_tracker(self, task: str) -> PriorTracker | None:
+        """The task's online traffic-prior estimate (None unless the task opted in with
+        `adapt_prior`). Its train prior is what the answers assume: the expected shares when the
+        votes are corrected toward them, else the records' own mix."""
+        spec, _ = self._task(task)
+        if not spec.adapt_prior:
+            return None
+        tracker = self._trackers.get(task)
+        if tracker is None:
+            if spec.prior_correction:
+                train = spec.shares
+            else:
+                counts = self.metadata.task(task).label_records
+                total = sum(counts.values()) or 1
+                train = [max(counts.get(name, 0) / total, 1e-3) for name in spec.label_names]
+            tracker = PriorTracker(spec.label_names, train)
+            self._trackers[task] = tracker
+        return tracker
+
     def label_weights(self, task: str) -> dict[str, float]:
         """Per label, its expected traffic share (declared, else equal) over its share of the task's
         records: the weight of a neighbour with that label in votes and in the paper's aggregation,
@@ -276,6 +298,10 @@ class Engine:
         decisions = [chosen.decide(n, self.depth, spec.label_names) for n in seen]
         t0 = time.perf_counter()
         probs, exits = self.forward_at(spec, head, texts, decisions, heads)
+        tracker = self.prior_tracker(task)
+        if tracker is not None:  # learn from the answers as made, then answer toward the traffic's mix
+            tracker.observe(probs)
+            probs = tracker.adjust(probs)
         timings["forward_us"] = _us(time.perf_counter() - t0)
         return [
             Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings),

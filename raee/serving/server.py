@@ -455,7 +455,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                                   for lb in request.labels), request.description,
                             objective=request.objective or "balanced_accuracy",
                             prior_correction=request.prior_correction if request.HasField("prior_correction")
-                            else True)
+                            else True, adapt_prior=request.adapt_prior)
             await self.worker.call(lambda e: e.create_task(spec))
             return await self._task_message(request.name)
 
@@ -484,7 +484,13 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 records=info.records, depth=engine.depth, earliest_exit_counts=counts, never_correct=never,
                 backbone=info.backbone_id, encoder=info.encoder_id, label_records=info.label_records,
                 imbalanced=info.imbalanced, objective=info.spec.objective,
-                prior_correction=info.spec.prior_correction)
+                prior_correction=info.spec.prior_correction, adapt_prior=info.spec.adapt_prior)
+            tracker = engine.prior_tracker(name)
+            if tracker is not None and tracker.active:
+                message.traffic_prior.update(dict(zip(tracker.labels, map(float, tracker.estimate))))
+                message.traffic_prior_updated_at = tracker.updated_at
+            if tracker is not None:
+                message.traffic_prior_answers = tracker.seen
             heads = engine.heads(name)
             if heads is not None:
                 message.heads.CopyFrom(pb.ExitHeadsInfo(

@@ -72,7 +72,7 @@ class TaskRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     # The `auto` policy's choice for this task and its validation figures (raee.core.auto).
     tuned: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    # {"objective": ..., "prior_correction": ...}; NULL for tasks made before them: the defaults
+    # {"objective", "prior_correction", "adapt_prior"}; NULL for tasks made before them: the defaults
     options: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     def spec(self) -> TaskSpec:
@@ -84,6 +84,7 @@ class TaskRow(Base):
             description=self.description,
             objective=str(options.get("objective", "balanced_accuracy")),
             prior_correction=bool(options.get("prior_correction", True)),
+            adapt_prior=bool(options.get("adapt_prior", False)),
         )
 
 
@@ -252,7 +253,8 @@ class MetadataStore:
             d = spec.to_dict()
             s.add(TaskRow(name=spec.name, template=spec.template, labels=d["labels"], description=spec.description,
                           backbone_id=backbone_id, encoder_id=encoder_id,
-                          options={"objective": spec.objective, "prior_correction": spec.prior_correction}))
+                          options={"objective": spec.objective, "prior_correction": spec.prior_correction,
+                                   "adapt_prior": spec.adapt_prior}))
 
     def task(self, name: str) -> TaskInfo:
         with self._session() as s:

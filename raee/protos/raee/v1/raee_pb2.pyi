@@ -168,7 +168,7 @@ class Label(_message.Message):
     def __init__(self, name: _Optional[str] = ..., word: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto", "heads", "label_records", "imbalanced", "objective", "prior_correction")
+    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto", "heads", "label_records", "imbalanced", "objective", "prior_correction", "adapt_prior", "traffic_prior", "traffic_prior_updated_at", "traffic_prior_answers")
     class LabelRecordsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,13 @@ class Task(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class TrafficPriorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +199,10 @@ class Task(_message.Message):
     IMBALANCED_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     PRIOR_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PRIOR_UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PRIOR_ANSWERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
@@ -208,7 +219,11 @@ class Task(_message.Message):
     imbalanced: bool
     objective: str
     prior_correction: bool
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ..., heads: _Optional[_Union[ExitHeadsInfo, _Mapping]] = ..., label_records: _Optional[_Mapping[str, int]] = ..., imbalanced: _Optional[bool] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ...) -> None: ...
+    adapt_prior: bool
+    traffic_prior: _containers.ScalarMap[str, float]
+    traffic_prior_updated_at: str
+    traffic_prior_answers: int
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ..., heads: _Optional[_Union[ExitHeadsInfo, _Mapping]] = ..., label_records: _Optional[_Mapping[str, int]] = ..., imbalanced: _Optional[bool] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ..., adapt_prior: _Optional[bool] = ..., traffic_prior: _Optional[_Mapping[str, float]] = ..., traffic_prior_updated_at: _Optional[str] = ..., traffic_prior_answers: _Optional[int] = ...) -> None: ...
 
 class ExitHeadsInfo(_message.Message):
     __slots__ = ("version", "fitted_at", "fit_seconds", "records", "validation_accuracy", "best_exit")
@@ -247,20 +262,22 @@ class AutoChoice(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., k: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_mean_exit: _Optional[float] = ..., validation_rows: _Optional[int] = ..., records: _Optional[int] = ..., chosen_at: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
-    __slots__ = ("name", "template", "labels", "description", "objective", "prior_correction")
+    __slots__ = ("name", "template", "labels", "description", "objective", "prior_correction", "adapt_prior")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     PRIOR_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_PRIOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
     description: str
     objective: str
     prior_correction: bool
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ...) -> None: ...
+    adapt_prior: bool
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ..., adapt_prior: _Optional[bool] = ...) -> None: ...
 
 class DeleteTaskRequest(_message.Message):
     __slots__ = ("name",)
