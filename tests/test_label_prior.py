@@ -157,6 +157,7 @@ def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp
             # full ignores the neighbours: the correction cannot change it
             assert results["full"] == db["variants"]["uncorrected"]["full"]
     assert (out / "shift.png").stat().st_size > 5000 and "| knn-vote |" in (out / "shift.md").read_text()
+    assert 0 <= report["adaptation"]["estimate_after"] <= 1 and (out / "adaptation.png").stat().st_size > 5000
 
 
 def calibrated_answers(labels: np.ndarray, rng: np.random.Generator, strength: float = 1.2) -> np.ndarray:

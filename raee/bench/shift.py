@@ -24,8 +24,9 @@ import numpy as np
 from raee.bench.harness import _bar, copy_records, first_rows
 from raee.core import auto as tuning
 from raee.core.engine import Engine, softmax
-from raee.core.evaluation import Measured, run_policy
+from raee.core.evaluation import Measured, answers, run_policy
 from raee.core.policies import bind, parse_policy
+from raee.core.prior import PriorTracker
 from raee.types import Neighbour, TaskSpec
 
 VALIDATION_ROWS = 300
@@ -68,6 +69,36 @@ def draw(examples: Sequence[tuple[str, str, str]], shares: dict[str, float], n: 
             break
         left -= given
     return [e for label, count in want.items() for e in rng.sample(by_label.get(label, []), count)]
+
+
+def adaptation_stream(probs: Sequence[np.ndarray], gold: Sequence[int], train_prior: Sequence[float],
+                      half: int = 500, shift: float = 0.9, seed: int = 0) -> dict[str, Any]:
+    """The online prior estimate on a stream of dev answers whose label mix changes half-way:
+    `half` requests drawn with equal label shares, then `half` with `shift` of them of the dev
+    rows' most common label (rows drawn with replacement). Reports the estimate's path and the
+    second half's accuracy with and without adapting."""
+    rng = np.random.default_rng(seed)
+    gold_arr = np.asarray(gold)
+    labels = np.unique(gold_arr)
+    main = int(np.bincount(gold_arr).argmax())
+    by_label = {int(c): np.flatnonzero(gold_arr == c) for c in labels}
+    first = [rng.choice(by_label[int(rng.choice(labels))]) for _ in range(half)]
+    rest = [c for c in labels if c != main]
+    second = [rng.choice(by_label[main] if rng.random() < shift else by_label[int(rng.choice(rest))])
+              for _ in range(half)]
+    tracker = PriorTracker([str(c) for c in range(len(train_prior))], train_prior)
+    path, right_plain, right_adapted = [], 0, 0
+    for step, i in enumerate([*first, *second], 1):
+        p = np.asarray(probs[i])[None, :]
+        tracker.observe(p)
+        if step > half:
+            right_plain += int(p.argmax() == gold_arr[i])
+            right_adapted += int(tracker.adjust(p).argmax() == gold_arr[i])
+        if step % 50 == 0:
+            path.append((step, float(tracker.estimate[main])))
+    return {"label": main, "first_half_share": 1 / len(labels), "second_half_share": shift,
+            "estimate_path": path, "estimate_after": float(tracker.estimate[main]),
+            "second_half_accuracy": right_plain / half, "second_half_accuracy_adapted": right_adapted / half}
 
 
 def _plain(rows: Sequence[Sequence[Neighbour]]) -> list[list[Neighbour]]:
@@ -122,6 +153,11 @@ def shift_task(engine: Engine, spec: TaskSpec, dev: Path, size: int, dev_rows: i
                                  "mean_exit": r.mean_exit}
             results["auto"]["chose"] = f"{best[0]} (k = {best[1]})"
             entry["variants"]["corrected" if corrected else "uncorrected"] = results
+            if corrected and kind == "balanced":
+                policy = bind(parse_policy(best[0]), heads)
+                report["adaptation"] = adaptation_stream(
+                    [a for a, _ in answers(policy, measured, depth, labels, best[1])], gold, spec.shares)
+                report["adaptation"]["policy"] = results["auto"]["chose"]
         report["databases"][kind] = entry
     return report
 
@@ -148,6 +184,14 @@ def markdown(reports: Sequence[dict[str, Any]], command: str) -> str:
                     cells.append(f"{100 * r['balanced_accuracy']:.1f} % ({100 * r['accuracy']:.1f} %) "
                                  f"@ {r['mean_exit']:.2f}{chose}")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+        if "adaptation" in rep:
+            a = rep["adaptation"]
+            total = a["estimate_path"][-1][0]
+            out += ["", f"Online prior adaptation ({a['policy']}, balanced database, corrected): a stream of "
+                    f"{total} dev answers, equal label shares, then {100 * a['second_half_share']:.0f} % "
+                    f"label {a['label']}: the estimate of that label's share reached {a['estimate_after']:.2f}; "
+                    f"second-half accuracy {100 * a['second_half_accuracy']:.1f} % without adapting, "
+                    f"{100 * a['second_half_accuracy_adapted']:.1f} % with."]
         out.append("")
     return "\n".join(out)
 
@@ -174,6 +218,19 @@ def plot(reports: Sequence[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for rep in reports:
+        if "adaptation" in rep:
+            steps, shares = zip(*rep["adaptation"]["estimate_path"])
+            ax.plot(steps, shares, marker=".", label=rep["task"])
+            ax.axvline(steps[-1] / 2, color="grey", ls=":")
+    ax.set_xlabel("requests")
+    ax.set_ylabel("estimated share of the shifted label")
+    ax.set_title("online prior estimate: equal shares, then 90 %")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.with_name("adaptation.png"), dpi=110)
+    plt.close(fig)
 
 
 def write(reports: Sequence[dict[str, Any]], out: Path, command: str) -> list[Path]:
@@ -181,4 +238,4 @@ def write(reports: Sequence[dict[str, Any]], out: Path, command: str) -> list[Pa
     (out / "shift.json").write_text(json.dumps({"command": command, "tasks": list(reports)}, indent=2))
     (out / "shift.md").write_text(markdown(reports, command))
     plot(reports, out / "shift.png")
-    return [out / "shift.json", out / "shift.md", out / "shift.png"]
+    return [out / "shift.json", out / "shift.md", out / "shift.png", out / "adaptation.png"]

@@ -107,10 +107,11 @@ def measure(engine: Engine, task: str, rows: Sequence[Row], k: int, chunk: int =
     return out
 
 
-def run_policy(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels: Sequence[str],
-               k: int | None = None) -> PolicyResult:
-    """A policy's answers on measured rows (with only the first k neighbours when k is given)."""
-    result = PolicyResult(policy.name, depth)
+def answers(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels: Sequence[str],
+            k: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """Per measured row, the policy's label distribution and exit (with only the first k
+    neighbours when k is given), as served."""
+    out = []
     heads, head_exits = reads_heads(policy), uses_head_exits(policy)
     for row in rows:
         neighbours = row.head_neighbours if head_exits and row.head_neighbours is not None else row.neighbours
@@ -119,7 +120,15 @@ def run_policy(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels:
         if probs is None:
             raise InvalidInput(f"policy: {policy.name} needs exit heads; the task has none yet")
         layer = resolve_exit(decision, probs)
-        answer = decision.answer if decision.answer is not None else mix(probs[layer], decision.prior)
+        out.append((decision.answer if decision.answer is not None else mix(probs[layer], decision.prior), layer))
+    return out
+
+
+def run_policy(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels: Sequence[str],
+               k: int | None = None) -> PolicyResult:
+    """A policy's answers on measured rows (with only the first k neighbours when k is given)."""
+    result = PolicyResult(policy.name, depth)
+    for row, (answer, layer) in zip(rows, answers(policy, rows, depth, labels, k)):
         result.gold.append(row.gold)
         result.predicted.append(int(np.argmax(answer)))
         result.exits.append(layer)
