@@ -1,6 +1,9 @@
 """Grow sst2 online through a running server while a client classifies with `auto`; the server refits
-the exit heads in the background. Usage (from the checkout): .venv/bin/python admin/online_growth.py HOST:PORT OUT.json
-Reports errors, p50/p99 before the growth, and latency while the background fit ran (from GetTask's heads)."""
+the exit heads in the background. Usage (from the checkout):
+    .venv/bin/python admin/online_growth.py HOST:PORT OUT.json [TRAIN.tsv]
+TRAIN.tsv (default corpora/sst2/train.tsv) must hold 1,000 rows past the task's current record count
+(the shared data's full SST-2 train file does). Reports errors, p50/p99 before the growth, and latency
+during the ingest, while the background fit ran (from GetTask's heads), and after it."""
 import json
 import sys
 import threading
@@ -18,7 +21,8 @@ from raee.types import Row
 address, out = sys.argv[1], Path(sys.argv[2])
 client = RaeeClient(address, timeout=120)
 dev = [r.text for r in read_rows(Path("corpora/sst2/dev.tsv")) if isinstance(r, Row)]
-train = [r for r in read_rows(Path("corpora/sst2/train.tsv")) if isinstance(r, Row)]
+train_file = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("corpora/sst2/train.tsv")
+train = [r for r in read_rows(train_file) if isinstance(r, Row)]
 samples, errors, stop = [], [], threading.Event()
 
 def classify_loop():
@@ -41,6 +45,8 @@ worker.start()
 time.sleep(30)
 t_ingest = time.time()
 start = before_records = client.stub.GetTask(pb.GetTaskRequest(name="sst2")).records
+if len(train) < start + 1000:
+    sys.exit(f"{train_file} has {len(train)} rows; growing from {start} records needs {start + 1000}")
 report = client.ingest("sst2", train[start:start + 1000])
 t_ingested = time.time()
 while heads().version == before.version:
