@@ -94,7 +94,24 @@ def test_online_ingest_is_seen_by_the_next_classify(served: ServerThread) -> Non
     task = stub.GetTask(pb.GetTaskRequest(name="sentiment"))
     assert task.records == len(ROWS) and task.depth == 4
     assert sum(task.earliest_exit_counts) + task.never_correct == len(ROWS)
+    assert dict(task.label_records) == {"positive": 5, "negative": 5} and not task.imbalanced
+    assert task.objective == "balanced_accuracy" and task.prior_correction and not task.adapt_prior
     assert [t.name for t in stub.ListTasks(pb.ListTasksRequest()).tasks] == ["sentiment"]
+
+
+def test_a_task_made_over_grpc_keeps_its_shares_objective_and_prior_options(served: ServerThread) -> None:
+    stub = served.stub
+    made = stub.CreateTask(pb.CreateTaskRequest(
+        name="declared", template="review : {text} . sentiment :", objective="macro_f1", prior_correction=False,
+        adapt_prior=True, labels=[pb.Label(name="negative", word=" negative", share=0.25),
+                                  pb.Label(name="positive", word=" positive", share=0.75)]))
+    assert [lb.share for lb in made.labels] == [0.25, 0.75]
+    assert (made.objective, made.prior_correction, made.adapt_prior) == ("macro_f1", False, True)
+    assert made.traffic_prior_answers == 0 and not made.traffic_prior
+    bad = pb.CreateTaskRequest(name="bad", template="{text}", labels=[
+        pb.Label(name="a", word=" a", share=0.5), pb.Label(name="b", word=" b")])
+    code, details = code_of(lambda: stub.CreateTask(bad))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "every label a share, or none" in details
 
 
 def test_batch_and_stream_answer_in_order(served: ServerThread) -> None:
