@@ -57,7 +57,10 @@ class Settings(BaseSettings):
 
     # gRPC service (used by raee-server)
     address: str = "127.0.0.1:50051"
-    metrics_port: int = 9464
+    metrics_port: int = Field(default=9464, description="Prometheus /metrics port; -1: none, 0: any free port")
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="address /metrics binds; 0.0.0.0 to let a scraper in another container or host reach it")
     max_batch_size: int = Field(default=16, description="texts per model batch (a larger request is cut into chunks)")
     max_batch_texts: int = Field(
         default=1024, description="texts one ClassifyBatch may carry (INVALID_ARGUMENT past it)"

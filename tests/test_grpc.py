@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import urllib.request
@@ -169,6 +170,31 @@ def test_concurrent_requests_are_batched(served: ServerThread) -> None:
     assert total == 12 and count < 12  # fewer batches than requests
     assert 'raee_requests_total{code="OK",method="Classify",task="sentiment"} 12.0' in body
     assert "raee_exit_layer_bucket" in body and "raee_queue_depth" in body
+    assert "raee_request_duration_seconds_bucket" in body and "raee_build_info{version=" in body
+
+
+def own_address() -> str:
+    """This machine's address on its default route (a UDP connect sends nothing), else loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def test_metrics_bind_the_address_the_settings_name_and_carry_process_metrics(tmp_path: Path) -> None:
+    served = ServerThread(make_settings(tmp_path, metrics_port=0, metrics_address="0.0.0.0"),
+                          tiny_engine_factory(tmp_path, make_settings(tmp_path)))
+    try:
+        served.wait_ready()
+        bound = served.server.metrics_port
+        assert bound  # on every interface: this machine's own non-loopback name reaches it too
+        host = own_address()
+        body = urllib.request.urlopen(f"http://{host}:{bound}/metrics", timeout=10).read().decode()
+        assert "process_resident_memory_bytes" in body and "process_cpu_seconds_total" in body
+    finally:
+        served.stop()
 
 
 def test_health_is_not_serving_until_loaded_and_calls_are_unavailable(tmp_path: Path) -> None:

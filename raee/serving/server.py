@@ -550,7 +550,7 @@ class RaeeServer:
             raise OSError(f"cannot listen on {self.settings.address}")
         await self.server.start()
         if self.settings.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_port)
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_address)
         self.worker.start()
         self._loading = asyncio.create_task(self._load())
         log.info("listening on port %d (metrics on %s)", self.port, self.metrics_port)
