@@ -1,6 +1,7 @@
 """All configuration in one typed object, read from flags and `RAEE_*` environment variables."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,6 +71,8 @@ class Settings(BaseSettings):
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json: one JSON object per line, with an access line per RPC")
     retry_seconds: float = Field(default=5.0, description="wait between attempts to reach an unreachable store")
     health_interval_seconds: float = Field(default=5.0, description="how often health probes the vector store")
 

@@ -39,6 +39,7 @@ from raee.errors import (
 )
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee.serving import logs
 from raee.serving.auth import KeyRing, Principal
 from raee.serving.fitter import fit_heads_in_child
 from raee.serving.metrics import Metrics
@@ -253,9 +254,14 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         """Run one RPC's work: check its key, count it by code, time it, and turn failures into codes."""
         start = time.monotonic()
         code = grpc.StatusCode.UNKNOWN
+        rid = logs.request_id(context.invocation_metadata())
+        trailer = ((logs.REQUEST_ID_KEY, rid),)
+        context.set_trailing_metadata(trailer)
+        exit_layer = None
         try:
             self._authorize(context, method, task)
             result = await work()
+            exit_layer = getattr(result, "exit_layer", None)
             # An answer that comes after the caller's deadline never reaches it: count what it sees.
             code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.OK
             return result
@@ -264,10 +270,12 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             raise
         except Exception as exc:
             code, message = self._failure(exc, method)
-            await context.abort(code, message)
+            await context.abort(code, message, trailer)
             raise  # unreachable: abort raises
         finally:
-            self._count(method, task, code, time.monotonic() - start)
+            elapsed = time.monotonic() - start
+            self._count(method, task, code, elapsed)
+            logs.log_access(method, task, code.name, elapsed, rid, exit_layer)
 
     async def _classify(self, task: str, texts: list[str], options: pb.ClassifyOptions,
                         context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
@@ -689,8 +697,9 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
     import click
 
     for name, field in reversed(list(Settings.model_fields.items())):
+        default = field.default if field.default is not None else "unset"
         func = click.option(f"--{name.replace('_', '-')}", name, default=None,
-                            help=f"{field.description or ''} [RAEE_{name.upper()}]")(func)
+                            help=f"{field.description or ''} (default: {default}) [RAEE_{name.upper()}]")(func)
     return func
 
 
@@ -702,7 +711,7 @@ def main() -> None:
     def run(**flags: Any) -> None:
         """Serve RAEE classification over gRPC."""
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure(settings.log_level, settings.log_format)
         try:
             asyncio.run(serve(settings))
         except RaeeError as exc:  # a refused setting: one line, no traceback
