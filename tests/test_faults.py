@@ -32,8 +32,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def health_of(server: ServerThread) -> int:
-    return health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+def health_of(server: ServerThread, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                            timeout=2).status
 
 
 def wait_for(predicate: Any, seconds: float = 20) -> None:
@@ -84,7 +85,7 @@ def test_store_outage_turns_health_and_answers_then_recovers_without_restart(tmp
 
     server = ServerThread(settings, factory)
     try:
-        assert health_of(server) == NOT_SERVING
+        assert health_of(server) == NOT_SERVING and health_of(server, "liveness") == SERVING  # still loading
         server.wait_ready()  # recovered by retrying, no restart
         assert attempts["n"] == 3 and health_of(server) == SERVING
         ingest(server.stub, "sentiment", corpus(10))
@@ -92,6 +93,8 @@ def test_store_outage_turns_health_and_answers_then_recovers_without_restart(tmp
         assert server.stub.Classify(request).label
         flaky["store"].down.set()
         wait_for(lambda: health_of(server) == NOT_SERVING)
+        assert health_of(server, "readiness") == NOT_SERVING
+        assert health_of(server, "liveness") == SERVING  # a store outage is no reason to restart the process
         start = time.monotonic()
         code, details = code_of(lambda: server.stub.Classify(request, timeout=10))
         assert code == grpc.StatusCode.UNAVAILABLE and "unreachable" in details and time.monotonic() - start < 2

@@ -391,5 +391,7 @@ def test_health_turns_not_serving_when_the_worker_loop_stops(tmp_path: Path) -> 
         with pytest.raises(grpc.RpcError) as info:
             server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="hi"), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING  # no worker loop: restart the process
     finally:
         server.stop()

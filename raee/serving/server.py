@@ -49,6 +49,11 @@ from raee.types import METADATA_KEY, Label, Prediction, Rejected, Row, TaskSpec
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Raee"].full_name
+# Health service names. Readiness ("", the service's name, "readiness"): models loaded and stores
+# reachable; route traffic here. Liveness ("liveness"): the process and its model worker loop run;
+# restart when it fails. A store outage turns readiness off, never liveness.
+READINESS = ("", SERVICE_NAME, "readiness")
+LIVENESS = "liveness"
 R = TypeVar("R")
 MAX_MESSAGE = 2048  # characters of an error message sent to a caller
 OTHER_TASK = "_other"  # the metrics label of every task name that does not exist (task names start alphanumeric)
@@ -516,6 +521,10 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         return await self.worker.call(read)
 
 
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 class RaeeServer:
     """A running service: gRPC server, health, reflection, model worker and metrics."""
 
@@ -544,15 +553,19 @@ class RaeeServer:
         self._retuner: asyncio.Task[None] | None = None
 
     async def _set_health(self, serving: bool) -> None:
+        """Readiness."""
         self._serving = serving
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+        for name in READINESS:
+            await self.health.set(name, _status(serving))
+
+    async def _set_live(self, live: bool) -> None:
+        await self.health.set(LIVENESS, _status(live))
 
     async def start(self) -> int:
         """Listen at once (health NOT_SERVING), then load the model and stores in the background."""
         check_exposure(self.settings)
         await self._set_health(False)
+        await self._set_live(True)  # loading the models is not a reason to restart the process
         self.port = self._listen()
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
@@ -610,6 +623,7 @@ class RaeeServer:
             if not self.worker.alive:
                 log.error("the model worker loop is not running: health NOT_SERVING")
                 await self._set_health(False)
+                await self._set_live(False)
                 return
             try:
                 await asyncio.wait_for(asyncio.to_thread(engine.vectors.ping), self.settings.health_interval_seconds)
@@ -668,6 +682,7 @@ class RaeeServer:
             if task and not task.done():
                 task.cancel()
         await self._set_health(False)
+        await self._set_live(False)
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         try:
             await asyncio.wait_for(self.worker.drain(), timeout=1.0)
