@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from raee.errors import InvalidInput
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from raee.serving.auth import add_key
@@ -129,3 +130,25 @@ def test_tls_and_mutual_tls(tmp_path: Path, mutual: bool) -> None:
             assert no_cert.Classify(request, timeout=10).label
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("name", ['a"b', "back\\slash", "two\nlines", "tab\there", "ünïcödé ☃", "'single'"])
+def test_key_names_round_trip_through_the_key_file(tmp_path: Path, name: str) -> None:
+    from raee.serving.auth import KeyRing
+
+    path = tmp_path / "keys.toml"
+    first = add_key(path, "ops", [], admin=True)
+    key = add_key(path, name, ['task"x', "t\\y"], admin=False)
+    ring = KeyRing.load(path)  # still parses
+    principal = ring.authenticate(key)
+    assert principal.name == name and principal.tasks == frozenset({'task"x', "t\\y"}) and not principal.admin
+    assert ring.authenticate(first).admin  # the earlier key survived the rewrite
+    assert not (tmp_path / "keys.toml.partial").exists()
+
+
+def test_a_key_file_that_does_not_parse_is_never_extended(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text("[[keys]\nbroken", encoding="utf-8")
+    with pytest.raises(InvalidInput, match="cannot read the API key file"):
+        add_key(path, "ops", [], admin=True)
+    assert path.read_text(encoding="utf-8") == "[[keys]\nbroken"

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomli_w
 
 from raee.errors import InvalidInput, PermissionDenied, Unauthenticated
 from raee.types import METADATA_KEY
@@ -79,12 +82,19 @@ class KeyRing:
 
 
 def add_key(path: Path, name: str, tasks: Sequence[str], admin: bool) -> str:
-    """Append a new key's hash to the key file; returns the key (shown once, never stored)."""
+    """Add a new key's hash to the key file; returns the key (shown once, never stored).
+
+    The file is read, extended and written whole by a TOML writer, then swapped in atomically:
+    a name holding quotes or newlines stays a name, and a crash never leaves half a file."""
+    data: dict[str, list[dict[str, object]]] = {}
+    if path.exists():
+        KeyRing.load(path)  # refuse to extend a file that does not parse
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     key = new_key()
-    entry = [f'\n[[keys]]\nname = "{name}"\nsha256 = "{hash_key(key)}"',
-             "tasks = [" + ", ".join(f'"{t}"' for t in tasks) + "]", f"admin = {'true' if admin else 'false'}\n"]
+    data.setdefault("keys", []).append({"name": name, "sha256": hash_key(key), "tasks": list(tasks),
+                                        "admin": admin})
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write("\n".join(entry))
-    KeyRing.load(path)  # the file must stay readable
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(tomli_w.dumps(data), encoding="utf-8")
+    os.replace(partial, path)
     return key
