@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -46,6 +47,12 @@ def test_cli_through_the_server_and_the_store_lock(server, tmp_path: Path) -> No
     assert "added 10, already present 0, rejected 1" in out and f"{data}:7: rejected: unknown label" in out
     out = run("classify", "--task", "sentiment", "--server", address, "a great film")
     assert "exit" in out and "/4" in out
+    # --server before the command, as the README writes it, for every command that reads or writes state
+    listed = json.loads(run("--server", address, "task", "list", "--json"))
+    assert listed == [{"name": "sentiment", "records": 10, "labels": ["negative", "positive"]}]
+    shown = json.loads(run("--server", address, "task", "show", "sentiment"))
+    assert shown["name"] == "sentiment" and shown["records"] == "10" and shown["label_records"]["positive"] == "5"
+    assert "exit" in run("--server", address, "classify", "--task", "sentiment", "a fine film")
     # Opening the embedded store directly while the server holds it is refused with a pointer to --server.
     out = run("classify", "--task", "sentiment", "a great film", code=2)
     assert "open in another process" in out and "--server" in out

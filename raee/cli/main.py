@@ -36,6 +36,7 @@ class Context:
         self.settings = settings
         self.api_key = api_key
         self.tls_ca = tls_ca
+        self.server: str | None = None  # raee-admin --server HOST:PORT, before the command
         self._engine: Any = None
 
     def client(self, server: str, timeout: float = 60.0) -> Any:
@@ -80,20 +81,31 @@ def friendly_errors(func: F) -> F:
 @click.option("--api-key", envvar="RAEE_API_KEY", help="key for a server that requires one [RAEE_API_KEY]")
 @click.option("--tls-ca", envvar="RAEE_TLS_CA", type=click.Path(path_type=Path),
               help="CA certificate (PEM) of a TLS server [RAEE_TLS_CA]")
+@click.option("--server", envvar="RAEE_SERVER", metavar="HOST:PORT",
+              help="send the work of every command that can to this running raee-server [RAEE_SERVER]")
 @click.option("-v", "--verbose", is_flag=True, help="log progress of model loading and conversion")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | None, **overrides: Any) -> None:
+def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | None, server: str | None,
+        **overrides: Any) -> None:
     """Administer a RAEE (retrieval-augmented early exit) inference service."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     ctx.obj = Context(settings, api_key, tls_ca)
+    ctx.obj.server = server
     ctx.call_on_close(ctx.obj.close)
 
 
+def _global_server(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A command's own --server, else the one given before the command (raee-admin --server ...)."""
+    found = ctx.find_object(Context)
+    return value or (found.server if found else None)
+
+
 server_option = click.option(
-    "--server", metavar="HOST:PORT", help="send the work to a running raee-server instead of opening the stores")
+    "--server", metavar="HOST:PORT", callback=_global_server,
+    help="send the work to a running raee-server instead of opening the stores (also before the command)")
 
 
 # -- tasks ---------------------------------------------------------------------
@@ -130,28 +142,49 @@ def task_create(obj: Context, name: str | None, spec_file: Path | None, template
 
 
 @task.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON document: a list of tasks")
+@server_option
 @click.pass_obj
 @friendly_errors
-def task_list(obj: Context) -> None:
+def task_list(obj: Context, as_json: bool, server: str | None) -> None:
     """List tasks with their record counts."""
     from raee.stores.metadata import MetadataStore
 
-    infos = MetadataStore(obj.settings.sql_url).list_tasks()
-    if not infos:
+    if server:
+        from raee.protos.raee.v1 import raee_pb2 as pb
+
+        tasks = [(t.name, t.records, [lb.name for lb in t.labels])
+                 for t in obj.client(server).stub.ListTasks(pb.ListTasksRequest()).tasks]
+    else:
+        tasks = [(i.spec.name, i.records, i.spec.label_names) for i in MetadataStore(obj.settings.sql_url).list_tasks()]
+    if as_json:
+        click.echo(json.dumps([{"name": n, "records": r, "labels": lb} for n, r, lb in tasks], ensure_ascii=False))
+        return
+    if not tasks:
         click.echo("no tasks (create one with `raee-admin task create`)")
-    for info in infos:
-        click.echo(f"{info.spec.name:<20} {info.records:>8} records  labels: {', '.join(info.spec.label_names)}")
+    for name, records, labels in tasks:
+        click.echo(f"{name:<20} {records:>8} records  labels: {', '.join(labels)}")
 
 
 @task.command("show")
 @click.argument("name")
+@server_option
 @click.pass_obj
 @friendly_errors
-def task_show(obj: Context, name: str) -> None:
+def task_show(obj: Context, name: str, server: str | None) -> None:
     """Show a task as one JSON document: its spec, records per label, `auto` choice, and the share of
-    records each exit gets right (a warning on stderr when the records' label mix is imbalanced)."""
+    records each exit gets right (a warning on stderr when the records' label mix is imbalanced).
+    With --server: the server's GetTask answer, in protobuf's JSON mapping."""
     from raee.stores.metadata import MetadataStore
 
+    if server:
+        from google.protobuf.json_format import MessageToDict
+
+        from raee.protos.raee.v1 import raee_pb2 as pb
+
+        message = obj.client(server).stub.GetTask(pb.GetTaskRequest(name=name))
+        click.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False))
+        return
     store = MetadataStore(obj.settings.sql_url)
     info = store.task(name)
     click.echo(json.dumps({**info.spec.to_dict(), "backbone": info.backbone_id, "encoder": info.encoder_id,
