@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from typing import Any
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from raee.errors import (
     InvalidInput,
@@ -22,6 +26,8 @@ from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from raee.types import METADATA_KEY, IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec
 
+T = TypeVar("T")
+
 _ERRORS = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
@@ -31,10 +37,11 @@ _ERRORS = {
 }
 
 
-# Reads are safe to repeat, so the channel retries them when the server sheds load
-# (RESOURCE_EXHAUSTED: its queue is full) or is briefly unavailable (loading, restarting), with
-# jittered exponential back-off: a rejected burst spreads out instead of returning at once.
-# Ingest is not retried here: a client stream cannot be replayed once sent (re-running it is
+# Reads are safe to repeat, so the channel retries them when the server is briefly unavailable
+# (loading, restarting), with jittered exponential back-off. RESOURCE_EXHAUSTED is not retried
+# by the channel: it means both "queue full, retry" and "message over the size limit, never
+# retry", and only the server's RetryInfo tells them apart (the client reads it: `_retrying`).
+# Ingest is not retried: a client stream cannot be replayed once sent (re-running it is
 # harmless, rows are deduplicated). Other gRPC clients can use the same service config.
 RETRY_SERVICE_CONFIG = {
     "methodConfig": [{
@@ -45,7 +52,7 @@ RETRY_SERVICE_CONFIG = {
             "initialBackoff": "0.25s",
             "maxBackoff": "4s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+            "retryableStatusCodes": ["UNAVAILABLE"],
         },
     }]
 }
@@ -64,11 +71,66 @@ class _WithMetadata:
         return lambda *args, **kwargs: method(*args, metadata=self._metadata, **kwargs)
 
 
+@dataclass
+class ErrorDetails:
+    """The standard google.rpc details a failed call carried (empty when it carried none)."""
+
+    reason: str = ""  # ErrorInfo.reason: a stable name of the failure, e.g. OVERLOADED
+    fields: dict[str, str] = field(default_factory=dict)  # BadRequest: request field path -> what is wrong
+    retry_after: float | None = None  # RetryInfo: retry after this many seconds; None: retrying cannot help
+
+
+def error_details(exc: grpc.RpcError) -> ErrorDetails:
+    """Decode a failed call's `grpc-status-details-bin` trailer."""
+    out = ErrorDetails()
+    trailers: Any = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    raw = next((value for key, value in trailers or () if key == "grpc-status-details-bin"), None)
+    if not isinstance(raw, bytes):
+        return out
+    for detail in status_pb2.Status.FromString(raw).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out.reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.fields.update({v.field: v.description for v in bad.field_violations})
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out.retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return out
+
+
 def _raise(exc: grpc.RpcError, task: str) -> None:
-    code = exc.code()
+    """The typed exception of a failed call, with the details the server sent."""
+    code, details = exc.code(), error_details(exc)
+    error: RaeeError
     if code == grpc.StatusCode.NOT_FOUND:
-        raise TaskNotFound(task) from None
-    raise _ERRORS.get(code, RaeeError)(f"server: {code.name}: {exc.details()}") from None
+        error = TaskNotFound(task)
+    elif code == grpc.StatusCode.INVALID_ARGUMENT:
+        error = InvalidInput(f"server: {code.name}: {exc.details()}", next(iter(details.fields), None))
+    else:
+        error = _ERRORS.get(code, RaeeError)(f"server: {code.name}: {exc.details()}")
+    if details.reason:
+        error.reason = details.reason
+    error.retry_after = details.retry_after
+    raise error from None
+
+
+def _retrying(call: Callable[[], T], attempts: int = 5) -> T:
+    """`call`, again after the delay the server's RetryInfo asks for (doubling, with jitter), for
+    as long as it asks and `attempts` allow; a failure without RetryInfo is never retried."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            delay = error_details(exc).retry_after
+            if delay is None or attempt == attempts - 1:
+                raise
+            time.sleep(delay * 2**attempt * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
 
 
 class RaeeClient:
@@ -93,8 +155,8 @@ class RaeeClient:
                  neighbours: bool = False) -> list[Prediction]:
         options = pb.ClassifyOptions(policy=policy or "", k=k or 0, return_neighbours=neighbours)
         try:
-            reply = self.stub.ClassifyBatch(pb.ClassifyBatchRequest(task=task, texts=texts, options=options),
-                                            timeout=self.timeout)
+            reply = _retrying(lambda: self.stub.ClassifyBatch(
+                pb.ClassifyBatchRequest(task=task, texts=texts, options=options), timeout=self.timeout))
         except grpc.RpcError as exc:
             _raise(exc, task)
         return [
@@ -128,7 +190,8 @@ class RaeeClient:
 
     def labels(self, task: str) -> list[str]:
         try:
-            return [lb.name for lb in self.stub.GetTask(pb.GetTaskRequest(name=task), timeout=self.timeout).labels]
+            return [lb.name for lb in _retrying(lambda: self.stub.GetTask(pb.GetTaskRequest(name=task),
+                                                                          timeout=self.timeout)).labels]
         except grpc.RpcError as exc:
             _raise(exc, task)
         return []

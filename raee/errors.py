@@ -13,20 +13,38 @@ def clip(value: str, limit: int = 80) -> str:
 
 
 class RaeeError(Exception):
-    """Base class for failures a caller can act on."""
+    """Base class for failures a caller can act on.
+
+    `reason`: a stable UPPER_SNAKE name of the failure (the ErrorInfo reason on the wire);
+    `retry_after`: seconds after which the same call may succeed (the RetryInfo on the wire), None
+    when retrying cannot help."""
+
+    reason = "ERROR"
+    retry_after: float | None = None
 
 
 class InvalidInput(RaeeError, ValueError):
-    """The request or file is malformed; the message names the field or line."""
+    """The request or file is malformed; the message names the field or line, and `field` the
+    request field's path where there is one (e.g. `options.k`): a BadRequest field violation."""
+
+    reason = "INVALID_INPUT"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class TaskNotFound(RaeeError, LookupError):
+    reason = "TASK_NOT_FOUND"
+
     def __init__(self, task: str) -> None:
         super().__init__(f"task {clip(task)} does not exist (create it with `raee-admin task create`)")
         self.task = task
 
 
 class TaskExists(RaeeError):
+    reason = "TASK_EXISTS"
+
     def __init__(self, task: str) -> None:
         super().__init__(f"task {clip(task)} already exists")
         self.task = task
@@ -35,22 +53,36 @@ class TaskExists(RaeeError):
 class NotReady(RaeeError):
     """A store or the model cannot serve right now (starting, stopping, unreachable)."""
 
+    reason = "NOT_READY"
+    retry_after = 1.0
+
 
 class StoreMismatch(RaeeError):
     """The data directory was built for another backbone, encoder or format."""
+
+    reason = "STORE_MISMATCH"
 
 
 class Overloaded(RaeeError):
     """The request queue is full; retry with backoff."""
 
+    reason = "OVERLOADED"
+    retry_after = 0.25
+
 
 class DeadlineExpired(RaeeError):
     """The caller's deadline passed before its compute started; it was dropped, not computed."""
+
+    reason = "DEADLINE_EXPIRED"
 
 
 class Unauthenticated(RaeeError):
     """No key, or a key the service does not know."""
 
+    reason = "UNAUTHENTICATED"
+
 
 class PermissionDenied(RaeeError):
     """A known key used outside what it grants."""
+
+    reason = "PERMISSION_DENIED"

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raee.core.engine import Engine
+from raee.errors import InvalidInput
 from raee.models.backbone import CausalLMBackbone
 from raee.models.encoders import HashingEncoder
 from raee.protos.raee.v1 import raee_pb2 as pb
@@ -245,8 +246,51 @@ def test_a_full_queue_answers_resource_exhausted(tmp_path: Path) -> None:
         blocker.result(5)
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4, codes
         assert codes.count(grpc.StatusCode.OK) == 2
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
+        for f in futures:
+            if f.exception() is None:
+                continue
+            status = rpc_status.from_call(f.exception())  # what any gRPC client reads
+            assert status is not None and status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            retry, info = error_details_pb2.RetryInfo(), error_details_pb2.ErrorInfo()
+            assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
+            assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
+            assert retry.retry_delay.ToNanoseconds() > 0 and info.reason == "OVERLOADED"
     finally:
         server.stop()
+
+
+def test_a_bad_field_comes_back_as_a_bad_request_naming_it(served: ServerThread) -> None:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from raee.client import RaeeClient, error_details
+
+    ingest(served.stub, "sentiment", ROWS)
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub.Classify(pb.ClassifyRequest(task="sentiment", text="fine", options=pb.ClassifyOptions(k=10_000)))
+    status = rpc_status.from_call(info.value)
+    bad = error_details_pb2.BadRequest()
+    assert status is not None and any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR))
+    assert [v.field for v in bad.field_violations] == ["options.k"]
+    assert "out of range" in bad.field_violations[0].description
+    assert error_details(info.value).retry_after is None  # retrying the same request cannot help
+    for options, path in ((pb.ClassifyOptions(policy="static:²"), "options.policy"),
+                          (pb.ClassifyOptions(), "text")):
+        text = "" if path == "text" else "fine"
+        with pytest.raises(grpc.RpcError) as info:
+            served.stub.Classify(pb.ClassifyRequest(task="sentiment", text=text, options=options))
+        assert list(error_details(info.value).fields) == [path]
+    client = RaeeClient(f"127.0.0.1:{served.port}", timeout=10)
+    try:
+        with pytest.raises(InvalidInput) as typed:
+            client.classify("sentiment", ["fine"], k=10_000)
+        assert typed.value.field == "options.k" and typed.value.reason == "INVALID_INPUT"
+        assert typed.value.retry_after is None
+    finally:
+        client.close()
 
 
 def test_the_client_backs_off_and_retries_while_the_queue_is_full(tmp_path: Path) -> None:

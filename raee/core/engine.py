@@ -164,20 +164,21 @@ class Engine:
 
     def check_texts(self, texts: Sequence[str], field_name: str = "text") -> None:
         if not texts:
-            raise InvalidInput(f"{field_name}: no text given")
+            raise InvalidInput(f"{field_name}: no text given", field_name)
         for i, text in enumerate(texts):
             where = field_name if len(texts) == 1 else f"{field_name}[{i}]"
             if not isinstance(text, str) or is_blank(text):
-                raise InvalidInput(f"{where}: empty text")
+                raise InvalidInput(f"{where}: empty text", where)
             if len(text) > self.settings.max_text_chars:
-                raise InvalidInput(f"{where}: {len(text)} characters, over the limit of {self.settings.max_text_chars}")
+                raise InvalidInput(f"{where}: {len(text)} characters, over the limit of "
+                                   f"{self.settings.max_text_chars}", where)
             if "\x00" in text:
-                raise InvalidInput(f"{where}: contains a NUL character")
+                raise InvalidInput(f"{where}: contains a NUL character", where)
 
     def check_k(self, k: int | None) -> int:
         k = self.settings.default_k if k is None or k == 0 else k
         if not 1 <= k <= self.settings.max_k:
-            raise InvalidInput(f"k: {k} out of range 1..{self.settings.max_k}")
+            raise InvalidInput(f"k: {k} out of range 1..{self.settings.max_k}", "options.k")
         return k
 
     def validate(
@@ -186,7 +187,12 @@ class Engine:
         """Check a classify request without computing anything: the policy to use and k."""
         self._task(task)
         self.check_texts(texts)
-        return self.resolve_policy(task, policy, k)
+        try:
+            return self.resolve_policy(task, policy, k)
+        except InvalidInput as exc:  # the policy's own checks know what is wrong, not where it came from
+            if exc.field is None:
+                exc.field = "options.policy"
+            raise
 
     def resolve_policy(self, task: str, policy: str | ExitPolicy | None, k: int | None) -> tuple[ExitPolicy, int]:
         """A policy by name (or as given) and its k; `auto` is the task's stored choice. A policy

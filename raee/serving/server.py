@@ -85,6 +85,36 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
+def error_details(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, str | bytes], ...]:
+    """The failure as a google.rpc.Status with standard details, in the `grpc-status-details-bin`
+    trailer: ErrorInfo (a stable reason), BadRequest (the request field at fault), RetryInfo (when
+    a retry can help, after how long). Clients that do not read details still get code and message."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    details = []
+    if isinstance(exc, RaeeError):
+        details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain="raee.v1"))
+        if isinstance(exc, InvalidInput) and exc.field:
+            details.append(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=message)]))
+        if exc.retry_after is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(exc.retry_after * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    elif code is grpc.StatusCode.UNAVAILABLE:  # the SQL store went away: worth a retry later
+        delay = duration_pb2.Duration(seconds=1)
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        wrapper = any_pb2.Any()
+        wrapper.Pack(detail)
+        packed.append(wrapper)
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=packed))
+    return tuple(status.trailing_metadata)
+
+
 def _expired(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0
@@ -275,7 +305,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             raise
         except Exception as exc:
             code, message = self._failure(exc, method)
-            await context.abort(code, message, trailer)
+            await context.abort(code, message, trailer + error_details(exc, code, message))
             raise  # unreachable: abort raises
         finally:
             elapsed = time.monotonic() - start
