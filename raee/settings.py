@@ -50,6 +50,8 @@ class Settings(BaseSettings):
         default=4, description="rows of an online Ingest computed per worker turn (a Classify waits at most one turn)")
     forward_batch_size: int = 16
     retune_growth: float = Field(default=0.5, description="auto re-tunes when the database grew by this fraction")
+    fit_niceness: int = Field(default=19, ge=0, le=19, description="CPU niceness of the server's background "
+                              "exit-head fit (19: it gets only what requests leave)")
     retune_check_seconds: float = 30.0
     index_on_start: bool = Field(
         default=True, description="embedded store: build pending indexes while the server loads, before SERVING"

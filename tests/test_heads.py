@@ -163,7 +163,8 @@ def test_a_server_fits_heads_in_the_background_and_serves_them(tmp_path: Path) -
     from .grpc_harness import ServerThread
     from .test_grpc import ingest, make_settings, tiny_engine_factory
 
-    settings = make_settings(tmp_path, retune_check_seconds=0.2, retune_growth=0.0)  # any growth: refit
+    # any growth: refit; niceness 0: a busy machine must not starve the test's fit (nice 19 is the default)
+    settings = make_settings(tmp_path, retune_check_seconds=0.2, retune_growth=0.0, fit_niceness=0)
     server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
     server.wait_ready()
     try:
@@ -262,7 +263,7 @@ def test_cascade_serves_the_first_exit_whose_head_is_sure(grown: Engine) -> None
 
 def test_a_child_process_fits_and_stores_heads_the_engine_then_serves(grown: Engine) -> None:
     engine = grown
-    summary = asyncio.run(fit_heads_in_child(engine.settings.sql_url, SENTIMENT.name))
+    summary = asyncio.run(fit_heads_in_child(engine.settings.sql_url, SENTIMENT.name, niceness=0))
     assert summary["version"] == 1 and summary["records"] == 60
     served = engine.heads(SENTIMENT.name)
     assert served is not None and served.version == 1 and served.gold is not None

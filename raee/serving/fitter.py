@@ -20,11 +20,11 @@ from typing import Any
 URL_VARIABLE = "RAEE_FIT_SQL_URL"
 
 
-async def fit_heads_in_child(sql_url: str, task: str) -> dict[str, Any]:
+async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19) -> dict[str, Any]:
     """Fit and store the task's heads in a low-priority child; its summary. Cancelling the
     awaiting task kills the child (a shutdown never waits for a fit)."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "raee.serving.fitter", task, env={**os.environ, URL_VARIABLE: sql_url},
+        sys.executable, "-m", "raee.serving.fitter", task, str(niceness), env={**os.environ, URL_VARIABLE: sql_url},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await child.communicate()
@@ -40,7 +40,7 @@ async def fit_heads_in_child(sql_url: str, task: str) -> dict[str, Any]:
 
 
 def main() -> int:
-    os.nice(19)  # the model worker first; the fit takes the idle CPU
+    os.nice(int(sys.argv[2]) if len(sys.argv) > 2 else 19)  # the model worker first; the fit takes the idle CPU
     from raee.core.auto import fit_and_store_heads
     from raee.stores.metadata import MetadataStore
 

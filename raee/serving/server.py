@@ -686,7 +686,7 @@ class RaeeServer:
                 try:
                     if await asyncio.to_thread(auto.needs_heads, engine, task) and \
                             not await asyncio.to_thread(engine.metadata.ingesting, task):
-                        summary = await fit_heads_in_child(self.settings.sql_url, task)
+                        summary = await fit_heads_in_child(self.settings.sql_url, task, self.settings.fit_niceness)
                         engine.forget_heads(task)
                         log.info("exit heads v%d for %s fitted (%.1f s, %d records)", summary["version"], task,
                                  summary["seconds"], summary["records"])
