@@ -90,11 +90,13 @@ def test_a_request_never_tunes_and_auto_follows_the_stored_choice(engine: Engine
 
 
 
-def test_auto_takes_the_shallowest_candidate_within_one_standard_error() -> None:
+def test_auto_takes_the_shallowest_candidate_within_half_a_standard_error() -> None:
     from raee.core.auto import pick
 
-    ranked = [("heads:12", 32, 0.92, 12.0), ("knn-heads:0.99:11", 8, 0.91, 6.5), ("knn-vote", 8, 0.80, 0.0)]
-    # 300 rows: one standard error of 92 % is 1.57 points, so 91 % is a tie and 80 % is not.
-    assert pick(ranked, 300)[0] == "knn-heads:0.99:11"
-    # 30,000 rows: the band is 0.16 points; the more accurate one wins.
+    ranked = [("heads:12", 32, 0.92, 12.0), ("cascade:0.01", 32, 0.915, 6.5), ("cascade:0.03", 32, 0.905, 3.0),
+              ("heads:2", 32, 0.80, 2.0)]
+    # 300 rows: one standard error of 92 % is 1.57 points, half of it 0.78: 91.5 % ties, 90.5 % does not.
+    assert pick(ranked, 300)[0] == "cascade:0.01"
+    assert pick(ranked, 300, band_se=1.0)[0] == "cascade:0.03"  # the wider band takes the shallower one
+    # 30,000 rows: the band is 0.08 points; the more accurate one wins.
     assert pick(ranked, 30_000)[0] == "heads:12"

@@ -193,9 +193,11 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     heads = tuning.fit_task_heads(engine, task) if tuning.needs_heads(engine, task) else engine.heads(task)
     validation = tuning.validation_rows(engine, task, 300, max(tuning.K_CHOICES))
     ranked = tuning.choose(validation, depth, labels, heads=heads, objective=spec.objective)
-    families = ("static", "confidence", "paper-tol") + (("cascade",) if heads else ())
-    calibrated = {family: next(name for name, *_ in ranked if name.startswith(family + ":"))
-                  for family in families}
+    # the lens policies' thresholds, chosen the same way (with heads, auto no longer considers them)
+    ranked_lens = tuning.choose(validation, depth, labels, objective=spec.objective) if heads else ranked
+    calibrated = {family: next(name for name, *_ in pool if name.startswith(family + ":"))
+                  for family, pool in (("static", ranked_lens), ("confidence", ranked_lens),
+                                       ("paper-tol", ranked_lens), *((("cascade", ranked),) if heads else ()))}
     best = tuning.pick(ranked, len(validation))
     tuned = Choice(best[0], best[1], best[2], best[3], len(validation), train_rows,
                    datetime.now(UTC).isoformat(timespec="seconds"), 0.0, heads.version if heads else 0,

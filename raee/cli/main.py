@@ -594,7 +594,7 @@ def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> None:
     for name, k, acc, mean in ranked if show_all else ranked[:10]:
         click.echo(f"{name:<22} {k:>3} {100 * acc:>16.1f}% {mean:>10.2f}")
     choice = tuning.tune(engine, task_name, validation)
-    click.echo(f"auto: the least mean exit within one standard error of the best {objective}")
+    click.echo(f"auto: the least mean exit within half a standard error of the best {objective}")
     click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k} ({objective} "
                f"{100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
 
