@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +26,13 @@ def start_server(base: list[str], address: str, env: dict[str, str], timeout: fl
                  metrics_port: int = -1, log: Path | None = None) -> subprocess.Popen[bytes]:
     """Start raee-server with `base` flags and wait until its health check says SERVING.
 
-    With `log`, the server's stderr goes to that file (a pipe nobody reads would block a chatty server).
+    The server's stderr goes to `log` (default: a temporary file), never to a pipe: nobody reads
+    it while the test runs, and a full pipe would block the server at its next log line (it writes
+    one access line per RPC).
     """
-    stderr = log.open("wb") if log else subprocess.PIPE
+    if log is None:
+        log = Path(tempfile.mkstemp(prefix="raee-server-", suffix=".log")[1])
+    stderr = log.open("wb")
     proc = subprocess.Popen([sys.executable, "-c", "from raee.serving.server import main; main()", *base,
                              "--address", address, "--metrics-port", str(metrics_port)], env=env, stderr=stderr)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
@@ -40,7 +45,7 @@ def start_server(base: list[str], address: str, env: dict[str, str], timeout: fl
         except grpc.RpcError:
             pass
         if proc.poll() is not None:
-            raise AssertionError(log.read_text() if log else proc.stderr.read().decode() if proc.stderr else "exited")
+            raise AssertionError(log.read_text(errors="replace"))
         assert time.monotonic() < deadline, "server did not become ready"
         time.sleep(0.2)
 
