@@ -443,7 +443,7 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
                                     others, sizes or harness.SIZE_SWEEP)
         harness.print_summary(report, click.echo)
         reports.append(report)
-    command = "raee-admin bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    command = "raee-admin " + " ".join(sys.argv[1:])
     for path in harness.write_reports(reports, out, command):
         click.echo(f"wrote {path}")
     for other in others:
@@ -484,7 +484,7 @@ def bench_shift(obj: Context, tasks: tuple[str, ...], data_root: Path, train_row
         harness.ensure_task(engine, spec)
         harness.build(engine, name, data_root / name / "train.tsv", train_rows)
         reports.append(shift.shift_task(engine, spec, data_root / name / "dev.tsv", records, dev_rows, k))
-    command = "raee-admin bench-shift " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench-shift"] else sys.argv[1:])
+    command = "raee-admin " + " ".join(sys.argv[1:])
     for path in shift.write(reports, out, command):
         click.echo(f"wrote {path}")
 
