@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import ipaddress
 import logging
 import signal
@@ -635,6 +636,9 @@ class RaeeServer:
                 self.failed.set()
                 return
         self.load_error = None
+        # Move everything loaded so far (models, tokenizers, stores: millions of objects) out of the
+        # garbage collector's view: a full collection over them pauses every thread for hundreds of ms.
+        gc.freeze()
         await self.servicer.load_task_names()
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_stores())
