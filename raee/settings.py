@@ -60,6 +60,9 @@ class Settings(BaseSettings):
 
     # gRPC service (used by raee-server)
     address: str = "127.0.0.1:50051"
+    http_address: str = Field(
+        default="127.0.0.1:8080",
+        description="HTTP/JSON API and web console (host:port, port 0: any free one); empty: off")
     metrics_port: int = Field(default=9464, description="Prometheus /metrics port; -1: none, 0: any free port")
     metrics_address: str = Field(
         default="127.0.0.1",

@@ -23,18 +23,19 @@ def free_port() -> int:
 
 
 def start_server(base: list[str], address: str, env: dict[str, str], timeout: float = 120,
-                 metrics_port: int = -1, log: Path | None = None) -> subprocess.Popen[bytes]:
+                 metrics_port: int = -1, log: Path | None = None, http_address: str = "") -> subprocess.Popen[bytes]:
     """Start raee-server with `base` flags and wait until its health check says SERVING.
 
     The server's stderr goes to `log` (default: a temporary file), never to a pipe: nobody reads
     it while the test runs, and a full pipe would block the server at its next log line (it writes
-    one access line per RPC).
+    one access line per RPC). HTTP is off unless `http_address` is given.
     """
     if log is None:
         log = Path(tempfile.mkstemp(prefix="raee-server-", suffix=".log")[1])
     stderr = log.open("wb")
     proc = subprocess.Popen([sys.executable, "-c", "from raee.serving.server import main; main()", *base,
-                             "--address", address, "--metrics-port", str(metrics_port)], env=env, stderr=stderr)
+                             "--address", address, "--metrics-port", str(metrics_port), "--http-address", http_address],
+                            env=env, stderr=stderr)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
     deadline = time.monotonic() + timeout
     while True:

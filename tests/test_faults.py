@@ -185,7 +185,7 @@ def test_a_corrupt_data_dir_stops_the_server_with_a_clear_error(tmp_path: Path, 
     proc = subprocess.run(
         [sys.executable, "-c", "from raee.serving.server import main; main()", "--data-dir", str(data),
          "--backbone", str(model), "--encoder", "hashing:32", "--address", f"127.0.0.1:{free_port()}",
-         "--metrics-port", "-1"], capture_output=True, text=True, timeout=120)
+         "--metrics-port", "-1", "--http-address", ""], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert expected in proc.stderr and "Traceback" not in proc.stderr.splitlines()[-1]
 

@@ -46,7 +46,8 @@ def tiny_engine_factory(data_dir: Path, settings: Settings, gate: threading.Even
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
-    base: dict[str, object] = dict(data_dir=tmp_path, address="127.0.0.1:0", metrics_port=-1, max_wait_ms=20,
+    base: dict[str, object] = dict(data_dir=tmp_path, address="127.0.0.1:0", http_address="127.0.0.1:0",
+                                   metrics_port=-1, max_wait_ms=20,
                                    ingest_batch_size=4, max_text_chars=200, max_k=32)
     base.update(overrides)
     return Settings(**base)

@@ -339,7 +339,8 @@ def test_made_up_task_names_do_not_become_metric_labels(served: Served) -> None:
 
 def test_an_open_address_without_keys_is_refused_unless_allowed(tmp_path: Path) -> None:
     command = [sys.executable, "-c", "from raee.serving.server import main; main()", "--data-dir",
-               str(tmp_path / "data"), "--address", f"0.0.0.0:{free_port()}", "--metrics-port", "-1"]
+               str(tmp_path / "data"), "--address", f"0.0.0.0:{free_port()}", "--metrics-port", "-1",
+               "--http-address", ""]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120,
                              env={k: v for k, v in os.environ.items() if k != "RAEE_ALLOW_UNAUTHENTICATED"})
     assert refused.returncode != 0

@@ -1,6 +1,6 @@
 """Access control: API keys per tenant, stored hashed, carried in gRPC metadata.
 
-A key grants Classify, ClassifyBatch, ClassifyStream, Ingest and GetTask on the
+A key grants Classify, ClassifyBatch, ClassifyStream, Ingest, GetTask and GetTaskStats on the
 tasks it names ("*" for all); admin RPCs (CreateTask, DeleteTask, ListTasks)
 need an admin key. Keys are random tokens, so a SHA-256 of the key is enough to
 store: the file never holds a usable secret. Off when no key file is configured.

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -16,6 +21,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+RECENT_WINDOW = 1000  # answers kept per task for GetTaskStats (the console's "recent requests")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -49,3 +55,46 @@ class Metrics:
         """Expose /metrics over HTTP on a separate port; returns the bound port."""
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
         return int(server.server_address[1])
+
+
+@dataclass(frozen=True)
+class RecentStats:
+    answers: int
+    exit_layer_counts: list[int]  # index = exit layer, 0..depth
+    latency_ms: tuple[float, float, float]  # p50, p90, p99
+    since: str  # RFC 3339 time of the oldest answer kept; "" when none
+
+
+class RecentAnswers:
+    """The last `window` answers per task (exit layer, total time): what an operator sees of "now",
+    which Prometheus' since-start histograms cannot show. Bounded per task; a deleted task's are dropped."""
+
+    def __init__(self, window: int = RECENT_WINDOW) -> None:
+        self.window = window
+        self._answers: dict[str, deque[tuple[float, int, float]]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, task: str, exit_layer: int, total_ms: float) -> None:
+        with self._lock:
+            kept = self._answers.setdefault(task, deque(maxlen=self.window))
+            kept.append((time.time(), exit_layer, total_ms))
+
+    def forget(self, task: str) -> None:
+        with self._lock:
+            self._answers.pop(task, None)
+
+    def stats(self, task: str, depth: int) -> RecentStats:
+        with self._lock:
+            kept = list(self._answers.get(task, ()))
+        counts = [0] * (depth + 1)
+        for _, layer, _ in kept:
+            counts[min(layer, depth)] += 1
+        if not kept:
+            return RecentStats(0, counts, (0.0, 0.0, 0.0), "")
+        latencies = sorted(ms for _, _, ms in kept)
+
+        def percentile(q: float) -> float:  # nearest rank: a figure some request really took
+            return latencies[min(len(latencies) - 1, max(0, int(q * len(latencies) + 0.999999) - 1))]
+
+        since = datetime.fromtimestamp(kept[0][0], UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return RecentStats(len(kept), counts, (percentile(0.5), percentile(0.9), percentile(0.99)), since)

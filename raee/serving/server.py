@@ -11,7 +11,9 @@ import functools
 import gc
 import ipaddress
 import logging
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -43,7 +45,8 @@ from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from raee.serving import logs
 from raee.serving.auth import KeyRing, Principal
 from raee.serving.fitter import fit_heads_in_child
-from raee.serving.metrics import Metrics
+from raee.serving.gateway import Gateway, tls_context
+from raee.serving.metrics import Metrics, RecentAnswers
 from raee.serving.worker import ModelWorker
 from raee.settings import Settings
 from raee.types import METADATA_KEY, Label, Prediction, Rejected, Row, TaskSpec
@@ -192,26 +195,27 @@ class RequestDecoding(grpc.aio.ServerInterceptor):
 
 def check_exposure(settings: Settings) -> None:
     """Refuse to serve without API keys on an address others can reach, unless told to (like Redis's
-    protected mode); loopback and Unix sockets are always allowed."""
+    protected mode); loopback and Unix sockets are always allowed. The HTTP port gets the same rule."""
     if settings.api_keys_file is not None:
         return
-    address = settings.address
-    if address.startswith("unix:"):
-        return
-    host = address.rsplit(":", 1)[0].strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        loopback = False
-    if loopback:
-        return
-    if not settings.allow_unauthenticated:
-        raise InvalidInput(
-            f"address: {address} is reachable from other machines and no API keys are configured: anyone who "
-            "reaches it could create, delete and ingest into any task. Set RAEE_API_KEYS_FILE (docs/security.md), "
-            "bind a loopback address, or set RAEE_ALLOW_UNAUTHENTICATED=1 to serve it open on purpose")
-    log.warning("serving %s WITHOUT API keys (RAEE_ALLOW_UNAUTHENTICATED): anyone who reaches it can change "
-                "every task", address)
+    for setting, address in (("address", settings.address), ("http_address", settings.http_address)):
+        if not address or address.startswith("unix:"):
+            continue
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            loopback = False
+        if loopback:
+            continue
+        if not settings.allow_unauthenticated:
+            raise InvalidInput(
+                f"{setting}: {address} is reachable from other machines and no API keys are configured: anyone "
+                "who reaches it could create, delete and ingest into any task. Set RAEE_API_KEYS_FILE "
+                "(docs/security.md), bind a loopback address, or set RAEE_ALLOW_UNAUTHENTICATED=1 to serve it "
+                "open on purpose")
+        log.warning("serving %s WITHOUT API keys (RAEE_ALLOW_UNAUTHENTICATED): anyone who reaches it can change "
+                    "every task", address)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -251,6 +255,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         self.settings = settings
         self.keys = keys
         self.known_tasks: set[str] = set()  # filled when the engine loads; grows with answers and CreateTask
+        self.recent = RecentAnswers()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -322,9 +327,11 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             texts = [t[: self.settings.max_text_chars] for t in texts]
         predictions, queued_since = await self.worker.classify(
             task, texts, options.policy or None, options.k or None, _deadline(context))
-        for p in predictions:
-            self.metrics.exit_layer.labels(task).observe(p.exit_layer)
-        return [to_response(p, p.labels, queued_since, started, options.return_neighbours) for p in predictions]
+        responses = [to_response(p, p.labels, queued_since, started, options.return_neighbours) for p in predictions]
+        for r in responses:
+            self.metrics.exit_layer.labels(task).observe(r.exit_layer)
+            self.recent.add(task, r.exit_layer, r.timings.total_us / 1000)
+        return responses
 
     # -- RPCs --------------------------------------------------------------------
 
@@ -513,7 +520,25 @@ class RaeeServicer(pb_grpc.RaeeServicer):
 
         response = await self._observe("DeleteTask", request.name, context, work)
         self.known_tasks.discard(request.name)
+        self.recent.forget(request.name)
         return response
+
+    async def GetTaskStats(self, request: pb.GetTaskStatsRequest, context: grpc.aio.ServicerContext) -> pb.TaskStats:
+        async def work() -> pb.TaskStats:
+            name = request.name
+
+            def task_depth(engine: Engine) -> int:
+                engine.task_info(name)  # NOT_FOUND for a task that does not exist
+                return engine.depth
+
+            depth = await self.worker.call(task_depth)
+            stats = self.recent.stats(name, depth)
+            p50, p90, p99 = stats.latency_ms
+            return pb.TaskStats(name=name, window=self.recent.window, answers=stats.answers,
+                                exit_layer_counts=stats.exit_layer_counts, depth=depth, latency_p50_ms=p50,
+                                latency_p90_ms=p90, latency_p99_ms=p99, since=stats.since)
+
+        return await self._observe("GetTaskStats", request.name, context, work)
 
     async def load_task_names(self) -> None:
         self.known_tasks.update(await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()]))
@@ -576,6 +601,9 @@ class RaeeServer:
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self.gateway: Gateway | None = None
+        self._private: str | None = None  # a 0700 directory holding the gateway's Unix socket to gRPC
         self.load_error: BaseException | None = None  # the last failed attempt (retried if transient)
         self.failed = asyncio.Event()  # set when loading failed for good: the process should exit
         self._serving = False
@@ -600,12 +628,22 @@ class RaeeServer:
         self.port = self._listen()
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
+        private = None
+        if self.settings.http_address:  # the gateway reaches gRPC on a socket only this user can open
+            self._private = tempfile.mkdtemp(prefix="raee-gateway-")
+            private = f"unix:{self._private}/grpc.sock"
+            self.server.add_insecure_port(private)
         await self.server.start()
+        if private is not None:
+            s = self.settings
+            self.gateway = Gateway(private, s.max_message_bytes)
+            tls = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
+            self.http_port = await self.gateway.start(s.http_address, tls, s.grace_seconds)
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_address)
         self.worker.start()
         self._loading = asyncio.create_task(self._load())
-        log.info("listening on port %d (metrics on %s)", self.port, self.metrics_port)
+        log.info("listening on port %d (HTTP on %s, metrics on %s)", self.port, self.http_port, self.metrics_port)
         return self.port
 
     def _listen(self) -> int:
@@ -717,7 +755,11 @@ class RaeeServer:
                 task.cancel()
         await self._set_health(False)
         await self._set_live(False)
+        if self.gateway is not None:  # stops listening; HTTP calls in flight finish (they need gRPC)
+            await self.gateway.stop()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
         try:
             await asyncio.wait_for(self.worker.drain(), timeout=1.0)
         except TimeoutError:

@@ -1,3 +1,4 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -288,3 +289,31 @@ class DeleteTaskRequest(_message.Message):
 class DeleteTaskResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetTaskStatsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class TaskStats(_message.Message):
+    __slots__ = ("name", "window", "answers", "exit_layer_counts", "depth", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "since")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_LAYER_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P90_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    window: int
+    answers: int
+    exit_layer_counts: _containers.RepeatedScalarFieldContainer[int]
+    depth: int
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p99_ms: float
+    since: str
+    def __init__(self, name: _Optional[str] = ..., window: _Optional[int] = ..., answers: _Optional[int] = ..., exit_layer_counts: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., since: _Optional[str] = ...) -> None: ...

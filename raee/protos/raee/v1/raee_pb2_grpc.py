@@ -74,6 +74,11 @@ class RaeeStub:
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskRequest.SerializeToString,
                 response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskResponse.FromString,
                 _registered_method=True)
+        self.GetTaskStats = channel.unary_unary(
+                '/raee.v1.Raee/GetTaskStats',
+                request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsRequest.SerializeToString,
+                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TaskStats.FromString,
+                _registered_method=True)
 
 
 class RaeeServicer:
@@ -140,6 +145,14 @@ class RaeeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTaskStats(self, request, context):
+        """What this server answered for a task lately (its last answers, at most `window`): where they
+        exited and how long they took. Kept in memory per process; empty after a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaeeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +195,11 @@ def add_RaeeServicer_to_server(servicer, server):
                     servicer.DeleteTask,
                     request_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskRequest.FromString,
                     response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskResponse.SerializeToString,
+            ),
+            'GetTaskStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskStats,
+                    request_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsRequest.FromString,
+                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TaskStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +418,33 @@ class Raee:
             '/raee.v1.Raee/DeleteTask',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskRequest.SerializeToString,
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.Raee/GetTaskStats',
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsRequest.SerializeToString,
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TaskStats.FromString,
             options,
             channel_credentials,
             insecure,
