@@ -56,7 +56,7 @@ def _ref(message: Descriptor) -> dict[str, str]:
 
 def _scalar(field: FieldDescriptor, wanted: dict[str, Descriptor]) -> dict[str, Any]:
     t = field.type
-    if t == FieldDescriptor.TYPE_MESSAGE:
+    if field.message_type is not None:
         wanted[field.message_type.full_name] = field.message_type
         return _ref(field.message_type)
     if t == FieldDescriptor.TYPE_STRING:
@@ -72,7 +72,7 @@ def _scalar(field: FieldDescriptor, wanted: dict[str, Descriptor]) -> dict[str, 
         return {"type": "number", "format": "float" if t == FieldDescriptor.TYPE_FLOAT else "double"}
     if t == FieldDescriptor.TYPE_BYTES:
         return {"type": "string", "format": "byte"}
-    if t == FieldDescriptor.TYPE_ENUM:
+    if field.enum_type is not None:
         return {"type": "string", "enum": [v.name for v in field.enum_type.values]}
     raise ValueError(f"{field.full_name}: no JSON schema for type {t}")
 
