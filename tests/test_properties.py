@@ -12,6 +12,9 @@ A request that kills the server's worker loop is caught at once (the call is wat
 waited out) and the server is restarted, so hypothesis can shrink to the smallest killer;
 the run then fails, naming every request that killed a worker.
 
+Every property and targeted case runs against both transports: gRPC, and the HTTP/JSON gateway
+(`http_stub.HttpStub` sends the same messages as JSON and checks each error's HTTP status).
+
 Examples per property: tens by default (the whole file takes well under a minute); set
 RAEE_PROPERTY_EXAMPLES=2000 (or more) for the long run, e.g.
     RAEE_PROPERTY_EXAMPLES=2000 .venv/bin/python -m pytest tests/test_properties.py -q
@@ -45,6 +48,7 @@ from raee.types import Row, TaskSpec
 
 from .conftest import SENTIMENT
 from .grpc_harness import ServerThread
+from .http_stub import HttpStub
 from .test_engine import ROWS
 from .test_grpc import make_settings, tiny_engine_factory
 from .tiny_models import WORDS, tiny_tokenizer
@@ -100,8 +104,9 @@ class LiveServer:
     """The in-process server of these tests. `call` runs one RPC and fails at once (restarting the
     server) when the worker loop dies under it, instead of waiting for every later call to time out."""
 
-    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, transport: str) -> None:
         self.tmp_path_factory = tmp_path_factory
+        self.transport = transport
         self.deaths: list[str] = []
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rpc")
         self.srv = self._start()
@@ -120,6 +125,8 @@ class LiveServer:
         reply = srv.stub.Ingest(iter([pb.IngestRequest(task=KNOWN, examples=[pb.Example(text=t, label=l)
                                                                              for t, l in ROWS])]), timeout=120)
         assert reply.added == len(ROWS)
+        if self.transport == "http":  # every call of the tests goes through the HTTP/JSON gateway instead
+            srv.stub = HttpStub(srv.server.http_port)  # type: ignore[assignment]
         return srv
 
     def restart(self) -> None:
@@ -221,9 +228,9 @@ class LiveServer:
             status)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    srv = LiveServer(tmp_path_factory)
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    srv = LiveServer(tmp_path_factory, request.param)
     yield srv
     srv.stop()
 

@@ -198,7 +198,7 @@ class Gateway:
         self.app.router.add_get("/openapi.json", self._openapi)
         self.app.router.add_get("/healthz", self._probe("liveness"))
         self.app.router.add_get("/readyz", self._probe("readiness"))
-        self.app.router.add_route("*", "/v1{tail:.*}", self._rpc)
+        self.app.router.add_route("*", r"/{tail:[\s\S]*}", self._rpc)  # every other path: RPC routes, or a JSON 404
         self._runner: web.AppRunner | None = None
 
     # -- serving -----------------------------------------------------------------------------
@@ -209,7 +209,9 @@ class Gateway:
         host, _, port = address.rpartition(":")
         if not port.isdigit():
             raise InvalidInput(f"http_address: {address!r} is not host:port (RAEE_HTTP_ADDRESS)")
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=grace)
+        # A path carries request fields (task names) percent-encoded: let it be as long as a message may be.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=grace,
+                                     max_line_size=self.max_message_bytes)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), ssl_context=tls,
                            reuse_address=True)
