@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import http.client
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,6 +22,7 @@ from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from raee.serving.auth import add_key
 
 from .grpc_harness import ServerThread
+from .http_stub import HttpStub
 from .test_grpc import code_of, make_settings, tiny_engine_factory
 
 LABELS = [pb.Label(name="negative", word=" negative"), pb.Label(name="positive", word=" positive")]
@@ -47,9 +51,15 @@ def test_keys_are_stored_hashed(keyed, tmp_path: Path) -> None:  # type: ignore[
     assert all(k not in stored for k in keys.values()) and stored.count("sha256 =") == 3
 
 
-def test_a_key_grants_its_own_tenant_only(keyed) -> None:  # type: ignore[no-untyped-def]
+def _stub(server: ServerThread, transport: str) -> Any:
+    """The same calls over gRPC or over the HTTP/JSON gateway (the key in the x-api-key header)."""
+    return server.stub if transport == "grpc" else HttpStub(server.server.http_port)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_a_key_grants_its_own_tenant_only(keyed, transport: str) -> None:  # type: ignore[no-untyped-def]
     server, keys = keyed
-    stub = server.stub
+    stub = _stub(server, transport)
     request = pb.ClassifyRequest(task="sentiment", text="a great film")
     assert code_of(lambda: stub.Classify(request))[0] == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(lambda: stub.Classify(request, metadata=md("raee_wrong")))[0] == grpc.StatusCode.UNAUTHENTICATED
@@ -73,15 +83,19 @@ def test_a_key_grants_its_own_tenant_only(keyed) -> None:  # type: ignore[no-unt
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_admin_rpcs_need_an_admin_key(keyed) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_admin_rpcs_need_an_admin_key(keyed, transport: str) -> None:  # type: ignore[no-untyped-def]
     server, keys = keyed
+    stub = _stub(server, transport)
     create = pb.CreateTaskRequest(name="other", template="{text} :", labels=LABELS)
-    code, details = code_of(lambda: server.stub.CreateTask(create, metadata=md(keys["other"])))
+    code, details = code_of(lambda: stub.CreateTask(create, metadata=md(keys["other"])))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
-    assert server.stub.CreateTask(create, metadata=md(keys["admin"])).name == "other"
-    assert server.stub.Classify(pb.ClassifyRequest(task="other", text="x"), metadata=md(keys["other"])).label
-    assert code_of(lambda: server.stub.ListTasks(pb.ListTasksRequest(), metadata=md(keys["sentiment"])))[0] == \
+    assert stub.CreateTask(create, metadata=md(keys["admin"])).name == "other"
+    assert stub.Classify(pb.ClassifyRequest(task="other", text="x"), metadata=md(keys["other"])).label
+    assert code_of(lambda: stub.ListTasks(pb.ListTasksRequest(), metadata=md(keys["sentiment"])))[0] == \
         grpc.StatusCode.PERMISSION_DENIED
+    if transport == "http":  # HTTP also takes the key as a bearer token
+        assert stub.ListTasks(pb.ListTasksRequest(), metadata=[("authorization", f"Bearer {keys['admin']}")]).tasks
     health = server.channel.unary_unary("/grpc.health.v1.Health/Check")
     assert health(b"") is not None  # health checks need no key
 
@@ -109,7 +123,8 @@ def test_tls_and_mutual_tls(tmp_path: Path, mutual: bool) -> None:
     ca_pem, _, ca_name, ca_key = _cert("raee test CA", None, ca=True)
     server_pem, server_key, _, _ = _cert("localhost", (ca_name, ca_key), ca=False)
     client_pem, client_key, _, _ = _cert("client", (ca_name, ca_key), ca=False)
-    for name, data in (("ca.pem", ca_pem), ("server.pem", server_pem), ("server.key", server_key)):
+    for name, data in (("ca.pem", ca_pem), ("server.pem", server_pem), ("server.key", server_key),
+                       ("client.pem", client_pem), ("client.key", client_key)):
         (tmp_path / name).write_bytes(data)
     settings = make_settings(tmp_path, address="localhost:0", tls_cert=tmp_path / "server.pem",
                              tls_key=tmp_path / "server.key", tls_client_ca=(tmp_path / "ca.pem") if mutual else None)
@@ -128,8 +143,28 @@ def test_tls_and_mutual_tls(tmp_path: Path, mutual: bool) -> None:
             assert with_cert.Classify(request, timeout=10).label
         else:
             assert no_cert.Classify(request, timeout=10).label
+        # The HTTP port: the same certificate and the same client-certificate rule.
+        http_port = server.server.http_port
+        assert http_port
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            _get(http.client.HTTPConnection("localhost", http_port, timeout=10))
+        verify = ssl.create_default_context(cafile=tmp_path / "ca.pem")
+        if mutual:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _get(http.client.HTTPSConnection("localhost", http_port, context=verify, timeout=10))
+            verify.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+        assert _get(http.client.HTTPSConnection("localhost", http_port, context=verify, timeout=10)) == 200
     finally:
         server.stop()
+
+
+def _get(connection: http.client.HTTPConnection) -> int:
+    """GET /v1/tasks; the HTTP status."""
+    try:
+        connection.request("GET", "/v1/tasks")
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 @pytest.mark.parametrize("name", ['a"b', "back\\slash", "two\nlines", "tab\there", "ünïcödé ☃", "'single'"])
