@@ -748,13 +748,24 @@ def health(server: str, timeout: float) -> None:
 @cli.command()
 @click.pass_obj
 def serve(obj: Context) -> None:
-    """Run the gRPC server (same as `raee-server`; settings from the global flags and RAEE_* variables)."""
+    """Run the server: gRPC, HTTP/JSON and the web console (same as `raee-server`; settings from the global flags
+    and RAEE_* variables)."""
     import asyncio
 
     from raee.serving.server import serve as run_server
 
     logging.getLogger().setLevel(obj.settings.log_level.upper())
     asyncio.run(run_server(obj.settings))
+
+
+@cli.command()
+def openapi() -> None:
+    """Print the HTTP/JSON API's OpenAPI document (generated from the proto; served at /openapi.json)."""
+    import json
+
+    from raee.serving.openapi import openapi as document
+
+    click.echo(json.dumps(document(), indent=2, ensure_ascii=False))
 
 
 def main() -> None:
