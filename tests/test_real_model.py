@@ -83,8 +83,8 @@ def test_grpc_classify_on_the_real_backbone(real: Engine) -> None:
     from .grpc_harness import ServerThread
 
     real.ingest("sst2", itertools.islice(read_rows(CORPORA / "sst2" / "train.tsv"), 40))  # no-op after the test above
-    server = ServerThread(real.settings.model_copy(update={"address": "127.0.0.1:0", "metrics_port": -1}),
-                          lambda: real)
+    server = ServerThread(real.settings.model_copy(update={"address": "127.0.0.1:0", "http_address": "",
+                                                           "metrics_port": -1}), lambda: real)
     try:
         server.wait_ready()
         texts = ["an utterly charming and funny film", "a dull , lifeless exercise"]

@@ -571,7 +571,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 message.auto.CopyFrom(pb.AutoChoice(
                     policy=t.policy, k=t.k, validation_accuracy=t.accuracy, validation_mean_exit=t.mean_exit,
                     validation_rows=t.validation_rows, records=t.records, chosen_at=t.chosen_at,
-                    objective=t.objective))
+                    objective=t.objective, heads_version=t.heads_version or 0))
             return message
 
         return await self.worker.call(read)

@@ -243,7 +243,7 @@ class ExitHeadsInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., fitted_at: _Optional[str] = ..., fit_seconds: _Optional[float] = ..., records: _Optional[int] = ..., validation_accuracy: _Optional[_Iterable[float]] = ..., best_exit: _Optional[int] = ...) -> None: ...
 
 class AutoChoice(_message.Message):
-    __slots__ = ("policy", "k", "validation_accuracy", "validation_mean_exit", "validation_rows", "records", "chosen_at", "objective")
+    __slots__ = ("policy", "k", "validation_accuracy", "validation_mean_exit", "validation_rows", "records", "chosen_at", "objective", "heads_version")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class AutoChoice(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_AT_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    HEADS_VERSION_FIELD_NUMBER: _ClassVar[int]
     policy: str
     k: int
     validation_accuracy: float
@@ -260,7 +261,8 @@ class AutoChoice(_message.Message):
     records: int
     chosen_at: str
     objective: str
-    def __init__(self, policy: _Optional[str] = ..., k: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_mean_exit: _Optional[float] = ..., validation_rows: _Optional[int] = ..., records: _Optional[int] = ..., chosen_at: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
+    heads_version: int
+    def __init__(self, policy: _Optional[str] = ..., k: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_mean_exit: _Optional[float] = ..., validation_rows: _Optional[int] = ..., records: _Optional[int] = ..., chosen_at: _Optional[str] = ..., objective: _Optional[str] = ..., heads_version: _Optional[int] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
     __slots__ = ("name", "template", "labels", "description", "objective", "prior_correction", "adapt_prior")
