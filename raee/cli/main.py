@@ -514,6 +514,30 @@ def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tu
         json_out.write_text(json.dumps(results, indent=2))
 
 
+@cli.command("bench-transports")
+@click.option("--server", required=True, metavar="HOST:PORT", help="the server's gRPC address (loopback only)")
+@click.option("--http", "http_address", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+              help="the same server's HTTP address")
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--policy", default="paper", show_default=True)
+@click.option("--sequential", default=200, show_default=True, help="requests per transport, alternating")
+@click.option("--clients", default=16, show_default=True)
+@click.option("--seconds", default=20.0, show_default=True, help="concurrent load per transport")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="folder for the JSON, table and plot")
+@click.pass_obj
+def bench_transports(obj: Context, server: str, http_address: str, task_name: str, file: Path, policy: str,
+                     sequential: int, clients: int, seconds: float, out: Path) -> None:
+    """Classify over gRPC and over HTTP/JSON side by side against one running server, in one run."""
+    from raee.bench import transports
+
+    texts = [r.text for r in read_rows(file) if isinstance(r, Row)]
+    report = transports.compare(server, http_address, task_name, texts, policy, sequential, clients, seconds,
+                                obj.api_key, progress=lambda line: click.echo(line, err=True))
+    for path in transports.write(report, out, "raee-admin " + " ".join(sys.argv[1:])):
+        click.echo(f"wrote {path}")
+
+
 @cli.command()
 @click.pass_obj
 @friendly_errors
