@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from datetime import UTC
 
 import numpy as np
 import torch
@@ -425,7 +426,9 @@ class Engine:
         except OperationalError:  # SQL down: keep serving the loaded heads
             stored = None
         if stored is not None:
-            current = ExitHeads.from_bytes(stored.data, stored.version, stored.fitted_at.isoformat(),
+            fitted = stored.fitted_at  # SQLite hands back naive datetimes; they were written in UTC
+            fitted = fitted if fitted.tzinfo else fitted.replace(tzinfo=UTC)
+            current = ExitHeads.from_bytes(stored.data, stored.version, fitted.isoformat(timespec="seconds"),
                                            float(stored.summary.get("seconds", 0.0)))
         self._heads[task] = (now, current)
         return current

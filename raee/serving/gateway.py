@@ -165,8 +165,24 @@ def _error_response(failure: HttpFailure, request_id: str) -> web.Response:
 
 
 def to_json(message: Message) -> dict[str, Any]:
-    """protobuf's JSON mapping, with fields at their default value written out (0 is an exit layer)."""
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    """protobuf's JSON mapping, with fields at their default value written out (0 is an exit layer),
+    in the proto's field order (the mapping itself puts default-valued fields last)."""
+    return _in_field_order(message, json_format.MessageToDict(message, always_print_fields_with_no_presence=True))
+
+
+def _in_field_order(message: Message, data: dict[str, Any]) -> dict[str, Any]:
+    ordered: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.json_name not in data:
+            continue
+        value = data[field.json_name]
+        is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+        if field.message_type is not None and not is_map and field.message_type.full_name.startswith("raee."):
+            items = getattr(message, field.name)
+            value = [_in_field_order(m, v) for m, v in zip(items, value)] if field.is_repeated \
+                else _in_field_order(items, value)
+        ordered[field.json_name] = value
+    return ordered
 
 
 # -- the gateway ---------------------------------------------------------------------------------
