@@ -37,14 +37,14 @@ def classify_loop():
         i += 1
 
 def heads():
-    return client.stub.GetTask(pb.GetTaskRequest(name="sst2")).heads
+    return client.stub.GetTask(pb.GetTaskRequest(name="sst2")).task.heads
 
 before = heads()
 worker = threading.Thread(target=classify_loop)
 worker.start()
 time.sleep(30)
 t_ingest = time.time()
-start = before_records = client.stub.GetTask(pb.GetTaskRequest(name="sst2")).records
+start = before_records = client.stub.GetTask(pb.GetTaskRequest(name="sst2")).task.records
 if len(train) < start + 1000:
     sys.exit(f"{train_file} has {len(train)} rows; growing from {start} records needs {start + 1000}")
 report = client.ingest("sst2", train[start:start + 1000])

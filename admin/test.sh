@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install, lint (ruff), type-check (mypy), then run the whole test suite (tiny random-weight models,
-# plus the real Gemma 3 270M and MiniLM, and the web console in headless Chromium).
+# Install, lint (ruff), type-check (mypy), check the proto (buf lint, buf breaking), then run the whole
+# test suite (tiny random-weight models, plus the real Gemma 3 270M and MiniLM, and the web console in
+# headless Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash admin/setup.sh
@@ -15,6 +16,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 .venv/bin/ruff check raee tests
 .venv/bin/mypy
+bash admin/buf.sh  # buf lint and buf breaking on the proto
 # The real Postgres this machine (and CI) runs on 127.0.0.1:5432; tests create and drop their own databases.
 export RAEE_TEST_DATABASE_URL="${RAEE_TEST_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}"
 exec .venv/bin/python -m pytest "$@"

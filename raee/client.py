@@ -45,7 +45,7 @@ _ERRORS = {
 # harmless, rows are deduplicated). Other gRPC clients can use the same service config.
 RETRY_SERVICE_CONFIG = {
     "methodConfig": [{
-        "name": [{"service": "raee.v1.Raee", "method": m}
+        "name": [{"service": "raee.v1.RaeeService", "method": m}
                  for m in ("Classify", "ClassifyBatch", "GetTask", "ListTasks")],
         "retryPolicy": {
             "maxAttempts": 5,
@@ -62,7 +62,7 @@ CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dump
 class _WithMetadata:
     """The stub with the caller's metadata (the API key) added to every call."""
 
-    def __init__(self, stub: pb_grpc.RaeeStub, metadata: list[tuple[str, str]]) -> None:
+    def __init__(self, stub: pb_grpc.RaeeServiceStub, metadata: list[tuple[str, str]]) -> None:
         self._stub = stub
         self._metadata = metadata
 
@@ -144,7 +144,7 @@ class RaeeClient:
             self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         else:
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        raw = pb_grpc.RaeeStub(self.channel)
+        raw = pb_grpc.RaeeServiceStub(self.channel)
         self.stub = _WithMetadata(raw, [(METADATA_KEY, api_key)] if api_key else [])
         self.timeout = timeout
 
@@ -188,10 +188,25 @@ class RaeeClient:
         except grpc.RpcError as exc:
             _raise(exc, name)
 
+    def tasks(self) -> Iterator[pb.Task]:
+        """Every task the server has (admin key), fetched a page at a time."""
+        token = ""
+        while True:
+            try:
+                request = pb.ListTasksRequest(page_token=token)
+                page = _retrying(lambda: self.stub.ListTasks(request, timeout=self.timeout))  # noqa: B023 (called here)
+            except grpc.RpcError as exc:
+                _raise(exc, "")
+                return
+            yield from page.tasks
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
     def labels(self, task: str) -> list[str]:
         try:
             return [lb.name for lb in _retrying(lambda: self.stub.GetTask(pb.GetTaskRequest(name=task),
-                                                                          timeout=self.timeout)).labels]
+                                                                          timeout=self.timeout)).task.labels]
         except grpc.RpcError as exc:
             _raise(exc, task)
         return []

@@ -24,7 +24,7 @@ class ServerThread:
         self.server = self.run(self._make(settings, engine_factory))
         self.port = self.run(self.server.start())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = pb_grpc.RaeeStub(self.channel)
+        self.stub = pb_grpc.RaeeServiceStub(self.channel)
 
     @staticmethod
     async def _make(settings: Settings, factory: Callable[[], Engine]) -> RaeeServer:

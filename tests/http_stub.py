@@ -69,7 +69,12 @@ class HttpStub:
                 raise self._error(status, raw)
             if route.method.server_streaming:
                 return self._stream(raw, output)
-            return json_format.Parse(raw, output())
+            reply = output()
+            if route.response_body:  # the HTTP answer is one field of the response message
+                json_format.Parse(raw, getattr(reply, route.response_body))
+            else:
+                json_format.Parse(raw, reply)
+            return reply
 
         return call
 

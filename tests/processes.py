@@ -51,7 +51,7 @@ def start_server(base: list[str], address: str, env: dict[str, str], timeout: fl
         time.sleep(0.2)
 
 
-def sentiment_task(stub: pb_grpc.RaeeStub, name: str, rows: list[tuple[str, str]]) -> None:
+def sentiment_task(stub: pb_grpc.RaeeServiceStub, name: str, rows: list[tuple[str, str]]) -> None:
     """Create a two-label task over gRPC and ingest `rows` into it."""
     stub.CreateTask(pb.CreateTaskRequest(name=name, template="{text} ?", labels=[
         pb.Label(name="negative", word=" negative"), pb.Label(name="positive", word=" positive")]))

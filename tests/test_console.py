@@ -67,7 +67,7 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThre
     # The server fits exit heads and tunes `auto` among their policies in the background: wait for both.
     deadline = time.monotonic() + WAIT
     while True:
-        task = server.stub.GetTask(pb.GetTaskRequest(name="sst2"))
+        task = server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task
         if task.HasField("heads") and task.auto.heads_version == task.heads.version:
             break
         assert time.monotonic() < deadline, "no exit heads, or no auto choice among them"
@@ -139,7 +139,7 @@ def test_the_console_lists_tasks_with_records_labels_auto_and_heads(real_server:
                                                                     shots: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    task = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2"))
+    task = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task
     open_console(browser, real_server)
     row = until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr.task-row[data-task='sst2']"), "no sst2 row")[0]
     cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
@@ -203,7 +203,7 @@ def test_the_ingest_form_adds_rows_and_reports_rejected_rows_by_line_number(real
                                                                             tmp_path: Path, shots: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    before = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).records
+    before = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task.records
     upload = tmp_path / "new-reviews.tsv"
     upload.write_text("text\tlabel\n"
                       "an enchanting , tender film\tpositive\n"   # line 2
@@ -223,7 +223,7 @@ def test_the_ingest_form_adds_rows_and_reports_rejected_rows_by_line_number(real
             for r in browser.find_elements(By.CSS_SELECTOR, "#ingest-rejections tbody tr")]
     assert rows == [["3", "empty text"], ["5", "1 tab-separated fields; the header has 2"], ["6", "empty label"]]
     assert browser.find_element(By.ID, "ingest-progress").get_attribute("value") == "5"
-    assert real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).records == before + 3
+    assert real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task.records == before + 3
     full_page(browser, shots / "ingest.png")
 
 

@@ -142,7 +142,7 @@ def test_sigkill_during_online_ingest_loses_no_acknowledged_example(tmp_path: Pa
     env = {**os.environ, "RAEE_INGEST_BATCH_SIZE": "4"}
     address = f"127.0.0.1:{free_port()}"
     proc = start_server(base, address, env)
-    stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
+    stub = pb_grpc.RaeeServiceStub(grpc.insecure_channel(address))
     sentiment_task(stub, "t", [])
     rows = corpus(400)
     acknowledged: list[tuple[str, str]] = []
@@ -158,12 +158,12 @@ def test_sigkill_during_online_ingest_loses_no_acknowledged_example(tmp_path: Pa
     assert 0 < len(acknowledged) < len(rows), "the kill must land part-way"
     proc = start_server(base, address, env)  # restarts on the same data directory
     try:
-        stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
+        stub = pb_grpc.RaeeServiceStub(grpc.insecure_channel(address))
         probe = ingest(stub, "t", acknowledged, chunk=50)
         assert probe.added == 0 and probe.already_present == len(acknowledged)  # every acknowledged one is there
         resend = ingest(stub, "t", rows, chunk=50)  # the client re-sends everything
         assert resend.added + resend.already_present == len(rows)
-        assert stub.GetTask(pb.GetTaskRequest(name="t")).records == len(rows)  # no duplicates
+        assert stub.GetTask(pb.GetTaskRequest(name="t")).task.records == len(rows)  # no duplicates
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

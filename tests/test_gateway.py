@@ -58,7 +58,7 @@ def error(server: ServerThread, verb: str, path: str, body: bytes | str | None =
 
 
 def test_every_rpc_has_a_route_and_the_committed_openapi_document_is_generated_from_the_proto() -> None:
-    service = pb.DESCRIPTOR.services_by_name["Raee"]
+    service = pb.DESCRIPTOR.services_by_name["RaeeService"]
     assert sorted(r.name for r in routes()) == sorted(m.name for m in service.methods)
     committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
     assert committed == openapi(), "docs/openapi.json is stale: run `raee-admin openapi > docs/openapi.json`"
@@ -131,14 +131,14 @@ def test_a_bad_body_is_invalid_argument_naming_the_field_or_position(served: Ser
 
 
 def test_a_body_over_the_size_limit_is_refused_and_nothing_is_stored(served: ServerThread) -> None:
-    before = served.stub.GetTask(pb.GetTaskRequest(name="sentiment")).records
+    before = served.stub.GetTask(pb.GetTaskRequest(name="sentiment")).task.records
     big = json.dumps({"examples": [{"text": f"text number {i} " + "x" * 100, "label": "positive"}
                                    for i in range(1000)]})
     assert len(big) > MAX_BYTES
     status, body = error(served, "POST", "/v1/tasks/sentiment:ingest", big, {"Content-Type": "application/json"})
     assert (status, body["code"]) == (413, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
     assert "RAEE_MAX_MESSAGE_BYTES" in body["message"]
-    assert served.stub.GetTask(pb.GetTaskRequest(name="sentiment")).records == before
+    assert served.stub.GetTask(pb.GetTaskRequest(name="sentiment")).task.records == before
 
 
 def test_ndjson_ingest_reports_rejections_and_a_bad_line_by_its_number(served: ServerThread) -> None:
@@ -170,9 +170,9 @@ def test_classify_stream_is_ndjson_in_request_order_with_errors_in_place(served:
     assert status == 200 and head["content-type"].startswith("application/x-ndjson")
     answers = [json.loads(line) for line in raw.splitlines()]
     assert [a["index"] for a in answers] == [0, 1, 2, 3]
-    assert answers[0]["requestId"] == "a" and answers[0]["label"] and "error" not in answers[0]
-    assert answers[1]["error"]["code"] == 3 and answers[2]["error"]["code"] == 5
-    assert answers[3]["requestId"] == "d" and answers[3]["label"]
+    assert answers[0]["requestId"] == "a" and answers[0]["result"]["label"] and "error" not in answers[0]
+    assert answers[1]["error"]["code"] == 3 and answers[2]["error"]["code"] == 5 and "result" not in answers[1]
+    assert answers[3]["requestId"] == "d" and answers[3]["result"]["label"]
 
 
 def test_task_stats_count_recent_answers_by_exit_layer(served: ServerThread) -> None:
@@ -209,3 +209,36 @@ def test_probes_follow_health_and_the_console_and_openapi_are_served(tmp_path: P
     finally:
         gate.set()
         server.stop()
+
+
+def test_list_tasks_pages_over_grpc_and_http_query_parameters(served: ServerThread) -> None:
+    labels = [pb.Label(name="a", word=" good"), pb.Label(name="b", word=" bad")]
+    for name in ("t1", "t2", "t3", "t4"):
+        served.stub.CreateTask(pb.CreateTaskRequest(name=name, template="{text} :", labels=labels))
+    names, token, pages = [], "", 0
+    while True:
+        page = served.stub.ListTasks(pb.ListTasksRequest(page_size=2, page_token=token))
+        names += [t.name for t in page.tasks]
+        pages += 1
+        if not (token := page.next_page_token):
+            break
+    assert names == ["sentiment", "t1", "t2", "t3", "t4"] and pages == 3
+    status, _, raw = call(served, "GET", "/v1/tasks?page_size=3")
+    first = json.loads(raw)
+    assert status == 200 and [t["name"] for t in first["tasks"]] == ["sentiment", "t1", "t2"]
+    status, _, raw = call(served, "GET", f"/v1/tasks?page_size=3&page_token={first['nextPageToken']}")
+    second = json.loads(raw)
+    assert [t["name"] for t in second["tasks"]] == ["t3", "t4"] and second["nextPageToken"] == ""
+    for query, field in (("page_size=0x", "page_size"), ("page_size=5000", "page_size"),
+                         ("page_token=%25%25", "page_token"), ("colour=red", "colour")):
+        status, body = error(served, "GET", f"/v1/tasks?{query}")
+        assert (status, body["code"]) == (400, 3) and field in body["message"], (query, body)
+
+
+def test_server_info_names_the_models_limits_and_policies(served: ServerThread) -> None:
+    info = served.stub.GetServerInfo(pb.GetServerInfoRequest())
+    assert (info.backbone, info.encoder, info.depth) == ("tiny-gemma3", "hashing-32", 4)
+    assert info.max_k == 32 and info.max_text_chars == 200 and info.max_message_bytes == MAX_BYTES
+    assert {"paper", "auto", "cascade", "heads"} <= set(info.policies) and not info.api_keys_required
+    status, _, raw = call(served, "GET", "/v1/server")
+    assert status == 200 and json.loads(raw)["depth"] == 4

@@ -79,7 +79,7 @@ def code_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
 
 def test_online_ingest_is_seen_by_the_next_classify(served: ServerThread) -> None:
     stub = served.stub
-    assert stub.GetTask(pb.GetTaskRequest(name="sentiment")).records == 0
+    assert stub.GetTask(pb.GetTaskRequest(name="sentiment")).task.records == 0
     before = stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie",
                                               options=pb.ClassifyOptions(return_neighbours=True)))
     assert list(before.neighbours) == [] and before.exit_layer == before.depth == 4
@@ -94,7 +94,7 @@ def test_online_ingest_is_seen_by_the_next_classify(served: ServerThread) -> Non
     assert after.label in ("negative", "positive") and [s.label for s in after.scores] == ["negative", "positive"]
     assert abs(sum(s.score for s in after.scores) - 1) < 1e-5
     assert after.timings.total_us >= after.timings.forward_us > 0
-    task = stub.GetTask(pb.GetTaskRequest(name="sentiment"))
+    task = stub.GetTask(pb.GetTaskRequest(name="sentiment")).task
     assert task.records == len(ROWS) and task.depth == 4
     assert sum(task.earliest_exit_counts) + task.never_correct == len(ROWS)
     assert dict(task.label_records) == {"positive": 5, "negative": 5} and not task.imbalanced
@@ -107,7 +107,7 @@ def test_a_task_made_over_grpc_keeps_its_shares_objective_and_prior_options(serv
     made = stub.CreateTask(pb.CreateTaskRequest(
         name="declared", template="review : {text} . sentiment :", objective="macro_f1", prior_correction=False,
         adapt_prior=True, labels=[pb.Label(name="negative", word=" negative", share=0.25),
-                                  pb.Label(name="positive", word=" positive", share=0.75)]))
+                                  pb.Label(name="positive", word=" positive", share=0.75)])).task
     assert [lb.share for lb in made.labels] == [0.25, 0.75]
     assert (made.objective, made.prior_correction, made.adapt_prior) == ("macro_f1", False, True)
     assert made.traffic_prior_answers == 0 and not made.traffic_prior
@@ -125,7 +125,8 @@ def test_batch_and_stream_answer_in_order(served: ServerThread) -> None:
                                                        options=pb.ClassifyOptions(policy="static:2")))
     assert [r.exit_layer for r in batch.results] == [2] * len(texts)
     singles = [stub.Classify(pb.ClassifyRequest(task="sentiment", text=t)) for t in texts]
-    stream = list(stub.ClassifyStream(iter([pb.ClassifyRequest(task="sentiment", text=t) for t in texts])))
+    stream = [a.result for a in stub.ClassifyStream(iter([pb.ClassifyStreamRequest(task="sentiment", text=t)
+                                                          for t in texts]))]
     assert [(r.label, r.exit_layer) for r in stream] == [(r.label, r.exit_layer) for r in singles]
     for a, b in zip(stream, singles):
         assert [s.score for s in a.scores] == pytest.approx([s.score for s in b.scores], abs=1e-5)
@@ -210,7 +211,7 @@ def test_health_is_not_serving_until_loaded_and_calls_are_unavailable(tmp_path: 
         assert code == grpc.StatusCode.UNAVAILABLE and "loading" in details
         gate.set()
         server.wait_ready()
-        assert health.Check(health_pb2.HealthCheckRequest(service="raee.v1.Raee")).status == \
+        assert health.Check(health_pb2.HealthCheckRequest(service="raee.v1.RaeeService")).status == \
             health_pb2.HealthCheckResponse.SERVING
     finally:
         gate.set()
@@ -350,10 +351,10 @@ def test_reflection_lists_the_services_and_admin_rpcs_work(served: ServerThread)
     stub = reflection_pb2_grpc.ServerReflectionStub(served.channel)
     reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in reply.list_services_response.service}
-    assert {"raee.v1.Raee", "grpc.health.v1.Health"} <= names
+    assert {"raee.v1.RaeeService", "grpc.health.v1.Health"} <= names
 
     labels = [pb.Label(name="a", word=" good"), pb.Label(name="b", word=" bad")]
-    created = served.stub.CreateTask(pb.CreateTaskRequest(name="other", template="{text} :", labels=labels))
+    created = served.stub.CreateTask(pb.CreateTaskRequest(name="other", template="{text} :", labels=labels)).task
     assert created.name == "other" and created.depth == 4 and created.records == 0
     code, details = code_of(lambda: served.stub.CreateTask(
         pb.CreateTaskRequest(name="other", template="{text}", labels=labels)))

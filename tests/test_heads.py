@@ -168,11 +168,11 @@ def test_a_server_fits_heads_in_the_background_and_serves_them(tmp_path: Path) -
     server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
     server.wait_ready()
     try:
-        assert not server.stub.GetTask(pb.GetTaskRequest(name="sentiment")).HasField("heads")
+        assert not server.stub.GetTask(pb.GetTaskRequest(name="sentiment")).task.HasField("heads")
         ingest(server.stub, "sentiment", corpus(60), chunk=16)
         deadline = time.monotonic() + 300
         # Fit once the task has 20 records (maybe mid-ingest), refit whenever it grew since (growth 0).
-        while (task := server.stub.GetTask(pb.GetTaskRequest(name="sentiment"))).heads.records != 60:
+        while (task := server.stub.GetTask(pb.GetTaskRequest(name="sentiment")).task).heads.records != 60:
             assert server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="a fine film"), timeout=60).label
             assert time.monotonic() < deadline, "no heads were fit in the background"
             time.sleep(0.2)

@@ -38,7 +38,7 @@ class Served:
                  log: Path) -> None:
         self.proc, self.address, self.metrics_port, self.data_dir, self.log = proc, address, metrics_port, data_dir, log
         self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.RaeeStub(self.channel)
+        self.stub = pb_grpc.RaeeServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def metrics(self) -> str:
@@ -125,7 +125,7 @@ def test_a_text_of_invisible_characters_is_empty(served: Served, text: str) -> N
 
 
 def test_a_body_that_is_not_protobuf_is_invalid_argument_with_one_log_line(served: Served) -> None:
-    raw = served.channel.unary_unary("/raee.v1.Raee/Classify")  # no serializer: bytes as they are
+    raw = served.channel.unary_unary("/raee.v1.RaeeService/Classify")  # no serializer: bytes as they are
     not_protobuf = b"\xff\xff\xff\xff\x0f"
     bad_utf8 = b"\x0a\x01t\x12\x02\xc3\x28"  # task="t", text=<invalid UTF-8>
     before = served.log.read_text()
@@ -133,9 +133,9 @@ def test_a_body_that_is_not_protobuf_is_invalid_argument_with_one_log_line(serve
         code, details = code_of(lambda b=body: raw(b, timeout=30))
         assert code == INVALID and "not a valid Classify message" in details, (code, details)
         assert "Unexpected" not in details and "Error" not in details.split("(")[0]
-    stream = served.channel.stream_stream("/raee.v1.Raee/ClassifyStream")
-    good = pb.ClassifyRequest(task="t", text="a great movie").SerializeToString()
-    answers = [pb.ClassifyResponse.FromString(r) for r in stream(iter([good, bad_utf8, good]), timeout=30)]
+    stream = served.channel.stream_stream("/raee.v1.RaeeService/ClassifyStream")
+    good = pb.ClassifyStreamRequest(task="t", text="a great movie").SerializeToString()
+    answers = [pb.ClassifyStreamResponse.FromString(r) for r in stream(iter([good, bad_utf8, good]), timeout=30)]
     assert [(a.index, a.error.code) for a in answers] == [(0, 0), (1, INVALID.value[0]), (2, 0)]
     time.sleep(0.5)  # the log is written by another process
     new = served.log.read_text()[len(before):]
@@ -173,8 +173,8 @@ def test_work_for_a_call_whose_deadline_passed_stops_at_the_next_chunk(served: S
 
 def test_a_bad_stream_message_gets_its_own_error_and_the_stream_goes_on(served: Served) -> None:
     texts = ["good", "bad film", "", "fine", "\u200b", "great", "awful", "ok"]
-    requests = [pb.ClassifyRequest(task="t", text=t, request_id=f"r{i}") for i, t in enumerate(texts)]
-    requests[5] = pb.ClassifyRequest(task="made-up", text="great", request_id="r5")
+    requests = [pb.ClassifyStreamRequest(task="t", text=t, request_id=f"r{i}") for i, t in enumerate(texts)]
+    requests[5] = pb.ClassifyStreamRequest(task="made-up", text="great", request_id="r5")
     answers = list(served.stub.ClassifyStream(iter(requests), timeout=60))
     assert [a.index for a in answers] == list(range(8))
     assert [a.request_id for a in answers] == [f"r{i}" for i in range(8)]
@@ -182,16 +182,16 @@ def test_a_bad_stream_message_gets_its_own_error_and_the_stream_goes_on(served: 
     assert failed == {2: (INVALID.value[0], "text: empty text"), 4: (INVALID.value[0], "text: empty text"),
                       5: (grpc.StatusCode.NOT_FOUND.value[0], failed[5][1])}
     assert "made-up" in failed[5][1]
-    assert all(a.label in ("negative", "positive") for a in answers if a.index not in failed)
+    assert all(a.result.label in ("negative", "positive") for a in answers if a.index not in failed)
 
 
 def test_a_cancelled_stream_drops_its_queued_work(served: Served) -> None:
     before = served.computed_until_stable()
     release = threading.Event()
 
-    def requests() -> Iterator[pb.ClassifyRequest]:
+    def requests() -> Iterator[pb.ClassifyStreamRequest]:
         for i in range(400):
-            yield pb.ClassifyRequest(task="t", text=f"stream text {i}")
+            yield pb.ClassifyStreamRequest(task="t", text=f"stream text {i}")
         release.wait(60)
 
     call = served.stub.ClassifyStream(requests(), timeout=120)
@@ -215,7 +215,7 @@ def _batches(served: Served, task: str) -> list:  # type: ignore[type-arg]
 
 
 def _records(served: Served, task: str) -> int:
-    return int(served.stub.GetTask(pb.GetTaskRequest(name=task), timeout=30).records)
+    return int(served.stub.GetTask(pb.GetTaskRequest(name=task), timeout=30).task.records)
 
 
 def _wait_for(predicate, what: str, seconds: float = 120) -> None:  # type: ignore[no-untyped-def]

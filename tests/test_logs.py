@@ -31,7 +31,7 @@ def test_json_logs_have_one_access_line_per_rpc_with_its_request_id(tmp_path: Pa
     proc = start_server(base, address, {**os.environ, "RAEE_LOG_FORMAT": "json"}, log=log)
     try:
         with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.RaeeStub(channel)
+            stub = pb_grpc.RaeeServiceStub(channel)
             sentiment_task(stub, "t", ROWS)
             reply, call = stub.Classify.with_call(pb.ClassifyRequest(task="t", text="a great movie"),
                                                   metadata=[("x-request-id", "req-42")], timeout=60)

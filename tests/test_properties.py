@@ -1,6 +1,6 @@
 """Property tests: random input never gets an undocumented answer, and tenants never see each other.
 
-Every string field of every RPC of `raee.v1.Raee` is drawn from all of Unicode (see
+Every string field of every RPC of `raee.v1.RaeeService` is drawn from all of Unicode (see
 `unicode_strategies`): task names, texts, policies, request ids, labels, label words,
 templates, descriptions and Ingest examples. Each request must get a valid answer or an
 error with a documented code (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS) whose details
@@ -87,9 +87,6 @@ def examples(short: int) -> settings:
                     print_blob=True)
 
 
-# The new ClassifyStream contract answers every request (failures in `error`); the old one aborts.
-STREAM_ERRORS = "error" in pb.ClassifyResponse.DESCRIPTOR.fields_by_name
-HAS_REQUEST_ID = "request_id" in pb.ClassifyRequest.DESCRIPTOR.fields_by_name
 CODE_OF_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -121,7 +118,7 @@ class LiveServer:
         # overflows it, and must not.
         srv.channel.close()
         srv.channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=CLIENT_OPTIONS)
-        srv.stub = pb_grpc.RaeeStub(srv.channel)
+        srv.stub = pb_grpc.RaeeServiceStub(srv.channel)
         reply = srv.stub.Ingest(iter([pb.IngestRequest(task=KNOWN, examples=[pb.Example(text=t, label=l)
                                                                              for t, l in ROWS])]), timeout=120)
         assert reply.added == len(ROWS)
@@ -339,7 +336,7 @@ def check_prediction(reply: pb.ClassifyResponse, labels: Sequence[str], reading:
     assert reply.depth == DEPTH and 0 <= reply.exit_layer <= DEPTH, where
     for n in reply.neighbours:
         assert n.label in labels and all(0 <= layer <= DEPTH for layer in n.exit_layers), where
-    if HAS_REQUEST_ID and request_id is not None:
+    if request_id is not None:
         assert reply.request_id == request_id, f"request_id not echoed: {where}"
     if reading is None:
         return
@@ -356,8 +353,7 @@ def check_prediction(reply: pb.ClassifyResponse, labels: Sequence[str], reading:
 def classify_request(task: str, text: str, policy: str, k: int, flags: tuple[bool, bool],
                      request_id: str) -> pb.ClassifyRequest:
     options = pb.ClassifyOptions(k=k, policy=policy, return_neighbours=flags[0], truncate=flags[1])
-    extra = {"request_id": request_id} if HAS_REQUEST_ID else {}
-    return pb.ClassifyRequest(task=task, text=text, options=options, **extra)
+    return pb.ClassifyRequest(task=task, text=text, options=options, request_id=request_id)
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -406,7 +402,7 @@ def check_classify(server: LiveServer, request: pb.ClassifyRequest) -> None:
     reply = expect(verdict, what, lambda: server.call(what, lambda s: s.Classify(request, timeout=CALL_TIMEOUT)))
     if reply is not None:
         assert labels is not None
-        check_prediction(reply, labels, reading, request.request_id if HAS_REQUEST_ID else None)
+        check_prediction(reply, labels, reading, request.request_id)
 
 
 def check_classify_batch(server: LiveServer, request: pb.ClassifyBatchRequest) -> None:
@@ -427,52 +423,33 @@ def check_classify_batch(server: LiveServer, request: pb.ClassifyBatchRequest) -
 
 
 def check_classify_stream(server: LiveServer, requests: list[pb.ClassifyRequest]) -> None:
+    """One answer per request, in order; a failing request gets its own `error` and the stream goes on."""
     verdicts = [classify_verdict(server, r) for r in requests]
+    messages = [pb.ClassifyStreamRequest(task=r.task, text=r.text, options=r.options, request_id=r.request_id)
+                for r in requests]
     what = f"ClassifyStream([{', '.join(show(r) for r in requests)}])"
-    replies: list[pb.ClassifyResponse] = []
+    replies: list[pb.ClassifyStreamResponse] = []
 
     def stream(stub: Any) -> None:
-        for reply in stub.ClassifyStream(iter(requests), timeout=CALL_TIMEOUT):
+        for reply in stub.ClassifyStream(iter(messages), timeout=CALL_TIMEOUT):
             replies.append(reply)
 
-    if STREAM_ERRORS:  # one answer per request, failures in `error`; the stream goes on
-        server.call(what, stream)
-        assert len(replies) == len(requests), f"{what}: {len(replies)} answers"
-        for i, (request, reply, (verdict, labels, reading)) in enumerate(zip(requests, replies, verdicts)):
-            one = f"{what}[{i}] = {show(request)}"
-            assert reply.index == i and reply.request_id == request.request_id, f"{one}: {show(reply)}"
-            if reply.HasField("error"):
-                code = CODE_OF_NUMBER.get(reply.error.code)
-                message = reply.error.message
-                assert not verdict.must_succeed, f"{one} failed with {code} {show(message)}; it must be answered"
-                assert code in verdict.codes and code in DOCUMENTED, \
-                    f"{one} failed with {code} {show(message)}; allowed {sorted(c.name for c in verdict.codes)}"
-                assert message and "Traceback" not in message, f"{one}: {show(message)}"
-            else:
-                assert not verdict.must_fail, f"{one} was answered but must fail: {reasons(verdict)}"
-                assert labels is not None
-                check_prediction(reply, labels, reading, request.request_id if HAS_REQUEST_ID else None)
-        return
-    # The older contract: answers in order until the first failing request aborts the stream.
-    try:
-        server.call(what, stream)
-        failed = None
-    except grpc.RpcError as exc:
-        failed = exc
-    for i, reply in enumerate(replies):
-        verdict, labels, reading = verdicts[i]
-        assert not verdict.must_fail, f"{what}[{i}] was answered but must fail: {reasons(verdict)}"
-        assert labels is not None
-        check_prediction(reply, labels, reading)
-    if failed is None:
-        assert len(replies) == len(requests)
-    else:
-        assert len(replies) < len(requests), f"{what} failed after answering every request: {failed}"
-
-        def rethrow() -> None:
-            raise failed
-
-        expect(verdicts[len(replies)][0], f"{what}[{len(replies)}]", rethrow)
+    server.call(what, stream)
+    assert len(replies) == len(requests), f"{what}: {len(replies)} answers"
+    for i, (request, reply, (verdict, labels, reading)) in enumerate(zip(requests, replies, verdicts)):
+        one = f"{what}[{i}] = {show(request)}"
+        assert reply.index == i and reply.request_id == request.request_id, f"{one}: {show(reply)}"
+        if reply.HasField("error"):
+            code = CODE_OF_NUMBER.get(reply.error.code)
+            message = reply.error.message
+            assert not verdict.must_succeed, f"{one} failed with {code} {show(message)}; it must be answered"
+            assert code in verdict.codes and code in DOCUMENTED, \
+                f"{one} failed with {code} {show(message)}; allowed {sorted(c.name for c in verdict.codes)}"
+            assert message and "Traceback" not in message, f"{one}: {show(message)}"
+        else:
+            assert not verdict.must_fail, f"{one} was answered but must fail: {reasons(verdict)}"
+            assert labels is not None and reply.HasField("result"), f"{one}: {show(reply)}"
+            check_prediction(reply.result, labels, reading, request.request_id)
 
 
 def ingest_verdict(server: LiveServer, messages: Sequence[pb.IngestRequest]) -> tuple[Verdict, list[str] | None]:
@@ -527,7 +504,8 @@ def check_get_task(server: LiveServer, name: str) -> None:
     verdict, _ = task_verdict(server, name)
     what = f"GetTask(name={show(name)})"
     reply = expect(verdict, what,
-                   lambda: server.call(what, lambda s: s.GetTask(pb.GetTaskRequest(name=name), timeout=CALL_TIMEOUT)))
+                   lambda: server.call(what, lambda s: s.GetTask(pb.GetTaskRequest(name=name),
+                                                                 timeout=CALL_TIMEOUT).task))
     if reply is not None:
         check_task(what, reply, name)
 
@@ -603,7 +581,8 @@ def check_create_task(server: LiveServer, request: pb.CreateTaskRequest, text: s
     verdict = create_verdict(request, existing)
     what = f"CreateTask({show(request)})"
     try:
-        reply = expect(verdict, what, lambda: server.call(what, lambda s: s.CreateTask(request, timeout=CALL_TIMEOUT)))
+        reply = expect(verdict, what, lambda: server.call(what, lambda s: s.CreateTask(request,
+                                                                                        timeout=CALL_TIMEOUT).task))
     except AssertionError:
         # Created though it must not be: delete it, or it would answer ALREADY_EXISTS to the next check.
         if request.name not in existing and request.name in server.task_names():
@@ -618,7 +597,7 @@ def check_create_task(server: LiveServer, request: pb.CreateTaskRequest, text: s
     try:
         assert _echo(reply) == _echo(request) and reply.records == 0, f"{what} -> {show(reply)}"
         check_task(what, reply, name)
-        got = server.call("GetTask", lambda s: s.GetTask(pb.GetTaskRequest(name=name), timeout=CALL_TIMEOUT))
+        got = server.call("GetTask", lambda s: s.GetTask(pb.GetTaskRequest(name=name), timeout=CALL_TIMEOUT).task)
         assert _echo(got) == _echo(request), f"GetTask after {what} -> {show(got)}"
         listed = server.call("ListTasks", lambda s: s.ListTasks(pb.ListTasksRequest(), timeout=CALL_TIMEOUT))
         assert [_echo(t) for t in listed.tasks if t.name == name] == [_echo(request)], f"ListTasks after {what}"

@@ -70,13 +70,13 @@ def test_a_key_grants_its_own_tenant_only(keyed, transport: str) -> None:  # typ
     assert code_of(lambda: stub.Ingest(iter([ingest]), metadata=md(keys["other"])))[0] == \
         grpc.StatusCode.PERMISSION_DENIED
     assert stub.Ingest(iter([ingest]), metadata=md(keys["sentiment"])).added == 1
-    stream = [pb.ClassifyRequest(task="sentiment", text="good")] * 2
+    stream = [pb.ClassifyStreamRequest(task="sentiment", text="good")] * 2
     assert len(list(stub.ClassifyStream(iter(stream), metadata=md(keys["sentiment"])))) == 2
     # A stream names a task per message: a task the key does not grant fails that message alone.
     denied = list(stub.ClassifyStream(iter(stream), metadata=md(keys["other"])))
     assert [(r.index, r.error.code) for r in denied] == [(0, grpc.StatusCode.PERMISSION_DENIED.value[0]),
                                                           (1, grpc.StatusCode.PERMISSION_DENIED.value[0])]
-    assert "does not grant task 'sentiment'" in denied[0].error.message and not denied[0].label
+    assert "does not grant task 'sentiment'" in denied[0].error.message and not denied[0].HasField("result")
     # No key at all: the whole stream is refused.
     with pytest.raises(grpc.RpcError) as info:
         list(stub.ClassifyStream(iter(stream)))
@@ -90,7 +90,7 @@ def test_admin_rpcs_need_an_admin_key(keyed, transport: str) -> None:  # type: i
     create = pb.CreateTaskRequest(name="other", template="{text} :", labels=LABELS)
     code, details = code_of(lambda: stub.CreateTask(create, metadata=md(keys["other"])))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
-    assert stub.CreateTask(create, metadata=md(keys["admin"])).name == "other"
+    assert stub.CreateTask(create, metadata=md(keys["admin"])).task.name == "other"
     assert stub.Classify(pb.ClassifyRequest(task="other", text="x"), metadata=md(keys["other"])).label
     assert code_of(lambda: stub.ListTasks(pb.ListTasksRequest(), metadata=md(keys["sentiment"])))[0] == \
         grpc.StatusCode.PERMISSION_DENIED
@@ -133,12 +133,12 @@ def test_tls_and_mutual_tls(tmp_path: Path, mutual: bool) -> None:
         server.wait_ready()
         target = f"localhost:{server.port}"
         request = pb.ClassifyRequest(task="sentiment", text="good")
-        plaintext = pb_grpc.RaeeStub(grpc.insecure_channel(target))
+        plaintext = pb_grpc.RaeeServiceStub(grpc.insecure_channel(target))
         assert code_of(lambda: plaintext.Classify(request, timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
-        no_cert = pb_grpc.RaeeStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_pem)))
+        no_cert = pb_grpc.RaeeServiceStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_pem)))
         if mutual:
             assert code_of(lambda: no_cert.Classify(request, timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
-            with_cert = pb_grpc.RaeeStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(
+            with_cert = pb_grpc.RaeeServiceStub(grpc.secure_channel(target, grpc.ssl_channel_credentials(
                 ca_pem, private_key=client_key, certificate_chain=client_pem)))
             assert with_cert.Classify(request, timeout=10).label
         else:

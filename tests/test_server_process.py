@@ -62,7 +62,7 @@ def test_cli_through_the_server_and_the_store_lock(server, tmp_path: Path) -> No
 
 def test_sigterm_finishes_work_in_flight_and_exits_cleanly(server) -> None:  # type: ignore[no-untyped-def]
     proc, address, _ = server
-    stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
+    stub = pb_grpc.RaeeServiceStub(grpc.insecure_channel(address))
     sentiment_task(stub, "t", ROWS)
     futures = [stub.ClassifyBatch.future(pb.ClassifyBatchRequest(task="t", texts=[f"good film {i}"] * 8))
                for i in range(12)]
@@ -82,7 +82,7 @@ def test_short_soak_sees_only_answers_or_backpressure(server, retry: bool) -> No
     from raee.bench.soak import soak
 
     proc, address, _ = server
-    stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
+    stub = pb_grpc.RaeeServiceStub(grpc.insecure_channel(address))
     sentiment_task(stub, "t", ROWS)
     result = soak(address, "t", clients=8, seconds=4, warmup=1, server_pid=proc.pid, retry=retry)
     assert result.requests > 0  # how many is a benchmark figure (raee-admin soak), not a test
@@ -97,7 +97,7 @@ def test_loadtest_compares_policies_in_one_run(server) -> None:  # type: ignore[
     from raee.bench.soak import compare_policies
 
     _, address, _ = server
-    sentiment_task(pb_grpc.RaeeStub(grpc.insecure_channel(address)), "t", ROWS)
+    sentiment_task(pb_grpc.RaeeServiceStub(grpc.insecure_channel(address)), "t", ROWS)
     results = compare_policies(address, "t", [t for t, _ in ROWS], ["paper", "full"], clients=4, seconds=2,
                                sequential=5)
     assert set(results) == {"paper", "full"}

@@ -65,7 +65,7 @@ def _rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def _drive(stub_for: Callable[[int], pb_grpc.RaeeStub], request_for: Callable[[int, int], pb.ClassifyRequest],
+def _drive(stub_for: Callable[[int], pb_grpc.RaeeServiceStub], request_for: Callable[[int, int], pb.ClassifyRequest],
            clients: int, stop_at: float, measure_from: float, metadata: list[tuple[str, str]],
            resend_wait: float = 0.0, on_measured: Callable[[], None] | None = None
            ) -> tuple[Counter[str], list[float]]:
@@ -123,7 +123,7 @@ def soak(address: str, task: str, clients: int = 32, seconds: float = 60.0, warm
     start = time.monotonic()
     try:
         result.codes, result.latencies_ms = _drive(
-            lambda i: pb_grpc.RaeeStub(channels[i]),
+            lambda i: pb_grpc.RaeeServiceStub(channels[i]),
             lambda i, n: pb.ClassifyRequest(task=task, text=f"{SAMPLE_TEXTS[(i + n) % len(SAMPLE_TEXTS)]} {i} {n}",
                                             options=options),
             clients, start + warmup + seconds, start + warmup, metadata,
@@ -145,7 +145,7 @@ def compare_policies(address: str, task: str, texts: Sequence[str], policies: Se
     metadata = [(METADATA_KEY, api_key)] if api_key else []
     out: dict[str, dict[str, float]] = {}
     with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.RaeeStub(channel)
+        stub = pb_grpc.RaeeServiceStub(channel)
         for policy in policies:
             options = pb.ClassifyOptions(policy=policy)
             seq = []
@@ -159,7 +159,7 @@ def compare_policies(address: str, task: str, texts: Sequence[str], policies: Se
     return out
 
 
-def _load(stub: pb_grpc.RaeeStub, task: str, texts: Sequence[str], options: pb.ClassifyOptions, clients: int,
+def _load(stub: pb_grpc.RaeeServiceStub, task: str, texts: Sequence[str], options: pb.ClassifyOptions, clients: int,
           seconds: float, metadata: list[tuple[str, str]]) -> dict[str, float]:
     start = time.monotonic()
     codes, latencies = _drive(

@@ -53,7 +53,7 @@ class HttpClient:
 class GrpcClient:
     def __init__(self, address: str, api_key: str | None) -> None:
         self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.RaeeStub(self.channel)
+        self.stub = pb_grpc.RaeeServiceStub(self.channel)
         self.metadata = [(METADATA_KEY, api_key)] if api_key else []
 
     def classify(self, task: str, text: str, policy: str) -> float:

@@ -151,10 +151,7 @@ def task_list(obj: Context, as_json: bool, server: str | None) -> None:
     from raee.stores.metadata import MetadataStore
 
     if server:
-        from raee.protos.raee.v1 import raee_pb2 as pb
-
-        tasks = [(t.name, t.records, [lb.name for lb in t.labels])
-                 for t in obj.client(server).stub.ListTasks(pb.ListTasksRequest()).tasks]
+        tasks = [(t.name, t.records, [lb.name for lb in t.labels]) for t in obj.client(server).tasks()]
     else:
         tasks = [(i.spec.name, i.records, i.spec.label_names) for i in MetadataStore(obj.settings.sql_url).list_tasks()]
     if as_json:
@@ -182,7 +179,7 @@ def task_show(obj: Context, name: str, server: str | None) -> None:
 
         from raee.protos.raee.v1 import raee_pb2 as pb
 
-        message = obj.client(server).stub.GetTask(pb.GetTaskRequest(name=name))
+        message = obj.client(server).stub.GetTask(pb.GetTaskRequest(name=name)).task
         click.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False))
         return
     store = MetadataStore(obj.settings.sql_url)

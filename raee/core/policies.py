@@ -367,6 +367,11 @@ POLICIES: dict[str, Callable[[str | None], ExitPolicy]] = {
 }
 
 
+def policy_names() -> list[str]:
+    """Every policy a request may name: the registered ones and `auto` (the engine resolves it per task)."""
+    return sorted([*POLICIES, "auto"])
+
+
 def _knn_heads(arg: str | None) -> KnnHeadsPolicy:
     threshold, _, bound = (arg or "").partition(":")
     return KnnHeadsPolicy(_float(threshold or None, "knn-heads", 0.9, 0.0, 1.0),
@@ -385,7 +390,7 @@ def parse_policy(spec: str | None) -> ExitPolicy:
     name, sep, arg = (spec or DEFAULT_POLICY).strip().partition(":")
     factory = POLICIES.get(name)
     if factory is None:
-        known = ", ".join(sorted([*POLICIES, "auto"]))
+        known = ", ".join(policy_names())
         raise InvalidInput(f"policy: unknown exit policy {clip(spec or '')} (known: {known})")
     return factory(arg if sep else None)
 

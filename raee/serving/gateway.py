@@ -39,7 +39,7 @@ from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.types import METADATA_KEY
 
 log = logging.getLogger(__name__)
-SERVICE: ServiceDescriptor = pb.DESCRIPTOR.services_by_name["Raee"]
+SERVICE: ServiceDescriptor = pb.DESCRIPTOR.services_by_name["RaeeService"]
 REQUEST_ID = "x-request-id"
 TIMEOUT_HEADER = "x-server-timeout"  # seconds, as Google's HTTP APIs take a deadline
 NDJSON = "application/x-ndjson"
@@ -81,7 +81,8 @@ class Route:
     template: str  # e.g. /v1/tasks/{task}:classify
     pattern: re.Pattern[str]  # matches the raw (percent-encoded) path
     variables: tuple[str, ...]  # request fields bound by the path
-    body: str  # "*": the body is the request message; "": no body
+    body: str  # "*": the body is the request message; "": no body (fields from the query)
+    response_body: str  # "": the answer is the response message; else this field of it
     method: MethodDescriptor
 
     @property
@@ -110,7 +111,8 @@ def routes(service: ServiceDescriptor = SERVICE) -> list[Route]:
         variables = tuple(re.findall(r"\{(\w+)\}", template))
         regex = "".join(f"(?P<{part[1:-1]}>[^/]*)" if part.startswith("{") else re.escape(part)
                         for part in re.split(r"(\{\w+\})", template))
-        found.append(Route(verb.upper(), template, re.compile(regex + "$"), variables, rule.body, method))
+        found.append(Route(verb.upper(), template, re.compile(regex + "$"), variables, rule.body, rule.response_body,
+                           method))
     return found
 
 
@@ -282,6 +284,8 @@ class Gateway:
                 reply = await self._call(call, await self._unary(request, route, values), metadata, timeout)
         except HttpFailure as failure:
             return _error_response(failure, request_id)
+        if route.response_body:
+            reply = getattr(reply, route.response_body)
         return web.json_response(to_json(reply), headers={REQUEST_ID: request_id})
 
     @staticmethod
@@ -301,8 +305,8 @@ class Gateway:
             if route.verb != request.method:
                 verbs.append(route.verb)
                 continue
-            if request.query_string:
-                raise _invalid(f"query parameters: {route.verb} {route.template} takes none")
+            if request.query_string and route.body:
+                raise _invalid(f"query parameters: {route.verb} {route.template} takes its fields in the body")
             try:
                 values = {name: unquote(value, errors="strict") for name, value in found.groupdict().items()}
             except UnicodeDecodeError as exc:
@@ -377,8 +381,28 @@ class Gateway:
                               http_status=413) from None
 
     async def _unary(self, request: web.Request, route: Route, values: dict[str, str]) -> Message:
-        raw = await self._read_all(request) if route.body else b""
+        if not route.body:  # GET, DELETE: fields other than the path's come from the query
+            return self._parse(self._query(request, route), route, values, "query")
+        raw = await self._read_all(request)
         return self._parse(self._json(raw, "body") if raw.strip() else {}, route, values, "body")
+
+    @staticmethod
+    def _query(request: web.Request, route: Route) -> dict[str, Any]:
+        """Query parameters as the request's scalar fields (`?page_size=10&page_token=...`)."""
+        fields = route.method.input_type.fields
+        by_name = {f.name: f for f in fields} | {f.json_name: f for f in fields}
+        data: dict[str, Any] = {}
+        for key, value in request.query.items():
+            field = by_name.get(key)
+            if field is None or field.message_type is not None or field.is_repeated or key in route.variables:
+                raise _invalid(f"query parameter {_clip(key)!r}: not a field {route.verb} {route.template} takes")
+            if field.type == field.TYPE_BOOL:
+                if value not in ("true", "false"):
+                    raise _invalid(f"query parameter {key!r}: true or false, not {_clip(value)!r}")
+                data[field.name] = value == "true"
+            else:
+                data[field.name] = value
+        return data
 
     async def _messages(self, request: web.Request, route: Route, values: dict[str, str]) -> AsyncIterator[Message]:
         """A streamed call's messages: NDJSON, one message per line, parsed as lines arrive; with

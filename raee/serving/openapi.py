@@ -124,7 +124,10 @@ def openapi() -> dict[str, Any]:
                  "description": "echoed in the answer's header and the server's access log; one is made if absent"},
                 {"name": TIMEOUT_HEADER, "in": "header", "required": False,
                  "schema": {"type": "number", "exclusiveMinimum": 0},
-                 "description": "the call's deadline in seconds (gRPC's deadline)"}],
+                 "description": "the call's deadline in seconds (gRPC's deadline)"}] + [
+                {"name": f.name, "in": "query", "required": False, "schema": _scalar(f, wanted),
+                 "description": comments.get(f"{method.input_type.name}.{f.name}", "")}
+                for f in method.input_type.fields if not route.body and f.name not in route.variables],
             "responses": {"default": error},
         }
         request_schema = _ref(method.input_type)
@@ -139,6 +142,8 @@ def openapi() -> dict[str, Any]:
                 text = "the request message; fields in the path may be left out"
             operation["requestBody"] = {"required": True, "description": text, "content": content}
         response_schema = _ref(method.output_type)
+        if route.response_body:  # the answer is one field of the response message
+            response_schema = _scalar(method.output_type.fields_by_name[route.response_body], wanted)
         if method.server_streaming:
             line = {"oneOf": [response_schema, {"type": "object", "properties": {
                 "error": {"$ref": f"#/components/schemas/{STATUS}"}}, "required": ["error"]}]}

@@ -7,6 +7,7 @@ and again during shutdown; reflection is on; metrics are served on their own por
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import gc
 import ipaddress
@@ -52,7 +53,7 @@ from raee.settings import Settings
 from raee.types import METADATA_KEY, Label, Prediction, Rejected, Row, TaskSpec
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Raee"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RaeeService"].full_name
 # Health service names. Readiness ("", the service's name, "readiness"): models loaded and stores
 # reachable; route traffic here. Liveness ("liveness"): the process and its model worker loop run;
 # restart when it fails. A store outage turns readiness off, never liveness.
@@ -218,6 +219,27 @@ def check_exposure(settings: Settings) -> None:
                     "every task", address)
 
 
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # ListTasks
+
+
+def page_token(last_name: str) -> str:
+    """An opaque ListTasks page token: the last name of the page (tasks are listed by name)."""
+    return base64.urlsafe_b64encode(last_name.encode()).decode()
+
+
+def page_token_name(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        name = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode()
+        if not name:
+            raise ValueError("empty")
+        return name
+    except (ValueError, UnicodeError):
+        raise InvalidInput("page_token: not a token this server gave (pass next_page_token as it came)",
+                           field="page_token") from None
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -247,7 +269,7 @@ def to_response(p: Prediction, labels: Sequence[str], queued_since: float, start
     return response
 
 
-class RaeeServicer(pb_grpc.RaeeServicer):
+class RaeeServicer(pb_grpc.RaeeServiceServicer):
     def __init__(self, worker: ModelWorker, metrics: Metrics, settings: Settings,
                  keys: KeyRing | None = None) -> None:
         self.worker = worker
@@ -356,8 +378,8 @@ class RaeeServicer(pb_grpc.RaeeServicer):
 
         return await self._observe("ClassifyBatch", request.task, context, work)
 
-    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest | Undecodable],
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest | Undecodable],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyStreamResponse]:
         # Requests are submitted as they arrive (so they batch with each other and with other
         # callers); answers are written in request order. A failing request gets its own error
         # response and the stream goes on. When the call ends (cancelled, deadline), the work of
@@ -368,7 +390,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             except Unauthenticated as exc:
                 self._count("ClassifyStream", None, grpc.StatusCode.UNAUTHENTICATED, 0.0)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        pending: asyncio.Queue[asyncio.Task[pb.ClassifyResponse] | None] = asyncio.Queue()
+        pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
@@ -380,7 +402,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                 pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
-        answering: asyncio.Task[pb.ClassifyResponse] | None = None
+        answering: asyncio.Task[pb.ClassifyStreamResponse] | None = None
         try:
             while (answering := await pending.get()) is not None:
                 yield await answering
@@ -393,27 +415,28 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             if answering is not None:
                 answering.cancel()
 
-    async def _stream_one(self, index: int, request: pb.ClassifyRequest | Undecodable,
-                          context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+    async def _stream_one(self, index: int, request: pb.ClassifyStreamRequest | Undecodable,
+                          context: grpc.aio.ServicerContext) -> pb.ClassifyStreamResponse:
         """One request of a stream: its answer, or a response that carries its error."""
         start = time.monotonic()
         task = None if isinstance(request, Undecodable) else request.task
         code = grpc.StatusCode.UNKNOWN
         try:
             if isinstance(request, Undecodable):
-                raise request.error("ClassifyRequest")
-            response = (await self._classify(request.task, [request.text], request.options, context,
-                                             "ClassifyStream"))[0]
-            response.index, response.request_id = index, request.request_id
+                raise request.error("ClassifyStreamRequest")
+            result = (await self._classify(request.task, [request.text], request.options, context,
+                                           "ClassifyStream"))[0]
+            result.request_id = request.request_id
             code = grpc.StatusCode.OK
-            return response
+            return pb.ClassifyStreamResponse(index=index, request_id=request.request_id, result=result)
         except asyncio.CancelledError:
             code = _ended_code(context)
             raise
         except Exception as exc:
             code, message = self._failure(exc, f"ClassifyStream request {index}")
-            return pb.ClassifyResponse(index=index, request_id="" if task is None else request.request_id,  # type: ignore[union-attr]
-                                       error=status_pb2.Status(code=code.value[0], message=message))
+            return pb.ClassifyStreamResponse(
+                index=index, request_id="" if task is None else request.request_id,  # type: ignore[union-attr]
+                error=status_pb2.Status(code=code.value[0], message=message))
         finally:
             self._count("ClassifyStream", task, code, time.monotonic() - start)
 
@@ -491,16 +514,49 @@ class RaeeServicer(pb_grpc.RaeeServicer):
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
         async def work() -> pb.ListTasksResponse:
-            names = await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()])
-            return pb.ListTasksResponse(tasks=[await self._task_message(n) for n in names])
+            size = request.page_size or DEFAULT_PAGE_SIZE
+            if not 0 < size <= MAX_PAGE_SIZE:
+                raise InvalidInput(f"page_size: {request.page_size} is not in 1..{MAX_PAGE_SIZE}", field="page_size")
+            after = page_token_name(request.page_token)
+            names = await self.worker.call(lambda e: e.metadata.task_names(after, size + 1))
+            response = pb.ListTasksResponse(tasks=[await self._task_message(n) for n in names[:size]])
+            if len(names) > size:
+                response.next_page_token = page_token(names[size - 1])
+            return response
 
         return await self._observe("ListTasks", None, context, work)
 
-    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
-        return await self._observe("GetTask", request.name, context, lambda: self._task_message(request.name))
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.GetTaskResponse:
+        async def work() -> pb.GetTaskResponse:
+            return pb.GetTaskResponse(task=await self._task_message(request.name))
 
-    async def CreateTask(self, request: pb.CreateTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
-        async def work() -> pb.Task:
+        return await self._observe("GetTask", request.name, context, work)
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
+        async def work() -> pb.GetServerInfoResponse:
+            from importlib.metadata import PackageNotFoundError, version
+
+            from raee.core.policies import policy_names
+
+            try:
+                release = version("raee-serve")
+            except PackageNotFoundError:  # a source checkout that was never installed
+                release = "unknown"
+            engine = await self.worker.call(lambda e: e)
+            s = self.settings
+            return pb.GetServerInfoResponse(
+                version=release, backbone=engine.backbone.model_id, encoder=engine.encoder.model_id,
+                depth=engine.depth, device=s.device, dtype=s.dtype, policies=policy_names(),
+                default_k=s.default_k, max_k=s.max_k, max_text_chars=s.max_text_chars,
+                max_batch_texts=s.max_batch_texts, max_message_bytes=s.max_message_bytes,
+                api_keys_required=self.keys is not None)
+
+        return await self._observe("GetServerInfo", None, context, work)
+
+    async def CreateTask(self, request: pb.CreateTaskRequest,
+                         context: grpc.aio.ServicerContext) -> pb.CreateTaskResponse:
+        async def work() -> pb.CreateTaskResponse:
             spec = TaskSpec(request.name, request.template,
                             tuple(Label(lb.name, lb.word, lb.share if lb.HasField("share") else None)
                                   for lb in request.labels), request.description,
@@ -508,7 +564,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
                             prior_correction=request.prior_correction if request.HasField("prior_correction")
                             else True, adapt_prior=request.adapt_prior)
             await self.worker.call(lambda e: e.create_task(spec))
-            return await self._task_message(request.name)
+            return pb.CreateTaskResponse(task=await self._task_message(request.name))
 
         return await self._observe("CreateTask", request.name, context, work)
 
@@ -523,8 +579,9 @@ class RaeeServicer(pb_grpc.RaeeServicer):
         self.recent.forget(request.name)
         return response
 
-    async def GetTaskStats(self, request: pb.GetTaskStatsRequest, context: grpc.aio.ServicerContext) -> pb.TaskStats:
-        async def work() -> pb.TaskStats:
+    async def GetTaskStats(self, request: pb.GetTaskStatsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.GetTaskStatsResponse:
+        async def work() -> pb.GetTaskStatsResponse:
             name = request.name
 
             def task_depth(engine: Engine) -> int:
@@ -534,7 +591,7 @@ class RaeeServicer(pb_grpc.RaeeServicer):
             depth = await self.worker.call(task_depth)
             stats = self.recent.stats(name, depth)
             p50, p90, p99 = stats.latency_ms
-            return pb.TaskStats(name=name, window=self.recent.window, answers=stats.answers,
+            return pb.GetTaskStatsResponse(name=name, window=self.recent.window, answers=stats.answers,
                                 exit_layer_counts=stats.exit_layer_counts, depth=depth, latency_p50_ms=p50,
                                 latency_p90_ms=p90, latency_p99_ms=p99, since=stats.since)
 
@@ -596,7 +653,7 @@ class RaeeServer:
             ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
         keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
         self.servicer = RaeeServicer(self.worker, self.metrics, settings, keys)
-        pb_grpc.add_RaeeServicer_to_server(self.servicer, self.server)
+        pb_grpc.add_RaeeServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0

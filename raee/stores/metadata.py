@@ -266,6 +266,14 @@ class MetadataStore:
             return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, sum(counts.values()),
                             Choice.from_dict(row.tuned) if row.tuned else None, counts)
 
+    def task_names(self, after: str | None, limit: int) -> list[str]:
+        """Up to `limit` task names after `after`, in name order (ListTasks pages)."""
+        query = select(TaskRow.name).order_by(TaskRow.name).limit(limit)
+        if after is not None:
+            query = query.where(TaskRow.name > after)
+        with self._session() as s:
+            return list(s.scalars(query).all())
+
     def list_tasks(self) -> list[TaskInfo]:
         with self._session() as s:
             names = s.scalars(select(TaskRow.name).order_by(TaskRow.name)).all()

@@ -69,7 +69,7 @@ class Timings(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., retrieve_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("label", "scores", "exit_layer", "depth", "neighbours", "timings", "request_id", "index", "error")
+    __slots__ = ("label", "scores", "exit_layer", "depth", "neighbours", "timings", "request_id")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -77,8 +77,6 @@ class ClassifyResponse(_message.Message):
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
     label: str
     scores: _containers.RepeatedCompositeFieldContainer[LabelScore]
     exit_layer: int
@@ -86,9 +84,31 @@ class ClassifyResponse(_message.Message):
     neighbours: _containers.RepeatedCompositeFieldContainer[Neighbour]
     timings: Timings
     request_id: str
+    def __init__(self, label: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., exit_layer: _Optional[int] = ..., depth: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ClassifyStreamRequest(_message.Message):
+    __slots__ = ("task", "text", "options", "request_id")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    text: str
+    options: ClassifyOptions
+    request_id: str
+    def __init__(self, task: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ClassifyStreamResponse(_message.Message):
+    __slots__ = ("index", "request_id", "result", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     index: int
+    request_id: str
+    result: ClassifyResponse
     error: _status_pb2.Status
-    def __init__(self, label: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., exit_layer: _Optional[int] = ..., depth: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., index: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., request_id: _Optional[str] = ..., result: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
     __slots__ = ("task", "texts", "options")
@@ -143,20 +163,72 @@ class IngestResponse(_message.Message):
     def __init__(self, added: _Optional[int] = ..., already_present: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
-    __slots__ = ("tasks",)
+    __slots__ = ("tasks", "next_page_token")
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[Task]
-    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetTaskResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+
+class CreateTaskResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "backbone", "encoder", "depth", "device", "dtype", "policies", "default_k", "max_k", "max_text_chars", "max_batch_texts", "max_message_bytes", "api_keys_required")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    API_KEYS_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    backbone: str
+    encoder: str
+    depth: int
+    device: str
+    dtype: str
+    policies: _containers.RepeatedScalarFieldContainer[str]
+    default_k: int
+    max_k: int
+    max_text_chars: int
+    max_batch_texts: int
+    max_message_bytes: int
+    api_keys_required: bool
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., depth: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[str]] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_batch_texts: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., api_keys_required: _Optional[bool] = ...) -> None: ...
 
 class Label(_message.Message):
     __slots__ = ("name", "word", "share")
@@ -298,7 +370,7 @@ class GetTaskStatsRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
-class TaskStats(_message.Message):
+class GetTaskStatsResponse(_message.Message):
     __slots__ = ("name", "window", "answers", "exit_layer_counts", "depth", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "since")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]

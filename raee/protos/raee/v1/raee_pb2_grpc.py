@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class RaeeStub:
+class RaeeServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,53 +35,58 @@ class RaeeStub:
             channel: A grpc.Channel.
         """
         self.Classify = channel.unary_unary(
-                '/raee.v1.Raee/Classify',
+                '/raee.v1.RaeeService/Classify',
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.ClassifyBatch = channel.unary_unary(
-                '/raee.v1.Raee/ClassifyBatch',
+                '/raee.v1.RaeeService/ClassifyBatch',
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyBatchRequest.SerializeToString,
                 response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyBatchResponse.FromString,
                 _registered_method=True)
         self.ClassifyStream = channel.stream_stream(
-                '/raee.v1.Raee/ClassifyStream',
-                request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyResponse.FromString,
+                '/raee.v1.RaeeService/ClassifyStream',
+                request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyStreamRequest.SerializeToString,
+                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyStreamResponse.FromString,
                 _registered_method=True)
         self.Ingest = channel.stream_unary(
-                '/raee.v1.Raee/Ingest',
+                '/raee.v1.RaeeService/Ingest',
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestRequest.SerializeToString,
                 response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestResponse.FromString,
                 _registered_method=True)
         self.ListTasks = channel.unary_unary(
-                '/raee.v1.Raee/ListTasks',
+                '/raee.v1.RaeeService/ListTasks',
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
         self.GetTask = channel.unary_unary(
-                '/raee.v1.Raee/GetTask',
+                '/raee.v1.RaeeService/GetTask',
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskRequest.SerializeToString,
-                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.FromString,
+                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
         self.CreateTask = channel.unary_unary(
-                '/raee.v1.Raee/CreateTask',
+                '/raee.v1.RaeeService/CreateTask',
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskRequest.SerializeToString,
-                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.FromString,
+                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskResponse.FromString,
                 _registered_method=True)
         self.DeleteTask = channel.unary_unary(
-                '/raee.v1.Raee/DeleteTask',
+                '/raee.v1.RaeeService/DeleteTask',
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskRequest.SerializeToString,
                 response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskResponse.FromString,
                 _registered_method=True)
         self.GetTaskStats = channel.unary_unary(
-                '/raee.v1.Raee/GetTaskStats',
+                '/raee.v1.RaeeService/GetTaskStats',
                 request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsRequest.SerializeToString,
-                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TaskStats.FromString,
+                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsResponse.FromString,
+                _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/raee.v1.RaeeService/GetServerInfo',
+                request_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
 
 
-class RaeeServicer:
+class RaeeServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Classify(self, request, context):
@@ -121,13 +126,15 @@ class RaeeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Admin: the tasks, by name, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One task: its labels, records, exit heads and `auto` choice. Over HTTP the answer is the task itself.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -153,8 +160,15 @@ class RaeeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What this server runs: its release, backbone, encoder, depth and the limits a client meets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
-def add_RaeeServicer_to_server(servicer, server):
+
+def add_RaeeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
@@ -168,8 +182,8 @@ def add_RaeeServicer_to_server(servicer, server):
             ),
             'ClassifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ClassifyStream,
-                    request_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyRequest.FromString,
-                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyStreamRequest.FromString,
+                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyStreamResponse.SerializeToString,
             ),
             'Ingest': grpc.stream_unary_rpc_method_handler(
                     servicer.Ingest,
@@ -184,12 +198,12 @@ def add_RaeeServicer_to_server(servicer, server):
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
                     request_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskRequest.FromString,
-                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.SerializeToString,
+                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskResponse.SerializeToString,
             ),
             'CreateTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTask,
                     request_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskRequest.FromString,
-                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.SerializeToString,
+                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskResponse.SerializeToString,
             ),
             'DeleteTask': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteTask,
@@ -199,17 +213,22 @@ def add_RaeeServicer_to_server(servicer, server):
             'GetTaskStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTaskStats,
                     request_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsRequest.FromString,
-                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TaskStats.SerializeToString,
+                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'raee.v1.Raee', rpc_method_handlers)
+            'raee.v1.RaeeService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('raee.v1.Raee', rpc_method_handlers)
+    server.add_registered_method_handlers('raee.v1.RaeeService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Raee:
+class RaeeService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -226,7 +245,7 @@ class Raee:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raee.v1.Raee/Classify',
+            '/raee.v1.RaeeService/Classify',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyRequest.SerializeToString,
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyResponse.FromString,
             options,
@@ -253,7 +272,7 @@ class Raee:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raee.v1.Raee/ClassifyBatch',
+            '/raee.v1.RaeeService/ClassifyBatch',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyBatchRequest.SerializeToString,
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyBatchResponse.FromString,
             options,
@@ -280,9 +299,9 @@ class Raee:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/raee.v1.Raee/ClassifyStream',
-            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyRequest.SerializeToString,
-            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyResponse.FromString,
+            '/raee.v1.RaeeService/ClassifyStream',
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyStreamRequest.SerializeToString,
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ClassifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -307,7 +326,7 @@ class Raee:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/raee.v1.Raee/Ingest',
+            '/raee.v1.RaeeService/Ingest',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestRequest.SerializeToString,
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestResponse.FromString,
             options,
@@ -334,7 +353,7 @@ class Raee:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raee.v1.Raee/ListTasks',
+            '/raee.v1.RaeeService/ListTasks',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListTasksRequest.SerializeToString,
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListTasksResponse.FromString,
             options,
@@ -361,9 +380,9 @@ class Raee:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raee.v1.Raee/GetTask',
+            '/raee.v1.RaeeService/GetTask',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskRequest.SerializeToString,
-            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.FromString,
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -388,9 +407,9 @@ class Raee:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raee.v1.Raee/CreateTask',
+            '/raee.v1.RaeeService/CreateTask',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskRequest.SerializeToString,
-            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.Task.FromString,
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CreateTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -415,7 +434,7 @@ class Raee:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raee.v1.Raee/DeleteTask',
+            '/raee.v1.RaeeService/DeleteTask',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskRequest.SerializeToString,
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteTaskResponse.FromString,
             options,
@@ -442,9 +461,36 @@ class Raee:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raee.v1.Raee/GetTaskStats',
+            '/raee.v1.RaeeService/GetTaskStats',
             raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsRequest.SerializeToString,
-            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TaskStats.FromString,
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetTaskStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/GetServerInfo',
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoRequest.SerializeToString,
+            raee_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
