@@ -35,7 +35,7 @@ def test_task_create_from_toml_and_flags_then_list(run, tmp_path: Path) -> None:
         "--label", "business")
     listing = run("task", "list")
     assert "sentiment" in listing and "topic" in listing and "sports, business" in listing
-    bad = run("task", "create", "x", "--template", "no slot", "--label", "a", "--label", "b", code=2)
+    bad = run("task", "create", "x", "--template", "no slot", "--label", "a", "--label", "b", code=3)
     assert "error: template of task 'x' has no {text} slot" in bad
     assert "Traceback" not in bad
 
@@ -55,7 +55,7 @@ def test_ingest_classify_eval_round_trip(run, tmp_path: Path) -> None:  # type: 
     assert "added 0, already present 6, rejected 0" in second
 
     out = run("classify", "--task", "sentiment", "--json", "a great film", "awful")
-    answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    answers = next(json.loads(line) for line in out.splitlines() if line.startswith("["))  # one JSON document
     assert [a["text"] for a in answers] == ["a great film", "awful"]
     assert all(a["label"] in ("negative", "positive") and 0 <= a["exit_layer"] <= a["depth"] == 4 for a in answers)
 
@@ -79,13 +79,13 @@ def test_ingest_classify_eval_round_trip(run, tmp_path: Path) -> None:  # type: 
 
 
 def test_user_mistakes_get_one_line_not_a_traceback(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    missing = run("classify", "--task", "nope", "hello", code=2)
+    missing = run("classify", "--task", "nope", "hello", code=3)
     assert "error: task 'nope' does not exist" in missing
     (tmp_path / "s.toml").write_text(SPEC)
     run("task", "create", "--file", str(tmp_path / "s.toml"))
-    assert "error: text: empty text" in run("classify", "--task", "sentiment", " ", code=2)
+    assert "error: text: empty text" in run("classify", "--task", "sentiment", " ", code=3)
     bad_header = tmp_path / "bad.tsv"
     bad_header.write_text("sentence\tlabel\nhi\tpositive\n")
-    out = run("ingest", "--task", "sentiment", str(bad_header), code=2)
+    out = run("ingest", "--task", "sentiment", str(bad_header), code=3)
     assert "no column 'text'" in out and "--text-column" in out
-    assert "unknown exit policy" in run("classify", "--task", "sentiment", "--policy", "fast", "hi", code=2)
+    assert "unknown exit policy" in run("classify", "--task", "sentiment", "--policy", "fast", "hi", code=3)

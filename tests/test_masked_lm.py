@@ -74,14 +74,14 @@ def test_ingest_classify_and_bench_on_a_masked_lm(family: str, tmp_path: Path) -
     run = admin_cli(tmp_path / "data", model)
 
     bad = run("task", "create", "s", "--template", "{text} it was", "--label", "negative= bad",
-              "--label", "positive= good", code=2)
+              "--label", "positive= good", code=3)
     assert "needs exactly one {mask} slot" in bad
     run("task", "create", "s", "--template", TEMPLATE, "--label", "negative= bad", "--label", "positive= good")
     rows = corpus(60)
     data = write_tsv(tmp_path / "train.tsv", rows[:50])
     assert "added 50" in run("ingest", "--task", "s", str(data))
     out = run("classify", "--task", "s", "--json", "a great movie")
-    answer = json.loads(out.strip().splitlines()[-1])
+    answer = json.loads(out.strip().splitlines()[-1])[0]
     assert answer["depth"] == 3 and 0 <= answer["exit_layer"] <= 3
     report = run("eval", "--task", "s", str(write_tsv(tmp_path / "dev.tsv", rows[50:])))
     assert "paper" in report and "knn-vote" in report

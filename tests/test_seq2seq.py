@@ -70,7 +70,7 @@ def test_ingest_classify_eval_on_t5(tmp_path: Path) -> None:
         "--label", "positive= good")
     rows = corpus(50)
     assert "added 40" in run("ingest", "--task", "s", str(write_tsv(tmp_path / "t.tsv", rows[:40])))
-    answer = json.loads(run("classify", "--task", "s", "--json", "a great movie").strip().splitlines()[-1])
+    answer = json.loads(run("classify", "--task", "s", "--json", "a great movie").strip().splitlines()[-1])[0]
     assert answer["depth"] == 4 and 0 <= answer["exit_layer"] <= 4
     assert "paper" in run("eval", "--task", "s", str(write_tsv(tmp_path / "d.tsv", rows[40:])))
 
@@ -87,7 +87,7 @@ def test_records_of_another_backbone_are_refused(tmp_path: Path) -> None:
                                   "--label", "negative= bad", "--label", "positive= good"])
     assert created.exit_code == 0, created.output
     other = runner.invoke(cli, [*data, "--backbone", str(roberta), "classify", "--task", "s", "good"])
-    assert other.exit_code == 2 and "was built with backbone 'tiny-t5'" in other.output
+    assert other.exit_code == 3 and "was built with backbone 'tiny-t5'" in other.output
 
 
 @pytest.mark.parametrize("family", ["masked", "seq2seq"])

@@ -54,9 +54,9 @@ def test_cli_through_the_server_and_the_store_lock(server, tmp_path: Path) -> No
     assert shown["name"] == "sentiment" and shown["records"] == "10" and shown["label_records"]["positive"] == "5"
     assert "exit" in run("--server", address, "classify", "--task", "sentiment", "a fine film")
     # Opening the embedded store directly while the server holds it is refused with a pointer to --server.
-    out = run("classify", "--task", "sentiment", "a great film", code=2)
+    out = run("classify", "--task", "sentiment", "a great film", code=4)  # unavailable: the server holds it
     assert "open in another process" in out and "--server" in out
-    out = run("index", code=2)  # no --server form: the server indexes when it starts
+    out = run("index", code=4)  # no --server form: the server indexes when it starts
     assert "open in another process" in out and "builds pending indexes when it starts" in out
 
 

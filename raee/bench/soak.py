@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from raee.client import CHANNEL_OPTIONS
+from raee.errors import InvalidInput
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from raee.types import METADATA_KEY
@@ -56,7 +57,7 @@ def _check_local(address: str) -> None:
     host = address.rsplit(":", 1)[0].strip("[]")
     ip = ipaddress.ip_address(socket.gethostbyname(host)) if host != "::1" else ipaddress.ip_address(host)
     if not ip.is_loopback:
-        raise ValueError(f"soak: {address} is not a loopback address; the soak test only targets this machine")
+        raise InvalidInput(f"server: {address} is not a loopback address; load tests only target this machine")
 
 
 def _rss_mb(pid: int) -> float:

@@ -1,4 +1,15 @@
-"""`raee-admin`: manage tasks, ingest labelled data, classify, evaluate, and run the demo."""
+"""`raee-admin`: manage tasks, ingest labelled data, classify, evaluate, and run the demo.
+
+Exit codes (the same for every command):
+  0  done
+  1  done, but some input was rejected or a check failed (ingest rejections, doctor, health)
+  2  usage: a bad flag, argument or combination (nothing was done)
+  3  refused: invalid input, an unknown task, a missing permission
+  4  unavailable: the server or a store cannot be reached, or the store is held by a running server
+
+Every command that reports takes --json (also before the command: `raee-admin --json ...`):
+one JSON document on stdout and nothing else; progress and warnings go to stderr.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ from raee.settings import Settings
 from raee.types import Rejected, Row, TaskSpec, parse_label_flag
 
 F = TypeVar("F", bound=Callable[..., Any])
+EXIT_REJECTED, EXIT_USAGE, EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 2, 3, 4
 
 DEMO_SENTENCES = [
     "a gorgeous, witty and deeply moving film",
@@ -32,17 +44,41 @@ DEMO_SENTENCES = [
 class Context:
     """Settings from flags and RAEE_* variables; the engine is opened on first use (it loads models)."""
 
-    def __init__(self, settings: Settings, api_key: str | None = None, tls_ca: Path | None = None) -> None:
+    def __init__(self, settings: Settings, api_key: str | None = None, tls_ca: Path | None = None,
+                 tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         self.settings = settings
         self.api_key = api_key
-        self.tls_ca = tls_ca
+        self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
         self.server: str | None = None  # raee-admin --server HOST:PORT, before the command
+        self.json = False  # --json: stdout carries one JSON document, the command's report
+        self.exit_code = 0  # set by a command that finished but must say something failed (EXIT_REJECTED)
         self._engine: Any = None
+
+    def say(self, text: str) -> None:
+        """A line of the human report (stdout); with --json the JSON document replaces them."""
+        if not self.json:
+            click.echo(text)
+
+    def channel_credentials(self) -> Any:
+        """TLS for a client call: the server's CA, and a client certificate for mutual TLS."""
+        import grpc
+
+        if self.tls_ca is None:
+            if self.tls_cert or self.tls_key:
+                raise click.UsageError("--tls-cert and --tls-key need --tls-ca (the server's CA)")
+            return None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise click.UsageError("give --tls-cert and --tls-key together (the client certificate and its key)")
+        return grpc.ssl_channel_credentials(self.tls_ca.read_bytes(),
+                                            private_key=self.tls_key.read_bytes() if self.tls_key else None,
+                                            certificate_chain=self.tls_cert.read_bytes() if self.tls_cert else None)
 
     def client(self, server: str, timeout: float = 60.0) -> Any:
         from raee.client import RaeeClient
 
-        return RaeeClient(server, timeout, self.api_key, self.tls_ca.read_bytes() if self.tls_ca else None)
+        self.channel_credentials()  # checks the TLS options
+        read = (lambda p: p.read_bytes() if p else None)  # noqa: E731
+        return RaeeClient(server, timeout, self.api_key, read(self.tls_ca), read(self.tls_cert), read(self.tls_key))
 
     @property
     def engine(self) -> Any:
@@ -58,16 +94,61 @@ class Context:
             self._engine.close()
 
 
+def exit_code_of(exc: BaseException) -> int:
+    """The one place that decides a failed command's exit code (see the module docstring)."""
+    import grpc
+    from sqlalchemy.exc import OperationalError
+
+    from raee.errors import DeadlineExpired, NotReady, Overloaded
+
+    if isinstance(exc, (NotReady, Overloaded, DeadlineExpired, OperationalError, ConnectionError)):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        unavailable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED)
+        return EXIT_UNAVAILABLE if code in unavailable else EXIT_REFUSED
+    return EXIT_REFUSED
+
+
 def friendly_errors(func: F) -> F:
-    """Report a RaeeError as one line on stderr and exit 2: never a traceback for a user mistake."""
+    """Report a failure as one line on stderr with its exit code: never a traceback for a user mistake
+    or an unreachable service."""
+    import grpc
+    from sqlalchemy.exc import OperationalError
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except RaeeError as exc:
+        except (RaeeError, OperationalError, ConnectionError) as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(exit_code_of(exc))
+        except grpc.RpcError as exc:  # a call the client does not type (e.g. health, benchmarks)
+            details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+            click.echo(f"error: server: {exc.code().name}: {details}", err=True)
+            sys.exit(exit_code_of(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def reports(func: F) -> F:
+    """A command that reports: adds --json, turns failures into exit codes (friendly_errors), and, with
+    --json, prints what the command returns as one JSON document (its human lines, `obj.say`, are not
+    printed). A command that must also fail (rejected rows) sets obj.exit_code; it is applied after."""
+
+    @click.option("--json", "as_json", is_flag=True, help="print one JSON document on stdout, nothing else")
+    @functools.wraps(func)
+    def wrapper(*args: Any, as_json: bool = False, **kwargs: Any) -> Any:
+        obj = click.get_current_context().find_object(Context)
+        assert obj is not None
+        obj.json = obj.json or as_json
+        result = friendly_errors(func)(*args, **kwargs)
+        if obj.json:
+            click.echo(json.dumps(result, ensure_ascii=False, default=str))
+        if obj.exit_code:
+            sys.exit(obj.exit_code)
+        return result
 
     return wrapper  # type: ignore[return-value]
 
@@ -81,19 +162,28 @@ def friendly_errors(func: F) -> F:
 @click.option("--api-key", envvar="RAEE_API_KEY", help="key for a server that requires one [RAEE_API_KEY]")
 @click.option("--tls-ca", envvar="RAEE_TLS_CA", type=click.Path(path_type=Path),
               help="CA certificate (PEM) of a TLS server [RAEE_TLS_CA]")
+@click.option("--tls-cert", envvar="RAEE_TLS_CLIENT_CERT", type=click.Path(path_type=Path),
+              help="client certificate (PEM) for a server that requires one (mutual TLS) [RAEE_TLS_CLIENT_CERT]")
+@click.option("--tls-key", envvar="RAEE_TLS_CLIENT_KEY", type=click.Path(path_type=Path),
+              help="the client certificate's private key (PEM) [RAEE_TLS_CLIENT_KEY]")
+@click.option("--json", "as_json", is_flag=True, help="every command that reports prints one JSON document")
 @click.option("--server", envvar="RAEE_SERVER", metavar="HOST:PORT",
               help="send the work of every command that can to this running raee-server [RAEE_SERVER]")
 @click.option("-v", "--verbose", is_flag=True, help="log progress of model loading and conversion")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | None, server: str | None,
-        **overrides: Any) -> None:
-    """Administer a RAEE (retrieval-augmented early exit) inference service."""
+def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | None, tls_cert: Path | None,
+        tls_key: Path | None, as_json: bool, server: str | None, **overrides: Any) -> None:
+    """Administer a RAEE (retrieval-augmented early exit) inference service.
+
+    Exit codes: 0 done; 1 done, some input rejected or a check failed; 2 usage error; 3 refused
+    (invalid input, unknown task, permission); 4 the server or a store is unavailable."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    ctx.obj = Context(settings, api_key, tls_ca)
+    ctx.obj = Context(settings, api_key, tls_ca, tls_cert, tls_key)
     ctx.obj.server = server
+    ctx.obj.json = as_json
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -124,9 +214,9 @@ def task() -> None:
 @click.option("--description", default="")
 @server_option
 @click.pass_obj
-@friendly_errors
+@reports
 def task_create(obj: Context, name: str | None, spec_file: Path | None, template: str | None,
-                labels: tuple[str, ...], description: str, server: str | None) -> None:
+                labels: tuple[str, ...], description: str, server: str | None) -> dict[str, Any]:
     """Create a task from flags or from a TOML file (see raee/cli/tasks/*.toml)."""
     if spec_file:
         spec = TaskSpec.from_toml(spec_file)
@@ -138,15 +228,15 @@ def task_create(obj: Context, name: str | None, spec_file: Path | None, template
         obj.client(server).create_task(spec)
     else:
         obj.engine.create_task(spec)
-    click.echo(f"created task {spec.name} with labels {', '.join(spec.label_names)}")
+    obj.say(f"created task {spec.name} with labels {', '.join(spec.label_names)}")
+    return {"created": spec.name, **spec.to_dict()}
 
 
 @task.command("list")
-@click.option("--json", "as_json", is_flag=True, help="one JSON document: a list of tasks")
 @server_option
 @click.pass_obj
-@friendly_errors
-def task_list(obj: Context, as_json: bool, server: str | None) -> None:
+@reports
+def task_list(obj: Context, server: str | None) -> list[dict[str, Any]]:
     """List tasks with their record counts."""
     from raee.stores.metadata import MetadataStore
 
@@ -154,21 +244,19 @@ def task_list(obj: Context, as_json: bool, server: str | None) -> None:
         tasks = [(t.name, t.records, [lb.name for lb in t.labels]) for t in obj.client(server).tasks()]
     else:
         tasks = [(i.spec.name, i.records, i.spec.label_names) for i in MetadataStore(obj.settings.sql_url).list_tasks()]
-    if as_json:
-        click.echo(json.dumps([{"name": n, "records": r, "labels": lb} for n, r, lb in tasks], ensure_ascii=False))
-        return
     if not tasks:
-        click.echo("no tasks (create one with `raee-admin task create`)")
+        obj.say("no tasks (create one with `raee-admin task create`)")
     for name, records, labels in tasks:
-        click.echo(f"{name:<20} {records:>8} records  labels: {', '.join(labels)}")
+        obj.say(f"{name:<20} {records:>8} records  labels: {', '.join(labels)}")
+    return [{"name": n, "records": r, "labels": lb} for n, r, lb in tasks]
 
 
 @task.command("show")
 @click.argument("name")
 @server_option
 @click.pass_obj
-@friendly_errors
-def task_show(obj: Context, name: str, server: str | None) -> None:
+@reports
+def task_show(obj: Context, name: str, server: str | None) -> dict[str, Any]:
     """Show a task as one JSON document: its spec, records per label, `auto` choice, and the share of
     records each exit gets right (a warning on stderr when the records' label mix is imbalanced).
     With --server: the server's GetTask answer, in protobuf's JSON mapping."""
@@ -180,22 +268,24 @@ def task_show(obj: Context, name: str, server: str | None) -> None:
         from raee.protos.raee.v1 import raee_pb2 as pb
 
         message = obj.client(server).stub.GetTask(pb.GetTaskRequest(name=name)).task
-        click.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False))
-        return
+        shown = MessageToDict(message, preserving_proto_field_name=True)
+        obj.say(json.dumps(shown, indent=2, ensure_ascii=False))
+        return shown
     store = MetadataStore(obj.settings.sql_url)
     info = store.task(name)
-    click.echo(json.dumps({**info.spec.to_dict(), "backbone": info.backbone_id, "encoder": info.encoder_id,
-                           "records": info.records, "label_records": info.label_records,
-                           "imbalanced": info.imbalanced, "created": info.created_at.isoformat(),
-                           "auto": info.tuned.to_dict() if info.tuned else None,
-                           "exit_accuracy": {str(layer): a for layer, a in store.layer_accuracy(name).items()}},
-                          indent=2, ensure_ascii=False))
+    shown = {**info.spec.to_dict(), "backbone": info.backbone_id, "encoder": info.encoder_id,
+             "records": info.records, "label_records": info.label_records,
+             "imbalanced": info.imbalanced, "created": info.created_at.isoformat(),
+             "auto": info.tuned.to_dict() if info.tuned else None,
+             "exit_accuracy": {str(layer): a for layer, a in store.layer_accuracy(name).items()}}
+    obj.say(json.dumps(shown, indent=2, ensure_ascii=False))
     if info.imbalanced:
         mix = ", ".join(f"{label} {100 * n / info.records:.0f} %" for label, n in info.label_records.items())
         click.echo(f"warning: the records' label mix ({mix}) is far from the expected traffic's "
                    f"({', '.join(f'{lb.name} {100 * w:.0f} %' for lb, w in zip(info.spec.labels, info.spec.shares))})"
                    f"; votes are {'corrected toward it' if info.spec.prior_correction else 'NOT corrected'}",
                    err=True)
+    return shown
 
 
 @task.command("delete")
@@ -203,14 +293,15 @@ def task_show(obj: Context, name: str, server: str | None) -> None:
 @click.confirmation_option(prompt="Delete the task and all its records?")
 @server_option
 @click.pass_obj
-@friendly_errors
-def task_delete(obj: Context, name: str, server: str | None) -> None:
+@reports
+def task_delete(obj: Context, name: str, server: str | None) -> dict[str, str]:
     """Delete a task from both stores."""
     if server:
         obj.client(server).delete_task(name)
     else:
         obj.engine.delete_task(name)
-    click.echo(f"deleted task {name}")
+    obj.say(f"deleted task {name}")
+    return {"deleted": name}
 
 
 @cli.group()
@@ -224,8 +315,9 @@ def key() -> None:
 @click.option("--admin", is_flag=True, help="grant the admin RPCs (CreateTask, DeleteTask, ListTasks)")
 @click.option("--file", "key_file", type=click.Path(path_type=Path), help="default: RAEE_API_KEYS_FILE")
 @click.pass_obj
-@friendly_errors
-def key_create(obj: Context, name: str, tasks: tuple[str, ...], admin: bool, key_file: Path | None) -> None:
+@reports
+def key_create(obj: Context, name: str, tasks: tuple[str, ...], admin: bool, key_file: Path | None
+               ) -> dict[str, Any]:
     """Create a key: its hash goes into the key file, the key itself is printed once."""
     from raee.serving.auth import add_key
 
@@ -234,7 +326,9 @@ def key_create(obj: Context, name: str, tasks: tuple[str, ...], admin: bool, key
         raise click.UsageError("give --file or set RAEE_API_KEYS_FILE")
     if not tasks and not admin:
         raise click.UsageError("a key needs --task (repeatable) or --admin")
-    click.echo(add_key(path, name, tasks, admin))
+    key = add_key(path, name, tasks, admin)
+    obj.say(key)  # printed once: only its hash is stored
+    return {"name": name, "key": key, "tasks": list(tasks), "admin": admin, "file": str(path)}
 
 
 # -- data ----------------------------------------------------------------------
@@ -263,9 +357,9 @@ def _rows(
 @_file_options
 @server_option
 @click.pass_obj
-@friendly_errors
+@reports
 def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
-           limit: int | None, server: str | None = None) -> None:
+           limit: int | None, server: str | None = None) -> dict[str, Any]:
     """Append labelled rows (TSV/CSV/JSONL with text and label columns) to a task's exit database."""
     total = sum(1 for _ in _rows(file, text_column, label_column, fmt, limit))  # reads it all: fails before writing
     if server:
@@ -292,19 +386,20 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
                 click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k}", err=True)
     for rej in report.rejected:
         click.echo(f"{file}:{rej.line}: rejected: {rej.reason}", err=True)
-    click.echo(f"added {report.added}, already present {report.present}, rejected {len(report.rejected)}")
+    obj.say(f"added {report.added}, already present {report.present}, rejected {len(report.rejected)}")
     if report.rejected:
         click.echo(f"error: {len(report.rejected)} row(s) rejected; the other rows were ingested", err=True)
-        sys.exit(1)
+        obj.exit_code = EXIT_REJECTED
+    return {"task": task_name, "file": str(file), "added": report.added, "already_present": report.present,
+            "rejected": [{"line": r.line, "reason": r.reason} for r in report.rejected]}
 
 
 @cli.command("ingest-batches")
 @click.option("--task", "task_name", help="only this task's batches")
 @click.option("--limit", default=20, show_default=True, help="newest N batches")
-@click.option("--json", "as_json", is_flag=True, help="one JSON array")
 @click.pass_obj
-@friendly_errors
-def ingest_batches(obj: Context, task_name: str | None, limit: int, as_json: bool) -> None:
+@reports
+def ingest_batches(obj: Context, task_name: str | None, limit: int) -> list[dict[str, Any]]:
     """List ingest batches, newest first, with how each ended (done, cancelled, failed, interrupted).
 
     Reads the metadata database directly (it may be shared with a running server). A batch
@@ -314,17 +409,14 @@ def ingest_batches(obj: Context, task_name: str | None, limit: int, as_json: boo
     from raee.stores.metadata import MetadataStore
 
     batches = MetadataStore(obj.settings.sql_url).list_batches(task_name, limit)
-    if as_json:
-        click.echo(json.dumps([{**vars(b), "started_at": b.started_at.isoformat(),
-                                "finished_at": b.finished_at.isoformat() if b.finished_at else None}
-                               for b in batches], indent=2))
-        return
     if not batches:
-        click.echo("no ingest batches")
+        obj.say("no ingest batches")
     for b in batches:
         ended = b.finished_at.strftime("%Y-%m-%d %H:%M:%S") if b.finished_at else "-"
-        click.echo(f"#{b.id:<5} {b.task:<16} {b.status:<11} added {b.added:>6}  present {b.present:>6}  "
-                   f"rejected {b.rejected:>4}  ended {ended}  {b.source}")
+        obj.say(f"#{b.id:<5} {b.task:<16} {b.status:<11} added {b.added:>6}  present {b.present:>6}  "
+                f"rejected {b.rejected:>4}  ended {ended}  {b.source}")
+    return [{**vars(b), "started_at": b.started_at.isoformat(),
+             "finished_at": b.finished_at.isoformat() if b.finished_at else None} for b in batches]
 
 
 @cli.command()
@@ -334,12 +426,11 @@ def ingest_batches(obj: Context, task_name: str | None, limit: int, as_json: boo
               help="paper, auto, full, static:<layer>, paper-all, paper-tol:<t>, confidence:<t>, knn-vote, knn-agree")
 @click.option("--k", type=int, help="neighbours to retrieve (default 12)")
 @click.option("--neighbours", "show_neighbours", is_flag=True, help="print the retrieved neighbours")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per text")
 @server_option
 @click.pass_obj
-@friendly_errors
+@reports
 def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, k: int | None,
-             show_neighbours: bool, as_json: bool, server: str | None = None) -> None:
+             show_neighbours: bool, server: str | None = None) -> list[dict[str, Any]]:
     """Classify texts with early exit: prints label, exit layer and label scores."""
     if server:
         client = obj.client(server)
@@ -350,17 +441,21 @@ def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, 
         engine = obj.engine
         labels = engine.task_info(task_name).spec.label_names
         predictions = engine.classify(task_name, list(texts), policy=policy, k=k)
+    answers = []
     for text, pred in zip(texts, predictions):
         scores = dict(zip(labels, pred.scores))
-        if as_json:
-            click.echo(json.dumps({"text": text, "label": pred.label, "exit_layer": pred.exit_layer,
-                                   "depth": pred.depth, "scores": scores, "timings_us": pred.timings_us}))
-            continue
+        answer: dict[str, Any] = {"text": text, "label": pred.label, "exit_layer": pred.exit_layer,
+                                  "depth": pred.depth, "scores": scores, "timings_us": pred.timings_us}
+        if show_neighbours:
+            answer["neighbours"] = [{"id": n.id, "label": n.label, "similarity": n.similarity,
+                                     "exits": [layer for layer, _ in n.exits]} for n in pred.neighbours]
+        answers.append(answer)
         score_text = " ".join(f"{name}={p:.3f}" for name, p in scores.items())
-        click.echo(f"{pred.label:<12} exit {pred.exit_layer:>2}/{pred.depth}  {score_text}  {text}")
+        obj.say(f"{pred.label:<12} exit {pred.exit_layer:>2}/{pred.depth}  {score_text}  {text}")
         if show_neighbours:
             for n in pred.neighbours:
-                click.echo(f"    {n.similarity:.3f} {n.label:<12} exits {[l for l, _ in n.exits]}")
+                obj.say(f"    {n.similarity:.3f} {n.label:<12} exits {[l for l, _ in n.exits]}")
+    return answers
 
 
 @cli.command("eval")
@@ -372,9 +467,10 @@ def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, 
 @click.option("--k", type=int, help="neighbours to retrieve (default 12)")
 @click.option("--json-out", type=click.Path(path_type=Path), help="also write the report as JSON")
 @click.pass_obj
-@friendly_errors
+@reports
 def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
-                 limit: int | None, policies: tuple[str, ...], k: int | None, json_out: Path | None) -> None:
+                 limit: int | None, policies: tuple[str, ...], k: int | None, json_out: Path | None
+                 ) -> dict[str, Any]:
     """Accuracy, mean exit layer and exit histogram of each policy and of full depth, on the same rows."""
     from raee.core.evaluation import evaluate, format_report
 
@@ -385,9 +481,10 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
     engine = obj.engine
     with tqdm(total=len(rows), unit="row", desc=f"eval {task_name}", file=sys.stderr) as bar:
         report = evaluate(engine, task_name, rows, list(policies), k, progress=bar.update)
-    click.echo(format_report(report))
+    obj.say(format_report(report))
     if json_out:
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
+    return dict(report.to_dict())
 
 
 @cli.command()
@@ -407,10 +504,10 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
               "(default 500, 1000, 2000, 5000, 10000, 20000, 60000, capped at --train-rows)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
 @click.pass_obj
-@friendly_errors
+@reports
 def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int, dev_rows: int, k: int,
           latency_rows: int, sweeps: tuple[str, ...], alt_encoders: tuple[str, ...], sizes: tuple[int, ...],
-          out: Path) -> None:
+          out: Path) -> dict[str, Any]:
     """Every exit policy side by side on each task: tables, JSON and plots in --out.
 
     Stores go to <out>/data unless --data-dir is given, so a bench never touches the service's data.
@@ -430,7 +527,7 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
             store = EdgeVectorStore(obj.settings.data_dir / "qdrant",
                                     collection_name(engine.backbone.model_id, encoder.model_id), encoder.dim)
             others.append(Engine(engine.backbone, encoder, store, engine.metadata, obj.settings))
-    reports = []
+    done = []
     for name in tasks:
         spec_file = Path(str(resources.files("raee.cli") / "tasks" / f"{name}.toml"))
         if not spec_file.exists():
@@ -438,13 +535,15 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
         report = harness.bench_task(engine, TaskSpec.from_toml(spec_file), data_root / name / "train.tsv",
                                     data_root / name / "dev.tsv", train_rows, dev_rows, k, latency_rows, sweeps,
                                     others, sizes or harness.SIZE_SWEEP)
-        harness.print_summary(report, click.echo)
-        reports.append(report)
+        harness.print_summary(report, obj.say)
+        done.append(report)
     command = "raee-admin " + " ".join(sys.argv[1:])
-    for path in harness.write_reports(reports, out, command):
-        click.echo(f"wrote {path}")
+    written = [str(path) for path in harness.write_reports(done, out, command)]
+    for path in written:
+        obj.say(f"wrote {path}")
     for other in others:
         other.vectors.close()
+    return {"tasks": list(tasks), "written": written}
 
 
 @cli.command("bench-shift")
@@ -459,9 +558,9 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
 @click.option("--k", default=12, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/shift"), show_default=True)
 @click.pass_obj
-@friendly_errors
+@reports
 def bench_shift(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int, records: int,
-                dev_rows: int, k: int, out: Path) -> None:
+                dev_rows: int, k: int, out: Path) -> dict[str, Any]:
     """Label-prior shift: a skewed and a balanced database of the same size drawn from each task's
     records, every policy with and without the prior correction, on the same dev rows.
 
@@ -472,7 +571,7 @@ def bench_shift(obj: Context, tasks: tuple[str, ...], data_root: Path, train_row
     if obj.settings.data_dir == Settings().data_dir:
         obj.settings = obj.settings.model_copy(update={"data_dir": out / "data"})
     engine = obj.engine
-    reports = []
+    done = []
     for name in tasks:
         spec_file = Path(str(resources.files("raee.cli") / "tasks" / f"{name}.toml"))
         if not spec_file.exists():
@@ -480,10 +579,12 @@ def bench_shift(obj: Context, tasks: tuple[str, ...], data_root: Path, train_row
         spec = TaskSpec.from_toml(spec_file)
         harness.ensure_task(engine, spec)
         harness.build(engine, name, data_root / name / "train.tsv", train_rows)
-        reports.append(shift.shift_task(engine, spec, data_root / name / "dev.tsv", records, dev_rows, k))
+        done.append(shift.shift_task(engine, spec, data_root / name / "dev.tsv", records, dev_rows, k))
     command = "raee-admin " + " ".join(sys.argv[1:])
-    for path in shift.write(reports, out, command):
-        click.echo(f"wrote {path}")
+    written = [str(path) for path in shift.write(done, out, command)]
+    for path in written:
+        obj.say(f"wrote {path}")
+    return {"tasks": list(tasks), "written": written}
 
 
 @cli.command("loadtest")
@@ -496,19 +597,21 @@ def bench_shift(obj: Context, tasks: tuple[str, ...], data_root: Path, train_row
 @click.option("--sequential", default=50, show_default=True, help="one-at-a-time requests per policy")
 @click.option("--json-out", type=click.Path(path_type=Path))
 @click.pass_obj
+@reports
 def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tuple[str, ...], clients: int,
-             seconds: float, sequential: int, json_out: Path | None) -> None:
+             seconds: float, sequential: int, json_out: Path | None) -> dict[str, Any]:
     """Policies side by side against a running server: sequential latency, then N concurrent clients."""
     from raee.bench.soak import compare_policies
 
     texts = [r.text for r in read_rows(file) if isinstance(r, Row)]
     results = compare_policies(server, task_name, texts, policies, clients, seconds, sequential, obj.api_key)
-    click.echo(f"{'policy':<12} {'seq p50 ms':>10} {'rps':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    obj.say(f"{'policy':<12} {'seq p50 ms':>10} {'rps':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for name, r in results.items():
-        click.echo(f"{name:<12} {r['sequential_p50_ms']:>10.1f} {r['throughput_rps']:>7.2f} {r['p50_ms']:>8.1f} "
-                   f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {int(r['errors']):>6}")
+        obj.say(f"{name:<12} {r['sequential_p50_ms']:>10.1f} {r['throughput_rps']:>7.2f} {r['p50_ms']:>8.1f} "
+                f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {int(r['errors']):>6}")
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
+    return results
 
 
 @cli.command("bench-transports")
@@ -523,22 +626,25 @@ def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tu
 @click.option("--seconds", default=20.0, show_default=True, help="concurrent load per transport")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="folder for the JSON, table and plot")
 @click.pass_obj
+@reports
 def bench_transports(obj: Context, server: str, http_address: str, task_name: str, file: Path, policy: str,
-                     sequential: int, clients: int, seconds: float, out: Path) -> None:
+                     sequential: int, clients: int, seconds: float, out: Path) -> dict[str, Any]:
     """Classify over gRPC and over HTTP/JSON side by side against one running server, in one run."""
     from raee.bench import transports
 
     texts = [r.text for r in read_rows(file) if isinstance(r, Row)]
     report = transports.compare(server, http_address, task_name, texts, policy, sequential, clients, seconds,
                                 obj.api_key, progress=lambda line: click.echo(line, err=True))
-    for path in transports.write(report, out, "raee-admin " + " ".join(sys.argv[1:])):
-        click.echo(f"wrote {path}")
+    written = [str(path) for path in transports.write(report, out, "raee-admin " + " ".join(sys.argv[1:]))]
+    for path in written:
+        obj.say(f"wrote {path}")
+    return {**report, "written": written}
 
 
 @cli.command()
 @click.pass_obj
-@friendly_errors
-def index(obj: Context) -> None:
+@reports
+def index(obj: Context) -> dict[str, Any]:
     """Build the embedded vector store's pending indexes (also done at server start and after ingest).
 
     Blocks whatever holds the store while it runs, so it runs here, with the server stopped."""
@@ -550,7 +656,9 @@ def index(obj: Context) -> None:
         raise NotReady(f"{exc}. A running server builds pending indexes when it starts "
                        "(RAEE_INDEX_ON_START): restart it, or stop it and run `raee-admin index`") from None
     seconds = engine.build_index()
-    click.echo(f"{engine.vectors.count():,} points, indexes up to date ({seconds:.1f} s)")
+    points = engine.vectors.count()
+    obj.say(f"{points:,} points, indexes up to date ({seconds:.1f} s)")
+    return {"points": points, "seconds": seconds}
 
 
 @cli.command("bench-scale")
@@ -564,9 +672,9 @@ def index(obj: Context) -> None:
 @click.option("--qdrant-url", help="measure this Qdrant server instead of the embedded store (a scratch collection)")
 @click.option("--out", type=click.Path(path_type=Path), help="write scale.json, scale.md and scale.png here")
 @click.pass_obj
-@friendly_errors
+@reports
 def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int, keys: str,
-                text_files: tuple[Path, ...], qdrant_url: str | None, out: Path | None) -> None:
+                text_files: tuple[Path, ...], qdrant_url: str | None, out: Path | None) -> dict[str, Any]:
     """Tenant-filtered top-12 query latency and recall as the vector store grows, before and after indexing."""
     import numpy as np
 
@@ -585,7 +693,7 @@ def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int
     dim = key_source.shape[1] if isinstance(key_source, np.ndarray) else 384
     factory = scale.server_store_factory(qdrant_url, dim) if qdrant_url else None
     results = scale.scale(sizes, tenants=tenants, queries=queries, keys=key_source, store_factory=factory)
-    click.echo(scale.table(results))
+    obj.say(scale.table(results))
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "scale.json").write_text(json.dumps({"command": " ".join(sys.argv[1:]), "keys": keys,
@@ -593,6 +701,7 @@ def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int
         (out / "scale.md").write_text(scale.table(results) + "\n")
         scale.plot(results, out / "scale.png")
         click.echo(f"wrote {out}/scale.json, scale.md, scale.png", err=True)
+    return {"keys": keys, "store": qdrant_url or "embedded", "results": results}
 
 
 @cli.command()
@@ -600,8 +709,8 @@ def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int
 @click.option("--validation", default=300, show_default=True, help="validation records (leave-one-out)")
 @click.option("--all", "show_all", is_flag=True, help="print every candidate, not just the best ten")
 @click.pass_obj
-@friendly_errors
-def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> None:
+@reports
+def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> dict[str, Any]:
     """Choose the task's `auto` policy and k on a validation split of its own records, and store it."""
     from raee.core import auto as tuning
 
@@ -611,21 +720,23 @@ def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> None:
     ranked = tuning.choose(rows, engine.depth, spec.label_names, heads=engine.heads(task_name),
                            objective=spec.objective)
     objective = spec.objective.replace("_", " ")
-    click.echo(f"{'policy':<22} {'k':>3} {objective:>17} {'mean exit':>10}")
-    for name, k, acc, mean in ranked if show_all else ranked[:10]:
-        click.echo(f"{name:<22} {k:>3} {100 * acc:>16.1f}% {mean:>10.2f}")
+    shown = ranked if show_all else ranked[:10]
+    obj.say(f"{'policy':<22} {'k':>3} {objective:>17} {'mean exit':>10}")
+    for name, k, acc, mean in shown:
+        obj.say(f"{name:<22} {k:>3} {100 * acc:>16.1f}% {mean:>10.2f}")
     choice = tuning.tune(engine, task_name, validation)
-    click.echo(f"auto: the least mean exit within half a standard error of the best {objective}")
-    click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k} ({objective} "
-               f"{100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
+    obj.say(f"auto: the least mean exit within half a standard error of the best {objective}")
+    obj.say(f"auto for {task_name}: {choice.policy} with k = {choice.k} ({objective} "
+            f"{100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
+    return {"candidates": [{"policy": name, "k": k, spec.objective: acc, "mean_exit": mean}
+                           for name, k, acc, mean in shown], "choice": choice.to_dict()}
 
 
 @cli.command("fit-heads")
 @click.option("--task", "task_name", required=True)
-@click.option("--json", "as_json", is_flag=True, help="the fit's summary as one JSON object")
 @click.pass_obj
-@friendly_errors
-def fit_heads_cmd(obj: Context, task_name: str, as_json: bool) -> None:
+@reports
+def fit_heads_cmd(obj: Context, task_name: str) -> dict[str, Any]:
     """Fit the task's exit heads (a linear head per exit on its records' exit features, C chosen by
     cross-validation) as a new version, then re-choose its `auto` policy."""
     from raee.core import auto
@@ -633,60 +744,62 @@ def fit_heads_cmd(obj: Context, task_name: str, as_json: bool) -> None:
     engine = obj.engine
     heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True))
     choice = auto.tune(engine, task_name)
-    if as_json:
-        click.echo(json.dumps({**heads.summary(), "auto": choice.to_dict()}, indent=2))
-        return
-    click.echo(f"exit heads v{heads.version} for {task_name}: {len(heads.record_ids)} records, "
-               f"{heads.seconds:.1f} s")
-    click.echo("out-of-fold accuracy per exit: " + " ".join(
+    obj.say(f"exit heads v{heads.version} for {task_name}: {len(heads.record_ids)} records, "
+            f"{heads.seconds:.1f} s")
+    obj.say("out-of-fold accuracy per exit: " + " ".join(
         f"L{layer}={100 * a:.1f}%" for layer, a in enumerate(heads.accuracy)))
-    click.echo(f"best exit {heads.best_exit}; auto for {task_name}: {choice.policy} with k = {choice.k} "
-               f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f})")
+    obj.say(f"best exit {heads.best_exit}; auto for {task_name}: {choice.policy} with k = {choice.k} "
+            f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f})")
+    return {**heads.summary(), "auto": choice.to_dict()}
 
 
 @cli.command("backfill-features")
 @click.option("--task", "task_name", required=True)
 @click.pass_obj
-@friendly_errors
-def backfill_features(obj: Context, task_name: str) -> None:
+@reports
+def backfill_features(obj: Context, task_name: str) -> dict[str, Any]:
     """Compute exit features for records stored before exit heads existed (one forward each)."""
     engine = obj.engine
     missing = len(engine.metadata.without_features(task_name))
     with tqdm(total=missing, unit="record", desc=f"features {task_name}", file=sys.stderr) as bar:
         done = engine.backfill_features(task_name, progress=bar.update)
-    click.echo(f"exit features added to {done} records of {task_name}")
+    obj.say(f"exit features added to {done} records of {task_name}")
+    return {"task": task_name, "records": done}
 
 
 @cli.command()
 @click.option("--task", "tasks", multiple=True, help="task to check (repeatable; default: all)")
 @click.option("--repair", is_flag=True, help="recompute rows missing from the vector store, delete orphan vectors")
 @click.pass_obj
-@friendly_errors
-def doctor(obj: Context, tasks: tuple[str, ...], repair: bool) -> None:
+@reports
+def doctor(obj: Context, tasks: tuple[str, ...], repair: bool) -> list[dict[str, Any]]:
     """Report (and with --repair fix) records present in one store and missing in the other."""
     from raee.core import doctor as checks
 
     engine = obj.engine
     names = list(tasks) or [i.spec.name for i in engine.metadata.list_tasks()]
-    unhealthy = 0
+    found = []
     for name in names:
         diagnosis = checks.diagnose(engine, name)
-        click.echo(diagnosis.summary())
+        first = diagnosis.summary()
+        obj.say(first)
         if not diagnosis.healthy and repair:
             diagnosis = checks.repair(engine, diagnosis)
-            click.echo("  repaired -> " + diagnosis.summary())
-        unhealthy += not diagnosis.healthy
+            obj.say("  repaired -> " + diagnosis.summary())
+        found.append({"task": name, "found": first, "healthy": diagnosis.healthy, "now": diagnosis.summary()})
+    unhealthy = sum(not f["healthy"] for f in found)
     if unhealthy:
         click.echo(f"error: {unhealthy} task(s) inconsistent; run with --repair", err=True)
-        sys.exit(1)
+        obj.exit_code = EXIT_REJECTED
+    return found
 
 
 @cli.command()
 @click.option("--revision", default="head", show_default=True, help="target revision")
 @click.option("--downgrade", is_flag=True, help="downgrade to --revision (e.g. base) instead of upgrading")
 @click.pass_obj
-@friendly_errors
-def migrate(obj: Context, revision: str, downgrade: bool) -> None:
+@reports
+def migrate(obj: Context, revision: str, downgrade: bool) -> dict[str, Any]:
     """Migrate the metadata database (SQLite in the data dir, or RAEE_DATABASE_URL) to a schema revision."""
     from sqlalchemy import create_engine
 
@@ -697,8 +810,10 @@ def migrate(obj: Context, revision: str, downgrade: bool) -> None:
     before = migrations.current_revision(engine)
     (migrations.downgrade if downgrade else migrations.upgrade)(engine, revision)
     after = migrations.current_revision(engine)
-    click.echo(f"{engine.url.render_as_string(hide_password=True)}: schema {before or 'empty'} -> {after or 'base'}")
+    url = engine.url.render_as_string(hide_password=True)
+    obj.say(f"{url}: schema {before or 'empty'} -> {after or 'base'}")
     engine.dispose()
+    return {"database": url, "before": before, "after": after}
 
 
 @cli.command()
@@ -722,7 +837,7 @@ def demo(ctx: click.Context) -> None:
         ctx.invoke(ingest, task_name="sst2", file=sample, text_column="text", label_column="label", fmt=None,
                    limit=None)
     ctx.invoke(classify, task_name="sst2", texts=tuple(DEMO_SENTENCES), policy="paper", k=None,
-               show_neighbours=False, as_json=False)
+               show_neighbours=False)
 
 
 @cli.command()
@@ -736,34 +851,49 @@ def demo(ctx: click.Context) -> None:
 @click.option("--retry", is_flag=True, help="clients back off and retry as RaeeClient does (else: resend after 10 ms)")
 @click.option("--json-out", type=click.Path(path_type=Path))
 @click.pass_obj
+@reports
 def soak(obj: Context, server: str, task_name: str, clients: int, seconds: float, warmup: float, pid: int | None,
-         policy: str, retry: bool, json_out: Path | None) -> None:
+         policy: str, retry: bool, json_out: Path | None) -> dict[str, Any]:
     """Bounded load test: concurrent clients for a fixed time; codes, p50/p95/p99, memory."""
     from raee.bench.soak import soak as run
 
     result = run(server, task_name, clients, seconds, warmup, obj.api_key, pid, policy, retry)
     summary = result.to_dict()
-    click.echo(json.dumps(summary, indent=2))
+    obj.say(json.dumps(summary, indent=2))
     if json_out:
         json_out.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 @cli.command()
-@click.option("--server", required=True, metavar="HOST:PORT")
+@server_option
 @click.option("--timeout", default=3.0, show_default=True)
-def health(server: str, timeout: float) -> None:
-    """Exit 0 when the server's health check says SERVING (for container health checks)."""
+@click.option("--service", default="readiness", show_default=True, type=click.Choice(["readiness", "liveness"]),
+              help="readiness: models loaded and stores reachable; liveness: the process and its worker run")
+@click.pass_obj
+@reports
+def health(obj: Context, server: str | None, timeout: float, service: str) -> dict[str, str]:
+    """Exit 0 when the server's health check says SERVING, else 1 (for container health checks).
+    Uses --tls-ca (and --tls-cert, --tls-key) for a TLS server."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if not server:
+        raise click.UsageError("give --server HOST:PORT (or RAEE_SERVER)")
+    credentials = obj.channel_credentials()
+    channel = grpc.secure_channel(server, credentials) if credentials else grpc.insecure_channel(server)
     try:
-        with grpc.insecure_channel(server) as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+        with channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError as exc:
-        click.echo(f"{server}: {exc.code().name}", err=True)
-        sys.exit(1)
-    click.echo(f"{server}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
-    sys.exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
+        status = exc.code().name
+    obj.say(f"{server}: {status}")
+    if status != "SERVING":
+        obj.exit_code = EXIT_REJECTED
+    return {"server": server, "service": service, "status": status}
+
 
 
 @cli.command()

@@ -1,0 +1,160 @@
+"""Every `raee-admin` command that reports takes --json and prints one JSON document, nothing else, on
+stdout; exit codes tell usage errors, refused input and an unreachable service apart.
+
+The walk is over click's own command tree, so a command added later without --json fails here."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from raee.cli.main import EXIT_REFUSED, EXIT_REJECTED, EXIT_UNAVAILABLE, EXIT_USAGE, cli
+
+from .conftest import write_tsv
+from .processes import free_port, start_server
+from .test_cli import SPEC
+from .test_concurrent_writers import corpus
+from .tiny_models import save_tiny_backbone
+
+# Commands that report nothing a script would parse, and why.
+NOT_REPORTING = {
+    "serve": "runs the server until stopped",
+    "demo": "a guided tour: builds the demo database, then prints classify's lines",
+    "openapi": "prints the OpenAPI document, which is JSON already",
+}
+
+
+def walk(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, click.Command]]:
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from walk(command, (*prefix, name))
+        else:
+            yield " ".join((*prefix, name)), command
+
+
+COMMANDS = dict(walk(cli))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A tiny-model data dir with a task and records, a data root for the benches, and a running server
+    (its own data dir) with HTTP on, for the commands that drive one."""
+    root = tmp_path_factory.mktemp("cli-json")
+    model = save_tiny_backbone(root / "model")
+    base = ["--data-dir", str(root / "data"), "--backbone", str(model), "--encoder", "hashing:32"]
+    (root / "s.toml").write_text(SPEC)
+    rows = corpus(120)
+    for task in ("sst2",):
+        (root / "corpora" / task).mkdir(parents=True)
+        write_tsv(root / "corpora" / task / "train.tsv", rows[:80])
+        write_tsv(root / "corpora" / task / "dev.tsv", rows[80:])
+    data = write_tsv(root / "rows.tsv", rows[:40])  # enough records for exit heads
+    address, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    server_base = ["--data-dir", str(root / "served"), "--backbone", str(model), "--encoder", "hashing:32"]
+    proc = start_server(server_base, address, dict(os.environ), http_address=http)
+    runner = CliRunner()
+    runner.invoke(cli, [*server_base[:2], "task", "create", "--file", str(root / "s.toml"), "--server", address],
+                  catch_exceptions=False)
+    runner.invoke(cli, ["ingest", "--task", "sentiment", str(data), "--server", address], catch_exceptions=False)
+    yield {"root": root, "base": base, "data": data, "address": address, "http": http}
+    proc.terminate()
+    proc.wait(60)
+
+
+def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
+    """One run per reporting command, in an order where each finds what it needs."""
+    root, data, address = s["root"], str(s["data"]), s["address"]
+    dev = str(root / "corpora" / "sst2" / "dev.tsv")
+    return {
+        "migrate": ["migrate"],
+        "task create": ["task", "create", "--file", str(root / "s.toml")],
+        "ingest": ["ingest", "--task", "sentiment", data],
+        "task list": ["task", "list"],
+        "task show": ["task", "show", "sentiment"],
+        "ingest-batches": ["ingest-batches"],
+        "classify": ["classify", "--task", "sentiment", "--neighbours", "a great film", "awful"],
+        "eval": ["eval", "--task", "sentiment", data, "--policy", "paper"],
+        "tune": ["tune", "--task", "sentiment", "--validation", "8"],
+        "fit-heads": ["fit-heads", "--task", "sentiment"],
+        "backfill-features": ["backfill-features", "--task", "sentiment"],
+        "index": ["index"],
+        "doctor": ["doctor"],
+        "key create": ["key", "create", "--name", "ops", "--admin", "--file", str(root / "keys.toml")],
+        "bench": ["bench", "sst2", "--data", str(root / "corpora"), "--train-rows", "60", "--dev-rows", "20",
+                  "--latency-rows", "2", "--sweep", "k", "--out", str(root / "bench")],
+        "bench-shift": ["bench-shift", "sst2", "--data", str(root / "corpora"), "--train-rows", "80", "--records",
+                        "40", "--dev-rows", "20", "--out", str(root / "shift")],
+        "bench-scale": ["bench-scale", "--size", "300", "--tenants", "3", "--queries", "5"],
+        "health": ["health", "--server", address],
+        "loadtest": ["loadtest", "--server", address, "--task", "sentiment", data, "--policy", "paper",
+                     "--clients", "2", "--seconds", "1", "--sequential", "3"],
+        "soak": ["soak", "--server", address, "--task", "sentiment", "--clients", "2", "--seconds", "1",
+                 "--warmup", "0"],
+        "bench-transports": ["bench-transports", "--server", address, "--http", s["http"], "--task", "sentiment",
+                             dev, "--sequential", "3", "--clients", "2", "--seconds", "1", "--out",
+                             str(root / "transports")],
+        "task delete": ["task", "delete", "sentiment", "--yes"],
+    }
+
+
+def test_every_reporting_command_takes_json() -> None:
+    missing = [name for name, command in COMMANDS.items()
+               if name not in NOT_REPORTING and not any(p.name == "as_json" for p in command.params)]
+    assert not missing, f"commands without --json: {missing}"
+
+
+def test_each_reporting_command_prints_one_json_document_and_nothing_else(setup: dict[str, Any]) -> None:
+    runs = invocations(setup)
+    assert set(runs) == set(COMMANDS) - set(NOT_REPORTING), "a reporting command is not exercised here"
+    runner = CliRunner()
+    for name, args in runs.items():
+        global_flags = setup["base"] if name not in ("health", "loadtest", "soak", "bench-transports") else []
+        result = runner.invoke(cli, [*global_flags, *args, "--json"], catch_exceptions=False)
+        assert result.exit_code == 0, f"{name}: exit {result.exit_code}: {result.output[-2000:]}"
+        try:
+            document = json.loads(result.stdout)
+        except json.JSONDecodeError as exc:
+            raise AssertionError(f"{name} --json printed more than one JSON document: {result.stdout[:500]!r}") \
+                from exc
+        assert document not in (None, "", [], {}) or name == "ingest-batches", f"{name}: empty report"
+    # `--json` before the command works too (one global flag).
+    listed = json.loads(runner.invoke(cli, [*setup["base"], "--json", "task", "list"]).stdout)
+    assert "sentiment" not in [t["name"] for t in listed] and "sst2" in [t["name"] for t in listed]
+
+
+def test_exit_codes_tell_usage_refusal_rejection_and_unavailability_apart(setup: dict[str, Any]) -> None:
+    runner = CliRunner()
+    base = setup["base"]
+
+    def code(*args: str) -> tuple[int, str]:
+        result = runner.invoke(cli, [*base, *args], catch_exceptions=False)
+        assert "Traceback" not in result.output
+        return result.exit_code, result.output
+
+    assert code("classify", "--nonsense")[0] == EXIT_USAGE
+    assert code("classify", "--task", "no-such-task", "hello")[0] == EXIT_REFUSED
+    bad = write_tsv(setup["root"] / "bad.tsv", [("fine", "positive"), ("", "negative")])
+    code("task", "create", "--file", str(setup["root"] / "s.toml"))
+    status, output = code("ingest", "--task", "sentiment", str(bad), "--json")
+    assert status == EXIT_REJECTED and json.loads(output.splitlines()[-1])["rejected"][0]["line"] == 3
+    status, output = code("--server", f"127.0.0.1:{free_port()}", "task", "list")
+    assert status == EXIT_UNAVAILABLE and "UNAVAILABLE" in output
+    status, output = code("health", "--server", f"127.0.0.1:{free_port()}", "--timeout", "1", "--json")
+    assert status == EXIT_REJECTED and json.loads(output.splitlines()[-1])["status"] == "UNAVAILABLE"
+    status, output = code("soak", "--server", "10.1.2.3:50051", "--task", "t", "--seconds", "1")
+    assert status == EXIT_REFUSED and "not a loopback address" in output
+    code("task", "delete", "sentiment", "--yes")
+
+
+def test_client_certificate_options_need_each_other(setup: dict[str, Any], tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("not a certificate")
+    result = CliRunner().invoke(cli, ["--tls-cert", str(pem), "health", "--server", setup["address"]])
+    assert result.exit_code == EXIT_USAGE and "--tls-ca" in result.output
