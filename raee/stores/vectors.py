@@ -247,6 +247,19 @@ class EdgeVectorStore:
                 self._shard = None  # type: ignore[assignment]  # closed: only ping()/close() may run after this
 
 
+def check_peers(client: Any, replication_factor: int) -> None:
+    """Refuse (NotReady: the server retries) to create a replicated collection before the cluster has
+    the peers to hold the replicas: created early, every shard would stay on the first node."""
+    try:
+        status = client.cluster_status()
+    except NotImplementedError:  # the in-memory mode has no cluster
+        return
+    peers = len(getattr(status, "peers", None) or {})
+    if getattr(status, "status", "disabled") != "enabled" or peers < replication_factor:
+        raise NotReady(f"Qdrant cluster has {peers} peer(s) ({getattr(status, 'status', '?')}); replication factor "
+                       f"{replication_factor} needs at least {replication_factor}: waiting for the others to join")
+
+
 class QdrantServerStore:
     """A Qdrant server or cluster through qdrant-client (gRPC), or its in-memory mode (`:memory:`).
 
@@ -282,6 +295,8 @@ class QdrantServerStore:
             if size != dim:
                 raise StoreMismatch(f"collection {collection}: built with {size}-d keys, the encoder gives {dim}-d")
             return
+        if replication_factor and replication_factor > 1:
+            check_peers(self.client, replication_factor)
         self.client.create_collection(
             collection,
             vectors_config={VECTOR_NAME: models.VectorParams(size=dim, distance=models.Distance.COSINE)},
