@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "raee"
 # Lower layers never import higher ones. Same rank: independent of each other.
-RANK = {"errors": 0, "types": 1, "settings": 1, "protos": 1, "client": 2, "models": 3, "stores": 4, "core": 5,
-        "serving": 6, "bench": 7, "cli": 8}
+RANK = {"errors": 0, "types": 1, "settings": 1, "protos": 1, "tracing": 1, "client": 2, "models": 3, "stores": 4,
+        "core": 5, "serving": 6, "bench": 7, "cli": 8}
 
 
 def modules() -> dict[str, Path]:

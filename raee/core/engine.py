@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sqlalchemy.exc import OperationalError
 
+from raee import tracing
 from raee.core.heads import ExitHeads
 from raee.core.policies import Decision, ExitPolicy, bind, mix, parse_policy, reads_heads, uses_head_exits
 from raee.core.prior import PriorTracker
@@ -237,12 +238,14 @@ class Engine:
     def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
         """The k nearest records of each text, each weighed by its label's prior correction."""
         t0 = time.perf_counter()
-        keys = self.encoder.encode(texts)
+        with tracing.span("raee.encode", texts=len(texts)):
+            keys = self.encoder.encode(texts)
         t1 = time.perf_counter()
-        found = self.vectors.search(task, keys, k)
-        weights = self.label_weights(task)
-        if weights:
-            found = [[replace(n, weight=weights.get(n.label, 1.0)) for n in row] for row in found]
+        with tracing.span("raee.retrieve", k=k):
+            found = self.vectors.search(task, keys, k)
+            weights = self.label_weights(task)
+            if weights:
+                found = [[replace(n, weight=weights.get(n.label, 1.0)) for n in row] for row in found]
         t2 = time.perf_counter()
         return found, {"encode_us": _us(t1 - t0), "retrieve_us": _us(t2 - t1)}
 
@@ -304,11 +307,12 @@ class Engine:
         seen = [self.head_judged(n, heads, spec) for n in found] if heads and uses_head_exits(chosen) else found
         decisions = [chosen.decide(n, self.depth, spec.label_names) for n in seen]
         t0 = time.perf_counter()
-        probs, exits = self.forward_at(spec, head, texts, decisions, heads)
-        tracker = self.prior_tracker(task)
-        if tracker is not None:  # learn from the answers as made, then answer toward the traffic's mix
-            tracker.observe(probs)
-            probs = tracker.adjust(probs)
+        with tracing.span("raee.forward", policy=chosen.name, texts=len(texts)):
+            probs, exits = self.forward_at(spec, head, texts, decisions, heads)
+            tracker = self.prior_tracker(task)
+            if tracker is not None:  # learn from the answers as made, then answer toward the traffic's mix
+                tracker.observe(probs)
+                probs = tracker.adjust(probs)
         timings["forward_us"] = _us(time.perf_counter() - t0)
         return [
             Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings),

@@ -25,6 +25,7 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from raee import tracing
 from raee.core import auto
 from raee.core.datafile import check_row
 from raee.core.engine import Engine, IngestSession
@@ -649,7 +650,7 @@ class RaeeServer:
         self.worker = ModelWorker(settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
                                   self.metrics)
         limits = settings.max_message_bytes
-        self.server = grpc.aio.server(interceptors=[RequestDecoding()], options=[
+        self.server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), RequestDecoding()], options=[
             ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
         keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
         self.servicer = RaeeServicer(self.worker, self.metrics, settings, keys)
@@ -825,6 +826,8 @@ class RaeeServer:
 
 
 async def serve(settings: Settings) -> None:
+    if tracing.configure():
+        log.info("tracing on (OTEL_* variables)")
     server = RaeeServer(settings)
     await server.start()
     stopping = asyncio.Event()

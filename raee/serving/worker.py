@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from raee import tracing
 from raee.core.engine import Engine
 from raee.core.policies import ExitPolicy
 from raee.errors import DeadlineExpired, NotReady, Overloaded, RaeeError
@@ -50,6 +51,7 @@ class ClassifyJob:
     done_texts: int = 0  # texts [0, done_texts) are answered (chunks are taken in order)
     taken: int = 0  # texts [0, taken) are answered or in the batch being computed
     results: list[Prediction] = field(default_factory=list)
+    trace_context: Any = None  # the caller's trace (raee.tracing), continued by the batch's span
 
     def abandoned(self, now: float) -> bool:
         """The caller is gone (cancelled, or its deadline passed): computing more is waste."""
@@ -132,7 +134,7 @@ class ModelWorker:
                        deadline: float | None = None) -> tuple[list[Prediction], float]:
         """Answers and the time the job was queued (time.monotonic())."""
         future: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
-        job = ClassifyJob(task, texts, policy, k, deadline, future)
+        job = ClassifyJob(task, texts, policy, k, deadline, future, trace_context=tracing.current())
         self._submit(job)
         result = await future
         return result, job.enqueued
@@ -310,8 +312,11 @@ class ModelWorker:
         for (task, policy_name, k), members in groups.items():
             texts = [t for i in members for t in batch[i][0].texts[batch[i][1] : batch[i][2]]]
             start = time.perf_counter()
+            callers = [batch[i][0].trace_context for i in members]
             try:
-                predictions = self.engine.classify_validated(task, texts, policies[policy_name], k)
+                with tracing.span("raee.batch", parent=callers[0], linked=callers, task=task, policy=policy_name,
+                                  k=k, texts=len(texts), requests=len(members)):
+                    predictions = self.engine.classify_validated(task, texts, policies[policy_name], k)
             except Exception as exc:
                 if not isinstance(exc, RaeeError):
                     log.exception("batch of %d texts for task %s failed", len(texts), task)
