@@ -318,9 +318,13 @@ def test_expired_and_cancelled_calls_are_counted_with_their_codes(served: Served
     busy.result()
     time.sleep(1.0)  # a handler may still be finishing
     after = counted()
-    assert after["OK"] - before["OK"] == codes.count(grpc.StatusCode.OK)
+    ok = after["OK"] - before["OK"]
     ended = after["DEADLINE_EXCEEDED"] + after["CANCELLED"] - before["DEADLINE_EXCEEDED"] - before["CANCELLED"]
-    assert ended <= len(codes) - codes.count(grpc.StatusCode.OK)  # calls that never reached a handler are not
+    assert ok + ended <= len(codes)  # each call counted once at most; calls that never reached a handler are not
+    # The server counts what the caller sees: OK only for an answer made before the deadline. An answer
+    # made at the deadline itself can still be seen on one side and not the other (it is in flight when
+    # the deadline passes), so the two views may differ by that one call, no more.
+    assert abs(ok - codes.count(grpc.StatusCode.OK)) <= 1, (ok, codes)
 
 
 def test_made_up_task_names_do_not_become_metric_labels(served: Served) -> None:

@@ -1,4 +1,6 @@
-"""The gRPC front end: thin servicers that convert protobuf to engine calls and map errors to codes.
+"""The gRPC front end: thin servicers that convert protobuf to engine calls (interceptors.py checks keys,
+counts, logs and maps failures to codes around them), and the server that runs them with health,
+reflection, metrics and the HTTP/JSON gateway.
 
 Health (`grpc.health.v1`) is NOT_SERVING until the model and stores are loaded
 and again during shutdown; reflection is on; metrics are served on their own port.
@@ -16,11 +18,10 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -29,29 +30,26 @@ from raee import tracing
 from raee.core import auto
 from raee.core.datafile import check_row
 from raee.core.engine import Engine, IngestSession
-from raee.errors import (
-    DeadlineExpired,
-    InvalidInput,
-    NotReady,
-    Overloaded,
-    PermissionDenied,
-    RaeeError,
-    StoreMismatch,
-    TaskExists,
-    TaskNotFound,
-    Unauthenticated,
-    clip,
-)
+from raee.errors import InvalidInput, NotReady, RaeeError, Unauthenticated, clip
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from raee.serving import logs
-from raee.serving.auth import KeyRing, Principal
+from raee.serving.auth import KeyRing
 from raee.serving.fitter import fit_heads_in_child
 from raee.serving.gateway import Gateway, tls_context
+from raee.serving.interceptors import (
+    Accounting,
+    ObservedCalls,
+    RequestDecoding,
+    Undecodable,
+    ended_code,
+    failure,
+    key_of,
+)
 from raee.serving.metrics import Metrics, RecentAnswers
 from raee.serving.worker import ModelWorker
 from raee.settings import Settings
-from raee.types import METADATA_KEY, Label, Prediction, Rejected, Row, TaskSpec
+from raee.types import Label, Prediction, Rejected, Row, TaskSpec
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RaeeService"].full_name
@@ -60,139 +58,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RaeeService"].full_name
 # restart when it fails. A store outage turns readiness off, never liveness.
 READINESS = ("", SERVICE_NAME, "readiness")
 LIVENESS = "liveness"
-R = TypeVar("R")
-MAX_MESSAGE = 2048  # characters of an error message sent to a caller
-OTHER_TASK = "_other"  # the metrics label of every task name that does not exist (task names start alphanumeric)
-
-# The one place that decides which status code a failure gets. Anything else is
-# INTERNAL with a generic message (the traceback goes to the log, never to the caller).
-STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    TaskNotFound: grpc.StatusCode.NOT_FOUND,
-    TaskExists: grpc.StatusCode.ALREADY_EXISTS,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    StoreMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-}
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    from sqlalchemy.exc import OperationalError
-
-    for kind, code in STATUS_CODES.items():
-        if isinstance(exc, kind):
-            message = str(exc)  # gRPC drops a status whose message overflows its 8 KB metadata limit
-            return code, message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
-    if isinstance(exc, OperationalError):  # the metadata database went away: retry later, nothing was stored
-        return grpc.StatusCode.UNAVAILABLE, "metadata database unreachable; retry later"
-    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
-
-
-def error_details(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, str | bytes], ...]:
-    """The failure as a google.rpc.Status with standard details, in the `grpc-status-details-bin`
-    trailer: ErrorInfo (a stable reason), BadRequest (the request field at fault), RetryInfo (when
-    a retry can help, after how long). Clients that do not read details still get code and message."""
-    from google.protobuf import any_pb2, duration_pb2
-    from google.rpc import error_details_pb2, status_pb2
-    from grpc_status import rpc_status
-
-    details = []
-    if isinstance(exc, RaeeError):
-        details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain="raee.v1"))
-        if isinstance(exc, InvalidInput) and exc.field:
-            details.append(error_details_pb2.BadRequest(field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=message)]))
-        if exc.retry_after is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(exc.retry_after * 1e9))
-            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    elif code is grpc.StatusCode.UNAVAILABLE:  # the SQL store went away: worth a retry later
-        delay = duration_pb2.Duration(seconds=1)
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    packed = []
-    for detail in details:
-        wrapper = any_pb2.Any()
-        wrapper.Pack(detail)
-        packed.append(wrapper)
-    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=packed))
-    return tuple(status.trailing_metadata)
-
-
-def _expired(context: grpc.aio.ServicerContext) -> bool:
-    remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
-
-
-def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The code of a call whose handler was cancelled: its deadline passed, or the client went away."""
-    return grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
-
-
-class Undecodable:
-    """A stream message that is not valid protobuf (or holds invalid UTF-8): answered, never raised."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def error(self, method: str) -> InvalidInput:
-        return InvalidInput(f"request: not a valid {method} message ({self.reason})")
-
-
-class RequestDecoding(grpc.aio.ServerInterceptor):
-    """Decode request messages inside the servicer's reach, so a malformed body is INVALID_ARGUMENT
-    with a one-line log (gRPC's own decoding answers UNKNOWN and logs a traceback each time).
-
-    Unary calls are aborted; a stream's undecodable message reaches the servicer as an `Undecodable`.
-    """
-
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-                                details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        decode = handler.request_deserializer
-        method = str(details.method).rsplit("/", 1)[-1]
-
-        def parse(raw: bytes) -> Any:
-            try:
-                return decode(raw)
-            except (DecodeError, UnicodeDecodeError, ValueError) as exc:
-                log.warning("%s: undecodable request message: %s", method, exc)
-                return Undecodable(str(exc) or type(exc).__name__)
-
-        async def messages(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-            async for raw in raw_iterator:
-                yield parse(raw)
-
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-                request = parse(raw)
-                if isinstance(request, Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error(method)))
-                return await inner_uu(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
-        if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-                return await inner_su(messages(raw), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, None, handler.response_serializer)
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-                async for response in inner_ss(messages(raw), context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
-        return handler  # unary-stream: this service has none
 
 
 def check_exposure(settings: Settings) -> None:
@@ -271,81 +136,22 @@ def to_response(p: Prediction, labels: Sequence[str], queued_since: float, start
 
 
 class RaeeServicer(pb_grpc.RaeeServiceServicer):
-    def __init__(self, worker: ModelWorker, metrics: Metrics, settings: Settings,
-                 keys: KeyRing | None = None) -> None:
+    """What each RPC does. ObservedCalls (interceptors.py) wraps the unary and client-streaming ones:
+    key checks, metrics, the access log and the status code of a failure are not repeated here."""
+
+    def __init__(self, worker: ModelWorker, settings: Settings, accounting: Accounting) -> None:
         self.worker = worker
-        self.metrics = metrics
+        self.metrics = accounting.metrics
         self.settings = settings
-        self.keys = keys
-        self.known_tasks: set[str] = set()  # filled when the engine loads; grows with answers and CreateTask
+        self.accounting = accounting
+        self.keys = accounting.keys
         self.recent = RecentAnswers()
-
-    # -- helpers ---------------------------------------------------------------
-
-    def _authorize(self, context: grpc.aio.ServicerContext, method: str, task: str | None) -> Principal | None:
-        """With keys configured: the caller's key must exist, and grant `task` (or admin for admin RPCs)."""
-        if self.keys is None:
-            return None
-        return self.keys.authorize(self._key(context), method, task)
-
-    @staticmethod
-    def _key(context: grpc.aio.ServicerContext) -> str | None:
-        key = dict(context.invocation_metadata() or ()).get(METADATA_KEY)
-        return key if isinstance(key, str) else None
-
-    def _task_label(self, task: str | None, code: grpc.StatusCode) -> str:
-        """Metric labels name only tasks that exist: a made-up name must not grow the exposition."""
-        if not task:
-            return "-"
-        if code is grpc.StatusCode.OK:  # an answer proves the task exists
-            self.known_tasks.add(task)
-        return task if task in self.known_tasks else OTHER_TASK
-
-    def _count(self, method: str, task: str | None, code: grpc.StatusCode, seconds: float) -> None:
-        self.metrics.requests.labels(method, self._task_label(task, code), code.name).inc()
-        self.metrics.latency.labels(method).observe(seconds)
-
-    @staticmethod
-    def _failure(exc: Exception, what: str) -> tuple[grpc.StatusCode, str]:
-        """The status a failure gets; an unexpected one (INTERNAL) is logged with its traceback."""
-        code, message = status_of(exc)
-        if code is grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", what)
-        return code, message
-
-    async def _observe(self, method: str, task: str | None, context: grpc.aio.ServicerContext,
-                       work: Callable[[], Awaitable[R]]) -> R:
-        """Run one RPC's work: check its key, count it by code, time it, and turn failures into codes."""
-        start = time.monotonic()
-        code = grpc.StatusCode.UNKNOWN
-        rid = logs.request_id(context.invocation_metadata())
-        trailer = ((logs.REQUEST_ID_KEY, rid),)
-        context.set_trailing_metadata(trailer)
-        exit_layer = None
-        try:
-            self._authorize(context, method, task)
-            result = await work()
-            exit_layer = getattr(result, "exit_layer", None)
-            # An answer that comes after the caller's deadline never reaches it: count what it sees.
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.OK
-            return result
-        except asyncio.CancelledError:  # the client cancelled or its deadline passed: count it as that
-            code = _ended_code(context)
-            raise
-        except Exception as exc:
-            code, message = self._failure(exc, method)
-            await context.abort(code, message, trailer + error_details(exc, code, message))
-            raise  # unreachable: abort raises
-        finally:
-            elapsed = time.monotonic() - start
-            self._count(method, task, code, elapsed)
-            logs.log_access(method, task, code.name, elapsed, rid, exit_layer)
 
     async def _classify(self, task: str, texts: list[str], options: pb.ClassifyOptions,
                         context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
         started = time.monotonic()
         if method:  # a stream: each request names its own task
-            self._authorize(context, method, task)
+            self.accounting.authorize(context, method, task)
         if options.truncate:
             texts = [t[: self.settings.max_text_chars] for t in texts]
         predictions, queued_since = await self.worker.classify(
@@ -359,25 +165,19 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
     # -- RPCs --------------------------------------------------------------------
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        async def work() -> pb.ClassifyResponse:
-            response = (await self._classify(request.task, [request.text], request.options, context))[0]
-            response.request_id = request.request_id
-            return response
-
-        return await self._observe("Classify", request.task, context, work)
+        response = (await self._classify(request.task, [request.text], request.options, context))[0]
+        response.request_id = request.request_id
+        return response
 
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
                             context: grpc.aio.ServicerContext) -> pb.ClassifyBatchResponse:
-        async def work() -> pb.ClassifyBatchResponse:
-            if not request.texts:
-                raise InvalidInput("texts: no text given")
-            if len(request.texts) > self.settings.max_batch_texts:
-                raise InvalidInput(f"texts: {len(request.texts)} texts, over the limit of "
-                                   f"{self.settings.max_batch_texts} per request (RAEE_MAX_BATCH_TEXTS)")
-            return pb.ClassifyBatchResponse(
-                results=await self._classify(request.task, list(request.texts), request.options, context))
-
-        return await self._observe("ClassifyBatch", request.task, context, work)
+        if not request.texts:
+            raise InvalidInput("texts: no text given")
+        if len(request.texts) > self.settings.max_batch_texts:
+            raise InvalidInput(f"texts: {len(request.texts)} texts, over the limit of "
+                               f"{self.settings.max_batch_texts} per request (RAEE_MAX_BATCH_TEXTS)")
+        return pb.ClassifyBatchResponse(
+            results=await self._classify(request.task, list(request.texts), request.options, context))
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest | Undecodable],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyStreamResponse]:
@@ -387,9 +187,9 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
         # unanswered requests is cancelled: the worker drops it at its next chunk.
         if self.keys is not None:  # the caller is known for the whole stream; each task is checked per message
             try:
-                self.keys.authenticate(self._key(context))
+                self.keys.authenticate(key_of(context))
             except Unauthenticated as exc:
-                self._count("ClassifyStream", None, grpc.StatusCode.UNAUTHENTICATED, 0.0)
+                self.accounting.count("ClassifyStream", None, grpc.StatusCode.UNAUTHENTICATED, 0.0)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
 
@@ -431,15 +231,15 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
             code = grpc.StatusCode.OK
             return pb.ClassifyStreamResponse(index=index, request_id=request.request_id, result=result)
         except asyncio.CancelledError:
-            code = _ended_code(context)
+            code = ended_code(context)
             raise
         except Exception as exc:
-            code, message = self._failure(exc, f"ClassifyStream request {index}")
+            code, message = failure(exc, f"ClassifyStream request {index}")
             return pb.ClassifyStreamResponse(
                 index=index, request_id="" if task is None else request.request_id,  # type: ignore[union-attr]
                 error=status_pb2.Status(code=code.value[0], message=message))
         finally:
-            self._count("ClassifyStream", task, code, time.monotonic() - start)
+            self.accounting.count("ClassifyStream", task, code, time.monotonic() - start)
 
     async def Ingest(self, request_iterator: AsyncIterator[pb.IngestRequest | Undecodable],
                      context: grpc.aio.ServicerContext) -> pb.IngestResponse:
@@ -447,58 +247,53 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
         checked then. Contract on cancel/deadline: what was written stays, and the batch row says
         `cancelled` with its counts (a re-send adds only the missing rows)."""
         task = ""
-
-        async def work() -> pb.IngestResponse:
-            nonlocal task
-            session: IngestSession | None = None
-            status = "failed"
-            size = self.settings.ingest_chunk_rows  # one worker turn each: a Classify waits at most one
-            seen = 0
-            try:
-                async for message in request_iterator:
-                    if isinstance(message, Undecodable):
-                        raise message.error("IngestRequest")
-                    if session is None:
-                        if not message.task:
-                            raise InvalidInput("task: the first Ingest message must name the task")
-                        task = message.task
-                        self._authorize(context, "Ingest", task)
-
-                        def open_session(e: Engine, name: str = task) -> IngestSession:
-                            return e.ingest_session(name, source="grpc")
-
-                        session = await self.worker.call(open_session)
-                    elif message.task and message.task != task:
-                        raise InvalidInput(
-                            f"task: one Ingest call takes one task ({clip(task)}, then {clip(message.task)})")
-                    rows = [check_row(seen + i, ex.text, ex.label) for i, ex in enumerate(message.examples)]
-                    seen += len(rows)
-                    for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
-
-                        def add_chunk(e: Engine, s: IngestSession = session,
-                                      c: list[Row | Rejected] = rows[start : start + size]) -> None:
-                            s.add(c)
-
-                        await self.worker.call(add_chunk)
-                # A cancelled call's message stream just ends, like a finished one; its cancellation is
-                # delivered at the next await: yield once, so that it is recorded as cancelled, not done.
-                await asyncio.sleep(0)
+        session: IngestSession | None = None
+        status = "failed"
+        size = self.settings.ingest_chunk_rows  # one worker turn each: a Classify waits at most one
+        seen = 0
+        try:
+            async for message in request_iterator:
+                if isinstance(message, Undecodable):
+                    raise message.error("IngestRequest")
                 if session is None:
-                    raise InvalidInput("task: no task named in the Ingest stream")
-                status = "done"
-            except asyncio.CancelledError:
-                status = "cancelled"
-                raise
-            finally:
-                if session is not None:
-                    await self._close_batch(session, status)
-            report = session.report
-            self.metrics.ingested.labels(task).inc(report.added)
-            return pb.IngestResponse(
-                added=report.added, already_present=report.present, rejected=len(report.rejected),
-                rejections=[pb.Rejection(index=r.line, reason=r.reason) for r in report.rejected])
+                    if not message.task:
+                        raise InvalidInput("task: the first Ingest message must name the task")
+                    task = message.task
+                    self.accounting.authorize(context, "Ingest", task)
 
-        return await self._observe("Ingest", None, context, work)
+                    def open_session(e: Engine, name: str = task) -> IngestSession:
+                        return e.ingest_session(name, source="grpc")
+
+                    session = await self.worker.call(open_session)
+                elif message.task and message.task != task:
+                    raise InvalidInput(
+                        f"task: one Ingest call takes one task ({clip(task)}, then {clip(message.task)})")
+                rows = [check_row(seen + i, ex.text, ex.label) for i, ex in enumerate(message.examples)]
+                seen += len(rows)
+                for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
+
+                    def add_chunk(e: Engine, s: IngestSession = session,
+                                  c: list[Row | Rejected] = rows[start : start + size]) -> None:
+                        s.add(c)
+
+                    await self.worker.call(add_chunk)
+            # A cancelled call's message stream just ends, like a finished one; its cancellation is
+            # delivered at the next await: yield once, so that it is recorded as cancelled, not done.
+            await asyncio.sleep(0)
+            if session is None:
+                raise InvalidInput("task: no task named in the Ingest stream")
+            status = "done"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            if session is not None:
+                await self._close_batch(session, status)
+        report = session.report
+        self.metrics.ingested.labels(task).inc(report.added)
+        return pb.IngestResponse(
+            added=report.added, already_present=report.present, rejected=len(report.rejected),
+            rejections=[pb.Rejection(index=r.line, reason=r.reason) for r in report.rejected])
 
     async def _close_batch(self, session: IngestSession, status: str) -> None:
         """Record how an ingest call ended. Past the queue and shielded: the row must not stay
@@ -514,92 +309,73 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
             raise
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
-        async def work() -> pb.ListTasksResponse:
-            size = request.page_size or DEFAULT_PAGE_SIZE
-            if not 0 < size <= MAX_PAGE_SIZE:
-                raise InvalidInput(f"page_size: {request.page_size} is not in 1..{MAX_PAGE_SIZE}", field="page_size")
-            after = page_token_name(request.page_token)
-            names = await self.worker.call(lambda e: e.metadata.task_names(after, size + 1))
-            response = pb.ListTasksResponse(tasks=[await self._task_message(n) for n in names[:size]])
-            if len(names) > size:
-                response.next_page_token = page_token(names[size - 1])
-            return response
-
-        return await self._observe("ListTasks", None, context, work)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 0 < size <= MAX_PAGE_SIZE:
+            raise InvalidInput(f"page_size: {request.page_size} is not in 1..{MAX_PAGE_SIZE}", field="page_size")
+        after = page_token_name(request.page_token)
+        names = await self.worker.call(lambda e: e.metadata.task_names(after, size + 1))
+        response = pb.ListTasksResponse(tasks=[await self._task_message(n) for n in names[:size]])
+        if len(names) > size:
+            response.next_page_token = page_token(names[size - 1])
+        return response
 
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.GetTaskResponse:
-        async def work() -> pb.GetTaskResponse:
-            return pb.GetTaskResponse(task=await self._task_message(request.name))
-
-        return await self._observe("GetTask", request.name, context, work)
+        return pb.GetTaskResponse(task=await self._task_message(request.name))
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
-        async def work() -> pb.GetServerInfoResponse:
-            from importlib.metadata import PackageNotFoundError, version
+        from importlib.metadata import PackageNotFoundError, version
 
-            from raee.core.policies import policy_names
+        from raee.core.policies import policy_names
 
-            try:
-                release = version("raee-serve")
-            except PackageNotFoundError:  # a source checkout that was never installed
-                release = "unknown"
-            engine = await self.worker.call(lambda e: e)
-            s = self.settings
-            return pb.GetServerInfoResponse(
-                version=release, backbone=engine.backbone.model_id, encoder=engine.encoder.model_id,
-                depth=engine.depth, device=s.device, dtype=s.dtype, policies=policy_names(),
-                default_k=s.default_k, max_k=s.max_k, max_text_chars=s.max_text_chars,
-                max_batch_texts=s.max_batch_texts, max_message_bytes=s.max_message_bytes,
-                api_keys_required=self.keys is not None)
-
-        return await self._observe("GetServerInfo", None, context, work)
+        try:
+            release = version("raee-serve")
+        except PackageNotFoundError:  # a source checkout that was never installed
+            release = "unknown"
+        engine = await self.worker.call(lambda e: e)
+        s = self.settings
+        return pb.GetServerInfoResponse(
+            version=release, backbone=engine.backbone.model_id, encoder=engine.encoder.model_id,
+            depth=engine.depth, device=s.device, dtype=s.dtype, policies=policy_names(),
+            default_k=s.default_k, max_k=s.max_k, max_text_chars=s.max_text_chars,
+            max_batch_texts=s.max_batch_texts, max_message_bytes=s.max_message_bytes,
+            api_keys_required=self.keys is not None)
 
     async def CreateTask(self, request: pb.CreateTaskRequest,
                          context: grpc.aio.ServicerContext) -> pb.CreateTaskResponse:
-        async def work() -> pb.CreateTaskResponse:
-            spec = TaskSpec(request.name, request.template,
-                            tuple(Label(lb.name, lb.word, lb.share if lb.HasField("share") else None)
-                                  for lb in request.labels), request.description,
-                            objective=request.objective or "balanced_accuracy",
-                            prior_correction=request.prior_correction if request.HasField("prior_correction")
-                            else True, adapt_prior=request.adapt_prior)
-            await self.worker.call(lambda e: e.create_task(spec))
-            return pb.CreateTaskResponse(task=await self._task_message(request.name))
-
-        return await self._observe("CreateTask", request.name, context, work)
+        spec = TaskSpec(request.name, request.template,
+                        tuple(Label(lb.name, lb.word, lb.share if lb.HasField("share") else None)
+                              for lb in request.labels), request.description,
+                        objective=request.objective or "balanced_accuracy",
+                        prior_correction=request.prior_correction if request.HasField("prior_correction")
+                        else True, adapt_prior=request.adapt_prior)
+        await self.worker.call(lambda e: e.create_task(spec))
+        return pb.CreateTaskResponse(task=await self._task_message(request.name))
 
     async def DeleteTask(self, request: pb.DeleteTaskRequest,
                          context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
-        async def work() -> pb.DeleteTaskResponse:
-            await self.worker.call(lambda e: e.delete_task(request.name))
-            return pb.DeleteTaskResponse()
-
-        response = await self._observe("DeleteTask", request.name, context, work)
-        self.known_tasks.discard(request.name)
+        await self.worker.call(lambda e: e.delete_task(request.name))
         self.recent.forget(request.name)
-        return response
+        return pb.DeleteTaskResponse()
 
     async def GetTaskStats(self, request: pb.GetTaskStatsRequest,
                            context: grpc.aio.ServicerContext) -> pb.GetTaskStatsResponse:
-        async def work() -> pb.GetTaskStatsResponse:
-            name = request.name
+        name = request.name
 
-            def task_depth(engine: Engine) -> int:
-                engine.task_info(name)  # NOT_FOUND for a task that does not exist
-                return engine.depth
+        def task_depth(engine: Engine) -> int:
+            engine.task_info(name)  # NOT_FOUND for a task that does not exist
+            return engine.depth
 
-            depth = await self.worker.call(task_depth)
-            stats = self.recent.stats(name, depth)
-            p50, p90, p99 = stats.latency_ms
-            return pb.GetTaskStatsResponse(name=name, window=self.recent.window, answers=stats.answers,
-                                exit_layer_counts=stats.exit_layer_counts, depth=depth, latency_p50_ms=p50,
-                                latency_p90_ms=p90, latency_p99_ms=p99, since=stats.since)
-
-        return await self._observe("GetTaskStats", request.name, context, work)
+        depth = await self.worker.call(task_depth)
+        stats = self.recent.stats(name, depth)
+        p50, p90, p99 = stats.latency_ms
+        return pb.GetTaskStatsResponse(name=name, window=self.recent.window, answers=stats.answers,
+                                       exit_layer_counts=stats.exit_layer_counts, depth=depth, latency_p50_ms=p50,
+                                       latency_p90_ms=p90, latency_p99_ms=p99, since=stats.since)
 
     async def load_task_names(self) -> None:
-        self.known_tasks.update(await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()]))
+        names = await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()])
+        self.accounting.known_tasks.update(names)
 
     async def _task_message(self, name: str) -> pb.Task:
         def read(engine: Engine) -> pb.Task:
@@ -650,10 +426,12 @@ class RaeeServer:
         self.worker = ModelWorker(settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
                                   self.metrics)
         limits = settings.max_message_bytes
-        self.server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), RequestDecoding()], options=[
-            ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
         keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
-        self.servicer = RaeeServicer(self.worker, self.metrics, settings, keys)
+        self.accounting = Accounting(self.metrics, keys)
+        interceptors = [*tracing.server_interceptors(), RequestDecoding(), ObservedCalls(SERVICE_NAME, self.accounting)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
+        self.servicer = RaeeServicer(self.worker, settings, self.accounting)
         pb_grpc.add_RaeeServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
