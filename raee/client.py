@@ -71,6 +71,16 @@ class _WithMetadata:
         return lambda *args, **kwargs: method(*args, metadata=self._metadata, **kwargs)
 
 
+class _ApiKey(grpc.AuthMetadataPlugin):
+    """The API key as gRPC call credentials (TLS channels)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        callback(((METADATA_KEY, self.key),), None)
+
+
 @dataclass
 class ErrorDetails:
     """The standard google.rpc details a failed call carried (empty when it carried none)."""
@@ -139,13 +149,17 @@ class RaeeClient:
 
     def __init__(self, address: str, timeout: float = 60.0, api_key: str | None = None,
                  tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None) -> None:
+        metadata = [(METADATA_KEY, api_key)] if api_key else []
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(tls_ca, private_key=tls_key, certificate_chain=tls_cert)
+            if api_key:  # gRPC's call credentials: the key goes with every call on this channel
+                credentials = grpc.composite_channel_credentials(
+                    credentials, grpc.metadata_call_credentials(_ApiKey(api_key), name="raee-api-key"))
+                metadata = []
             self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        else:
+        else:  # gRPC sends call credentials only over a secure channel: the key goes as call metadata
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        raw = pb_grpc.RaeeServiceStub(self.channel)
-        self.stub = _WithMetadata(raw, [(METADATA_KEY, api_key)] if api_key else [])
+        self.stub = _WithMetadata(pb_grpc.RaeeServiceStub(self.channel), metadata)
         self.timeout = timeout
 
     def close(self) -> None:

@@ -187,3 +187,29 @@ def test_a_key_file_that_does_not_parse_is_never_extended(tmp_path: Path) -> Non
     with pytest.raises(InvalidInput, match="cannot read the API key file"):
         add_key(path, "ops", [], admin=True)
     assert path.read_text(encoding="utf-8") == "[[keys]\nbroken"
+
+
+def test_the_client_sends_its_key_as_call_credentials_over_tls(tmp_path: Path) -> None:
+    from raee.client import RaeeClient
+    from raee.errors import Unauthenticated
+
+    ca_pem, _, ca_name, ca_key = _cert("raee test CA", None, ca=True)
+    server_pem, server_key, _, _ = _cert("localhost", (ca_name, ca_key), ca=False)
+    (tmp_path / "server.pem").write_bytes(server_pem)
+    (tmp_path / "server.key").write_bytes(server_key)
+    key = add_key(tmp_path / "keys.toml", "team-a", ["sentiment"], admin=False)
+    settings = make_settings(tmp_path, address="localhost:0", tls_cert=tmp_path / "server.pem",
+                             tls_key=tmp_path / "server.key", api_keys_file=tmp_path / "keys.toml")
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    try:
+        server.wait_ready()
+        target = f"localhost:{server.port}"
+        with_key = RaeeClient(target, timeout=10, api_key=key, tls_ca=ca_pem)
+        assert with_key.classify("sentiment", ["a great film"])[0].label in ("negative", "positive")
+        with_key.close()
+        without = RaeeClient(target, timeout=10, tls_ca=ca_pem)
+        with pytest.raises(Unauthenticated):
+            without.classify("sentiment", ["a great film"])
+        without.close()
+    finally:
+        server.stop()
