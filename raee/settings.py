@@ -30,36 +30,38 @@ class Settings(BaseSettings):
     encoder: str = Field(
         default=DEFAULT_ENCODER, description="'minilm' (packaged) or a local sentence-transformers dir"
     )
-    device: str = "cpu"
+    device: str = Field(default="cpu", description="torch device of the backbone and encoder: cpu, cuda, cuda:1")
     dtype: str = Field(default="float32", description="float32, bfloat16 or float16")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
     qdrant_url: str | None = Field(
         default=None, description="Qdrant server (e.g. http://qdrant:6333, used over gRPC) or ':memory:'; default Edge"
     )
-    qdrant_api_key: str | None = None
+    qdrant_api_key: str | None = Field(default=None, description="API key of the Qdrant server")
     qdrant_timeout: int = Field(default=5, description="seconds before a Qdrant call counts as unreachable")
     qdrant_shard_per_task: bool = Field(default=False, description="custom sharding: one shard key per task")
     qdrant_replication_factor: int | None = Field(default=None, description="copies of each shard (cluster)")
     qdrant_shard_number: int | None = Field(default=None, description="shards per collection (cluster)")
-    default_k: int = 12
-    max_k: int = 64
-    max_text_chars: int = 8192
-    max_tokens: int = 512
-    ingest_batch_size: int = 32
+    default_k: int = Field(default=12, description="neighbours retrieved when a request gives no k")
+    max_k: int = Field(default=64, description="the largest k a request may ask for (INVALID_ARGUMENT past it)")
+    max_text_chars: int = Field(default=8192, description="characters per text (INVALID_ARGUMENT past it, "
+                                "unless the request asks to truncate)")
+    max_tokens: int = Field(default=512, description="prompt tokens per text given to the backbone")
+    ingest_batch_size: int = Field(default=32, description="rows per backbone batch of a local ingest")
     ingest_chunk_rows: int = Field(
         default=4, description="rows of an online Ingest computed per worker turn (a Classify waits at most one turn)")
-    forward_batch_size: int = 16
+    forward_batch_size: int = Field(default=16, description="rows per backbone batch of an evaluation")
     retune_growth: float = Field(default=0.5, description="auto re-tunes when the database grew by this fraction")
     fit_niceness: int = Field(default=19, ge=0, le=19, description="CPU niceness of the server's background "
                               "exit-head fit (19: it gets only what requests leave)")
-    retune_check_seconds: float = 30.0
+    retune_check_seconds: float = Field(default=30.0, description="how often the server checks whether a task "
+                                        "needs new exit heads or a new auto choice (and loads newer heads)")
     index_on_start: bool = Field(
         default=True, description="embedded store: build pending indexes while the server loads, before SERVING"
     )
     threads: int | None = Field(default=None, description="torch intra-op threads; default torch's choice")
 
     # gRPC service (used by raee-server)
-    address: str = "127.0.0.1:50051"
+    address: str = Field(default="127.0.0.1:50051", description="gRPC address (host:port, or unix:PATH)")
     http_address: str = Field(
         default="127.0.0.1:8080",
         description="HTTP/JSON API and web console (host:port, port 0: any free one); empty: off")
@@ -71,11 +73,14 @@ class Settings(BaseSettings):
     max_batch_texts: int = Field(
         default=1024, description="texts one ClassifyBatch may carry (INVALID_ARGUMENT past it)"
     )
-    max_wait_ms: float = 5.0
-    queue_size: int = 256
-    grace_seconds: float = 10.0
-    max_message_bytes: int = 4 * 1024 * 1024
-    log_level: str = "INFO"
+    max_wait_ms: float = Field(default=5.0, description="how long the first request of a dynamic batch waits "
+                               "for others")
+    queue_size: int = Field(default=256, description="requests waiting for the model worker before "
+                            "RESOURCE_EXHAUSTED")
+    grace_seconds: float = Field(default=10.0, description="on SIGTERM: time for calls in flight to finish")
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, description="bytes per gRPC message and per HTTP "
+                                   "body or NDJSON line")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["text", "json"] = Field(
         default="text", description="text, or json: one JSON object per line, with an access line per RPC")
     retry_seconds: float = Field(default=5.0, description="wait between attempts to reach an unreachable store")
@@ -88,7 +93,7 @@ class Settings(BaseSettings):
         description="serve without API keys on a non-loopback address (refused otherwise; logged as a warning)",
     )
     tls_cert: Path | None = Field(default=None, description="server certificate (PEM); unset: plaintext")
-    tls_key: Path | None = None
+    tls_key: Path | None = Field(default=None, description="the server certificate's private key (PEM)")
     tls_client_ca: Path | None = Field(default=None, description="CA for client certificates: mutual TLS")
 
     @property

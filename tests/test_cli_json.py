@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,23 @@ def test_client_certificate_options_need_each_other(setup: dict[str, Any], tmp_p
     pem.write_text("not a certificate")
     result = CliRunner().invoke(cli, ["--tls-cert", str(pem), "health", "--server", setup["address"]])
     assert result.exit_code == EXIT_USAGE and "--tls-ca" in result.output
+
+
+def test_every_server_setting_is_described_with_its_default_in_help() -> None:
+    import subprocess
+    import sys
+
+    from raee.settings import Settings
+
+    shown = subprocess.run([sys.executable, "-c", "from raee.serving.server import main; main()", "--help"],
+                           capture_output=True, text=True, check=True).stdout
+    blocks = {}  # option -> its whole (wrapped) help text
+    for block in re.split(r"\n(?=  --)", shown):
+        words = block.split()
+        blocks[words[0]] = " ".join(words)
+    for name, field in Settings.model_fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        assert flag in blocks, f"{flag} missing from raee-server --help"
+        text = blocks[flag]
+        assert field.description and "(default: " in text and f"[RAEE_{name.upper()}]" in text, text
+        assert "PydanticUndefined" not in text, text

@@ -626,7 +626,8 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
     import click
 
     for name, field in reversed(list(Settings.model_fields.items())):
-        default = field.default if field.default is not None else "unset"
+        value = field.get_default(call_default_factory=True)
+        default = "unset" if value is None else value
         func = click.option(f"--{name.replace('_', '-')}", name, default=None,
                             help=f"{field.description or ''} (default: {default}) [RAEE_{name.upper()}]")(func)
     return func
@@ -638,7 +639,7 @@ def main() -> None:
     @click.command(name="raee-server")
     @settings_options
     def run(**flags: Any) -> None:
-        """Serve RAEE classification over gRPC."""
+        """Serve RAEE classification over gRPC and HTTP/JSON (with the web console)."""
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
         logs.configure(settings.log_level, settings.log_format)
         try:
