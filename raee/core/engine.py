@@ -27,7 +27,7 @@ from raee.settings import Settings
 from raee.stores.metadata import MetadataStore, TaskInfo
 from raee.stores.records import ExitRecord, layer_results, record_id, to_features
 from raee.stores.vectors import VectorPoint, VectorStore
-from raee.types import Choice, IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec, is_blank
+from raee.types import IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec, is_blank
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ class Engine:
         self.metadata = metadata
         self.settings = settings or Settings()
         self._tasks: dict[str, tuple[TaskSpec, LabelHead]] = {}
-        self._auto: dict[str, tuple[float, Choice | None]] = {}  # task -> (read at, stored choice)
-        self._weights: dict[str, tuple[float, dict[str, float]]] = {}  # task -> (read at, label weights)
+        self._info: dict[str, tuple[float, TaskInfo | None]] = {}  # task -> (read at, its metadata)
         self._trackers: dict[str, PriorTracker] = {}  # tasks that adapt to the traffic's label prior
         self._heads: dict[str, tuple[float, ExitHeads | None]] = {}  # task -> (checked at, loaded heads)
 
@@ -134,8 +133,7 @@ class Engine:
         self.vectors.delete_task(name)
         self.metadata.delete_task(name)
         self._tasks.pop(name, None)
-        self._auto.pop(name, None)
-        self._weights.pop(name, None)
+        self._info.pop(name, None)
         self._trackers.pop(name, None)
 
     def labels(self, name: str) -> list[str]:
@@ -218,22 +216,29 @@ class Engine:
         Never tunes: tuning runs off the request path (raee.core.auto). The choice is re-read from
         SQL at most every `retune_check_seconds`, so a choice made by another process shows up.
         """
-        cached = self._auto.get(task)
-        now = time.monotonic()
-        if cached is None or now - cached[0] > self.settings.retune_check_seconds:
-            try:
-                cached = (now, self.metadata.task(task).tuned)
-            except OperationalError:  # SQL down: serve the last choice (or the paper's method)
-                cached = (now, cached[1] if cached else None)
-            self._auto[task] = cached
-        choice = cached[1]
+        info = self._recent_info(task)
+        choice = info.tuned if info else None
         if choice is None:  # not tuned yet (or too few records): the published method
             return parse_policy("paper"), None
         return parse_policy(choice.policy), choice.k
 
     def forget_choice(self, task: str) -> None:
         """Drop the cached `auto` choice (a new one was just stored)."""
-        self._auto.pop(task, None)
+        self._info.pop(task, None)
+
+    def _recent_info(self, task: str) -> TaskInfo | None:
+        """The task's metadata as read at most `retune_check_seconds` ago: one SQL read per period for
+        what the request path needs of it (the `auto` choice, the records' label mix), so a choice made
+        by another process shows up. While SQL is down, the last read (None if there was none)."""
+        cached = self._info.get(task)
+        now = time.monotonic()
+        if cached is None or now - cached[0] > self.settings.retune_check_seconds:
+            try:
+                cached = (now, self.metadata.task(task))
+            except OperationalError:
+                cached = (now, cached[1] if cached else None)
+            self._info[task] = cached
+        return cached[1]
 
     def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
         """The k nearest records of each text, each weighed by its label's prior correction."""
@@ -273,20 +278,14 @@ class Engine:
         records: the weight of a neighbour with that label in votes and in the paper's aggregation,
         so a label the records over-represent does not win by numbers alone. Empty when the task
         opts out (`prior_correction = false`). Re-read at most every `retune_check_seconds`."""
-        cached = self._weights.get(task)
-        now = time.monotonic()
-        if cached is None or now - cached[0] > self.settings.retune_check_seconds:
-            try:
-                info = self.metadata.task(task)
-            except OperationalError:  # SQL down: keep the last weights
-                return cached[1] if cached else {}
-            total = sum(info.label_records.values())
-            weights = {} if not info.spec.prior_correction or not total else {
-                label.name: want * total / info.label_records[label.name]
+        info = self._recent_info(task)
+        if info is None:
+            return {}
+        total = sum(info.label_records.values())
+        if not info.spec.prior_correction or not total:
+            return {}
+        return {label.name: want * total / info.label_records[label.name]
                 for label, want in zip(info.spec.labels, info.spec.shares) if info.label_records.get(label.name)}
-            cached = (now, weights)
-            self._weights[task] = cached
-        return cached[1]
 
     def classify(
         self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import grpc
 from aiohttp import web
@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raee.errors import InvalidInput
 from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.serving.status import MAX_MESSAGE
 from raee.types import METADATA_KEY
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ SERVICE: ServiceDescriptor = pb.DESCRIPTOR.services_by_name["RaeeService"]
 REQUEST_ID = "x-request-id"
 TIMEOUT_HEADER = "x-server-timeout"  # seconds, as Google's HTTP APIs take a deadline
 NDJSON = "application/x-ndjson"
-MAX_MESSAGE = 2048  # characters of an error message (long inputs are echoed clipped)
 
 # google.rpc.Code -> HTTP status, as google/rpc/code.proto documents it.
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -91,8 +91,6 @@ class Route:
 
     def path(self, **values: str) -> str:
         """The path with its variables filled in (percent-encoded): what a client requests."""
-        from urllib.parse import quote
-
         return re.sub(r"\{(\w+)\}", lambda m: quote(values[m.group(1)], safe=""), self.template)
 
 
