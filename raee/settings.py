@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=8192, description="characters per text (INVALID_ARGUMENT past it, "
                                 "unless the request asks to truncate)")
     max_tokens: int = Field(default=512, description="prompt tokens per text given to the backbone")
-    ingest_batch_size: int = Field(default=32, description="rows per backbone batch of a local ingest")
+    ingest_batch_size: int = Field(default=128, description="rows a local ingest reads, computes and stores "
+                                   "together (the backbone runs them forward_batch_size at a time)")
+    ingest_sort_by_length: bool = Field(default=True, description="batch the rows of an ingest by token count "
+                                        "(less padding; the same records)")
     ingest_chunk_rows: int = Field(
         default=4, description="rows of an online Ingest computed per worker turn (a Classify waits at most one turn)")
     forward_batch_size: int = Field(default=16, description="rows per backbone batch of an evaluation")

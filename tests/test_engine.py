@@ -149,3 +149,20 @@ def test_online_and_backbone_free_policies(engine: Engine, tmp_path: Path) -> No
     ran.clear()
     voted = engine.classify(SENTIMENT.name, texts, policy="knn-vote")
     assert ran == [] and all(p.exit_layer == 0 for p in voted)  # no layer ran
+
+
+def test_rows_batched_by_length_get_the_exits_they_would_get_alone(engine: Engine) -> None:
+    """Ingest batches rows by token count (less padding): each row's exit logits and features are the
+    ones it gets computed alone, in the order the rows came."""
+    engine.create_task(SENTIMENT)
+    texts = ["good", "the plot of this film is very boring and the acting is awful and sad", "a fine movie",
+             "bad", "the story is great fun and the acting is wonderful", "it was not good", "love it"]
+    logits, features = engine.all_exits("sentiment", texts)  # forward_batch_size 3, sorted by length
+    assert engine.settings.ingest_sort_by_length
+    alone = [engine.all_exits("sentiment", [t]) for t in texts]
+    assert np.allclose(logits, np.concatenate([a[0] for a in alone]), atol=1e-4)
+    assert np.allclose(features.astype(np.float32), np.concatenate([a[1] for a in alone]).astype(np.float32),
+                       atol=2e-3)  # float16 storage: one step at these magnitudes
+    engine.settings = engine.settings.model_copy(update={"ingest_sort_by_length": False})
+    unsorted_logits, _ = engine.all_exits("sentiment", texts)
+    assert np.allclose(logits, unsorted_logits, atol=1e-4)

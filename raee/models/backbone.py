@@ -132,6 +132,11 @@ class Backbone:
         """Number of decoder layers L; exits are 0..L."""
         return len(self.layers)
 
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens per prompt as the model sees it (after truncation), without padding."""
+        encoded = self.tokenizer(list(prompts), truncation=True, max_length=self.max_tokens, padding=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
     # -- label words -------------------------------------------------------
 
     def label_token_ids(self, words: Sequence[str]) -> tuple[int, ...]:
