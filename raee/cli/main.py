@@ -614,6 +614,33 @@ def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tu
     return results
 
 
+@cli.command("bench-speed")
+@click.argument("tasks", nargs=-1, required=True, metavar="TASK:ROWS...")
+@click.option("--data", "data_root", type=click.Path(path_type=Path),
+              default=Path(__file__).resolve().parents[2] / "corpora", show_default="corpora/ of the checkout",
+              help="folder with <task>/train.tsv")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/speed"), show_default=True)
+@click.pass_obj
+@reports
+def bench_speed(obj: Context, tasks: tuple[str, ...], data_root: Path, out: Path) -> dict[str, Any]:
+    """Ingest speed, previous path against current, in one run: rows/s, FLOPs per row, achieved GFLOP/s
+    against this machine's fp32 matrix multiply, and whether both paths store the same records.
+    E.g. `raee-admin bench-speed sst2:2000 agnews:1000 --out docs/performance`."""
+    from raee.bench import speed
+
+    chosen = []
+    for item in tasks:
+        name, _, rows = item.partition(":")
+        spec_file = Path(str(resources.files("raee.cli") / "tasks" / f"{name}.toml"))
+        if not spec_file.exists() or not rows.isdigit():
+            raise click.UsageError(f"{item!r}: give TASK:ROWS with a task spec in raee/cli/tasks (e.g. sst2:2000)")
+        chosen.append((TaskSpec.from_toml(spec_file), data_root / name / "train.tsv", int(rows)))
+    report = speed.run(obj.engine, chosen, out, progress=lambda line: click.echo(line, err=True))
+    written = [str(path) for path in speed.write(report, out, "raee-admin " + " ".join(sys.argv[1:]))]
+    obj.say((out / "speed.md").read_text())
+    return {**report, "written": written}
+
+
 @cli.command("bench-transports")
 @click.option("--server", required=True, metavar="HOST:PORT", help="the server's gRPC address (loopback only)")
 @click.option("--http", "http_address", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
