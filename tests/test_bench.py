@@ -104,3 +104,26 @@ def test_bench_scale_command_writes_its_reports(tmp_path: Path) -> None:
     assert report["store"] == "embedded" and report["keys"] == "clustered"
     assert [r["records"] for r in report["results"]] == [400, 800]
     assert "| 800 | 200 |" in (tmp_path / "scale.md").read_text() and (tmp_path / "scale.png").exists()
+
+
+def test_bench_speed_compares_both_ingest_paths_and_their_records(tmp_path: Path) -> None:
+    model = save_tiny_backbone(tmp_path / "model")
+    rows = corpus(60)
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    write_tsv(tmp_path / "data" / "sst2" / "train.tsv", rows)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path / "stores"), "--backbone", str(model), "--encoder",
+                                      "hashing:32", "--json", "bench-speed", "sst2:50", "--data",
+                                      str(tmp_path / "data"), "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    task = report["tasks"][0]
+    assert report["machine_gflops"] > 0 and task["rows"] == 50 and task["gflop_per_row"] > 0
+    assert set(task["paths"]) == {"file order", "by length"}
+    assert all(p["added"] == 50 and p["rows_per_second"] > 0 for p in task["paths"].values())
+    # Batching by length changes how rows are grouped, not what each record says.
+    assert task["records"] == {"same_ids": True, "records": 50, "max_probability_difference":
+                               task["records"]["max_probability_difference"], "predictions_that_differ": 0,
+                               "identical": True}
+    assert task["records"]["max_probability_difference"] <= 1e-4
+    assert "| sst2 | 50 |" in (out / "speed.md").read_text() and (out / "speed.png").stat().st_size > 5000

@@ -93,6 +93,7 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
         "bench-shift": ["bench-shift", "sst2", "--data", str(root / "corpora"), "--train-rows", "80", "--records",
                         "40", "--dev-rows", "20", "--out", str(root / "shift")],
         "bench-scale": ["bench-scale", "--size", "300", "--tenants", "3", "--queries", "5"],
+        "bench-speed": ["bench-speed", "sst2:30", "--data", str(root / "corpora"), "--out", str(root / "speed")],
         "health": ["health", "--server", address],
         "loadtest": ["loadtest", "--server", address, "--task", "sentiment", data, "--policy", "paper",
                      "--clients", "2", "--seconds", "1", "--sequential", "3"],
