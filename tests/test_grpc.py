@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -173,6 +174,9 @@ def test_concurrent_requests_are_batched(served: ServerThread) -> None:
     assert total == 12 and count < 12  # fewer batches than requests
     assert 'raee_requests_total{code="OK",method="Classify",task="sentiment"} 12.0' in body
     assert "raee_exit_layer_bucket" in body and "raee_queue_depth" in body
+    # One bucket per exit of the loaded backbone (depth 4): le="0.0" .. le="4.0", then +Inf, nothing past.
+    buckets = re.findall(r'raee_exit_layer_bucket\{le="([^"]+)",task="sentiment"\}', body)
+    assert buckets == ["0.0", "1.0", "2.0", "3.0", "4.0", "+Inf"], buckets
     assert "raee_request_duration_seconds_bucket" in body and "raee_build_info{version=" in body
 
 

@@ -26,7 +26,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class Metrics:
-    def __init__(self, depth_buckets: int = 64) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # process_*, python_* as usual
@@ -43,13 +43,19 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.stage = Histogram("raee_stage_seconds", "time per stage of a dynamic batch", ["stage"],
                                buckets=LATENCY_BUCKETS, registry=r)
-        self.exit_layer = Histogram("raee_exit_layer", "exit layer chosen per classified text", ["task"],
-                                    buckets=tuple(float(i) for i in range(depth_buckets + 1)), registry=r)
+        self.exit_layer: Histogram | None = None  # made by fit_depth once the backbone is loaded
         self.queue_depth = Gauge("raee_queue_depth", "jobs waiting for the model worker", registry=r)
         self.batch_size = Histogram("raee_batch_texts", "texts per dynamic batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.classified = Counter("raee_classified_texts", "texts the model worker computed", registry=r)
         self.ingested = Counter("raee_ingested_records", "exit records added online", ["task"], registry=r)
+
+    def fit_depth(self, depth: int) -> None:
+        """The exit-layer histogram, one bucket per exit 0..depth of the loaded backbone (no empty
+        buckets past it); made once, when the model is loaded."""
+        if self.exit_layer is None:
+            self.exit_layer = Histogram("raee_exit_layer", "exit layer chosen per classified text", ["task"],
+                                        buckets=tuple(float(i) for i in range(depth + 1)), registry=self.registry)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP on a separate port; returns the bound port."""

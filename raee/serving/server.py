@@ -158,7 +158,8 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
             task, texts, options.policy or None, options.k or None, _deadline(context))
         responses = [to_response(p, p.labels, queued_since, started, options.return_neighbours) for p in predictions]
         for r in responses:
-            self.metrics.exit_layer.labels(task).observe(r.exit_layer)
+            if self.metrics.exit_layer is not None:
+                self.metrics.exit_layer.labels(task).observe(r.exit_layer)
             self.recent.add(task, r.exit_layer, r.timings.total_us / 1000)
         return responses
 
@@ -513,6 +514,8 @@ class RaeeServer:
         # Move everything loaded so far (models, tokenizers, stores: millions of objects) out of the
         # garbage collector's view: a full collection over them pauses every thread for hundreds of ms.
         gc.freeze()
+        assert self.worker.engine is not None
+        self.metrics.fit_depth(self.worker.engine.depth)
         await self.servicer.load_task_names()
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_stores())
