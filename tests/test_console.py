@@ -150,6 +150,10 @@ def test_the_console_lists_tasks_with_records_labels_auto_and_heads(real_server:
     assert f"best exit {task.heads.best_exit}" in cells[5]
     assert len(row.find_elements(By.CSS_SELECTOR, "td .mini-chart rect")) == task.depth + 1
     assert text_of(browser, "server-state") == "serving"
+    # The policy box offers what the server knows (GetServerInfo), and the header names its models.
+    until(browser, lambda d: "depth 18" in text_of(d, "server-info"), "no server info in the header")
+    offered = {o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#policies option")}
+    assert {"auto", "paper", "cascade", "heads"} <= offered
     full_page(browser, shots / "tasks.png")
 
 

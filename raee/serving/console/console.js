@@ -361,6 +361,17 @@ async function serverState() {
   }
 }
 
+async function loadServerInfo() {
+  // What the server runs and the policies it knows (GetServerInfo); the policy box offers them.
+  try {
+    const info = await api("GET", "/v1/server");
+    $("server-info").textContent = `${info.backbone} · depth ${info.depth} · keys ${info.encoder} · v${info.version}`;
+    $("policies").replaceChildren(...info.policies.map((name) => el("option", { value: name })));
+  } catch (err) {
+    $("server-info").textContent = "";
+  }
+}
+
 function start() {
   $("api-key").value = state.key;
   $("key-form").addEventListener("submit", (event) => {
@@ -373,6 +384,7 @@ function start() {
     state.key = key;
     sessionStorage.setItem("raee-api-key", state.key);
     loadTasks();
+    loadServerInfo();
     if (state.selected) refreshTask();
   });
   $("try-form").addEventListener("submit", classify);
@@ -380,6 +392,7 @@ function start() {
   serverState();
   setInterval(serverState, 5000);
   loadTasks();
+  loadServerInfo();
 }
 
 start();
