@@ -15,14 +15,17 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.serving.gateway import HTTP_STATUS, routes
+from raee.serving.gateway import CODE_OF_NUMBER, HTTP_STATUS, routes
 from raee.serving.openapi import openapi
 
 from .grpc_harness import ServerThread
 from .test_engine import ROWS
 from .test_grpc import make_settings, tiny_engine_factory
+from .unicode_strategies import weird_strings
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 64 * 1024
@@ -242,3 +245,43 @@ def test_server_info_names_the_models_limits_and_policies(served: ServerThread) 
     assert {"paper", "auto", "cascade", "heads"} <= set(info.policies) and not info.api_keys_required
     status, _, raw = call(served, "GET", "/v1/server")
     assert status == 200 and json.loads(raw)["depth"] == 4
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(verb=st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH"]),
+       path=st.lists(weird_strings(max_size=20, long=False), max_size=4),
+       suffix=st.sampled_from(["", ":classify", ":classifyBatch", ":ingest", "/stats"]),
+       query=st.dictionaries(weird_strings(max_size=10, long=False), weird_strings(max_size=10, long=False),
+                             max_size=2),
+       body=st.one_of(st.binary(max_size=200), weird_strings(max_size=60).map(str.encode),
+                      st.just(b'{"text": "good"}')),
+       content_type=st.sampled_from(["application/json", "application/x-ndjson", "text/plain", ""]))
+def test_any_http_request_gets_a_status_body_and_never_stops_the_server(
+        http_served: ServerThread, verb: str, path: list[str], suffix: str, query: dict[str, str], body: bytes,
+        content_type: str) -> None:
+    """Paths, query parameters and bodies from all of Unicode and raw bytes: every answer is a JSON body
+    (an answer or a google.rpc.Status whose HTTP status is its code's), and the server keeps serving."""
+    from urllib.parse import quote, urlencode
+
+    target = "/v1/" + "/".join(quote(p, safe="") for p in path) + quote(suffix, safe=":/")
+    if query:
+        target += "?" + urlencode(query)
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, head, raw = call(http_served, verb, target, body if verb in ("POST", "PUT", "PATCH") else None, headers)
+    assert head["content-type"].startswith(("application/json", "application/x-ndjson")), (status, raw[:200])
+    if status != 200:
+        answer = json.loads(raw)
+        code = CODE_OF_NUMBER[answer["code"]]
+        assert status in (HTTP_STATUS[code], 405, 413) and answer["message"], answer
+        assert "Traceback" not in answer["message"]
+    assert http_served.stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie"), timeout=30).label
+
+
+@pytest.fixture(scope="module")
+def http_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    where = tmp_path_factory.mktemp("http-props")
+    settings = make_settings(where, max_message_bytes=MAX_BYTES)
+    server = ServerThread(settings, tiny_engine_factory(where, settings))
+    server.wait_ready()
+    yield server
+    server.stop()
