@@ -255,18 +255,21 @@ def test_server_info_names_the_models_limits_and_policies(served: ServerThread) 
                              max_size=2),
        body=st.one_of(st.binary(max_size=200), weird_strings(max_size=60).map(str.encode),
                       st.just(b'{"text": "good"}')),
-       content_type=st.sampled_from(["application/json", "application/x-ndjson", "text/plain", ""]))
+       content_type=st.sampled_from(["application/json", "application/x-ndjson", "text/plain", ""]),
+       extra=st.dictionaries(st.sampled_from(["x-api-key", "x-request-id", "authorization", "x-server-timeout"]),
+                             st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                                                   exclude_categories=("Cc",)), max_size=30), max_size=3))
 def test_any_http_request_gets_a_status_body_and_never_stops_the_server(
         http_served: ServerThread, verb: str, path: list[str], suffix: str, query: dict[str, str], body: bytes,
-        content_type: str) -> None:
-    """Paths, query parameters and bodies from all of Unicode and raw bytes: every answer is a JSON body
+        content_type: str, extra: dict[str, str]) -> None:
+    """Paths, query parameters, headers and bodies from all of Unicode and raw bytes: every answer is a JSON body
     (an answer or a google.rpc.Status whose HTTP status is its code's), and the server keeps serving."""
     from urllib.parse import quote, urlencode
 
     target = "/v1/" + "/".join(quote(p, safe="") for p in path) + quote(suffix, safe=":/")
     if query:
         target += "?" + urlencode(query)
-    headers = {"Content-Type": content_type} if content_type else {}
+    headers = {**({"Content-Type": content_type} if content_type else {}), **extra}
     status, head, raw = call(http_served, verb, target, body if verb in ("POST", "PUT", "PATCH") else None, headers)
     assert head["content-type"].startswith(("application/json", "application/x-ndjson")), (status, raw[:200])
     if status != 200:

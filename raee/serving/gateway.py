@@ -17,7 +17,6 @@ import json
 import logging
 import re
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -36,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raee.errors import InvalidInput
 from raee.protos.raee.v1 import raee_pb2 as pb
+from raee.serving import logs
 from raee.serving.status import MAX_MESSAGE
 from raee.types import METADATA_KEY
 
@@ -261,7 +261,7 @@ class Gateway:
     # -- one RPC ----------------------------------------------------------------------------------
 
     async def _rpc(self, request: web.Request) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        request_id = logs.request_id([(REQUEST_ID, request.headers.get(REQUEST_ID))])  # a sane one, else new
         try:
             route, values = self._match(request)
             metadata = self._metadata(request, request_id)
@@ -324,12 +324,9 @@ class Gateway:
         if key is None and authorization.lower().startswith("bearer "):
             key = authorization[7:].strip()
         if key:
+            if not all(" " <= c <= "~" for c in key):  # what gRPC metadata can carry
+                raise _invalid(f"{METADATA_KEY}: an API key is printable ASCII")
             metadata.append((METADATA_KEY, key))
-        try:
-            for _, value in metadata:
-                value.encode("ascii")
-        except UnicodeEncodeError:
-            raise _invalid("headers: x-api-key and x-request-id must be ASCII") from None
         return tuple(metadata)
 
     @staticmethod
