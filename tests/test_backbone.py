@@ -131,3 +131,40 @@ def test_rows_leave_the_batch_at_their_own_exit_with_unchanged_features(family: 
         torch.testing.assert_close(f, everything[row, layer], rtol=1e-4, atol=1e-5)
     # Layer i makes exit i + 1: it runs on the rows not done at exit i.
     assert sizes == [sum(1 for last in leave_at.values() if last > i) for i in range(bb.depth)]
+
+
+def test_an_int8_backbone_is_its_own_backbone_with_its_own_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """RAEE_DTYPE=int8 quantises the layer stack's linear layers (dynamic int8, CPU). Its numbers
+    differ from float32's, so its records must never mix with theirs: it has its own backbone id, and
+    a task built by the float32 backbone is refused by it."""
+    from raee.core.engine import Engine
+    from raee.errors import StoreMismatch
+    from raee.models.loading import load_backbone
+    from raee.settings import Settings
+    from raee.types import TaskSpec
+
+    from .conftest import SENTIMENT
+    from .tiny_models import save_tiny_backbone
+
+    model = save_tiny_backbone(tmp_path / "model")
+    fp32 = load_backbone(str(model), tmp_path / "models")
+    int8 = load_backbone(str(model), tmp_path / "models", dtype="int8")
+    assert int8.model_id == f"{fp32.model_id}@int8"
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.layers.modules())
+    prompts = ["a great movie", "the plot is boring and the acting is awful"]
+    a, b = fp32.all_exit_features(prompts), int8.all_exit_features(prompts)
+    assert a.shape == b.shape and torch.isfinite(b).all() and not torch.equal(a, b)
+    with pytest.raises(InvalidInput, match="CPU"):
+        load_backbone(str(model), tmp_path / "models", device="cuda", dtype="int8")
+
+    base = Settings(data_dir=tmp_path / "data", backbone=str(model), encoder="hashing:32",
+                    model_cache=tmp_path / "models")
+    engine = Engine.open(base)
+    engine.create_task(TaskSpec(SENTIMENT.name, SENTIMENT.template, SENTIMENT.labels))
+    engine.close()
+    quantized = Engine.open(base.model_copy(update={"dtype": "int8"}))
+    try:
+        with pytest.raises(StoreMismatch, match="was built with backbone"):
+            quantized.classify(SENTIMENT.name, ["a great movie"])
+    finally:
+        quantized.close()
