@@ -31,8 +31,8 @@ class Settings(BaseSettings):
         default=DEFAULT_ENCODER, description="'minilm' (packaged) or a local sentence-transformers dir"
     )
     device: str = Field(default="cpu", description="torch device of the backbone and encoder: cpu, cuda, cuda:1")
-    dtype: str = Field(default="float32", description="float32, bfloat16, float16, or int8 (dynamic int8 "
-                       "linear layers, CPU; faster, its own backbone id: records are not float32's)")
+    dtype: str = Field(default="float32", description="float32, bfloat16 or float16 (other than float32: its "
+                       "own backbone id, so its records never mix with float32's)")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
     qdrant_url: str | None = Field(
         default=None, description="Qdrant server (e.g. http://qdrant:6333, used over gRPC) or ':memory:'; default Edge"

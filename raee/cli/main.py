@@ -158,8 +158,7 @@ def reports(func: F) -> F:
 @click.option("--backbone", help="backbone spec [RAEE_BACKBONE]")
 @click.option("--encoder", help="key encoder spec [RAEE_ENCODER]")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [RAEE_DEVICE]")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]),
-              help="int8: dynamic int8 linear layers (CPU), its own records [RAEE_DTYPE]")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="[RAEE_DTYPE]")
 @click.option("--api-key", envvar="RAEE_API_KEY", help="key for a server that requires one [RAEE_API_KEY]")
 @click.option("--tls-ca", envvar="RAEE_TLS_CA", type=click.Path(path_type=Path),
               help="CA certificate (PEM) of a TLS server [RAEE_TLS_CA]")

@@ -24,19 +24,6 @@ from raee.errors import InvalidInput
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# int8: the decoder layers' linear weights quantised to int8, activations quantised on the fly
-# (dynamic quantisation, CPU): about 4× faster forwards on two cores, different records.
-QUANTIZED = ("int8",)
-
-
-def quantize_layers(backbone: Backbone) -> None:
-    """Dynamic int8 quantisation of the layer stack's linear layers, in place (the embeddings, the
-    final norm and the label words' head stay float32)."""
-    import warnings
-
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
-        warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(backbone.layers, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 # (exit, the rows still running, their exit features [rows, H]) -> the rows that are done there

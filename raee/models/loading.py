@@ -15,15 +15,7 @@ from pathlib import Path
 import torch
 
 from raee.errors import InvalidInput
-from raee.models.backbone import (
-    DTYPES,
-    QUANTIZED,
-    Backbone,
-    CausalLMBackbone,
-    MaskedLMBackbone,
-    Seq2SeqBackbone,
-    quantize_layers,
-)
+from raee.models.backbone import DTYPES, Backbone, CausalLMBackbone, MaskedLMBackbone, Seq2SeqBackbone
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +87,8 @@ def load_backbone(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per load in our own log instead
-    if dtype not in DTYPES and dtype not in QUANTIZED:
-        raise InvalidInput(f"dtype {dtype!r}: use one of {', '.join([*DTYPES, *QUANTIZED])}")
-    if dtype in QUANTIZED and device != "cpu":
-        raise InvalidInput(f"dtype {dtype}: dynamic int8 quantisation runs on the CPU; use bfloat16 on {device}")
+    if dtype not in DTYPES:
+        raise InvalidInput(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     model_id, source = resolve_backbone(spec, models_dir)
     start = time.perf_counter()
     local_only = {"local_files_only": True}
@@ -110,7 +100,7 @@ def load_backbone(
             else (AutoModelForMaskedLM, MaskedLMBackbone) if masked
             else (AutoModelForCausalLM, CausalLMBackbone))
         tokenizer = AutoTokenizer.from_pretrained(str(source), **local_only)
-        model = auto.from_pretrained(str(source), dtype=DTYPES.get(dtype, torch.float32), **local_only)
+        model = auto.from_pretrained(str(source), dtype=DTYPES[dtype], **local_only)
     except OSError as exc:
         raise InvalidInput(
             f"backbone {spec!r}: not a local directory, a .gguf file or a model in the local cache ({exc})"
@@ -119,7 +109,5 @@ def load_backbone(
     if dtype != "float32":  # other numbers, other records: its own backbone id, so they never mix with float32's
         model_id = f"{model_id}@{dtype}"
     backbone = family(model, tokenizer, model_id, max_tokens=max_tokens)
-    if dtype in QUANTIZED:
-        quantize_layers(backbone)
     log.info("backbone %s loaded in %.1f s", model_id, time.perf_counter() - start)
     return backbone
