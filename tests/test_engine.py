@@ -9,7 +9,7 @@ import pytest
 
 from raee.core.datafile import read_rows
 from raee.core.engine import Engine
-from raee.core.policies import PaperPolicy
+from raee.core.policies import Decision, PaperPolicy
 from raee.errors import InvalidInput, TaskExists, TaskNotFound
 from raee.stores.records import record_id
 from raee.types import Label, TaskSpec
@@ -86,11 +86,34 @@ def test_classify_exits_where_the_policy_says_and_runs_no_deeper(engine: Engine,
         layer.register_forward_hook(lambda _m, _a, out, i=i: ran.append(i))
     predictions = engine.classify(SENTIMENT.name, texts)
     assert [p.exit_layer for p in predictions] == expected
-    assert ran == [i for e in sorted(set(expected)) for i in range(e)]  # one grouped forward per exit layer
+    assert ran == list(range(max(expected)))  # one pass for the batch, no deeper than its last exit
     full = engine.all_exit_logits(SENTIMENT.name, texts)
     for p, lg, e in zip(predictions, full, expected):
         assert p.label == SENTIMENT.labels[int(lg[e].argmax())].name
         assert abs(sum(p.scores) - 1) < 1e-6 and p.depth == engine.depth
+
+
+def test_fixed_exits_share_one_shrinking_pass(engine: Engine) -> None:
+    """Rows with different fixed exits run the layers once for the batch, each row leaving at its
+    exit, and get the answer they get alone."""
+    engine.create_task(SENTIMENT)
+    spec, head = engine._task(SENTIMENT.name)
+    texts = ["a great film", "the worst mess of a plot", "i loved it", "bad", "a fine and funny movie"]
+    decisions = [Decision(2), Decision(0), Decision(engine.depth), Decision(1), Decision(2)]
+    engine.settings = engine.settings.model_copy(update={"forward_batch_size": len(texts)})
+    ran: list[tuple[int, int]] = []
+    for i, layer in enumerate(engine.backbone.layers):
+        layer.register_forward_hook(
+            lambda _m, _a, out, i=i: ran.append((i, (out[0] if isinstance(out, tuple) else out).shape[0])))
+    probs, exits = engine.forward_at(spec, head, texts, decisions)
+    assert exits == [d.max_layer for d in decisions]
+    assert ran == [(i, sum(d.max_layer > i for d in decisions)) for i in range(engine.depth)]
+    ran.clear()
+    for text, d, p in zip(texts, decisions, probs):
+        alone, _ = engine.forward_at(spec, head, [text], [d])
+        assert np.allclose(alone[0], p, atol=1e-5)
+        logits = engine.all_exit_logits(SENTIMENT.name, [text])[0, d.max_layer]
+        assert int(logits.argmax()) == int(p.argmax())
 
 
 def test_static_and_full_policies(engine: Engine) -> None:

@@ -339,26 +339,28 @@ class Engine:
     ) -> tuple[np.ndarray, list[int]]:
         """Label probabilities of each text where its decision exits, and those exits.
 
-        Rows with a fixed exit are grouped by (reader, exit), so no row runs deeper than its exit
-        and an early row never waits on a later one's layers. Rows with a stop rule run batched,
-        layer by layer, each leaving the batch at its own exit. Rows answered without the backbone
-        run nothing. An exit is read by the lens or, for `reader="heads"`, by the task's exit head;
-        a decision's prior multiplies it.
+        Rows that need the backbone run batched, layer by layer, each leaving the batch at its own
+        exit (a row's stop rule, or its fixed exit): no row runs deeper than its exit, and the
+        layers below run once for all of them. A backbone whose walk cannot share one pass
+        (encoder-decoder) runs fixed exits grouped by (reader, exit) instead. Rows answered
+        without the backbone run nothing. An exit is read by the lens or, for `reader="heads"`,
+        by the task's exit head; a decision's prior multiplies it.
         """
         out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
         exits = [d.max_layer for d in decisions]
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
-        walking: list[int] = []
+        walking: dict[str, list[int]] = defaultdict(list)
         for i, d in enumerate(decisions):
             if d.answer is not None:
                 out[i], exits[i] = d.answer, 0
-            elif d.stop is not None:
-                walking.append(i)
+            elif d.stop is not None or self.backbone.walks_in_one_pass:
+                walking[d.reader].append(i)
             else:
                 groups[(d.reader, d.max_layer)].append(i)
         size = self.settings.forward_batch_size
-        for start in range(0, len(walking), size):  # stop rules: batched, each row stops at its own exit
-            self._walk(spec, head, heads, texts, decisions, walking[start : start + size], out, exits)
+        for rows in walking.values():
+            for start in range(0, len(rows), size):
+                self._walk(spec, head, heads, texts, decisions, rows[start : start + size], out, exits)
         for (reader, layer), rows in sorted(groups.items()):
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
@@ -374,12 +376,15 @@ class Engine:
 
     def _walk(self, spec: TaskSpec, head: LabelHead, heads: ExitHeads | None, texts: Sequence[str],
               decisions: Sequence[Decision], rows: list[int], out: np.ndarray, exits: list[int]) -> None:
-        """Rows with stop rules in one batched forward, exit by exit: a row's answer is taken at the
-        first exit where its rule holds (or its bound), and the row leaves the batch there (a
-        shrinking batch: later layers run on the rows still open only)."""
+        """Rows of one reader in one batched forward, exit by exit: a row's answer is taken at the
+        first exit where its stop rule holds, or at its bound (a fixed exit is a bound with no
+        rule), and the row leaves the batch there (a shrinking batch: later layers run on the rows
+        still open only)."""
 
         def visit(layer: int, live: list[int], features: torch.Tensor) -> list[int]:
-            if decisions[rows[live[0]]].reader == "heads":  # one policy per batch: one reader
+            if not any(layer >= decisions[rows[j]].max_layer or decisions[rows[j]].stop is not None for j in live):
+                return []  # only fixed exits further on: nothing to read here
+            if decisions[rows[live[0]]].reader == "heads":  # the caller walks one reader at a time
                 assert heads is not None
                 probs = heads.probs(layer, features)
             else:

@@ -84,6 +84,8 @@ class Backbone:
     """
 
     family = "abstract"
+    # walk_exits runs the layers once for the whole batch; rows with known exits share that pass
+    walks_in_one_pass = True
     layers: nn.ModuleList
     lm_head: nn.Module  # the output layer whose rows are the label words
 
@@ -460,6 +462,7 @@ class Seq2SeqBackbone(Backbone):
     """
 
     family = "seq2seq"
+    walks_in_one_pass = False  # its walk re-runs each exit from the input
 
     def __init__(self, model: nn.Module, tokenizer: Any, model_id: str, max_tokens: int = 512) -> None:
         super().__init__(model, tokenizer, model_id, max_tokens)
