@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     encoder: str = Field(
         default=DEFAULT_ENCODER, description="'minilm' (packaged) or a local sentence-transformers dir"
     )
+    key_runtime: Literal["onnx", "torch"] = Field(
+        default="onnx", description="what runs a sentence-transformers key encoder on the CPU: onnx (ONNX "
+        "Runtime, exported once into the model cache; the same keys within 1e-6, faster) or torch")
     device: str = Field(default="cpu", description="torch device of the backbone and encoder: cpu, cuda, cuda:1")
     dtype: str = Field(default="float32", description="float32, bfloat16 or float16 (other than float32: its "
                        "own backbone id, so its records never mix with float32's)")

@@ -523,7 +523,8 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
     others = []
     if "encoder" in sweeps:
         for spec in alt_encoders:
-            encoder = load_encoder(spec, obj.settings.device, engine.backbone)
+            encoder = load_encoder(spec, obj.settings.device, engine.backbone, obj.settings.key_runtime,
+                                   obj.settings.models_dir, obj.settings.threads)
             store = EdgeVectorStore(obj.settings.data_dir / "qdrant",
                                     collection_name(engine.backbone.model_id, encoder.model_id), encoder.dim)
             others.append(Engine(engine.backbone, encoder, store, engine.metadata, obj.settings))
@@ -712,7 +713,8 @@ def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int
         from raee.models.encoders import load_encoder
 
         texts = [row.text for f in text_files for row in read_rows(f) if isinstance(row, Row)]
-        encoder = load_encoder(obj.settings.encoder, obj.settings.device)
+        encoder = load_encoder(obj.settings.encoder, obj.settings.device, None, obj.settings.key_runtime,
+                               obj.settings.models_dir, obj.settings.threads)
         key_source = np.concatenate([encoder.encode(texts[i : i + 512]) for i in
                                      tqdm(range(0, len(texts), 512), desc=f"encode {len(texts):,} texts",
                                           file=sys.stderr)])

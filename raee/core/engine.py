@@ -74,7 +74,8 @@ class Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         backbone = load_backbone(settings.backbone, settings.models_dir, settings.device, settings.dtype,
                                  settings.max_tokens)
-        encoder = load_encoder(settings.encoder, settings.device, backbone)
+        encoder = load_encoder(settings.encoder, settings.device, backbone, settings.key_runtime,
+                               settings.models_dir, settings.threads)
         vectors = open_vector_store(settings, collection_name(backbone.model_id, encoder.model_id), encoder.dim)
         return cls(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
 
