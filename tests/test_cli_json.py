@@ -94,6 +94,7 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
                         "40", "--dev-rows", "20", "--out", str(root / "shift")],
         "bench-scale": ["bench-scale", "--size", "300", "--tenants", "3", "--queries", "5"],
         "bench-speed": ["bench-speed", "sst2:30", "--data", str(root / "corpora"), "--out", str(root / "speed")],
+        "bench-keys": ["bench-keys", dev, "--limit", "20", "--out", str(root / "keys")],
         "health": ["health", "--server", address],
         "loadtest": ["loadtest", "--server", address, "--task", "sentiment", data, "--policy", "paper",
                      "--clients", "2", "--seconds", "1", "--sequential", "3"],
@@ -118,6 +119,8 @@ def test_each_reporting_command_prints_one_json_document_and_nothing_else(setup:
     runner = CliRunner()
     for name, args in runs.items():
         global_flags = setup["base"] if name not in ("health", "loadtest", "soak", "bench-transports") else []
+        if name == "bench-keys":  # its subject is a sentence-transformers key: the packaged MiniLM
+            global_flags = [*global_flags[:-1], "minilm"]
         result = runner.invoke(cli, [*global_flags, *args, "--json"], catch_exceptions=False)
         assert result.exit_code == 0, f"{name}: exit {result.exit_code}: {result.output[-2000:]}"
         try:

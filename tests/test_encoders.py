@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from raee.bench import keys
 from raee.errors import InvalidInput
 from raee.models.encoders import OnnxKeyEncoder, SentenceTransformerEncoder, load_encoder
 
@@ -70,3 +71,17 @@ def test_torch_runs_the_key_when_asked(cache: Path) -> None:
     assert isinstance(load_encoder("minilm", device="cpu", runtime="torch", cache=cache), SentenceTransformerEncoder)
     with pytest.raises(InvalidInput, match="key runtime 'tensorrt'"):
         load_encoder("minilm", runtime="tensorrt", cache=cache)
+
+
+def test_bench_keys_times_both_runtimes_on_the_same_texts(
+        encoders: tuple[SentenceTransformerEncoder, OnnxKeyEncoder], tmp_path: Path) -> None:
+    torch, onnx = encoders
+    texts = [f"review number {i}: " + "good " * (i % 7) for i in range(40)]
+    report = keys.compare({"torch": torch, "onnx": onnx}, texts, progress=lambda _: None)
+    assert report["texts"] == 40 and set(report["runtimes"]) == {"torch", "onnx"}
+    assert report["runtimes"]["torch"]["max_key_difference"] == 0
+    assert report["runtimes"]["onnx"]["max_key_difference"] < 1e-5
+    for r in report["runtimes"].values():
+        assert 0 < r["single_p50_ms"] <= r["single_p90_ms"] and r["batched_texts_per_second"] > 0
+    written = keys.write(report, tmp_path, "raee-admin bench-keys x")
+    assert "| onnx |" in (tmp_path / "keys.md").read_text() and all(p.stat().st_size > 0 for p in written)

@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -116,6 +117,31 @@ def test_a_task_made_over_grpc_keeps_its_shares_objective_and_prior_options(serv
         pb.Label(name="a", word=" a", share=0.5), pb.Label(name="b", word=" b")])
     code, details = code_of(lambda: stub.CreateTask(bad))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "every label a share, or none" in details
+
+
+def test_a_task_that_adapts_exports_its_traffic_prior_until_deleted(served: ServerThread) -> None:
+    stub = served.stub
+    stub.CreateTask(pb.CreateTaskRequest(name="adapting", template=SENTIMENT.template, adapt_prior=True,
+                                         labels=[pb.Label(name=lb.name, word=lb.word) for lb in SENTIMENT.labels]))
+    ingest(stub, "adapting", ROWS)
+    registry = served.server.metrics.registry
+
+    def share(label: str) -> float | None:
+        return registry.get_sample_value("raee_traffic_prior", {"task": "adapting", "label": label})
+
+    texts = [f"{t} {i}" for i in range(12) for t, _ in ROWS]  # 120 answers: past the estimate's minimum
+    stub.ClassifyBatch(pb.ClassifyBatchRequest(task="adapting", texts=texts[:60]))
+    assert share("positive") is None  # 60 answers: not yet estimated, nothing exported
+    stub.ClassifyBatch(pb.ClassifyBatchRequest(task="adapting", texts=texts[60:]))
+    task = stub.GetTask(pb.GetTaskRequest(name="adapting")).task
+    assert task.traffic_prior_answers == 120 and task.traffic_prior_updated_at
+    exported = {label: share(label) for label in ("negative", "positive")}
+    assert exported == pytest.approx(dict(task.traffic_prior)) and sum(exported.values()) == pytest.approx(1)
+    updated = registry.get_sample_value("raee_traffic_prior_updated_timestamp_seconds", {"task": "adapting"})
+    assert updated == pytest.approx(datetime.fromisoformat(task.traffic_prior_updated_at).timestamp(), abs=1)
+    assert registry.get_sample_value("raee_traffic_prior", {"task": "sentiment", "label": "positive"}) is None
+    stub.DeleteTask(pb.DeleteTaskRequest(name="adapting"))
+    assert share("positive") is None and share("negative") is None
 
 
 def test_batch_and_stream_answer_in_order(served: ServerThread) -> None:

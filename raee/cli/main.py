@@ -642,6 +642,32 @@ def bench_speed(obj: Context, tasks: tuple[str, ...], data_root: Path, out: Path
     return {**report, "written": written}
 
 
+@cli.command("bench-keys")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--limit", default=500, show_default=True, help="texts to encode (the file's first)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/keys"), show_default=True)
+@click.pass_obj
+@reports
+def bench_keys(obj: Context, file: Path, limit: int, out: Path) -> dict[str, Any]:
+    """The key encoder on torch against ONNX Runtime in one run: one text per call, batches of 16, and
+    how far apart their keys are. E.g. `raee-admin bench-keys corpora/sst2/dev.tsv`."""
+    from raee.bench import keys
+    from raee.models.encoders import load_encoder
+
+    texts = [r.text for r in itertools.islice(read_rows(file), limit) if isinstance(r, Row)]
+    if not texts:
+        raise click.UsageError(f"{file}: no rows to encode")
+    s = obj.settings
+    encoders = {runtime: load_encoder(s.encoder, "cpu", None, runtime, s.models_dir, s.threads)
+                for runtime in ("torch", "onnx")}
+    if type(encoders["torch"]) is type(encoders["onnx"]):
+        raise click.UsageError(f"encoder {s.encoder!r} has one runtime only: give a sentence-transformers encoder")
+    report = keys.compare(encoders, texts, progress=lambda line: click.echo(line, err=True))
+    written = [str(path) for path in keys.write(report, out, "raee-admin " + " ".join(sys.argv[1:]))]
+    obj.say((out / "keys.md").read_text())
+    return {**report, "written": written}
+
+
 @cli.command("bench-transports")
 @click.option("--server", required=True, metavar="HOST:PORT", help="the server's gRPC address (loopback only)")
 @click.option("--http", "http_address", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",

@@ -274,6 +274,12 @@ class Engine:
             self._trackers[task] = tracker
         return tracker
 
+    def active_prior(self, task: str) -> PriorTracker | None:
+        """The task's traffic-prior tracker once its estimate is active (reads no store: callable
+        from any thread)."""
+        tracker = self._trackers.get(task)
+        return tracker if tracker is not None and tracker.active else None
+
     def label_weights(self, task: str) -> dict[str, float]:
         """Per label, its expected traffic share (declared, else equal) over its share of the task's
         records: the weight of a neighbour with that label in votes and in the paper's aggregation,
@@ -342,8 +348,8 @@ class Engine:
 
         Rows that need the backbone run batched, layer by layer, each leaving the batch at its own
         exit (a row's stop rule, or its fixed exit): no row runs deeper than its exit, and the
-        layers below run once for all of them. A backbone whose walk cannot share one pass
-        (encoder-decoder) runs fixed exits grouped by (reader, exit) instead. Rows answered
+        layers below run once for all of them. Fixed exits that are all the same, or a backbone
+        whose walk cannot share one pass (encoder-decoder), run grouped by (reader, exit) instead. Rows answered
         without the backbone run nothing. An exit is read by the lens or, for `reader="heads"`,
         by the task's exit head; a decision's prior multiplies it.
         """
@@ -351,13 +357,21 @@ class Engine:
         exits = [d.max_layer for d in decisions]
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         walking: dict[str, list[int]] = defaultdict(list)
+        fixed: dict[str, list[int]] = defaultdict(list)
         for i, d in enumerate(decisions):
             if d.answer is not None:
                 out[i], exits[i] = d.answer, 0
-            elif d.stop is not None or self.backbone.walks_in_one_pass:
+            elif d.stop is not None:
                 walking[d.reader].append(i)
             else:
-                groups[(d.reader, d.max_layer)].append(i)
+                fixed[d.reader].append(i)
+        for reader, rows in fixed.items():
+            # one exit for all (a lone row, `full`): a plain forward, without the walk's per-layer hooks
+            if self.backbone.walks_in_one_pass and len({decisions[i].max_layer for i in rows}) > 1:
+                walking[reader] += rows
+            else:
+                for i in rows:
+                    groups[(reader, decisions[i].max_layer)].append(i)
         size = self.settings.forward_batch_size
         for rows in walking.values():
             for start in range(0, len(rows), size):

@@ -45,7 +45,8 @@ class PriorTracker:
         self._answers: deque[np.ndarray] = deque(maxlen=window)
         self._since = 0
         self.estimate = self.train_prior.copy()
-        self.updated_at = ""
+        self.updated_at = ""  # RFC 3339, for GetTask
+        self.updated_unix = 0.0  # the same moment, for metrics
         self.seen = 0
         self._lock = threading.Lock()
 
@@ -59,7 +60,8 @@ class PriorTracker:
             if len(self._answers) >= self.min_answers and self._since >= self.every:
                 self._since = 0
                 self.estimate = em_prior(np.stack(self._answers), self.train_prior)
-                self.updated_at = datetime.now(UTC).isoformat(timespec="seconds")
+                now = datetime.now(UTC)
+                self.updated_at, self.updated_unix = now.isoformat(timespec="seconds"), now.timestamp()
 
     @property
     def active(self) -> bool:

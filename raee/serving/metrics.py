@@ -49,6 +49,28 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.classified = Counter("raee_classified_texts", "texts the model worker computed", registry=r)
         self.ingested = Counter("raee_ingested_records", "exit records added online", ["task"], registry=r)
+        self.traffic_prior = Gauge("raee_traffic_prior", "estimated share of each label in a task's traffic "
+                                   "(tasks with adapt_prior, once the estimate is active)", ["task", "label"],
+                                   registry=r)
+        self.traffic_prior_updated = Gauge("raee_traffic_prior_updated_timestamp_seconds",
+                                           "when a task's traffic-prior estimate was last re-estimated", ["task"],
+                                           registry=r)
+        self._prior_labels: dict[str, list[str]] = {}  # task -> the labels its gauges carry
+
+    def set_traffic_prior(self, task: str, labels: list[str], shares: list[float], updated: float) -> None:
+        for label, share in zip(labels, shares):
+            self.traffic_prior.labels(task, label).set(share)
+        self.traffic_prior_updated.labels(task).set(updated)
+        self._prior_labels[task] = labels
+
+    def forget_task(self, task: str) -> None:
+        """Drop a deleted task's gauges (a new task of that name starts with none)."""
+        labels = self._prior_labels.pop(task, None)
+        if labels is None:
+            return
+        for label in labels:
+            self.traffic_prior.remove(task, label)
+        self.traffic_prior_updated.remove(task)
 
     def fit_depth(self, depth: int) -> None:
         """The exit-layer histogram, one bucket per exit 0..depth of the loaded backbone (no empty

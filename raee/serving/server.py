@@ -161,6 +161,11 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
             if self.metrics.exit_layer is not None:
                 self.metrics.exit_layer.labels(task).observe(r.exit_layer)
             self.recent.add(task, r.exit_layer, r.timings.total_us / 1000)
+        engine = self.worker.engine  # answered: the engine is loaded
+        tracker = engine.active_prior(task) if engine is not None else None
+        if tracker is not None:
+            self.metrics.set_traffic_prior(task, tracker.labels, [float(x) for x in tracker.estimate],
+                                           tracker.updated_unix)
         return responses
 
     # -- RPCs --------------------------------------------------------------------
@@ -357,6 +362,7 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
         await self.worker.call(lambda e: e.delete_task(request.name))
         self.recent.forget(request.name)
+        self.metrics.forget_task(request.name)
         return pb.DeleteTaskResponse()
 
     async def GetTaskStats(self, request: pb.GetTaskStatsRequest,
