@@ -57,7 +57,7 @@ class OnnxKeyEncoder:
     The model (transformer, pooling, normalisation) is exported once into the model cache and
     loaded from there afterwards. Its keys equal the torch model's within 1e-6, so it keeps the
     torch encoder's model id and reads the same records. On two cores it encodes one short text
-    about 3x faster than sentence-transformers with torch (docs/performance.md), which matters
+    about 2x faster than sentence-transformers with torch (docs/performance.md), which matters
     because the key is the largest stage of an early-exit answer.
     """
 
