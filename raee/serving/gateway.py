@@ -33,9 +33,10 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2  # noqa: F401  (registers the detail types for JSON)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from raee.errors import InvalidInput
+from raee.errors import InvalidInput, Unauthenticated
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.serving import logs
+from raee.serving.interceptors import Accounting
 from raee.serving.status import MAX_MESSAGE
 from raee.types import METADATA_KEY
 
@@ -191,8 +192,9 @@ def _in_field_order(message: Message, data: dict[str, Any]) -> dict[str, Any]:
 class Gateway:
     """An aiohttp application in front of the gRPC server at `target` (this process's private socket)."""
 
-    def __init__(self, target: str, max_message_bytes: int) -> None:
+    def __init__(self, target: str, max_message_bytes: int, accounting: Accounting | None = None) -> None:
         self.max_message_bytes = max_message_bytes
+        self.accounting = accounting
         limits = [("grpc.max_receive_message_length", max_message_bytes),
                   ("grpc.max_send_message_length", max_message_bytes)]
         self.channel = grpc.aio.insecure_channel(target, options=limits)
@@ -267,6 +269,8 @@ class Gateway:
             metadata = self._metadata(request, request_id)
             timeout = self._timeout(request)
             call = self.calls[route.name]
+            if route.method.client_streaming:
+                self._authenticate_stream(route, metadata)
             if route.method.server_streaming:
                 return await self._stream(request, route, values, call, metadata, timeout, request_id)
             if route.method.client_streaming:
@@ -285,6 +289,18 @@ class Gateway:
         if route.response_body:
             reply = getattr(reply, route.response_body)
         return web.json_response(to_json(reply), headers={REQUEST_ID: request_id})
+
+    def _authenticate_stream(self, route: Route, metadata: tuple[tuple[str, str], ...]) -> None:
+        """A stream without a valid key is refused here, by the server's own key ring: when a server
+        refuses a stream while its messages are still being sent, grpc.aio's client may report
+        INTERNAL ("Internal error from Core") instead of the server's UNAUTHENTICATED."""
+        if self.accounting is None or self.accounting.keys is None:
+            return
+        try:
+            self.accounting.keys.authenticate(dict(metadata).get(METADATA_KEY))
+        except Unauthenticated as exc:
+            self.accounting.count(route.name, None, grpc.StatusCode.UNAUTHENTICATED, 0.0)
+            raise HttpFailure(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
 
     @staticmethod
     async def _call(call: Any, argument: Any, metadata: tuple[tuple[str, str], ...], timeout: float | None) -> Any:

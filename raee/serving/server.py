@@ -479,7 +479,7 @@ class RaeeServer:
         await self.server.start()
         if private is not None:
             s = self.settings
-            self.gateway = Gateway(private, s.max_message_bytes)
+            self.gateway = Gateway(private, s.max_message_bytes, self.accounting)
             tls = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
             self.http_port = await self.gateway.start(s.http_address, tls, s.grace_seconds)
         if self.settings.metrics_port >= 0:
