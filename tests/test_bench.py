@@ -127,3 +127,22 @@ def test_bench_speed_compares_both_ingest_paths_and_their_records(tmp_path: Path
                                "identical": True}
     assert task["records"]["max_probability_difference"] <= 1e-4
     assert "| sst2 | 50 |" in (out / "speed.md").read_text() and (out / "speed.png").stat().st_size > 5000
+
+
+def test_bench_without_heads_fits_none_and_still_sweeps(tmp_path: Path) -> None:
+    model = save_tiny_backbone(tmp_path / "model")
+    rows = corpus(100)
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    write_tsv(tmp_path / "data" / "sst2" / "train.tsv", rows[:70])
+    write_tsv(tmp_path / "data" / "sst2" / "dev.tsv", rows[70:])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [
+        "--backbone", str(model), "--encoder", "hashing:32", "bench", "sst2", "--data", str(tmp_path / "data"),
+        "--train-rows", "60", "--dev-rows", "20", "--latency-rows", "2", "--size", "30", "--sweep", "size",
+        "--no-heads", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())["tasks"][0]
+    policies = {p["policy"] for p in report["policies"]}
+    assert report["heads"] == {} and not any(p.startswith(("heads:", "cascade", "oracle-heads")) for p in policies)
+    assert {"paper", "knn-vote", "key-logreg"} <= policies
+    assert [x for x, *_ in report["size_sweep"]["knn-vote"]] == [30, 60]

@@ -24,7 +24,7 @@ from raee.core import auto as tuning
 from raee.core.datafile import read_rows
 from raee.core.engine import Engine
 from raee.core.evaluation import Measured, PolicyResult, layer_accuracy, measure, run_oracle, run_policy
-from raee.core.heads import fit_heads
+from raee.core.heads import ExitHeads, fit_heads
 from raee.core.policies import ExitPolicy, bind, parse_policy
 from raee.stores.records import ExitRecord, LayerResult, record_id
 from raee.types import Choice, Row, TaskSpec
@@ -183,14 +183,17 @@ def key_logreg(engine: Engine, spec: TaskSpec, train: Path, train_rows: int, row
 
 def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_rows: int, dev_rows: int,
                k: int = 12, latency_rows: int = 48, sweeps: Sequence[str] = ("k", "size", "encoder"),
-               encoders: Sequence[Engine] = (), sizes: Sequence[int] = SIZE_SWEEP) -> TaskBench:
+               encoders: Sequence[Engine] = (), sizes: Sequence[int] = SIZE_SWEEP,
+               use_heads: bool = True) -> TaskBench:
     task = spec.name
     ensure_task(engine, spec)
     build(engine, task, train, train_rows)
     depth, labels = engine.depth, spec.label_names
 
     # Choices made on the train records only (leave-one-out / out of fold), never on the measured rows.
-    heads = tuning.fit_task_heads(engine, task) if tuning.needs_heads(engine, task) else engine.heads(task)
+    heads: ExitHeads | None = None
+    if use_heads:
+        heads = tuning.fit_task_heads(engine, task) if tuning.needs_heads(engine, task) else engine.heads(task)
     validation = tuning.validation_rows(engine, task, 300, max(tuning.K_CHOICES))
     ranked = tuning.choose(validation, depth, labels, heads=heads, objective=spec.objective)
     # the lens policies' thresholds, chosen the same way (with heads, auto no longer considers them)
