@@ -349,9 +349,9 @@ class Engine:
         Rows that need the backbone run batched, layer by layer, each leaving the batch at its own
         exit (a row's stop rule, or its fixed exit): no row runs deeper than its exit, and the
         layers below run once for all of them. Fixed exits that are all the same, or a backbone
-        whose walk cannot share one pass (encoder-decoder), run grouped by (reader, exit) instead. Rows answered
-        without the backbone run nothing. An exit is read by the lens or, for `reader="heads"`,
-        by the task's exit head; a decision's prior multiplies it.
+        whose walk cannot share one pass (encoder-decoder), run grouped by (reader, exit) instead.
+        Rows answered without the backbone run nothing. An exit is read by the lens or, for
+        `reader="heads"`, by the task's exit head; a decision's prior multiplies it.
         """
         out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
         exits = [d.max_layer for d in decisions]
