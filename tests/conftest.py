@@ -15,7 +15,7 @@ from raee.stores.vectors import EdgeVectorStore, collection_name
 from raee.types import Label, TaskSpec
 
 from .databases import database
-from .tiny_models import tiny_causal_lm, tiny_tokenizer
+from .tiny_models import WORDS, tiny_causal_lm, tiny_tokenizer
 
 CORPORA = Path(__file__).resolve().parents[1] / "corpora"  # the repository's labelled data
 
@@ -50,6 +50,22 @@ def engine(tmp_path: Path, backbone: Backbone, database_url: str):  # type: igno
 def write_tsv(path: Path, rows: list[tuple[str, str]], header: str = "text\tlabel") -> Path:
     path.write_text(header + "\n" + "".join(f"{t}\t{l}\n" for t, l in rows), encoding="utf-8")
     return path
+
+
+def corpus(n: int) -> list[tuple[str, str]]:
+    """n distinct synthetic sentiment rows, one third negative."""
+    return [(f"{WORDS[i % len(WORDS)]} {WORDS[(i * 7) % len(WORDS)]} {i}", "positive" if i % 3 else "negative")
+            for i in range(n)]
+
+
+def task_data(root: Path, n: int, train: int, task: str = "sst2") -> Path:
+    """A data root for the benches: <root>/<task>/train.tsv holds corpus(n)'s first `train` rows and
+    dev.tsv the rest; returns <root>."""
+    rows = corpus(n)
+    (root / task).mkdir(parents=True)
+    write_tsv(root / task / "train.tsv", rows[:train])
+    write_tsv(root / task / "dev.tsv", rows[train:])
+    return root
 
 
 def admin_cli(data_dir: Path, backbone: Path, encoder: str = "hashing:32") -> Callable[..., str]:

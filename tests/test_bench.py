@@ -12,17 +12,13 @@ from click.testing import CliRunner
 from raee.cli.main import cli
 from raee.errors import InvalidInput
 
-from .conftest import write_tsv
-from .test_concurrent_writers import corpus
+from .conftest import task_data
 from .tiny_models import save_tiny_backbone
 
 
 def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
     model = save_tiny_backbone(tmp_path / "model")
-    rows = corpus(160)
-    (tmp_path / "data" / "sst2").mkdir(parents=True)
-    write_tsv(tmp_path / "data" / "sst2" / "train.tsv", rows[:120])
-    write_tsv(tmp_path / "data" / "sst2" / "dev.tsv", rows[120:])
+    task_data(tmp_path / "data", 160, train=120)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, [
         "--backbone", str(model), "--encoder", "hashing:32", "bench", "sst2", "--data", str(tmp_path / "data"),
@@ -108,9 +104,7 @@ def test_bench_scale_command_writes_its_reports(tmp_path: Path) -> None:
 
 def test_bench_speed_compares_both_ingest_paths_and_their_records(tmp_path: Path) -> None:
     model = save_tiny_backbone(tmp_path / "model")
-    rows = corpus(60)
-    (tmp_path / "data" / "sst2").mkdir(parents=True)
-    write_tsv(tmp_path / "data" / "sst2" / "train.tsv", rows)
+    task_data(tmp_path / "data", 60, train=60)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path / "stores"), "--backbone", str(model), "--encoder",
                                       "hashing:32", "--json", "bench-speed", "sst2:50", "--data",
@@ -131,10 +125,7 @@ def test_bench_speed_compares_both_ingest_paths_and_their_records(tmp_path: Path
 
 def test_bench_without_heads_fits_none_and_still_sweeps(tmp_path: Path) -> None:
     model = save_tiny_backbone(tmp_path / "model")
-    rows = corpus(100)
-    (tmp_path / "data" / "sst2").mkdir(parents=True)
-    write_tsv(tmp_path / "data" / "sst2" / "train.tsv", rows[:70])
-    write_tsv(tmp_path / "data" / "sst2" / "dev.tsv", rows[70:])
+    task_data(tmp_path / "data", 100, train=70)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, [
         "--backbone", str(model), "--encoder", "hashing:32", "bench", "sst2", "--data", str(tmp_path / "data"),

@@ -18,10 +18,9 @@ from click.testing import CliRunner
 
 from raee.cli.main import EXIT_REFUSED, EXIT_REJECTED, EXIT_UNAVAILABLE, EXIT_USAGE, cli
 
-from .conftest import write_tsv
+from .conftest import corpus, task_data, write_tsv
 from .processes import free_port, start_server
 from .test_cli import SPEC
-from .test_concurrent_writers import corpus
 from .tiny_models import save_tiny_backbone
 
 # Commands that report nothing a script would parse, and why.
@@ -51,12 +50,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     model = save_tiny_backbone(root / "model")
     base = ["--data-dir", str(root / "data"), "--backbone", str(model), "--encoder", "hashing:32"]
     (root / "s.toml").write_text(SPEC)
-    rows = corpus(120)
-    for task in ("sst2",):
-        (root / "corpora" / task).mkdir(parents=True)
-        write_tsv(root / "corpora" / task / "train.tsv", rows[:80])
-        write_tsv(root / "corpora" / task / "dev.tsv", rows[80:])
-    data = write_tsv(root / "rows.tsv", rows[:40])  # enough records for exit heads
+    task_data(root / "corpora", 120, train=80)
+    data = write_tsv(root / "rows.tsv", corpus(40))  # enough records for exit heads
     address, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     server_base = ["--data-dir", str(root / "served"), "--backbone", str(model), "--encoder", "hashing:32"]
     proc = start_server(server_base, address, dict(os.environ), http_address=http)

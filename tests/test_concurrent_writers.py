@@ -19,19 +19,14 @@ from raee.models.backbone import CausalLMBackbone
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.stores.metadata import MetadataStore
 
-from .conftest import SENTIMENT, write_tsv
+from .conftest import SENTIMENT, corpus, write_tsv
 from .databases import fresh_postgres_database
 from .grpc_harness import ServerThread
 from .test_cli import SPEC
 from .test_grpc import ingest as grpc_ingest
 from .test_grpc import make_settings, tiny_engine_factory
 from .test_vector_store_congruence import qdrant_server_url
-from .tiny_models import WORDS, save_tiny_backbone, tiny_causal_lm, tiny_tokenizer
-
-
-def corpus(n: int) -> list[tuple[str, str]]:
-    return [(f"{WORDS[i % len(WORDS)]} {WORDS[(i * 7) % len(WORDS)]} {i}", "positive" if i % 3 else "negative")
-            for i in range(n)]
+from .tiny_models import save_tiny_backbone, tiny_causal_lm, tiny_tokenizer
 
 
 def test_two_online_ingest_clients_through_the_server(tmp_path: Path) -> None:

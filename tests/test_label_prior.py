@@ -17,7 +17,7 @@ from raee.core.policies import label_vote
 from raee.errors import InvalidInput
 from raee.types import Label, Neighbour, TaskSpec
 
-from .conftest import SENTIMENT, write_tsv
+from .conftest import SENTIMENT, task_data, write_tsv
 from .tiny_models import save_tiny_backbone
 
 POSITIVE = ["a great movie", "a wonderful film", "i loved the story", "the best acting", "very funny",
@@ -134,13 +134,8 @@ def test_skewed_mixes_follow_the_issue_and_draws_hit_them() -> None:
 def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp_path: Path) -> None:
     from raee.cli.main import cli
 
-    from .test_concurrent_writers import corpus
-
     model = save_tiny_backbone(tmp_path / "model")
-    rows = corpus(200)  # one third negative
-    (tmp_path / "data" / "sst2").mkdir(parents=True)
-    write_tsv(tmp_path / "data" / "sst2" / "train.tsv", rows[:160])
-    write_tsv(tmp_path / "data" / "sst2" / "dev.tsv", rows[160:])
+    task_data(tmp_path / "data", 200, train=160)  # one third negative
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, [
         "--backbone", str(model), "--encoder", "hashing:32", "bench-shift", "sst2", "--data", str(tmp_path / "data"),

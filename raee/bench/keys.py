@@ -8,7 +8,6 @@ of the machine falls on both: one text per call (what a lone Classify pays) and 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from raee.bench import reports
 from raee.models.encoders import KeyEncoder
 
 BATCH = 16
@@ -60,23 +60,15 @@ def compare(encoders: dict[str, KeyEncoder], texts: Sequence[str],
 
 
 def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "keys.json").write_text(json.dumps({**report, "command": command}, indent=2) + "\n")
     runtimes = report["runtimes"]
-    lines = ["# Key encoder runtimes (`raee-admin bench-keys`)", "", f"Command: `{command}`", "",
-             f"{report['texts']} texts, alternating runtimes text by text.", "",
-             f"| runtime | one text: p50 | p90 | batches of {BATCH}: texts/s | max key difference from "
-             f"{report['reference']} |", "|---|---|---|---|---|"]
+    body = [f"{report['texts']} texts, alternating runtimes text by text.", "",
+            f"| runtime | one text: p50 | p90 | batches of {BATCH}: texts/s | max key difference from "
+            f"{report['reference']} |", "|---|---|---|---|---|"]
     for name, r in runtimes.items():
-        lines.append(f"| {name} | {r['single_p50_ms']:.2f} ms | {r['single_p90_ms']:.2f} ms | "
-                     f"{r['batched_texts_per_second']:.0f} | {r['max_key_difference']:.1e} |")
-    (out / "keys.md").write_text("\n".join(lines) + "\n")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
+        body.append(f"| {name} | {r['single_p50_ms']:.2f} ms | {r['single_p90_ms']:.2f} ms | "
+                    f"{r['batched_texts_per_second']:.0f} | {r['max_key_difference']:.1e} |")
+    written = reports.save(out, "keys", report, command, "Key encoder runtimes (`raee-admin bench-keys`)", body)
+    fig, (left, right) = reports.pyplot().subplots(1, 2, figsize=(8, 3.5))
     names = list(runtimes)
     left.bar(names, [runtimes[n]["single_p50_ms"] for n in names], color="tab:blue")
     left.set_ylabel("ms per text (p50)")
@@ -84,7 +76,4 @@ def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
     right.bar(names, [runtimes[n]["batched_texts_per_second"] for n in names], color="tab:green")
     right.set_ylabel("texts per second")
     right.set_title(f"batches of {BATCH}")
-    fig.tight_layout()
-    fig.savefig(out / "keys.png", dpi=110)
-    plt.close(fig)
-    return [out / "keys.json", out / "keys.md", out / "keys.png"]
+    return [*written, reports.save_figure(fig, out / "keys.png")]

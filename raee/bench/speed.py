@@ -10,7 +10,6 @@ models, so only the batching differs.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raee.bench import reports
 from raee.core.datafile import read_rows
 from raee.core.engine import Engine
 from raee.stores.metadata import MetadataStore
@@ -126,16 +126,8 @@ def bench_task(base: Engine, spec: TaskSpec, data: Path, rows: int, out: Path,
 
 
 def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps({**report, "command": command}, indent=2) + "\n")
     machine = report["machine_gflops"]
-    lines = ["# Ingest speed (`raee-admin bench-speed`)", "", f"Command: `{command}`", "",
-             f"This machine's fp32 matrix multiply, measured in the same run: {machine:.1f} GFLOP/s "
+    lines = [f"This machine's fp32 matrix multiply, measured in the same run: {machine:.1f} GFLOP/s "
              f"({report['threads']} torch threads).", "",
              "| task | rows | tokens (mean / max) | GFLOP per row | path | rows/s | achieved GFLOP/s | % of the "
              "machine | speed-up | records identical |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -149,8 +141,8 @@ def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
                              f"no ({t['records']['predictions_that_differ']} predictions differ, max "
                              f"probability difference {t['records']['max_probability_difference']:.1e})")
                             if name == "by length" else "") + " |")
-    (out / "speed.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    written = reports.save(out, "speed", report, command, "Ingest speed (`raee-admin bench-speed`)", lines)
+    fig, ax = reports.pyplot().subplots(figsize=(7, 4))
     tasks = [t["task"] for t in report["tasks"]]
     width = 0.38
     for j, name in enumerate(PATHS):
@@ -160,15 +152,12 @@ def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
     ax.set_ylabel("rows ingested per second")
     ax.set_title(f"Ingest, file order vs batched by length (machine: {machine:.0f} GFLOP/s fp32)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "speed.png", dpi=110)
-    plt.close(fig)
-    return [out / "speed.json", out / "speed.md", out / "speed.png"]
+    return [*written, reports.save_figure(fig, out / "speed.png")]
 
 
 def run(base: Engine, tasks: Sequence[tuple[TaskSpec, Path, int]], out: Path,
         progress: Callable[[str], None]) -> dict[str, Any]:
     progress("measuring this machine's fp32 matrix multiply")
     machine = machine_gflops()
-    reports = [bench_task(base, spec, data, rows, out, progress) for spec, data, rows in tasks]
-    return {"machine_gflops": machine, "threads": torch.get_num_threads(), "tasks": reports}
+    done = [bench_task(base, spec, data, rows, out, progress) for spec, data, rows in tasks]
+    return {"machine_gflops": machine, "threads": torch.get_num_threads(), "tasks": done}

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import grpc
 import numpy as np
 
+from raee.bench import reports
 from raee.bench.soak import _check_local
 from raee.protos.raee.v1 import raee_pb2 as pb
 from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
@@ -139,13 +140,6 @@ def _load(make: Callable[[], GrpcClient | HttpClient], task: str, texts: Sequenc
 
 def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
     """JSON, a markdown table and a plot of the two transports."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "transports.json").write_text(json.dumps({**report, "command": command}, indent=2) + "\n")
     t = report["transports"]
     rows = [
         ("sequential p50 (client wall time)", "sequential_ms", "p50"),
@@ -155,8 +149,7 @@ def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
         (f"{report['clients']} clients p50", "concurrent_ms", "p50"),
         (f"{report['clients']} clients p99", "concurrent_ms", "p99"),
     ]
-    lines = [f"# gRPC and HTTP/JSON Classify, side by side ({report['task']}, policy `{report['policy']}`)", "",
-             f"Command: `{command}`", "", "| ms | gRPC | HTTP/JSON | HTTP / gRPC |", "|---|---|---|---|"]
+    lines = ["| ms | gRPC | HTTP/JSON | HTTP / gRPC |", "|---|---|---|---|"]
     for title, key, q in rows:
         g, h = t["grpc"][key][q], t["http"][key][q]
         lines.append(f"| {title} | {g:.2f} | {h:.2f} | {h / g:.2f}x |")
@@ -164,8 +157,9 @@ def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
     lines.append(f"| {report['clients']} clients throughput (requests/s) | {g_rps:.1f} | {h_rps:.1f} | "
                  f"{h_rps / g_rps:.2f}x |")
     lines.append(f"| errors | {t['grpc']['errors']} | {t['http']['errors']} | |")
-    (out / "transports.md").write_text("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    written = reports.save(out, "transports", report, command, "gRPC and HTTP/JSON Classify, side by side "
+                           f"({report['task']}, policy `{report['policy']}`)", lines)
+    fig, axes = reports.pyplot().subplots(1, 2, figsize=(10, 4))
     names = ["gRPC", "HTTP/JSON"]
     for ax, key, title in ((axes[0], "sequential_ms", "sequential"), (axes[1], "concurrent_ms",
                                                                         f"{report['clients']} concurrent clients")):
@@ -177,7 +171,4 @@ def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
         ax.set_title(title)
         ax.legend()
     fig.suptitle(f"Classify over gRPC and HTTP/JSON, same server, same run ({report['task']}, {report['policy']})")
-    fig.tight_layout()
-    fig.savefig(out / "transports.png", dpi=110)
-    plt.close(fig)
-    return [out / "transports.json", out / "transports.md", out / "transports.png"]
+    return [*written, reports.save_figure(fig, out / "transports.png")]
