@@ -239,6 +239,41 @@ def test_cascade_thresholds_bound_the_accuracy_lost_to_stopping_early() -> None:
         again.cascade_thresholds(0.02)
 
 
+def stored_heads(oof: np.ndarray, gold: np.ndarray) -> ExitHeads:
+    """Heads whose out-of-fold judgments are exactly `oof` [N, E, C] (the weights play no part)."""
+    n, exits, labels = oof.shape
+    accuracy = (oof.argmax(-1) == gold[:, None]).mean(0)
+    return ExitHeads([f"l{c}" for c in range(labels)], np.zeros((exits, 1)), np.ones((exits, 1)),
+                     np.zeros((exits, 1, labels)), np.zeros((exits, labels)), np.ones(exits), accuracy,
+                     [f"r{i}" for i in range(n)], oof.astype(np.float16), gold)
+
+
+def test_cascades_and_the_best_exit_are_judged_by_balanced_accuracy() -> None:
+    # 900 records of label 0, 100 of label 1. Exit 0 answers 0 for every record, sure of it for all
+    # of label 0 and for 40 of label 1; exit 1 is right on every record but less sure.
+    gold = np.array([0] * 900 + [1] * 100)
+    oof = np.zeros((1000, 2, 2))
+    oof[:, 0] = [0.6, 0.4]
+    oof[:940, 0] = [0.95, 0.05]
+    oof[np.arange(1000), 1, gold] = 0.8
+    oof[np.arange(1000), 1, 1 - gold] = 0.2
+    heads = stored_heads(oof, gold)
+    # Plain accuracy: stopping the 940 sure rows at exit 0 costs 4 % (within a 5 % margin); balanced
+    # accuracy: it costs 20 points (40 % of label 1's recall). The cascade must not stop them.
+    assert heads.best_exit == 1
+    thresholds, judged = heads.cascade_thresholds(0.05), heads.oof.astype(np.float64)  # as stored: float16
+    stops = judged[:, 0].max(-1) >= thresholds[0]
+    predicted = np.where(stops, judged[:, 0].argmax(-1), judged[:, 1].argmax(-1))
+    recall_rare = (predicted[gold == 1] == 1).mean()
+    assert recall_rare >= 1 - 2 * 0.05  # balanced accuracy within the margin of the bound's (1.0)
+    # Exit 0 is 90 % accurate and 50 % balanced (it never answers label 1); on a balanced set of
+    # records the two measures agree.
+    assert heads.accuracy[0] == pytest.approx(0.9) and heads.balanced_accuracy[0] == pytest.approx(0.5)
+    even = np.concatenate([np.flatnonzero(gold == 0)[:100], np.flatnonzero(gold == 1)])
+    plain = stored_heads(oof[even], gold[even])
+    np.testing.assert_allclose(plain.balanced_accuracy, plain.accuracy)
+
+
 def test_cascade_serves_the_first_exit_whose_head_is_sure(grown: Engine) -> None:
     engine = grown
     heads = auto.fit_task_heads(engine, SENTIMENT.name)

@@ -153,6 +153,28 @@ def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp
             assert results["full"] == db["variants"]["uncorrected"]["full"]
     assert (out / "shift.png").stat().st_size > 5000 and "| knn-vote |" in (out / "shift.md").read_text()
     assert 0 <= report["adaptation"]["estimate_after"] <= 1 and (out / "adaptation.png").stat().st_size > 5000
+    # the measure, with its interval: auto on the skewed database minus auto on the balanced one
+    for variant in ("corrected", "uncorrected"):
+        gap = report["auto_gap"][variant]
+        dbs = report["databases"]
+        assert gap["gap"] == pytest.approx(dbs["skewed"]["variants"][variant]["auto"]["balanced_accuracy"]
+                                           - dbs["balanced"]["variants"][variant]["auto"]["balanced_accuracy"])
+        assert gap["low"] <= gap["gap"] <= gap["high"]
+    assert "paired bootstrap" in (out / "shift.md").read_text()
+
+
+def test_the_paired_gap_of_balanced_accuracy_and_its_interval() -> None:
+    from raee.core.evaluation import PolicyResult
+
+    gold = [0] * 90 + [1] * 10
+    a = PolicyResult("a", 2, gold, [0] * 90 + [1] * 10)  # right everywhere
+    b = PolicyResult("b", 2, gold, [0] * 90 + [1] * 5 + [0] * 5)  # half the rare label missed
+    gap, low, high = a.balanced_gap(b, 2)
+    assert gap == pytest.approx(0.25) and low <= gap <= high
+    assert low > 0 and high <= 0.5  # a miss of 5 rare rows in 10 is a real gap, bounded by the label's weight
+    assert a.balanced_gap(a, 2) == (0.0, 0.0, 0.0)
+    with pytest.raises(InvalidInput, match="same rows"):
+        a.balanced_gap(PolicyResult("c", 2, gold[::-1], gold[::-1]), 2)
 
 
 def calibrated_answers(labels: np.ndarray, rng: np.random.Generator, strength: float = 1.2) -> np.ndarray:

@@ -194,7 +194,7 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     heads: ExitHeads | None = None
     if use_heads:
         heads = tuning.fit_task_heads(engine, task) if tuning.needs_heads(engine, task) else engine.heads(task)
-    validation = tuning.validation_rows(engine, task, 300, max(tuning.K_CHOICES))
+    validation = tuning.validation_rows(engine, task, tuning.VALIDATION_ROWS, max(tuning.K_CHOICES))
     ranked = tuning.choose(validation, depth, labels, heads=heads, objective=spec.objective)
     # the lens policies' thresholds, chosen the same way (with heads, auto no longer considers them)
     ranked_lens = tuning.choose(validation, depth, labels, objective=spec.objective) if heads else ranked

@@ -24,12 +24,10 @@ import numpy as np
 from raee.bench.harness import _bar, copy_records, first_rows
 from raee.core import auto as tuning
 from raee.core.engine import Engine, softmax
-from raee.core.evaluation import Measured, answers, run_policy
+from raee.core.evaluation import Measured, PolicyResult, answers, run_policy
 from raee.core.policies import bind, parse_policy
 from raee.core.prior import PriorTracker
 from raee.types import Neighbour, TaskSpec
-
-VALIDATION_ROWS = 300
 
 
 def skewed_shares(counts: dict[str, int]) -> dict[str, float]:
@@ -123,6 +121,7 @@ def shift_task(engine: Engine, spec: TaskSpec, dev: Path, size: int, dev_rows: i
     all_logits, all_features = np.concatenate(logits), np.concatenate(features)
     report: dict[str, Any] = {"task": task, "records": size, "dev_rows": len(rows), "k": k,
                               "records_available": counts, "databases": {}}
+    auto_results: dict[tuple[str, str], PolicyResult] = {}
     for kind, shares in mixes.items():
         sub = f"{task}--{kind}{size}"
         copy_records(engine, task, engine, sub, None, draw(examples, shares, size))
@@ -130,7 +129,7 @@ def shift_task(engine: Engine, spec: TaskSpec, dev: Path, size: int, dev_rows: i
         assert heads is not None
         found, _ = engine.neighbours(sub, texts, max(tuning.K_CHOICES))
         head_probs = heads.all_probs(all_features)
-        validation = tuning.validation_rows(engine, sub, VALIDATION_ROWS, max(tuning.K_CHOICES))
+        validation = tuning.validation_rows(engine, sub, tuning.VALIDATION_ROWS, max(tuning.K_CHOICES))
         info = engine.task_info(sub)
         entry: dict[str, Any] = {"label_records": info.label_records, "heads_best_exit": heads.best_exit,
                                  "variants": {}}
@@ -152,13 +151,20 @@ def shift_task(engine: Engine, spec: TaskSpec, dev: Path, size: int, dev_rows: i
                 results[name] = {"accuracy": r.accuracy, "balanced_accuracy": r.balanced_accuracy(len(labels)),
                                  "mean_exit": r.mean_exit}
             results["auto"]["chose"] = f"{best[0]} (k = {best[1]})"
-            entry["variants"]["corrected" if corrected else "uncorrected"] = results
+            variant = "corrected" if corrected else "uncorrected"
+            auto_results[kind, variant] = r
+            entry["variants"][variant] = results
             if corrected and kind == "balanced":
                 policy = bind(parse_policy(best[0]), heads)
                 report["adaptation"] = adaptation_stream(
                     [a for a, _ in answers(policy, measured, depth, labels, best[1])], gold, spec.shares)
                 report["adaptation"]["policy"] = results["auto"]["chose"]
         report["databases"][kind] = entry
+    # the measure: auto on the skewed database against auto on the balanced one, same dev rows
+    report["auto_gap"] = {}
+    for variant in ("uncorrected", "corrected"):
+        gap, low, high = auto_results["skewed", variant].balanced_gap(auto_results["balanced", variant], len(labels))
+        report["auto_gap"][variant] = {"gap": gap, "low": low, "high": high}
     return report
 
 
@@ -184,6 +190,12 @@ def markdown(reports: Sequence[dict[str, Any]], command: str) -> str:
                     cells.append(f"{100 * r['balanced_accuracy']:.1f} % ({100 * r['accuracy']:.1f} %) "
                                  f"@ {r['mean_exit']:.2f}{chose}")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+        if "auto_gap" in rep:
+            g = rep["auto_gap"]
+            out += ["", "`auto`, skewed database minus balanced database, balanced accuracy (95 % paired "
+                    "bootstrap interval over the dev rows): " + "; ".join(
+                        f"{variant} {100 * g[variant]['gap']:+.1f} points ({100 * g[variant]['low']:+.1f} to "
+                        f"{100 * g[variant]['high']:+.1f})" for variant in ("uncorrected", "corrected"))]
         if "adaptation" in rep:
             a = rep["adaptation"]
             total = a["estimate_path"][-1][0]

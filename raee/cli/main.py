@@ -763,15 +763,17 @@ def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int
 
 @cli.command()
 @click.option("--task", "task_name", required=True)
-@click.option("--validation", default=300, show_default=True, help="validation records (leave-one-out)")
+@click.option("--validation", type=int, default=None, show_default="raee.core.auto.VALIDATION_ROWS, 2000",
+              help="validation records (leave-one-out; all of them when fewer)")
 @click.option("--all", "show_all", is_flag=True, help="print every candidate, not just the best ten")
 @click.pass_obj
 @reports
-def tune(obj: Context, task_name: str, validation: int, show_all: bool) -> dict[str, Any]:
+def tune(obj: Context, task_name: str, validation: int | None, show_all: bool) -> dict[str, Any]:
     """Choose the task's `auto` policy and k on a validation split of its own records, and store it."""
     from raee.core import auto as tuning
 
     engine = obj.engine
+    validation = tuning.VALIDATION_ROWS if validation is None else validation
     rows = tuning.validation_rows(engine, task_name, validation, max(tuning.K_CHOICES))
     spec = engine.task_info(task_name).spec
     ranked = tuning.choose(rows, engine.depth, spec.label_names, heads=engine.heads(task_name),

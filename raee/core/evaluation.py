@@ -31,6 +31,11 @@ class Measured:
     head_neighbours: list[Neighbour] | None = None  # the neighbours with their head-judged exits
 
 
+def _balanced(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
+    recalls = [float(np.mean(pred[gold == c] == c)) for c in range(n_labels) if np.any(gold == c)]
+    return float(np.mean(recalls)) if recalls else 0.0
+
+
 @dataclass
 class PolicyResult:
     name: str
@@ -50,9 +55,23 @@ class PolicyResult:
     def balanced_accuracy(self, n_labels: int) -> float:
         """Mean recall over the labels present in the gold answers: what always answering the
         majority label cannot score well on."""
-        gold, pred = np.array(self.gold), np.array(self.predicted)
-        recalls = [float(np.mean(pred[gold == c] == c)) for c in range(n_labels) if np.any(gold == c)]
-        return float(np.mean(recalls)) if recalls else 0.0
+        return _balanced(np.array(self.gold), np.array(self.predicted), n_labels)
+
+    def balanced_gap(self, other: PolicyResult, n_labels: int, draws: int = 2000, seed: int = 0
+                     ) -> tuple[float, float, float]:
+        """This result's balanced accuracy minus `other`'s on the same rows, with a 95 % paired
+        bootstrap interval (rows drawn with replacement, both answers of a row kept together): a
+        few rows of a rare label move balanced accuracy by points, and the interval says how far."""
+        if self.gold != other.gold:
+            raise InvalidInput("a paired gap needs both results on the same rows")
+        gold, a, b = np.array(self.gold), np.array(self.predicted), np.array(other.predicted)
+        rng = np.random.default_rng(seed)
+        gaps = []
+        for _ in range(draws):
+            i = rng.integers(0, len(gold), len(gold))
+            gaps.append(_balanced(gold[i], a[i], n_labels) - _balanced(gold[i], b[i], n_labels))
+        low, high = np.percentile(gaps, [2.5, 97.5])
+        return self.balanced_accuracy(n_labels) - other.balanced_accuracy(n_labels), float(low), float(high)
 
     def macro_f1(self, n_labels: int) -> float:
         gold, pred = np.array(self.gold), np.array(self.predicted)

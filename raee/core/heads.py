@@ -5,7 +5,9 @@ the same exit's hidden state beats the full model (docs/results.md). So each tas
 a multinomial logistic regression on the standardised readout features:
 
 - the L2 strength is chosen per exit by k-fold cross-validation on the records (out-of-fold
-  accuracy, then log-loss), with class weights that balance the labels;
+  balanced accuracy, then log-loss), with class weights that balance the labels; the best exit
+  and the cascades' thresholds are judged class-weighted too, so a database with more of one
+  label does not make the heads favour it (the records' label mix is not the traffic's);
 - every record is also judged by heads that never saw it (its out-of-fold probabilities), so
   policies that aggregate the neighbours' correct exits (`paper-heads`) and `auto`'s validation
   read honest judgments;
@@ -62,9 +64,19 @@ class ExitHeads:
         return int(self.weight.shape[0])
 
     @property
+    def balanced_accuracy(self) -> np.ndarray:
+        """[E] out-of-fold balanced accuracy (mean recall over the labels) on the records; plain
+        accuracy for heads stored before the records' labels were kept."""
+        if self.gold is None:
+            return self.accuracy
+        correct = self.oof.argmax(-1) == self.gold[:, None]  # [N, E]
+        weights = row_weights(self.gold)
+        return np.asarray((weights[:, None] * correct).sum(0) / weights.sum())
+
+    @property
     def best_exit(self) -> int:
-        """The exit whose head scored best out of fold (the earliest among equals)."""
-        return int(np.argmax(np.round(self.accuracy, 6)))
+        """The exit whose head scored best out of fold, class-weighted (the earliest among equals)."""
+        return int(np.argmax(np.round(self.balanced_accuracy, 6)))
 
     def probs(self, layer: int, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """Label probabilities of the head at `layer` for features [B, H] (or [H]): [B, C] (or [C])."""
@@ -87,9 +99,10 @@ class ExitHeads:
         whose head is at least that sure, and otherwise answers with the head at `bound` (default:
         the best exit). Calibrated on the records' out-of-fold probabilities, exit by exit: at each
         exit, the lowest threshold at which the rows still running that would stop there lose at
-        most `margin` accuracy (plus one standard error) against what the bound's head gets on those
-        same rows. So the cascade's out-of-fold accuracy is at most `margin` below the bound head's;
-        inf: never stop."""
+        most `margin` balanced accuracy (plus one standard error) against what the bound's head gets
+        on those same rows. So the cascade's out-of-fold balanced accuracy is at most `margin` below
+        the bound head's; inf: never stop. Balanced: each record counts in inverse proportion to its
+        label's records, so errors on a rare label are not cheap."""
         bound = self.best_exit if bound is None else bound
         key = (round(margin, 6), bound)
         if key not in self._cascades:
@@ -124,22 +137,32 @@ class ExitHeads:
                    version, fitted_at, seconds)
 
 
+def row_weights(gold: np.ndarray) -> np.ndarray:
+    """Per record, the inverse of its label's share of the records, scaled to mean 1: weighted by
+    these, accuracy is balanced accuracy (and all weights are 1 on a balanced database)."""
+    counts = np.bincount(gold)
+    present = np.count_nonzero(counts)
+    return np.asarray(len(gold) / (present * counts[gold]), dtype=np.float64)
+
+
 def _cascade(oof: np.ndarray, gold: np.ndarray, margin: float, bound: int, min_rows: int = 10) -> np.ndarray:
     """See `ExitHeads.cascade_thresholds`. At least `min_rows` records must stop at an exit for
     it to get a threshold: fewer say nothing about the head's accuracy at that confidence."""
     correct = oof.argmax(-1) == gold[:, None]  # [N, E]
     confidence = oof.max(-1)
+    weight = row_weights(gold)
     thresholds = np.full(oof.shape[1], np.inf)
     running = np.ones(len(gold), dtype=bool)
     for exit_ in range(min(bound, oof.shape[1] - 1)):
         rows = np.flatnonzero(running)
         order = rows[np.argsort(-confidence[rows, exit_], kind="stable")]
         ranked = confidence[order, exit_]
-        change = correct[order, bound].astype(np.int64) - correct[order, exit_]  # +1: stopping here loses it
-        lost, count = np.cumsum(change), np.arange(1, len(order) + 1)
+        # +w: stopping here loses a row the bound's head gets right, weighted by its label's rarity
+        change = weight[order] * (correct[order, bound].astype(np.int64) - correct[order, exit_])
+        lost, count, mass = np.cumsum(change), np.arange(1, len(order) + 1), np.cumsum(weight[order])
         spread = np.sqrt(np.maximum(np.cumsum(change**2) - lost**2 / count, 0.0))  # sqrt(n) x sd of the loss
         # the loss plus one standard error within the budget: a lucky run of rows sets no threshold
-        ok = np.flatnonzero(lost + spread <= margin * count)
+        ok = np.flatnonzero(lost + spread <= margin * mass)
         # a threshold stops every row at least that sure: cut only between different confidences
         boundary = np.append(ranked[1:] < ranked[:-1], True)  # the next row is less sure
         ok = ok[(ok + 1 >= min_rows) & boundary[ok]]
@@ -227,8 +250,10 @@ def fit_heads(features: np.ndarray, labels: Sequence[int], n_labels: int, record
     gold = y.numpy()
     correct = oof.argmax(-1) == gold[None, :, None]  # [G, N, E]
     accuracy = correct.mean(1)  # [G, E]
-    loss = -np.log(np.take_along_axis(oof, gold[None, :, None, None], -1)[..., 0].clip(1e-12)).mean(1)  # [G, E]
-    chosen = np.lexsort((loss, -np.round(accuracy, 6)), axis=0)[0]  # per exit: best accuracy, then loss
+    rw = row_weights(gold)[None, :, None]
+    balanced = (rw * correct).sum(1) / rw.sum()  # [G, E]
+    loss = (-rw * np.log(np.take_along_axis(oof, gold[None, :, None, None], -1)[..., 0].clip(1e-12))).mean(1)
+    chosen = np.lexsort((loss, -np.round(balanced, 6)), axis=0)[0]  # per exit: best balanced accuracy, then loss
     c_chosen = np.array([c_grid[g] for g in chosen])
     weight, bias = _fit(x, y, class_weight[y], torch.tensor(c_chosen, dtype=torch.float32), n_labels,
                         cancelled=cancelled)
