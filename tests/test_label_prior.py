@@ -161,6 +161,9 @@ def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp
                                            - dbs["balanced"]["variants"][variant]["auto"]["balanced_accuracy"])
         assert gap["low"] <= gap["gap"] <= gap["high"]
     assert "paired bootstrap" in (out / "shift.md").read_text()
+    for db in report["databases"].values():  # on all its validation rows, auto picks what it served
+        served, on_all = db["variants"]["corrected"]["auto"], db["validation_sizes"][-1]
+        assert on_all["chose"] == served["chose"] and on_all["balanced_accuracy"] == served["balanced_accuracy"]
 
 
 def test_the_paired_gap_of_balanced_accuracy_and_its_interval() -> None:
