@@ -763,7 +763,7 @@ def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int
 
 @cli.command()
 @click.option("--task", "task_name", required=True)
-@click.option("--validation", type=int, default=None, show_default="raee.core.auto.VALIDATION_ROWS, 2000",
+@click.option("--validation", type=int, default=None, show_default="2000",
               help="validation records (leave-one-out; all of them when fewer)")
 @click.option("--all", "show_all", is_flag=True, help="print every candidate, not just the best ten")
 @click.pass_obj
