@@ -23,6 +23,7 @@ import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -63,10 +64,11 @@ class ExitHeads:
     def exits(self) -> int:
         return int(self.weight.shape[0])
 
-    @property
+    @cached_property
     def balanced_accuracy(self) -> np.ndarray:
         """[E] out-of-fold balanced accuracy (mean recall over the labels) on the records; plain
-        accuracy for heads stored before the records' labels were kept."""
+        accuracy for heads stored before the records' labels were kept. Computed once: policies
+        bound to these heads read the best exit."""
         if self.gold is None:
             return self.accuracy
         correct = self.oof.argmax(-1) == self.gold[:, None]  # [N, E]
