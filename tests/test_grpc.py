@@ -471,3 +471,42 @@ def test_health_turns_not_serving_when_the_worker_loop_stops(tmp_path: Path) -> 
             health_pb2.HealthCheckResponse.NOT_SERVING  # no worker loop: restart the process
     finally:
         server.stop()
+
+
+class EndedCall:
+    """A servicer context whose call has already ended (deadline passed, or the client went away)
+    while its cancellation has not reached the handler: the race a busy machine opens, where the
+    request stream just ends as a finished one does."""
+
+    def __init__(self, remaining: float | None, cancelled: bool) -> None:
+        self.remaining, self._cancelled = remaining, cancelled
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+@pytest.mark.parametrize(("remaining", "cancelled", "status"), [
+    (None, False, "done"), (5.0, False, "done"), (-0.1, False, "cancelled"), (None, True, "cancelled")])
+def test_an_ingest_stream_that_ended_with_its_call_is_recorded_cancelled(
+        served: ServerThread, remaining: float | None, cancelled: bool, status: str) -> None:
+    import asyncio
+    import concurrent.futures
+
+    async def messages():  # type: ignore[no-untyped-def]
+        yield pb.IngestRequest(task="sentiment", examples=[pb.Example(text=t, label=l) for t, l in ROWS[:4]])
+
+    call = served.server.servicer.Ingest(messages(), EndedCall(remaining, cancelled))  # type: ignore[arg-type]
+    if status == "done":
+        assert served.run(call).added == 4
+    else:
+        with pytest.raises((asyncio.CancelledError, concurrent.futures.CancelledError)):
+            served.run(call)
+    store = MetadataStore(served.server.settings.sql_url)
+    try:
+        [batch] = store.list_batches("sentiment")
+    finally:
+        store.close()
+    assert (batch.status, batch.added) == (status, 4)  # what was written stays, and the row says how it ended

@@ -43,6 +43,7 @@ from raee.serving.interceptors import (
     RequestDecoding,
     Undecodable,
     ended_code,
+    expired,
     failure,
     key_of,
 )
@@ -284,8 +285,11 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
 
                     await self.worker.call(add_chunk)
             # A cancelled call's message stream just ends, like a finished one; its cancellation is
-            # delivered at the next await: yield once, so that it is recorded as cancelled, not done.
+            # delivered at a later await (one yield is not always enough on a busy machine), so ask
+            # the call itself: a stream cut by its deadline or by the client is not a finished ingest.
             await asyncio.sleep(0)
+            if expired(context) or context.cancelled():
+                raise asyncio.CancelledError
             if session is None:
                 raise InvalidInput("task: no task named in the Ingest stream")
             status = "done"
