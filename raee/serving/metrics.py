@@ -56,16 +56,22 @@ class Metrics:
                                            "when a task's traffic-prior estimate was last re-estimated", ["task"],
                                            registry=r)
         self._prior_labels: dict[str, list[str]] = {}  # task -> the labels its gauges carry
+        self._prior_updated: dict[str, float] = {}  # task -> the estimate its gauges show
 
     def set_traffic_prior(self, task: str, labels: list[str], shares: list[float], updated: float) -> None:
+        """Called after every answer of an adapting task; sets the gauges only when the estimate
+        was re-estimated since (every 25 answers, not every request)."""
+        if self._prior_updated.get(task) == updated:
+            return
         for label, share in zip(labels, shares):
             self.traffic_prior.labels(task, label).set(share)
         self.traffic_prior_updated.labels(task).set(updated)
-        self._prior_labels[task] = labels
+        self._prior_labels[task], self._prior_updated[task] = labels, updated
 
     def forget_task(self, task: str) -> None:
         """Drop a deleted task's gauges (a new task of that name starts with none)."""
         labels = self._prior_labels.pop(task, None)
+        self._prior_updated.pop(task, None)
         if labels is None:
             return
         for label in labels:

@@ -164,9 +164,9 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
             self.recent.add(task, r.exit_layer, r.timings.total_us / 1000)
         engine = self.worker.engine  # answered: the engine is loaded
         tracker = engine.active_prior(task) if engine is not None else None
-        if tracker is not None:
-            self.metrics.set_traffic_prior(task, tracker.labels, [float(x) for x in tracker.estimate],
-                                           tracker.updated_unix)
+        if tracker is not None:  # the time first: the estimate read after it is at least that new
+            updated = tracker.updated_unix
+            self.metrics.set_traffic_prior(task, tracker.labels, [float(x) for x in tracker.estimate], updated)
         return responses
 
     # -- RPCs --------------------------------------------------------------------
