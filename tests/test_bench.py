@@ -16,16 +16,23 @@ from .conftest import task_data
 from .tiny_models import save_tiny_backbone
 
 
-def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, rows: int, train: int, *options: str) -> dict:  # type: ignore[type-arg]
+    """`raee-admin bench sst2` on a tiny model and `rows` rows of data (`train` of them train rows),
+    written to <tmp_path>/out; returns the task's report."""
     model = save_tiny_backbone(tmp_path / "model")
-    task_data(tmp_path / "data", 160, train=120)
+    task_data(tmp_path / "data", rows, train=train)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, [
         "--backbone", str(model), "--encoder", "hashing:32", "bench", "sst2", "--data", str(tmp_path / "data"),
-        "--train-rows", "100", "--dev-rows", "40", "--latency-rows", "3", "--size", "30", "--size", "60",
-        "--alt-encoder", "hashing:16", "--alt-encoder", "backbone:1", "--out", str(out)], catch_exceptions=False)
+        *options, "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "results.json").read_text())["tasks"][0]
+    return dict(json.loads((out / "results.json").read_text())["tasks"][0])
+
+
+def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
+    report = run_bench(tmp_path, 160, 120, "--train-rows", "100", "--dev-rows", "40", "--latency-rows", "3",
+                       "--size", "30", "--size", "60", "--alt-encoder", "hashing:16", "--alt-encoder", "backbone:1")
+    out = tmp_path / "out"
     policies = {p["policy"]: p for p in report["policies"]}
     static, confidence = report["calibrated_on_train"]["static"], report["calibrated_on_train"]["confidence"]
     assert {"full", static, confidence, "paper", "paper-all", "knn-agree", "knn-vote", "oracle"} <= set(policies)
@@ -124,15 +131,8 @@ def test_bench_speed_compares_both_ingest_paths_and_their_records(tmp_path: Path
 
 
 def test_bench_without_heads_fits_none_and_still_sweeps(tmp_path: Path) -> None:
-    model = save_tiny_backbone(tmp_path / "model")
-    task_data(tmp_path / "data", 100, train=70)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(cli, [
-        "--backbone", str(model), "--encoder", "hashing:32", "bench", "sst2", "--data", str(tmp_path / "data"),
-        "--train-rows", "60", "--dev-rows", "20", "--latency-rows", "2", "--size", "30", "--sweep", "size",
-        "--no-heads", "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "results.json").read_text())["tasks"][0]
+    report = run_bench(tmp_path, 100, 70, "--train-rows", "60", "--dev-rows", "20", "--latency-rows", "2",
+                       "--size", "30", "--sweep", "size", "--no-heads")
     policies = {p["policy"] for p in report["policies"]}
     assert report["heads"] == {} and not any(p.startswith(("heads:", "cascade", "oracle-heads")) for p in policies)
     assert {"paper", "knn-vote", "key-logreg"} <= policies
