@@ -503,7 +503,8 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
 @click.option("--size", "sizes", multiple=True, type=int, help="database sizes of the size sweep "
               "(default 500, 1000, 2000, 5000, 10000, 20000, 60000, capped at --train-rows)")
 @click.option("--heads/--no-heads", "use_heads", default=True, show_default=True,
-              help="fit and measure exit heads (their fit grows with the database: 361 s at 5,000 SST-2 records)")
+              help="fit and measure exit heads (their fit grows with the database: 128 s at 5,000 SST-2 "
+              "records on two cores, docs/results.md)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
 @click.pass_obj
 @reports
