@@ -11,13 +11,15 @@ RUN python -m venv /venv
 ENV PATH=/venv/bin:$PATH PIP_NO_CACHE_DIR=1
 RUN pip install $PIP_EXTRA_ARGS torch==2.13.0
 WORKDIR /src
-# The dependencies of '.[server]' from pyproject.toml alone (a placeholder package), then the sources.
+# The dependencies of '.[server]', read from pyproject.toml alone, then the sources: built into a wheel,
+# and the wheel installed (what users install; the image never runs the checkout).
 COPY pyproject.toml README.md ./
-RUN mkdir raee && touch raee/__init__.py && pip install $PIP_EXTRA_ARGS '.[server]' \
-    && pip uninstall --yes raee-serve && rm -r raee build
-COPY raee raee
-COPY proto proto
-RUN pip install --no-deps .
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > requirements.txt \
+    && pip install $PIP_EXTRA_ARGS -r requirements.txt
+COPY raee_server raee_server
+COPY migrations migrations
+RUN pip wheel --no-deps --wheel-dir /wheels . && pip install --no-deps /wheels/raee_serve-*.whl
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 raee && mkdir /data /models && chown raee:raee /data /models

@@ -15,13 +15,18 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; for w in "$work"/src-*; do git -C "$root" worktree remove --force "$w" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 POLICIES=(paper full knn-agree cascade:0.01)
 
-run_one() {  # name src cli-module
-  local name=$1 src=$2 cli=$3 data="$work/data-$1"
+modules() {  # a checkout's server and CLI modules, by its package layout
+  if [ -f "$1/raee_server/serving/server.py" ]; then echo "raee_server.serving.server raee_server.cli.main"
+  elif [ -d "$1/raee" ]; then echo "raee.serving.server raee.cli.main"
+  else echo "raee_server.grpc_server admin.cli"; fi  # the first layout, before exit heads
+}
+
+run_one() {  # name src
+  local name=$1 src=$2 data="$work/data-$1" server_module cli
+  read -r server_module cli < <(modules "$src")
   echo "== $name ($src)" >&2
   (cd "$src" && PYTHONPATH="$src" RAEE_MODEL_CACHE="$work/models-$name" \
     "$py" -m "$cli" --data-dir "$data" demo >"$out/$name-demo.log" 2>&1)
-  local server_module=raee.serving.server
-  [ -d "$src/raee_server" ] && server_module=raee_server.grpc_server
   (cd "$src" && PYTHONPATH="$src" RAEE_MODEL_CACHE="$work/models-$name" RAEE_DATA_DIR="$data" \
     RAEE_METRICS_PORT=-1 RAEE_HTTP_ADDRESS= exec "$py" -c "from $server_module import main; main()" \
     --address 127.0.0.1:50071 \
@@ -33,8 +38,8 @@ run_one() {  # name src cli-module
   done
   local known=()
   for p in "${POLICIES[@]}"; do
-    # cascades (exit heads) came after the package layout change
-    [[ -d "$src/raee_server" && $p == cascade* ]] || known+=(--policy "$p")
+    # cascades (exit heads) came after the first layout
+    [[ $cli == admin.cli && $p == cascade* ]] || known+=(--policy "$p")
   done
   (cd "$src" && PYTHONPATH="$src" "$py" -m "$cli" loadtest --server 127.0.0.1:50071 --task sst2 \
     "$root/corpora/sst2/dev.tsv" "${known[@]}" --clients 16 --seconds 30 --sequential 50 \
@@ -46,11 +51,9 @@ run_one() {  # name src cli-module
 for rev in "$@"; do
   src="$work/src-$rev"
   git worktree add --detach "$src" "$rev" >/dev/null 2>&1
-  cli=raee.cli.main
-  [ -d "$src/raee_server" ] && cli=admin.cli  # before the layout change
-  run_one "$rev" "$src" "$cli"
+  run_one "$rev" "$src"
 done
-run_one now "$root" raee.cli.main
+run_one now "$root"
 
 # One table and one plot over every code path measured.
 "$py" - "$out" now "$@" <<'PY'

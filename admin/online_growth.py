@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from raee.client import RaeeClient
-from raee.core.datafile import read_rows
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.types import Row
+from raee_server.client import RaeeClient
+from raee_server.core.datafile import read_rows
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.types import Row
 
 address, out = sys.argv[1], Path(sys.argv[2])
 client = RaeeClient(address, timeout=120)

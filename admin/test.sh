@@ -14,7 +14,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
       || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
   fi
 fi
-.venv/bin/ruff check raee tests
+.venv/bin/ruff check raee_server migrations tests
 .venv/bin/mypy
 bash admin/buf.sh  # buf lint and buf breaking on the proto
 # The real Postgres this machine (and CI) runs on 127.0.0.1:5432; tests create and drop their own databases.

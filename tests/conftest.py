@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from raee.core.engine import Engine
-from raee.models.backbone import Backbone, CausalLMBackbone
-from raee.models.encoders import HashingEncoder
-from raee.settings import Settings
-from raee.stores.metadata import MetadataStore
-from raee.stores.vectors import EdgeVectorStore, collection_name
-from raee.types import Label, TaskSpec
+from raee_server.core.engine import Engine
+from raee_server.models.backbone import Backbone, CausalLMBackbone
+from raee_server.models.encoders import HashingEncoder
+from raee_server.settings import Settings
+from raee_server.stores.metadata import MetadataStore
+from raee_server.stores.vectors import EdgeVectorStore, collection_name
+from raee_server.types import Label, TaskSpec
 
 from .databases import database
 from .tiny_models import WORDS, tiny_causal_lm, tiny_tokenizer
@@ -70,7 +70,7 @@ def task_data(root: Path, n: int, train: int, task: str = "sst2") -> Path:
 
 def admin_cli(data_dir: Path, backbone: Path, encoder: str = "hashing:32") -> Callable[..., str]:
     """`raee-admin` on a tiny model in-process: run(*args, code=0) checks the exit code, returns the output."""
-    from raee.cli.main import cli
+    from raee_server.cli.main import cli
 
     runner = CliRunner()
     base = ["--data-dir", str(data_dir), "--backbone", str(backbone), "--encoder", encoder]

@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 
-from raee.core.engine import Engine
-from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee.serving.server import RaeeServer
-from raee.settings import Settings
+from raee_server.core.engine import Engine
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.serving.server import RaeeServer
+from raee_server.settings import Settings
 
 
 class ServerThread:

@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 
-from raee.serving.gateway import CODE_OF_NUMBER, HTTP_STATUS, NDJSON, TIMEOUT_HEADER, Route, routes
+from raee_server.serving.gateway import CODE_OF_NUMBER, HTTP_STATUS, NDJSON, TIMEOUT_HEADER, Route, routes
 
 
 class HttpRpcError(grpc.RpcError):

@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 
 
 def free_port() -> int:
@@ -33,7 +33,7 @@ def start_server(base: list[str], address: str, env: dict[str, str], timeout: fl
     if log is None:
         log = Path(tempfile.mkstemp(prefix="raee-server-", suffix=".log")[1])
     stderr = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from raee.serving.server import main; main()", *base,
+    proc = subprocess.Popen([sys.executable, "-c", "from raee_server.serving.server import main; main()", *base,
                              "--address", address, "--metrics-port", str(metrics_port), "--http-address", http_address],
                             env=env, stderr=stderr)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))

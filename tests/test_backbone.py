@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raee.errors import InvalidInput
-from raee.models.backbone import Backbone, CausalLMBackbone
+from raee_server.errors import InvalidInput
+from raee_server.models.backbone import Backbone, CausalLMBackbone
 
 from .tiny_models import FAMILIES, tiny_causal_lm, tiny_tokenizer
 
@@ -136,11 +136,11 @@ def test_rows_leave_the_batch_at_their_own_exit_with_unchanged_features(family: 
 def test_a_backbone_in_another_dtype_has_its_own_id_and_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """bfloat16 numbers are not float32's: a backbone loaded in another dtype has its own backbone id,
     so its records never mix with float32's, and a task built in float32 is refused by it."""
-    from raee.core.engine import Engine
-    from raee.errors import StoreMismatch
-    from raee.models.loading import load_backbone
-    from raee.settings import Settings
-    from raee.types import TaskSpec
+    from raee_server.core.engine import Engine
+    from raee_server.errors import StoreMismatch
+    from raee_server.models.loading import load_backbone
+    from raee_server.settings import Settings
+    from raee_server.types import TaskSpec
 
     from .conftest import SENTIMENT
     from .tiny_models import save_tiny_backbone

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from raee.cli.main import cli
-from raee.errors import InvalidInput
+from raee_server.cli.main import cli
+from raee_server.errors import InvalidInput
 
 from .conftest import task_data
 from .tiny_models import save_tiny_backbone
@@ -61,7 +61,7 @@ def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
 
 
 def test_scale_benchmark_measures_each_size_before_and_after_indexing(tmp_path: Path) -> None:
-    from raee.bench import scale
+    from raee_server.bench import scale
 
     results = scale.scale([300, 600], tenants=3, dim=16, queries=20, recall_queries=20)
     assert [r["records"] for r in results] == [300, 600] and [r["per_tenant"] for r in results] == [100, 200]
@@ -81,7 +81,7 @@ def test_scale_benchmark_measures_each_size_before_and_after_indexing(tmp_path: 
 
 
 def test_scale_benchmark_on_real_keys_holds_its_queries_out(tmp_path: Path) -> None:
-    from raee.bench import scale
+    from raee_server.bench import scale
 
     keys = np.random.default_rng(1).normal(size=(700, 16))
     with pytest.raises(InvalidInput, match="size: 650 records asked for, but only 600 real keys"):
@@ -92,7 +92,7 @@ def test_scale_benchmark_on_real_keys_holds_its_queries_out(tmp_path: Path) -> N
 
 def test_scale_benchmark_runs_against_a_qdrant_server_store() -> None:
     """The server path (here qdrant-client's in-memory mode) gives the same exact answers."""
-    from raee.bench import scale
+    from raee_server.bench import scale
 
     results = scale.scale([300], tenants=3, dim=16, queries=10, keys="uniform",
                           store_factory=scale.server_store_factory(":memory:", dim=16))

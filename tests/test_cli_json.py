@@ -16,7 +16,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from raee.cli.main import EXIT_REFUSED, EXIT_REJECTED, EXIT_UNAVAILABLE, EXIT_USAGE, cli
+from raee_server.cli.main import EXIT_REFUSED, EXIT_REJECTED, EXIT_UNAVAILABLE, EXIT_USAGE, cli
 
 from .conftest import corpus, task_data, write_tsv
 from .processes import free_port, start_server
@@ -164,9 +164,9 @@ def test_every_server_setting_is_described_with_its_default_in_help() -> None:
     import subprocess
     import sys
 
-    from raee.settings import Settings
+    from raee_server.settings import Settings
 
-    shown = subprocess.run([sys.executable, "-c", "from raee.serving.server import main; main()", "--help"],
+    shown = subprocess.run([sys.executable, "-c", "from raee_server.serving.server import main; main()", "--help"],
                            capture_output=True, text=True, check=True).stdout
     blocks = {}  # option -> its whole (wrapped) help text
     for block in re.split(r"\n(?=  --)", shown):

@@ -59,9 +59,11 @@ def test_the_image_builds_dependencies_first_and_runs_as_a_user_with_a_health_ch
     lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert sum(line.startswith("FROM ") for line in lines) == 2  # build stage, then a clean runtime stage
-    first_source = next(i for i, line in enumerate(lines) if line.startswith("COPY raee"))
+    first_source = next(i for i, line in enumerate(lines) if line.startswith("COPY raee_server"))
     torch = next(i for i, line in enumerate(lines) if "torch==2.13.0" in line)
     assert torch < first_source  # a code change does not reinstall torch
+    install = next(line for line in lines if "pip install --no-deps" in line)
+    assert "/wheels/raee_serve-" in install and " -e " not in install  # the built wheel, not the checkout
     runtime = lines[next(i for i, line in enumerate(lines) if line.startswith("FROM ") and i > 0):]
     user = next(line for line in runtime if line.startswith("USER "))
     assert user.split()[1] not in ("root", "0")
@@ -81,8 +83,8 @@ class _Cluster:
 def test_a_replicated_collection_waits_for_the_cluster_peers() -> None:
     import pytest
 
-    from raee.errors import NotReady
-    from raee.stores.vectors import check_peers
+    from raee_server.errors import NotReady
+    from raee_server.stores.vectors import check_peers
 
     with pytest.raises(NotReady, match="1 peer.*replication factor 2"):
         check_peers(_Cluster("enabled", 1), 2)

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from raee.cli.main import cli
-from raee.core import doctor
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.models.backbone import CausalLMBackbone
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.stores.metadata import MetadataStore
+from raee_server.cli.main import cli
+from raee_server.core import doctor
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.models.backbone import CausalLMBackbone
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.stores.metadata import MetadataStore
 
 from .conftest import SENTIMENT, corpus, write_tsv
 from .databases import fresh_postgres_database
@@ -92,8 +92,9 @@ def test_two_ingest_processes_against_postgres_and_a_qdrant_server(tmp_path: Pat
         assert runner.invoke(cli, [*base, "task", "create", "--file", str(tmp_path / "s.toml")]).exit_code == 0
         rows = corpus(200)
         files = [write_tsv(tmp_path / "a.tsv", rows[:130]), write_tsv(tmp_path / "b.tsv", rows[70:])]
-        procs = [subprocess.Popen([sys.executable, "-c", "from raee.cli.main import main; main()", *base, "ingest",
-                                   "--task", f"sentiment{os.getpid()}", str(f)], env=env) for f in files]
+        admin = [sys.executable, "-c", "from raee_server.cli.main import main; main()"]
+        procs = [subprocess.Popen([*admin, *base, "ingest", "--task", f"sentiment{os.getpid()}", str(f)], env=env)
+                 for f in files]
         assert [p.wait(300) for p in procs] == [0, 0]
         check = runner.invoke(cli, [*base, "doctor"])
         assert "200 committed rows, 200 vectors, 0 pending" in check.output, check.output

@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
-from raee.cli.main import cli
-from raee.core import doctor
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.stores.records import record_id
-from raee.stores.vectors import VectorPoint
+from raee_server.cli.main import cli
+from raee_server.core import doctor
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.stores.records import record_id
+from raee_server.stores.vectors import VectorPoint
 
 from .conftest import SENTIMENT, write_tsv
 from .test_cli import SPEC
@@ -78,7 +78,7 @@ def test_sigkill_during_ingest_then_rerun_leaves_both_stores_equal(tmp_path: Pat
             for i in range(600)]
     data = write_tsv(tmp_path / "big.tsv", rows + rows[:50])  # 600 distinct rows, 50 repeated
     env = {**os.environ, "RAEE_INGEST_BATCH_SIZE": "8"}
-    proc = subprocess.Popen([sys.executable, "-c", "from raee.cli.main import main; main()", *base, "ingest",
+    proc = subprocess.Popen([sys.executable, "-c", "from raee_server.cli.main import main; main()", *base, "ingest",
                              "--task", "sentiment", str(data)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     sql = create_engine(f"sqlite:///{tmp_path / 'data' / 'metadata.sqlite'}")

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.serving.auth import add_key
-from raee.settings import Settings
-from raee.types import Row, TaskSpec
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.serving.auth import add_key
+from raee_server.settings import Settings
+from raee_server.types import Row, TaskSpec
 
 from .conftest import CORPORA
 from .grpc_harness import ServerThread
@@ -37,7 +37,7 @@ pytestmark = [
                        reason="Debian's chromium and chromium-driver are not installed (admin/test.sh installs them "
                               "where apt-get is available)"),
 ]
-SST2 = Path(__file__).resolve().parents[1] / "raee" / "cli" / "tasks" / "sst2.toml"
+SST2 = Path(__file__).resolve().parents[1] / "raee_server" / "cli" / "tasks" / "sst2.toml"
 RECORDS = 160
 WAIT = 300.0  # seconds: an upper bound for a busy two-core machine, not an expectation
 

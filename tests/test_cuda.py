@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.models.encoders import SentenceTransformerEncoder, load_encoder
-from raee.settings import Settings
-from raee.types import TaskSpec
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.models.encoders import SentenceTransformerEncoder, load_encoder
+from raee_server.settings import Settings
+from raee_server.types import TaskSpec
 
 from .conftest import CORPORA, SENTIMENT, write_tsv
 from .test_engine import ROWS
@@ -22,7 +22,7 @@ from .tiny_models import save_tiny_backbone
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-SST2 = Path(__file__).resolve().parents[1] / "raee" / "cli" / "tasks" / "sst2.toml"
+SST2 = Path(__file__).resolve().parents[1] / "raee_server" / "cli" / "tasks" / "sst2.toml"
 
 
 def test_a_bfloat16_engine_on_cuda_ingests_and_answers_as_its_own_backbone(tmp_path: Path) -> None:

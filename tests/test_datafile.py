@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from raee.core.datafile import read_rows
-from raee.errors import InvalidInput
-from raee.types import Rejected, Row
+from raee_server.core.datafile import read_rows
+from raee_server.errors import InvalidInput
+from raee_server.types import Rejected, Row
 
 
 def test_tsv_rows_and_rejections_carry_their_line_numbers(tmp_path: Path) -> None:

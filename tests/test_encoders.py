@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raee.bench import keys
-from raee.errors import InvalidInput
-from raee.models.encoders import OnnxKeyEncoder, SentenceTransformerEncoder, load_encoder
+from raee_server.bench import keys
+from raee_server.errors import InvalidInput
+from raee_server.models.encoders import OnnxKeyEncoder, SentenceTransformerEncoder, load_encoder
 
 from .unicode_strategies import weird_strings
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.core.policies import Decision, PaperPolicy
-from raee.errors import InvalidInput, TaskExists, TaskNotFound
-from raee.stores.records import record_id
-from raee.types import Label, TaskSpec
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.core.policies import Decision, PaperPolicy
+from raee_server.errors import InvalidInput, TaskExists, TaskNotFound
+from raee_server.stores.records import record_id
+from raee_server.types import Label, TaskSpec
 
 from .conftest import SENTIMENT, write_tsv
 

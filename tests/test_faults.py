@@ -16,10 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
-from raee.errors import NotReady
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee.stores.vectors import QdrantServerStore
+from raee_server.errors import NotReady
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.stores.vectors import QdrantServerStore
 
 from .databases import fresh_postgres_database
 from .grpc_harness import ServerThread
@@ -183,7 +183,7 @@ def test_a_corrupt_data_dir_stops_the_server_with_a_clear_error(tmp_path: Path, 
         (shard / "segments").mkdir()
         expected = "partly written"
     proc = subprocess.run(
-        [sys.executable, "-c", "from raee.serving.server import main; main()", "--data-dir", str(data),
+        [sys.executable, "-c", "from raee_server.serving.server import main; main()", "--data-dir", str(data),
          "--backbone", str(model), "--encoder", "hashing:32", "--address", f"127.0.0.1:{free_port()}",
          "--metrics-port", "-1", "--http-address", ""], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -195,8 +195,8 @@ def test_store_errors_are_classified_by_type_and_edge_messages_in_one_place(tmp_
     import httpx
     from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-    from raee.errors import StoreMismatch
-    from raee.stores.vectors import EdgeVectorStore, already_exists, edge_open_error, unreachable
+    from raee_server.errors import StoreMismatch
+    from raee_server.stores.vectors import EdgeVectorStore, already_exists, edge_open_error, unreachable
 
     class Rpc(grpc.RpcError):
         def __init__(self, code: grpc.StatusCode) -> None:

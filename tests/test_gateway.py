@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.serving.gateway import CODE_OF_NUMBER, HTTP_STATUS, routes
-from raee.serving.openapi import openapi
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.serving.gateway import CODE_OF_NUMBER, HTTP_STATUS, routes
+from raee_server.serving.openapi import openapi
 
 from .grpc_harness import ServerThread
 from .test_engine import ROWS

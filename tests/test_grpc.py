@@ -15,14 +15,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from raee.core.engine import Engine
-from raee.errors import InvalidInput
-from raee.models.backbone import CausalLMBackbone
-from raee.models.encoders import HashingEncoder
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.settings import Settings
-from raee.stores.metadata import MetadataStore
-from raee.stores.vectors import EdgeVectorStore, collection_name
+from raee_server.core.engine import Engine
+from raee_server.errors import InvalidInput
+from raee_server.models.backbone import CausalLMBackbone
+from raee_server.models.encoders import HashingEncoder
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.settings import Settings
+from raee_server.stores.metadata import MetadataStore
+from raee_server.stores.vectors import EdgeVectorStore, collection_name
 
 from .conftest import SENTIMENT
 from .grpc_harness import ServerThread
@@ -298,7 +298,7 @@ def test_a_bad_field_comes_back_as_a_bad_request_naming_it(served: ServerThread)
     from google.rpc import error_details_pb2
     from grpc_status import rpc_status
 
-    from raee.client import RaeeClient, error_details
+    from raee_server.client import RaeeClient, error_details
 
     ingest(served.stub, "sentiment", ROWS)
     with pytest.raises(grpc.RpcError) as info:
@@ -328,7 +328,7 @@ def test_a_bad_field_comes_back_as_a_bad_request_naming_it(served: ServerThread)
 def test_the_client_backs_off_and_retries_while_the_queue_is_full(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from raee.client import RaeeClient
+    from raee_server.client import RaeeClient
 
     settings = make_settings(tmp_path, queue_size=2, max_batch_size=1)
     server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from raee.core import auto
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.core.heads import ExitHeads, fit_heads
-from raee.core.policies import CascadePolicy, HeadsPolicy, KnnHeadsPolicy, mix
-from raee.errors import InvalidInput
-from raee.serving.fitter import fit_heads_in_child
+from raee_server.core import auto
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.core.heads import ExitHeads, fit_heads
+from raee_server.core.policies import CascadePolicy, HeadsPolicy, KnnHeadsPolicy, mix
+from raee_server.errors import InvalidInput
+from raee_server.serving.fitter import fit_heads_in_child
 
 from .conftest import SENTIMENT, write_tsv
 from .test_concurrent_writers import corpus
@@ -158,7 +158,7 @@ def test_auto_can_choose_a_heads_policy_once_heads_exist(grown: Engine) -> None:
 def test_a_server_fits_heads_in_the_background_and_serves_them(tmp_path: Path) -> None:
     """Grown online through gRPC, the task gets exit heads without any request waiting for a fit;
     GetTask shows them, a heads policy answers with the head's scores, its exit and timings."""
-    from raee.protos.raee.v1 import raee_pb2 as pb
+    from raee_server.protos.raee.v1 import raee_pb2 as pb
 
     from .grpc_harness import ServerThread
     from .test_grpc import ingest, make_settings, tiny_engine_factory
@@ -187,7 +187,7 @@ def test_a_server_fits_heads_in_the_background_and_serves_them(tmp_path: Path) -
 
 
 def test_doctor_reports_records_without_features_and_repair_backfills_them(grown: Engine) -> None:
-    from raee.core import doctor
+    from raee_server.core import doctor
 
     engine = grown
     assert doctor.diagnose(engine, SENTIMENT.name).healthy
@@ -200,7 +200,7 @@ def test_doctor_reports_records_without_features_and_repair_backfills_them(grown
 
 def test_a_fit_stops_when_asked() -> None:
     """A server on SIGTERM must not wait minutes for a background fit: the fit checks a flag."""
-    from raee.core.heads import FitCancelled
+    from raee_server.core.heads import FitCancelled
 
     x, y = separable(n=60)
     with pytest.raises(FitCancelled):

@@ -21,9 +21,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee.stores.metadata import MetadataStore
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.stores.metadata import MetadataStore
 
 from .processes import free_port, sentiment_task, start_server
 from .test_engine import ROWS
@@ -294,7 +294,7 @@ def test_an_ingest_cancelled_before_its_first_chunk_leaves_nothing_running(serve
 def test_ingest_batches_are_listed_by_raee_admin(served: Served) -> None:
     _new_task(served, "listed")
     served.stub.Ingest(iter([pb.IngestRequest(task="listed", examples=[pb.Example(text="a", label="positive")])]))
-    out = subprocess.run([sys.executable, "-c", "from raee.cli.main import main; main()", "--data-dir",
+    out = subprocess.run([sys.executable, "-c", "from raee_server.cli.main import main; main()", "--data-dir",
                           str(served.data_dir), "ingest-batches", "--task", "listed"],
                          capture_output=True, text=True, check=True).stdout
     assert re.search(r"#\d+\s+listed\s+done\s+added\s+1\b", out), out
@@ -342,7 +342,7 @@ def test_made_up_task_names_do_not_become_metric_labels(served: Served) -> None:
 
 
 def test_an_open_address_without_keys_is_refused_unless_allowed(tmp_path: Path) -> None:
-    command = [sys.executable, "-c", "from raee.serving.server import main; main()", "--data-dir",
+    command = [sys.executable, "-c", "from raee_server.serving.server import main; main()", "--data-dir",
                str(tmp_path / "data"), "--address", f"0.0.0.0:{free_port()}", "--metrics-port", "-1",
                "--http-address", ""]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raee.core.engine import Engine
-from raee.settings import Settings
-from raee.stores.vectors import EdgeVectorStore, VectorPoint
+from raee_server.core.engine import Engine
+from raee_server.settings import Settings
+from raee_server.stores.vectors import EdgeVectorStore, VectorPoint
 
 from .tiny_models import save_tiny_backbone
 

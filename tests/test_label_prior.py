@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from raee.core import auto
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.core.policies import label_vote
-from raee.errors import InvalidInput
-from raee.types import Label, Neighbour, TaskSpec
+from raee_server.core import auto
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.core.policies import label_vote
+from raee_server.errors import InvalidInput
+from raee_server.types import Label, Neighbour, TaskSpec
 
 from .conftest import SENTIMENT, task_data, write_tsv
 from .tiny_models import save_tiny_backbone
@@ -96,7 +96,7 @@ def test_bad_objective_and_switch_are_refused() -> None:
 
 
 def test_task_show_reports_the_mix_as_json_and_warns_on_stderr(tmp_path: Path) -> None:
-    from raee.cli.main import cli
+    from raee_server.cli.main import cli
 
     model_dir = save_tiny_backbone(tmp_path / "model")
     base = ["--data-dir", str(tmp_path / "data"), "--backbone", str(model_dir), "--encoder", "hashing:32"]
@@ -116,7 +116,7 @@ def test_task_show_reports_the_mix_as_json_and_warns_on_stderr(tmp_path: Path) -
 
 
 def test_skewed_mixes_follow_the_issue_and_draws_hit_them() -> None:
-    from raee.bench.shift import draw, skewed_shares
+    from raee_server.bench.shift import draw, skewed_shares
 
     assert skewed_shares({"negative": 45, "positive": 55}) == {"positive": 0.8, "negative": 0.2}
     even = skewed_shares({"a": 100, "b": 95, "c": 105, "d": 100})
@@ -132,7 +132,7 @@ def test_skewed_mixes_follow_the_issue_and_draws_hit_them() -> None:
 
 
 def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp_path: Path) -> None:
-    from raee.cli.main import cli
+    from raee_server.cli.main import cli
 
     model = save_tiny_backbone(tmp_path / "model")
     task_data(tmp_path / "data", 200, train=160)  # one third negative
@@ -167,7 +167,7 @@ def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp
 
 
 def test_the_paired_gap_of_balanced_accuracy_and_its_interval() -> None:
-    from raee.core.evaluation import PolicyResult
+    from raee_server.core.evaluation import PolicyResult
 
     gold = [0] * 90 + [1] * 10
     a = PolicyResult("a", 2, gold, [0] * 90 + [1] * 10)  # right everywhere
@@ -190,7 +190,7 @@ def calibrated_answers(labels: np.ndarray, rng: np.random.Generator, strength: f
 
 
 def test_the_prior_estimate_follows_a_shift_in_the_traffic_and_helps_after_it() -> None:
-    from raee.core.prior import PriorTracker
+    from raee_server.core.prior import PriorTracker
 
     rng = np.random.default_rng(0)
     tracker = PriorTracker(["negative", "positive"], [0.5, 0.5])
@@ -211,7 +211,7 @@ def test_the_prior_estimate_follows_a_shift_in_the_traffic_and_helps_after_it() 
 
 
 def test_the_prior_estimate_is_bounded_against_a_burst() -> None:
-    from raee.core.prior import PriorTracker
+    from raee_server.core.prior import PriorTracker
 
     rng = np.random.default_rng(1)
     tracker = PriorTracker(["a", "b"], [0.5, 0.5], max_ratio=2.0)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import grpc
 
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee.serving.logs import request_id
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.serving.logs import request_id
 
 from .processes import free_port, sentiment_task, start_server
 from .test_engine import ROWS

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raee.errors import InvalidInput
-from raee.models.backbone import CausalLMBackbone, MaskedLMBackbone
+from raee_server.errors import InvalidInput
+from raee_server.models.backbone import CausalLMBackbone, MaskedLMBackbone
 
 from .conftest import admin_cli, write_tsv
 from .test_concurrent_writers import corpus

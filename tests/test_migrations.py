@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import create_engine, inspect, text
 
-from raee.cli.main import cli
-from raee.errors import StoreMismatch
-from raee.stores import migrate
-from raee.stores.metadata import Base, MetadataStore
+from raee_server.cli.main import cli
+from raee_server.errors import StoreMismatch
+from raee_server.stores import migrate
+from raee_server.stores.metadata import Base, MetadataStore
+
+from .databases import database
 
 TABLES = {"tasks", "ingest_batches", "exit_records", "layer_results"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_upgrade_to_head_and_downgrade_to_base(database_url: str) -> None:
@@ -61,3 +68,46 @@ def test_raee_admin_migrate(tmp_path: Path) -> None:
     down = runner.invoke(cli, [*base, "migrate", "--downgrade", "--revision", "base"], catch_exceptions=False)
     assert down.exit_code == 0 and "0004 -> base" in down.output
     assert not TABLES & set(inspect(create_engine(f"sqlite:///{tmp_path / 'metadata.sqlite'}")).get_table_names())
+
+
+def schema(url: str) -> dict[str, Any]:
+    """Everything a migration decides about a database, in a comparable form."""
+    engine = create_engine(url)
+    found = inspect(engine)
+    out = {
+        table: {
+            "columns": [(c["name"], str(c["type"]), c["nullable"]) for c in found.get_columns(table)],
+            "primary_key": found.get_pk_constraint(table)["constrained_columns"],
+            "foreign_keys": sorted((tuple(f["constrained_columns"]), f["referred_table"], f.get("options", {}).get(
+                "ondelete")) for f in found.get_foreign_keys(table)),
+            "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                              for i in found.get_indexes(table)),
+            "unique": sorted(tuple(u["column_names"]) for u in found.get_unique_constraints(table)),
+        }
+        for table in found.get_table_names()
+    }
+    with engine.connect() as conn:
+        out["revision"] = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    engine.dispose()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_alembic_from_the_root_gives_the_schema_raee_admin_migrate_gives(kind: str, tmp_path: Path) -> None:
+    """`alembic upgrade head` from the repository root (alembic.ini, migrations/) on RAEE_DATABASE_URL builds
+    the very schema `raee-admin migrate` builds: the same scripts, one environment."""
+    with database(kind, tmp_path / "by-alembic") as by_alembic, database(kind, tmp_path / "by-admin") as by_admin:
+        for folder in ("by-alembic", "by-admin"):
+            (tmp_path / folder).mkdir()
+        env = {**os.environ, "RAEE_DATABASE_URL": by_alembic, "RAEE_DATA_DIR": str(tmp_path / "unused")}
+        alembic = Path(sys.executable).with_name("alembic")
+        run = subprocess.run([str(alembic), "upgrade", "head"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "Running upgrade 0003 -> 0004" in run.stderr
+        assert not (tmp_path / "unused").exists()  # the URL was the one given, not the data dir's SQLite
+        admin = CliRunner().invoke(cli, ["migrate"], env={"RAEE_DATABASE_URL": by_admin}, catch_exceptions=False)
+        assert admin.exit_code == 0, admin.output
+        built = schema(by_alembic)
+        assert set(built) >= TABLES and built["revision"] == migrate.head_revision(create_engine(by_admin))
+        assert built == schema(by_admin)

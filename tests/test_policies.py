@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raee.core.policies import (
+from raee_server.core.policies import (
     ConfidencePolicy,
     FullPolicy,
     KnnAgreePolicy,
@@ -19,8 +19,8 @@ from raee.core.policies import (
     parse_policy,
     resolve_exit,
 )
-from raee.errors import InvalidInput
-from raee.types import Neighbour
+from raee_server.errors import InvalidInput
+from raee_server.types import Neighbour
 
 LABELS = ["x", "y"]
 
@@ -136,7 +136,7 @@ def test_neighbours_without_a_correct_layer_add_nothing() -> None:
 
 
 def test_balanced_accuracy_does_not_reward_the_majority_label() -> None:
-    from raee.core.evaluation import PolicyResult
+    from raee_server.core.evaluation import PolicyResult
 
     majority = PolicyResult("always-0", 4, gold=[0] * 8 + [1] * 2, predicted=[0] * 10, exits=[0] * 10)
     assert majority.accuracy == pytest.approx(0.8)

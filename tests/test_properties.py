@@ -40,11 +40,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raee.core.engine import Engine
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee.stores.records import record_id
-from raee.types import Row, TaskSpec
+from raee_server.core.engine import Engine
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.stores.records import record_id
+from raee_server.types import Row, TaskSpec
 
 from .conftest import SENTIMENT
 from .grpc_harness import ServerThread

@@ -18,8 +18,8 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     subprocess.run(["bash", "admin/gen_proto.sh", str(tmp_path)], cwd=ROOT, check=True,
                    env={**os.environ, "PYTHON": sys.executable})
     for name in GENERATED:
-        fresh = (tmp_path / "raee/protos/raee/v1" / name).read_bytes()
-        committed = (ROOT / "raee/protos/raee/v1" / name).read_bytes()
+        fresh = (tmp_path / "raee_server/protos/raee/v1" / name).read_bytes()
+        committed = (ROOT / "raee_server/protos/raee/v1" / name).read_bytes()
         assert fresh == committed, f"{name} is stale: run admin/gen_proto.sh"
 
 

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.core.evaluation import evaluate
-from raee.settings import Settings
-from raee.types import Row, TaskSpec
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.core.evaluation import evaluate
+from raee_server.settings import Settings
+from raee_server.types import Row, TaskSpec
 
 from .conftest import CORPORA
 
 pytestmark = pytest.mark.real_model
 
-SST2 = Path(__file__).resolve().parents[1] / "raee" / "cli" / "tasks" / "sst2.toml"
+SST2 = Path(__file__).resolve().parents[1] / "raee_server" / "cli" / "tasks" / "sst2.toml"
 TRAIN_ROWS, DEV_ROWS = 240, 100
 
 
@@ -78,7 +78,7 @@ def test_ingest_then_eval_on_sst2(real: Engine) -> None:
 
 def test_grpc_classify_on_the_real_backbone(real: Engine) -> None:
     """Last in this module: the server takes over the engine and closes it when it stops."""
-    from raee.protos.raee.v1 import raee_pb2 as pb
+    from raee_server.protos.raee.v1 import raee_pb2 as pb
 
     from .grpc_harness import ServerThread
 

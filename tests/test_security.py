@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from raee.errors import InvalidInput
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee.serving.auth import add_key
+from raee_server.errors import InvalidInput
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.serving.auth import add_key
 
 from .grpc_harness import ServerThread
 from .http_stub import HttpStub
@@ -169,7 +169,7 @@ def _get(connection: http.client.HTTPConnection) -> int:
 
 @pytest.mark.parametrize("name", ['a"b', "back\\slash", "two\nlines", "tab\there", "ünïcödé ☃", "'single'"])
 def test_key_names_round_trip_through_the_key_file(tmp_path: Path, name: str) -> None:
-    from raee.serving.auth import KeyRing
+    from raee_server.serving.auth import KeyRing
 
     path = tmp_path / "keys.toml"
     first = add_key(path, "ops", [], admin=True)
@@ -190,8 +190,8 @@ def test_a_key_file_that_does_not_parse_is_never_extended(tmp_path: Path) -> Non
 
 
 def test_the_client_sends_its_key_as_call_credentials_over_tls(tmp_path: Path) -> None:
-    from raee.client import RaeeClient
-    from raee.errors import Unauthenticated
+    from raee_server.client import RaeeClient
+    from raee_server.errors import Unauthenticated
 
     ca_pem, _, ca_name, ca_key = _cert("raee test CA", None, ca=True)
     server_pem, server_key, _, _ = _cert("localhost", (ca_name, ca_key), ca=False)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from raee.cli.main import cli
-from raee.errors import InvalidInput
-from raee.models.backbone import Seq2SeqBackbone
+from raee_server.cli.main import cli
+from raee_server.errors import InvalidInput
+from raee_server.models.backbone import Seq2SeqBackbone
 
 from .conftest import admin_cli, write_tsv
 from .test_concurrent_writers import corpus
@@ -92,10 +92,10 @@ def test_records_of_another_backbone_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", ["masked", "seq2seq"])
 def test_bench_runs_on_every_family(family: str, tmp_path: Path) -> None:
-    from raee.bench.harness import bench_task
-    from raee.core.engine import Engine
-    from raee.settings import Settings
-    from raee.types import Label, TaskSpec
+    from raee_server.bench.harness import bench_task
+    from raee_server.core.engine import Engine
+    from raee_server.settings import Settings
+    from raee_server.types import Label, TaskSpec
 
     from .tiny_models import save_tiny_masked_lm
 

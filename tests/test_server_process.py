@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from raee.protos.raee.v1 import raee_pb2 as pb
-from raee.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 
 from .conftest import admin_cli, write_tsv
 from .processes import free_port, sentiment_task, start_server
@@ -79,7 +79,7 @@ def test_sigterm_finishes_work_in_flight_and_exits_cleanly(server) -> None:  # t
 @pytest.mark.parametrize("retry", [False, True], ids=["resend", "back-off"])
 def test_short_soak_sees_only_answers_or_backpressure(server, retry: bool) -> None:  # type: ignore[no-untyped-def]
     """The short version of the soak benchmark (docs/reliability.md has the long one's figures)."""
-    from raee.bench.soak import soak
+    from raee_server.bench.soak import soak
 
     proc, address, _ = server
     stub = pb_grpc.RaeeServiceStub(grpc.insecure_channel(address))
@@ -94,7 +94,7 @@ def test_short_soak_sees_only_answers_or_backpressure(server, retry: bool) -> No
 
 
 def test_loadtest_compares_policies_in_one_run(server) -> None:  # type: ignore[no-untyped-def]
-    from raee.bench.soak import compare_policies
+    from raee_server.bench.soak import compare_policies
 
     _, address, _ = server
     sentiment_task(pb_grpc.RaeeServiceStub(grpc.insecure_channel(address)), "t", ROWS)

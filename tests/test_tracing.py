@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raee import tracing
-from raee.protos.raee.v1 import raee_pb2 as pb
+from raee_server import tracing
+from raee_server.protos.raee.v1 import raee_pb2 as pb
 
 from .grpc_harness import ServerThread
 from .test_engine import ROWS

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from raee.core.auto import choose, needs_tuning, probs_from_sql, quotes, tune, validation_rows
-from raee.core.datafile import read_rows
-from raee.core.engine import Engine
-from raee.core.evaluation import Measured
-from raee.core.policies import parse_policy
-from raee.stores.records import record_id
-from raee.types import Neighbour
+from raee_server.core.auto import choose, needs_tuning, probs_from_sql, quotes, tune, validation_rows
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.core.evaluation import Measured
+from raee_server.core.policies import parse_policy
+from raee_server.stores.records import record_id
+from raee_server.types import Neighbour
 
 from .conftest import SENTIMENT, write_tsv
 from .test_concurrent_writers import corpus
@@ -91,7 +91,7 @@ def test_a_request_never_tunes_and_auto_follows_the_stored_choice(engine: Engine
 
 
 def test_auto_takes_the_shallowest_candidate_within_half_a_standard_error() -> None:
-    from raee.core.auto import pick
+    from raee_server.core.auto import pick
 
     ranked = [("heads:12", 32, 0.92, 12.0), ("cascade:0.01", 32, 0.915, 6.5), ("cascade:0.03", 32, 0.905, 3.0),
               ("heads:2", 32, 0.80, 2.0)]

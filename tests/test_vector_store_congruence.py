@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from raee.stores.vectors import EdgeVectorStore, QdrantServerStore, VectorPoint, VectorStore
+from raee_server.stores.vectors import EdgeVectorStore, QdrantServerStore, VectorPoint, VectorStore
 
 from .databases import docker_available
 

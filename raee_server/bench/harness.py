@@ -1,0 +1,401 @@
+"""The benchmark harness: every exit policy side by side on every task, sweeps, plots and reports.
+
+All policies are scored on the same measured rows of the same run (one full
+forward per row gives every exit; see evaluation.py), so their ratios are fair
+on a noisy machine. Per-stage latency is measured separately on real served
+requests (truncated forwards, one text per call).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from raee_server.core import auto as tuning
+from raee_server.core.datafile import read_rows
+from raee_server.core.engine import Engine
+from raee_server.core.evaluation import Measured, PolicyResult, layer_accuracy, measure, run_oracle, run_policy
+from raee_server.core.heads import ExitHeads, fit_heads
+from raee_server.core.policies import ExitPolicy, bind, parse_policy
+from raee_server.stores.records import ExitRecord, LayerResult, record_id
+from raee_server.types import Choice, Row, TaskSpec
+
+K_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
+SIZE_SWEEP = (500, 1000, 2000, 5000, 10000, 20000, 60000)
+SWEEP_POLICIES = ("paper", "paper-all", "knn-agree", "knn-vote")
+
+
+CASCADE_SHOWN = ("cascade:0.01", "cascade:0.02", "cascade:0.03")  # the accuracy/depth trade, beside the tuned one
+KNN_HEADS_SHOWN = ("knn-heads:0.9", "knn-heads:0.95")  # not among auto's candidates (raee_server.core.auto); shown
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, leave=False)
+
+
+@dataclass
+class TaskBench:
+    task: str
+    depth: int
+    labels: list[str]
+    train_rows: int
+    dev_rows: int
+    k: int
+    tuned: Choice
+    calibrated: dict[str, str]  # family -> chosen name, e.g. {"static": "static:14"}
+    results: list[PolicyResult]
+    layer_accuracy: list[float]
+    latency: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # policy -> stage -> p50/p95
+    k_sweep: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    size_sweep: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    encoder_sweep: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    heads: dict[str, Any] = field(default_factory=dict)  # the exit heads' summary (version, fit time, accuracy)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task, "depth": self.depth, "labels": self.labels, "train_rows": self.train_rows,
+            "dev_rows": self.dev_rows, "k": self.k, "auto": self.tuned.to_dict(),
+            "calibrated_on_train": self.calibrated,
+            "policies": [r.summary(len(self.labels)) for r in self.results],
+            "layer_accuracy": self.layer_accuracy, "latency_us": self.latency,
+            "k_sweep": self.k_sweep, "size_sweep": self.size_sweep, "encoder_sweep": self.encoder_sweep,
+            "heads": self.heads,
+        }
+
+    def against_baselines(self) -> list[str]:
+        """`auto` against the best method that needs no exit heads, and each per-input heads policy
+        against the best fixed head (accuracy in points, depth as a share)."""
+        by_name = {r.name: r for r in self.results}
+        baselines = [r for r in self.results if r.name in ("full", "paper", "knn-vote", "key-logreg")]
+        auto = next((r for r in self.results if r.name.startswith("auto=")), None)
+        lines = []
+        if auto and baselines:
+            best = max(baselines, key=lambda r: r.accuracy)
+            lines.append(f"- {auto.name}: {100 * auto.accuracy:.1f} % at mean exit {auto.mean_exit:.2f} "
+                         f"({100 * auto.mean_exit / self.depth:.0f} % of the depth), "
+                         f"{100 * (auto.accuracy - best.accuracy):+.1f} points against the best baseline "
+                         f"({best.name}, {100 * best.accuracy:.1f} %)")
+        head = next((r for r in self.results if r.name.startswith("heads:")), None)
+        if head:
+            for r in self.results:
+                if r.name.split(":")[0] in ("cascade", "knn-heads", "paper-heads") and r.name in by_name:
+                    lines.append(f"- {r.name}: {100 * (r.accuracy - head.accuracy):+.1f} points against {head.name} "
+                                 f"at {100 * r.mean_exit / max(head.mean_exit, 1e-9):.0f} % of its depth")
+        return lines
+
+
+def first_rows(path: Path, n: int, skip: int = 0) -> list[Row]:
+    return [r for r in itertools.islice(read_rows(path), skip, skip + n) if isinstance(r, Row)]
+
+
+def ensure_task(engine: Engine, spec: TaskSpec) -> None:
+    from raee_server.errors import TaskNotFound
+
+    try:
+        engine.task_info(spec.name)
+    except TaskNotFound:
+        engine.create_task(spec)
+
+
+def build(engine: Engine, task: str, train: Path, n: int) -> None:
+    rows = list(itertools.islice(read_rows(train), n))
+    with _bar(len(rows), f"{task}: database") as bar:
+        engine.ingest(task, rows, source=str(train), progress=bar.update)
+
+
+def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int | None,
+                 examples: Sequence[tuple[str, str, str]] | None = None) -> int:
+    """A task's first `limit` records (or these `examples`) under another name and the destination's
+    key encoder, with their exit features, built from what SQL holds: no backbone forward."""
+    spec = src.task_info(task).spec
+    ensure_task(dst, TaskSpec(dst_task, spec.template, spec.labels, f"bench copy of {task}"))
+    if dst.task_info(dst_task).records:
+        return dst.task_info(dst_task).records
+    examples = list(examples) if examples is not None else src.metadata.committed_examples(task, limit)
+    bar = _bar(len(examples), f"{dst_task}: copy")
+    for start in range(0, len(examples), 256):
+        part = examples[start : start + 256]
+        layers = src.metadata.layer_results([rid for rid, _, _ in part])
+        features = src.metadata.features_of([rid for rid, _, _ in part])
+        records = []
+        for rid, text, label in part:
+            gold = spec.label_index(label)
+            results = tuple(LayerResult(l, spec.label_index(pred), p, gold_p, pred == label)
+                            for l, (pred, p, gold_p) in enumerate(layers[rid]))
+            records.append(ExitRecord(record_id(dst_task, text), dst_task, text, label, gold, results,
+                                      features.get(rid)))
+        keys = dst.encoder.encode([r.text for r in records])
+        batch = dst.metadata.begin_batch(dst_task, f"copy of {task}")
+        dst.store_records(dst_task, records, keys, batch)
+        dst.metadata.finish_batch(batch, len(records), 0, 0, "done")
+        bar.update(len(part))
+    bar.close()
+    return len(examples)
+
+
+def with_neighbours(engine: Engine, task: str, rows: Sequence[Row], measured: Sequence[Measured],
+                    k: int) -> list[Measured]:
+    found, _ = engine.neighbours(task, [r.text for r in rows], k)
+    return [Measured(m.gold, m.probs, n) for m, n in zip(measured, found)]
+
+
+def latency(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[tuple[str, str, int]]
+            ) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-stage p50/p95 (µs) of single-text served requests, per policy (truncated forwards for real)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    engine.classify(task, [rows[0].text])  # warm-up
+    with _bar(len(rows) * len(policies), f"{task}: latency") as bar:
+        for label, spec, k in policies:
+            stages: dict[str, list[int]] = {"encode_us": [], "retrieve_us": [], "forward_us": [], "total_us": []}
+            for row in rows:
+                p = engine.classify(task, [row.text], policy=spec, k=k)[0]
+                t = p.timings_us
+                for stage in ("encode_us", "retrieve_us", "forward_us"):
+                    stages[stage].append(t[stage])
+                stages["total_us"].append(t["encode_us"] + t["retrieve_us"] + t["forward_us"])
+                bar.update(1)
+            out[label] = {s: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))}
+                          for s, v in stages.items()}
+    return out
+
+
+def key_logreg(engine: Engine, spec: TaskSpec, train: Path, train_rows: int, rows: Sequence[Row],
+               depth: int) -> PolicyResult:
+    """What a practitioner tries first: logistic regression on the retrieval keys (no backbone),
+    fit on the train records with C chosen by cross-validation, as the exit heads are."""
+    records = first_rows(train, train_rows)
+    keys = engine.encoder.encode([r.text for r in records])
+    fitted = fit_heads(np.asarray(keys, dtype=np.float32)[:, None, :], [spec.label_index(r.label) for r in records],
+                       len(spec.labels), [str(i) for i in range(len(records))], spec.label_names)
+    probs = fitted.probs(0, np.asarray(engine.encoder.encode([r.text for r in rows]), dtype=np.float32))
+    return PolicyResult("key-logreg", depth, [spec.label_index(r.label) for r in rows],
+                        [int(p.argmax()) for p in probs], [0] * len(rows))
+
+
+def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_rows: int, dev_rows: int,
+               k: int = 12, latency_rows: int = 48, sweeps: Sequence[str] = ("k", "size", "encoder"),
+               encoders: Sequence[Engine] = (), sizes: Sequence[int] = SIZE_SWEEP,
+               use_heads: bool = True) -> TaskBench:
+    task = spec.name
+    ensure_task(engine, spec)
+    build(engine, task, train, train_rows)
+    depth, labels = engine.depth, spec.label_names
+
+    # Choices made on the train records only (leave-one-out / out of fold), never on the measured rows.
+    heads: ExitHeads | None = None
+    if use_heads:
+        heads = tuning.fit_task_heads(engine, task) if tuning.needs_heads(engine, task) else engine.heads(task)
+    validation = tuning.validation_rows(engine, task, tuning.VALIDATION_ROWS, max(tuning.K_CHOICES))
+    ranked = tuning.choose(validation, depth, labels, heads=heads, objective=spec.objective)
+    # the lens policies' thresholds, chosen the same way (with heads, auto no longer considers them)
+    ranked_lens = tuning.choose(validation, depth, labels, objective=spec.objective) if heads else ranked
+    calibrated = {family: next(name for name, *_ in pool if name.startswith(family + ":"))
+                  for family, pool in (("static", ranked_lens), ("confidence", ranked_lens),
+                                       ("paper-tol", ranked_lens), *((("cascade", ranked),) if heads else ()))}
+    best = tuning.pick(ranked, len(validation))
+    tuned = Choice(best[0], best[1], best[2], best[3], len(validation), train_rows,
+                   datetime.now(UTC).isoformat(timespec="seconds"), 0.0, heads.version if heads else 0,
+                   spec.objective)
+
+    rows = first_rows(dev, dev_rows)
+    with _bar(len(rows), f"{task}: measure") as bar:
+        measured = measure(engine, task, rows, max(K_SWEEP), progress=bar.update)
+    names = ["full", calibrated["static"], calibrated["confidence"], "paper", "paper-all", calibrated["paper-tol"],
+             "knn-agree", "knn-vote"]
+    if heads:  # the best fixed head (out of fold on train), the paper over head-judged exits, the stop rule
+        names += [f"heads:{heads.best_exit}", "paper-heads", *KNN_HEADS_SHOWN, calibrated["cascade"], *CASCADE_SHOWN]
+        names = list(dict.fromkeys(names))
+
+    def policy(name: str) -> ExitPolicy:
+        return bind(parse_policy(name), heads) if heads else parse_policy(name)
+
+    results = [run_policy(policy(n), measured, depth, labels, k) for n in names]
+    auto = run_policy(policy(best[0]), measured, depth, labels, best[1])
+    auto.name = f"auto={best[0]}"
+    results += [auto, key_logreg(engine, spec, train, train_rows, rows, depth), run_oracle(measured, depth)]
+    if heads:
+        oracle = run_oracle([Measured(m.gold, m.head_probs, m.neighbours) for m in measured
+                             if m.head_probs is not None], depth)
+        oracle.name = "oracle-heads"
+        results.append(oracle)
+    report = TaskBench(task, depth, labels, train_rows, len(rows), k, tuned, calibrated, results,
+                       layer_accuracy(measured), heads=heads.summary() if heads else {})
+
+    served = [(n, n, k) for n in names] + [(auto.name, best[0], best[1])]
+    report.latency = latency(engine, task, rows[:latency_rows], served)
+
+    if "k" in sweeps:
+        report.k_sweep = {p: [(kk, r.accuracy, r.mean_exit) for kk in K_SWEEP
+                              for r in [run_policy(parse_policy(p), measured, depth, labels, kk)]]
+                          for p in SWEEP_POLICIES}
+    if "size" in sweeps:
+        sizes = [s for s in sizes if s < train_rows] + [train_rows]
+        report.size_sweep = {p: [] for p in SWEEP_POLICIES}
+        for size in tqdm(sizes, desc=f"{task}: size sweep", file=sys.stderr, leave=False):
+            sub = f"{task}--n{size}"
+            if size == train_rows:
+                sub_rows = measured
+            else:
+                copy_records(engine, task, engine, sub, size)
+                sub_rows = with_neighbours(engine, sub, rows, measured, k)
+            for p in SWEEP_POLICIES:
+                r = run_policy(parse_policy(p), sub_rows, depth, labels, k)
+                report.size_sweep[p].append((size, r.accuracy, r.mean_exit))
+    if "encoder" in sweeps:
+        report.encoder_sweep[engine.encoder.model_id] = {
+            p: (r.accuracy, r.mean_exit) for p in SWEEP_POLICIES
+            for r in [run_policy(parse_policy(p), measured, depth, labels, k)]}
+        for other in encoders:
+            sub = f"{task}--{other.encoder.model_id}"
+            copy_records(engine, task, other, sub, None)
+            sub_rows = with_neighbours(other, sub, rows, measured, k)
+            report.encoder_sweep[other.encoder.model_id] = {
+                p: (r.accuracy, r.mean_exit) for p in SWEEP_POLICIES
+                for r in [run_policy(parse_policy(p), sub_rows, depth, labels, k)]}
+    return report
+
+
+# -- reports -------------------------------------------------------------------------
+
+
+def markdown(reports: Sequence[TaskBench], command: str) -> str:
+    out = ["# Benchmark", "", f"Command: `{command}`", ""]
+    for r in reports:
+        n = len(r.labels)
+        out += [f"## {r.task}", "",
+                f"Database: first {r.train_rows} train rows; measured: first {r.dev_rows} dev rows; "
+                f"backbone depth {r.depth}; k = {r.k}. Static layer, confidence threshold and tolerance "
+                f"chosen on the train records (leave-one-out): {', '.join(r.calibrated.values())}; "
+                f"auto chose {r.tuned.policy} with k = {r.tuned.k} "
+                f"({r.tuned.objective.replace('_', ' ')} {100 * r.tuned.accuracy:.1f} % on "
+                f"{r.tuned.validation_rows} validation records).", ""]
+        if r.heads:
+            out += [f"Exit heads v{r.heads['version']}: fit on {r.heads['records']} records in "
+                    f"{r.heads['seconds']:.0f} s; out-of-fold accuracy per exit: "
+                    + " ".join(f"L{i}={100 * a:.1f}%" for i, a in enumerate(r.heads["accuracy"])), ""]
+        out += [*r.against_baselines(), "",
+                "| policy | accuracy | balanced accuracy | macro-F1 | mean exit | p95 exit | layers saved |",
+                "|---|---|---|---|---|---|---|"]
+        for p in r.results:
+            out.append(f"| {p.name} | {100 * p.accuracy:.1f} % | {100 * p.balanced_accuracy(n):.1f} % | "
+                       f"{100 * p.macro_f1(n):.1f} % | {p.mean_exit:.2f} | "
+                       f"{p.p95_exit:.0f} | {100 * p.layers_saved:.0f} % |")
+        if r.latency:
+            out += ["", "Served latency, one text per request (µs, p50 / p95):", "",
+                    "| policy | encode | retrieve | forward | total |", "|---|---|---|---|---|"]
+            for name, stages in r.latency.items():
+                cells = [f"{stages[s]['p50']:.0f} / {stages[s]['p95']:.0f}"
+                         for s in ("encode_us", "retrieve_us", "forward_us", "total_us")]
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
+        for title, sweep, unit in (("k", r.k_sweep, "k"), ("database size", r.size_sweep, "records")):
+            if sweep:
+                xs = [x for x, _, _ in next(iter(sweep.values()))]
+                out += ["", f"Sweep over {title} (accuracy, mean exit):", "",
+                        "| policy | " + " | ".join(f"{x} {unit}" for x in xs) + " |",
+                        "|---|" + "---|" * len(xs)]
+                for policy, points in sweep.items():
+                    out.append(f"| {policy} | " + " | ".join(f"{100 * a:.1f} % @ {m:.1f}" for _, a, m in points) + " |")
+        if r.encoder_sweep:
+            out += ["", "Key encoders (accuracy, mean exit):", "", "| encoder | " + " | ".join(SWEEP_POLICIES) + " |",
+                    "|---|" + "---|" * len(SWEEP_POLICIES)]
+            for enc, res in r.encoder_sweep.items():
+                out.append(f"| {enc} | " + " | ".join(f"{100 * res[p][0]:.1f} % @ {res[p][1]:.1f}"
+                                                      for p in SWEEP_POLICIES) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(reports: Sequence[TaskBench], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    n = len(reports)
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.6), squeeze=False)
+    for ax, r in zip(axes[0], reports):
+        for p in r.results:
+            ax.scatter(p.mean_exit, 100 * p.accuracy, s=40)
+            ax.annotate(p.name, (p.mean_exit, 100 * p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=f"{r.task}: accuracy against depth", xlabel="mean exit layer", ylabel="accuracy (%)",
+               xlim=(-0.5, r.depth + 1))
+        ax.grid(alpha=0.3)
+    save(fig, "accuracy_vs_exit.png")
+
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+    for ax, r in zip(axes[0], reports):
+        shown = [p for p in r.results if p.name in ("paper", "paper-all", "knn-agree", "oracle") or
+                 p.name.startswith("auto")]
+        width = 0.8 / max(len(shown), 1)
+        for i, p in enumerate(shown):
+            ax.bar(np.arange(r.depth + 1) + i * width, p.histogram(), width=width, label=p.name)
+        ax.set(title=f"{r.task}: exit layers", xlabel="exit layer", ylabel="rows")
+        ax.legend(fontsize=7)
+    save(fig, "exit_histograms.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in reports:
+        ax.plot(range(r.depth + 1), [100 * a for a in r.layer_accuracy], marker="o", label=r.task)
+    ax.set(title="accuracy of each single exit (logit lens)", xlabel="layer", ylabel="accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, "layer_accuracy.png")
+
+    for key, title, xlabel, log in (("k_sweep", "k", "k (neighbours)", True),
+                                    ("size_sweep", "database size", "records", True)):
+        if not any(getattr(r, key) for r in reports):
+            continue
+        fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+        for ax, r in zip(axes[0], reports):
+            for p, points in getattr(r, key).items():
+                ax.plot([x for x, _, _ in points], [100 * a for _, a, _ in points], marker="o", label=p)
+            ax.set(title=f"{r.task}: accuracy over {title}", xlabel=xlabel, ylabel="accuracy (%)")
+            if log:
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, f"{key}.png")
+
+    if any(r.encoder_sweep for r in reports):
+        fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+        for ax, r in zip(axes[0], reports):
+            encoders = list(r.encoder_sweep)
+            width = 0.8 / len(encoders)
+            for i, enc in enumerate(encoders):
+                ax.bar(np.arange(len(SWEEP_POLICIES)) + i * width,
+                       [100 * r.encoder_sweep[enc][p][0] for p in SWEEP_POLICIES], width=width, label=enc)
+            ax.set_xticks(np.arange(len(SWEEP_POLICIES)) + 0.4 - width / 2, SWEEP_POLICIES, fontsize=8)
+            ax.set(title=f"{r.task}: key encoders", ylabel="accuracy (%)")
+            ax.legend(fontsize=7)
+        save(fig, "encoder_sweep.png")
+    return written
+
+
+def write_reports(reports: Sequence[TaskBench], out: Path, command: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"command": command, "tasks": [r.to_dict() for r in reports]},
+                                                 indent=2))
+    (out / "results.md").write_text(markdown(reports, command))
+    return [out / "results.json", out / "results.md", *plot(reports, out)]
+
+
+def print_summary(report: TaskBench, echo: Callable[[str], None]) -> None:
+    """The task's tables (policies, latency, sweeps) as they go into results.md."""
+    echo("\n".join(markdown([report], "").splitlines()[4:]))

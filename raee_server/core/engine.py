@@ -1,0 +1,581 @@
+"""The data plane: classify and ingest, with no transport code.
+
+The CLI calls it directly; the gRPC servicer calls it from its model worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from datetime import UTC
+
+import numpy as np
+import torch
+from sqlalchemy.exc import OperationalError
+
+from raee_server import tracing
+from raee_server.core.heads import ExitHeads
+from raee_server.core.policies import Decision, ExitPolicy, bind, mix, parse_policy, reads_heads, uses_head_exits
+from raee_server.core.prior import PriorTracker
+from raee_server.errors import InvalidInput, StoreMismatch
+from raee_server.models.backbone import Backbone, LabelHead
+from raee_server.models.encoders import KeyEncoder
+from raee_server.settings import Settings
+from raee_server.stores.metadata import MetadataStore, TaskInfo
+from raee_server.stores.records import ExitRecord, layer_results, record_id, to_features
+from raee_server.stores.vectors import VectorPoint, VectorStore
+from raee_server.types import IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec, is_blank
+
+log = logging.getLogger(__name__)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1e6)
+
+
+class Engine:
+    def __init__(
+        self,
+        backbone: Backbone,
+        encoder: KeyEncoder,
+        vectors: VectorStore,
+        metadata: MetadataStore,
+        settings: Settings | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.encoder = encoder
+        self.vectors = vectors
+        self.metadata = metadata
+        self.settings = settings or Settings()
+        self._tasks: dict[str, tuple[TaskSpec, LabelHead]] = {}
+        self._info: dict[str, tuple[float, TaskInfo | None]] = {}  # task -> (read at, its metadata)
+        self._trackers: dict[str, PriorTracker] = {}  # tasks that adapt to the traffic's label prior
+        self._heads: dict[str, tuple[float, ExitHeads | None]] = {}  # task -> (checked at, loaded heads)
+
+    @classmethod
+    def open(cls, settings: Settings) -> Engine:
+        """Load the models and open the stores named by the settings."""
+        import torch
+
+        from raee_server.models.encoders import load_encoder
+        from raee_server.models.loading import load_backbone
+        from raee_server.stores.vectors import collection_name, open_vector_store
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        backbone = load_backbone(settings.backbone, settings.models_dir, settings.device, settings.dtype,
+                                 settings.max_tokens)
+        encoder = load_encoder(settings.encoder, settings.device, backbone, settings.key_runtime,
+                               settings.models_dir, settings.threads)
+        vectors = open_vector_store(settings, collection_name(backbone.model_id, encoder.model_id), encoder.dim)
+        return cls(backbone, encoder, vectors, MetadataStore(settings.sql_url), settings)
+
+    @classmethod
+    def open_for_serving(cls, settings: Settings) -> Engine:
+        """Engine.open, then build pending vector indexes (RAEE_INDEX_ON_START) before any request."""
+        engine = cls.open(settings)
+        if engine.vectors.exclusive:  # no other process can be ingesting: a `running` batch was cut off
+            stale = engine.metadata.close_stale_batches()
+            if stale:
+                log.warning("%d ingest batch(es) left running by a process that stopped: marked interrupted", stale)
+        if settings.index_on_start:
+            engine.build_index()
+        return engine
+
+    def build_index(self) -> float:
+        """Build the vector store's pending indexes; returns the seconds it took.
+
+        On the embedded store this blocks the whole process (see EdgeVectorStore), so callers
+        run it where no request waits: while the server loads, or at the end of a local ingest.
+        """
+        start = time.perf_counter()
+        log.info("indexing the vector store (%d points) ...", self.vectors.count())
+        changed = self.vectors.optimize()
+        seconds = time.perf_counter() - start
+        log.info("vector store %s in %.1f s", "indexed" if changed else "already indexed", seconds)
+        return seconds
+
+    def store_records(self, task: str, records: Sequence[ExitRecord], keys: np.ndarray, batch_id: int) -> None:
+        """The one write order of both stores: SQL pending, then vectors, then SQL committed.
+
+        A crash in between leaves pending rows that a rerun or `raee-admin doctor --repair` finishes.
+        """
+        self.metadata.write_pending(task, list(records), batch_id)
+        self.vectors.upsert([VectorPoint(rec.id, key, rec.payload()) for rec, key in zip(records, keys)])
+        self.metadata.mark_committed([rec.id for rec in records])
+
+    def close(self) -> None:
+        self.vectors.close()
+        self.metadata.close()
+
+    @property
+    def depth(self) -> int:
+        return self.backbone.depth
+
+    # -- tasks ---------------------------------------------------------------
+
+    def create_task(self, spec: TaskSpec) -> None:
+        spec.validate()
+        self.backbone.check_template(spec.template)  # e.g. a masked LM needs a {mask} slot
+        self.backbone.label_token_ids([lb.word for lb in spec.labels])  # rejects colliding label words
+        self.metadata.create_task(spec, self.backbone.model_id, self.encoder.model_id)
+
+    def delete_task(self, name: str) -> None:
+        self.metadata.task(name)  # TaskNotFound before touching anything
+        self.vectors.delete_task(name)
+        self.metadata.delete_task(name)
+        self._tasks.pop(name, None)
+        self._info.pop(name, None)
+        self._trackers.pop(name, None)
+
+    def labels(self, name: str) -> list[str]:
+        """The task's label names, from the in-memory cache (no SQL on the hot path)."""
+        return self._task(name)[0].label_names
+
+    def task_info(self, name: str) -> TaskInfo:
+        return self.metadata.task(name)
+
+    def _prompt(self, spec: TaskSpec, text: str) -> str:
+        return self.backbone.format_prompt(spec.prompt(text))
+
+    def _task(self, name: str) -> tuple[TaskSpec, LabelHead]:
+        cached = self._tasks.get(name)
+        if cached is None:
+            info = self.metadata.task(name)
+            if (info.backbone_id, info.encoder_id) != (self.backbone.model_id, self.encoder.model_id):
+                raise StoreMismatch(
+                    f"task {name!r} was built with backbone {info.backbone_id!r} and encoder {info.encoder_id!r}; "
+                    f"this service runs {self.backbone.model_id!r} and {self.encoder.model_id!r}"
+                )
+            ids = self.backbone.label_token_ids([lb.word for lb in info.spec.labels])
+            cached = (info.spec, self.backbone.label_head(ids))
+            self._tasks[name] = cached
+        return cached
+
+    # -- classify ------------------------------------------------------------
+
+    def check_texts(self, texts: Sequence[str], field_name: str = "text") -> None:
+        if not texts:
+            raise InvalidInput(f"{field_name}: no text given", field_name)
+        for i, text in enumerate(texts):
+            where = field_name if len(texts) == 1 else f"{field_name}[{i}]"
+            if not isinstance(text, str) or is_blank(text):
+                raise InvalidInput(f"{where}: empty text", where)
+            if len(text) > self.settings.max_text_chars:
+                raise InvalidInput(f"{where}: {len(text)} characters, over the limit of "
+                                   f"{self.settings.max_text_chars}", where)
+            if "\x00" in text:
+                raise InvalidInput(f"{where}: contains a NUL character", where)
+
+    def check_k(self, k: int | None) -> int:
+        k = self.settings.default_k if k is None or k == 0 else k
+        if not 1 <= k <= self.settings.max_k:
+            raise InvalidInput(f"k: {k} out of range 1..{self.settings.max_k}", "options.k")
+        return k
+
+    def validate(
+        self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None, k: int | None
+    ) -> tuple[ExitPolicy, int]:
+        """Check a classify request without computing anything: the policy to use and k."""
+        self._task(task)
+        self.check_texts(texts)
+        try:
+            return self.resolve_policy(task, policy, k)
+        except InvalidInput as exc:  # the policy's own checks know what is wrong, not where it came from
+            if exc.field is None:
+                exc.field = "options.policy"
+            raise
+
+    def resolve_policy(self, task: str, policy: str | ExitPolicy | None, k: int | None) -> tuple[ExitPolicy, int]:
+        """A policy by name (or as given) and its k; `auto` is the task's stored choice. A policy
+        that reads exit heads needs the task's heads (`heads` alone: the exit that scored best)."""
+        if policy == "auto":
+            chosen, tuned_k = self.auto_policy(task)
+            k = k or tuned_k
+        else:
+            chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
+        if reads_heads(chosen):
+            heads = self.heads(task)
+            if heads is None:
+                raise InvalidInput(f"policy: {chosen.name} needs exit heads and task {task!r} has none yet "
+                                   "(fit them with `raee-admin fit-heads`)")
+            chosen = bind(chosen, heads)
+        return chosen, self.check_k(k)
+
+    def auto_policy(self, task: str) -> tuple[ExitPolicy, int | None]:
+        """The task's stored `auto` choice (policy and k); the paper's method until one is made.
+
+        Never tunes: tuning runs off the request path (raee_server.core.auto). The choice is re-read from
+        SQL at most every `retune_check_seconds`, so a choice made by another process shows up.
+        """
+        info = self._recent_info(task)
+        choice = info.tuned if info else None
+        if choice is None:  # not tuned yet (or too few records): the published method
+            return parse_policy("paper"), None
+        return parse_policy(choice.policy), choice.k
+
+    def forget_choice(self, task: str) -> None:
+        """Drop the cached `auto` choice (a new one was just stored)."""
+        self._info.pop(task, None)
+
+    def _recent_info(self, task: str) -> TaskInfo | None:
+        """The task's metadata as read at most `retune_check_seconds` ago: one SQL read per period for
+        what the request path needs of it (the `auto` choice, the records' label mix), so a choice made
+        by another process shows up. While SQL is down, the last read (None if there was none)."""
+        cached = self._info.get(task)
+        now = time.monotonic()
+        if cached is None or now - cached[0] > self.settings.retune_check_seconds:
+            try:
+                cached = (now, self.metadata.task(task))
+            except OperationalError:
+                cached = (now, cached[1] if cached else None)
+            self._info[task] = cached
+        return cached[1]
+
+    def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
+        """The k nearest records of each text, each weighed by its label's prior correction."""
+        t0 = time.perf_counter()
+        with tracing.span("raee.encode", texts=len(texts)):
+            keys = self.encoder.encode(texts)
+        t1 = time.perf_counter()
+        with tracing.span("raee.retrieve", k=k):
+            found = self.vectors.search(task, keys, k)
+            weights = self.label_weights(task)
+            if weights:
+                found = [[replace(n, weight=weights.get(n.label, 1.0)) for n in row] for row in found]
+        t2 = time.perf_counter()
+        return found, {"encode_us": _us(t1 - t0), "retrieve_us": _us(t2 - t1)}
+
+    def prior_tracker(self, task: str) -> PriorTracker | None:
+        """The task's online traffic-prior estimate (None unless the task opted in with
+        `adapt_prior`). Its train prior is what the answers assume: the expected shares when the
+        votes are corrected toward them, else the records' own mix."""
+        spec, _ = self._task(task)
+        if not spec.adapt_prior:
+            return None
+        tracker = self._trackers.get(task)
+        if tracker is None:
+            if spec.prior_correction:
+                train = spec.shares
+            else:
+                counts = self.metadata.task(task).label_records
+                total = sum(counts.values()) or 1
+                train = [max(counts.get(name, 0) / total, 1e-3) for name in spec.label_names]
+            tracker = PriorTracker(spec.label_names, train)
+            self._trackers[task] = tracker
+        return tracker
+
+    def active_prior(self, task: str) -> PriorTracker | None:
+        """The task's traffic-prior tracker once its estimate is active (reads no store: callable
+        from any thread)."""
+        tracker = self._trackers.get(task)
+        return tracker if tracker is not None and tracker.active else None
+
+    def label_weights(self, task: str) -> dict[str, float]:
+        """Per label, its expected traffic share (declared, else equal) over its share of the task's
+        records: the weight of a neighbour with that label in votes and in the paper's aggregation,
+        so a label the records over-represent does not win by numbers alone. Empty when the task
+        opts out (`prior_correction = false`). Re-read at most every `retune_check_seconds`."""
+        info = self._recent_info(task)
+        if info is None:
+            return {}
+        total = sum(info.label_records.values())
+        if not info.spec.prior_correction or not total:
+            return {}
+        return {label.name: want * total / info.label_records[label.name]
+                for label, want in zip(info.spec.labels, info.spec.shares) if info.label_records.get(label.name)}
+
+    def classify(
+        self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None
+    ) -> list[Prediction]:
+        """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it."""
+        chosen, k = self.validate(task, texts, policy, k)
+        return self.classify_validated(task, texts, chosen, k)
+
+    def classify_validated(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int) -> list[Prediction]:
+        """`classify` for a request that `validate` has already checked (the worker's batches)."""
+        spec, head = self._task(task)
+        heads = self.heads(task) if reads_heads(chosen) else None
+        timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
+        if chosen.uses_neighbours:
+            found, timings = self.neighbours(task, texts, k)
+        else:
+            found = [[] for _ in texts]
+        seen = [self.head_judged(n, heads, spec) for n in found] if heads and uses_head_exits(chosen) else found
+        decisions = [chosen.decide(n, self.depth, spec.label_names) for n in seen]
+        t0 = time.perf_counter()
+        with tracing.span("raee.forward", policy=chosen.name, texts=len(texts)):
+            probs, exits = self.forward_at(spec, head, texts, decisions, heads)
+            tracker = self.prior_tracker(task)
+            if tracker is not None:  # learn from the answers as made, then answer toward the traffic's mix
+                tracker.observe(probs)
+                probs = tracker.adjust(probs)
+        timings["forward_us"] = _us(time.perf_counter() - t0)
+        return [
+            Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings),
+                       spec.label_names)
+            for p, e, n in zip(probs, exits, found)
+        ]
+
+    @staticmethod
+    def head_judged(neighbours: list[Neighbour], heads: ExitHeads, spec: TaskSpec) -> list[Neighbour]:
+        """The neighbours with the exits their heads judged correct (out of fold) as their exits."""
+        out = []
+        for n in neighbours:
+            judged = heads.judged(n.id)
+            if judged is None:  # ingested after the heads were fit: no head judgment yet
+                out.append(replace(n, exits=()))
+                continue
+            gold = spec.label_index(n.label)
+            exits = tuple((layer, float(p[gold])) for layer, p in enumerate(judged) if int(p.argmax()) == gold)
+            out.append(replace(n, exits=exits))
+        return out
+
+    def forward_at(
+        self, spec: TaskSpec, head: LabelHead, texts: Sequence[str], decisions: Sequence[Decision],
+        heads: ExitHeads | None = None,
+    ) -> tuple[np.ndarray, list[int]]:
+        """Label probabilities of each text where its decision exits, and those exits.
+
+        Rows that need the backbone run batched, layer by layer, each leaving the batch at its own
+        exit (a row's stop rule, or its fixed exit): no row runs deeper than its exit, and the
+        layers below run once for all of them. Fixed exits that are all the same, or a backbone
+        whose walk cannot share one pass (encoder-decoder), run grouped by (reader, exit) instead.
+        Rows answered without the backbone run nothing. An exit is read by the lens or, for
+        `reader="heads"`, by the task's exit head; a decision's prior multiplies it.
+        """
+        out = np.zeros((len(texts), len(spec.labels)), dtype=np.float64)
+        exits = [d.max_layer for d in decisions]
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        walking: dict[str, list[int]] = defaultdict(list)
+        fixed: dict[str, list[int]] = defaultdict(list)
+        for i, d in enumerate(decisions):
+            if d.answer is not None:
+                out[i], exits[i] = d.answer, 0
+            elif d.stop is not None:
+                walking[d.reader].append(i)
+            else:
+                fixed[d.reader].append(i)
+        for reader, rows in fixed.items():
+            # one exit for all (a lone row, `full`): a plain forward, without the walk's per-layer hooks
+            if self.backbone.walks_in_one_pass and len({decisions[i].max_layer for i in rows}) > 1:
+                walking[reader] += rows
+            else:
+                for i in rows:
+                    groups[(reader, decisions[i].max_layer)].append(i)
+        size = self.settings.forward_batch_size
+        for rows in walking.values():
+            for start in range(0, len(rows), size):
+                self._walk(spec, head, heads, texts, decisions, rows[start : start + size], out, exits)
+        for (reader, layer), rows in sorted(groups.items()):
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                prompts = [self._prompt(spec, texts[i]) for i in chunk]
+                if reader == "heads":
+                    assert heads is not None
+                    probs = heads.probs(layer, self.backbone.exit_features(prompts, layer))
+                else:
+                    probs = softmax(self.backbone.exit_logits(prompts, head, layer).cpu().numpy().astype(np.float64))
+                for i, p in zip(chunk, probs):
+                    out[i] = mix(p, decisions[i].prior)
+        return out, exits
+
+    def _walk(self, spec: TaskSpec, head: LabelHead, heads: ExitHeads | None, texts: Sequence[str],
+              decisions: Sequence[Decision], rows: list[int], out: np.ndarray, exits: list[int]) -> None:
+        """Rows of one reader in one batched forward, exit by exit: a row's answer is taken at the
+        first exit where its stop rule holds, or at its bound (a fixed exit is a bound with no
+        rule), and the row leaves the batch there (a shrinking batch: later layers run on the rows
+        still open only)."""
+
+        def visit(layer: int, live: list[int], features: torch.Tensor) -> list[int]:
+            if not any(layer >= decisions[rows[j]].max_layer or decisions[rows[j]].stop is not None for j in live):
+                return []  # only fixed exits further on: nothing to read here
+            if decisions[rows[live[0]]].reader == "heads":  # the caller walks one reader at a time
+                assert heads is not None
+                probs = heads.probs(layer, features)
+            else:
+                probs = softmax(self.backbone.lens(features, head).cpu().numpy().astype(np.float64))
+            done = []
+            for j, p in zip(live, probs):
+                d = decisions[rows[j]]
+                mixed = mix(p, d.prior)
+                if layer >= d.max_layer or (d.stop is not None and d.stop(layer, mixed)):
+                    out[rows[j]], exits[rows[j]] = mixed, layer
+                    done.append(j)
+            return done
+
+        last = max(decisions[i].max_layer for i in rows)
+        self.backbone.walk_exits([self._prompt(spec, texts[i]) for i in rows], last, visit)
+
+    def all_exits(self, task: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One full forward per row: label-word logits [n, L + 1, C] and exit features
+        [n, L + 1, H] (float16, as stored) at every exit."""
+        spec, head = self._task(task)
+        if not texts:
+            return np.zeros((0, self.depth + 1, len(spec.labels))), np.zeros((0, self.depth + 1, 0), np.float16)
+        size = self.settings.forward_batch_size
+        prompts = [self._prompt(spec, t) for t in texts]
+        # Rows of similar length batched together: padding is computed and thrown away, and prompts
+        # of 19 and 65 tokens side by side cost two 65-token rows. Answers come back in input order.
+        order = np.arange(len(prompts))
+        if self.settings.ingest_sort_by_length:
+            order = np.argsort(self.backbone.token_counts(prompts), kind="stable")
+        logits, features = [], []
+        for i in range(0, len(prompts), size):
+            f = self.backbone.all_exit_features([prompts[j] for j in order[i : i + size]])
+            logits.append(self.backbone.lens(f, head).cpu().numpy())
+            features.append(to_features(f.float().cpu().numpy()))
+        back = np.argsort(order)
+        return np.concatenate(logits)[back], np.concatenate(features)[back]
+
+    def all_exit_logits(self, task: str, texts: Sequence[str]) -> np.ndarray:
+        """[n, L + 1, n_labels] label-word logits at every exit (one full forward per row)."""
+        return self.all_exits(task, texts)[0]
+
+    # -- exit heads ----------------------------------------------------------
+
+    def heads(self, task: str) -> ExitHeads | None:
+        """The task's newest exit heads, loaded once per version; checked for a newer version at
+        most every `retune_check_seconds` (a fit elsewhere replaces them atomically)."""
+        now = time.monotonic()
+        cached = self._heads.get(task)
+        if cached is not None and now - cached[0] <= self.settings.retune_check_seconds:
+            return cached[1]
+        current = cached[1] if cached else None
+        try:
+            stored = self.metadata.heads(task, newer_than=current.version if current else 0)
+        except OperationalError:  # SQL down: keep serving the loaded heads
+            stored = None
+        if stored is not None:
+            fitted = stored.fitted_at  # SQLite hands back naive datetimes; they were written in UTC
+            fitted = fitted if fitted.tzinfo else fitted.replace(tzinfo=UTC)
+            current = ExitHeads.from_bytes(stored.data, stored.version, fitted.isoformat(timespec="seconds"),
+                                           float(stored.summary.get("seconds", 0.0)))
+        self._heads[task] = (now, current)
+        return current
+
+    def forget_heads(self, task: str) -> None:
+        self._heads.pop(task, None)
+
+    def backfill_features(self, task: str, progress: Callable[[int], None] | None = None) -> int:
+        """Exit features for records stored before exit heads existed: one forward each."""
+        missing = self.metadata.without_features(task)
+        size = self.settings.ingest_batch_size
+        for start in range(0, len(missing), size):
+            chunk = missing[start : start + size]
+            _, features = self.all_exits(task, [text for _, text, _ in chunk])
+            self.metadata.write_features([ExitRecord(rid, task, text, label, 0, (), f)
+                                          for (rid, text, label), f in zip(chunk, features)])
+            if progress:
+                progress(len(chunk))
+        return len(missing)
+
+    # -- ingest --------------------------------------------------------------
+
+    def ingest(
+        self,
+        task: str,
+        rows: Iterable[Row | Rejected],
+        source: str = "",
+        progress: Callable[[int], None] | None = None,
+    ) -> IngestReport:
+        """Add labelled rows to the task's exit database; idempotent, and a rerun repairs a crashed one."""
+        with self.ingest_session(task, source, progress) as session:
+            session.add(rows)
+        return session.report
+
+    def ingest_session(
+        self, task: str, source: str = "", progress: Callable[[int], None] | None = None
+    ) -> IngestSession:
+        """An ingest fed in pieces (the gRPC stream hands it one chunk per worker turn)."""
+        spec, _ = self._task(task)
+        return IngestSession(self, spec, self.metadata.begin_batch(task, source), progress)
+
+    @staticmethod
+    def row_problem(spec: TaskSpec, row: Row, max_chars: int) -> str | None:
+        if row.label not in spec.label_names:
+            return f"unknown label {row.label!r} (known: {', '.join(spec.label_names)})"
+        if len(row.text) > max_chars:
+            return f"text of {len(row.text)} characters, over the limit of {max_chars}"
+        return None
+
+
+class IngestSession:
+    """One ingest batch: rows validated, deduplicated, and written batch by batch.
+
+    Order per batch: SQL rows written as pending, vectors upserted, rows marked
+    committed. A crash leaves pending rows that the next run recomputes.
+    """
+
+    def __init__(self, engine: Engine, spec: TaskSpec, batch_id: int, progress: Callable[[int], None] | None) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.batch_id = batch_id
+        self.progress = progress
+        self.report = IngestReport()
+        self._seen: set[str] = set()
+
+    def __enter__(self) -> IngestSession:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.finish("failed" if exc_type else "done")
+
+    def finish(self, status: str = "done") -> None:
+        r = self.report
+        self.engine.metadata.finish_batch(self.batch_id, r.added, r.present, len(r.rejected), status)
+
+    def add(self, rows: Iterable[Row | Rejected]) -> None:
+        pending: list[Row] = []
+        size = self.engine.settings.ingest_batch_size
+        for item in rows:
+            if isinstance(item, Rejected):
+                self.report.rejected.append(item)
+                continue
+            reason = Engine.row_problem(self.spec, item, self.engine.settings.max_text_chars)
+            if reason:
+                self.report.rejected.append(Rejected(item.line, reason))
+                continue
+            rid = record_id(self.spec.name, item.text)
+            if rid in self._seen:
+                self.report.present += 1  # a duplicate within this input
+                if self.progress:
+                    self.progress(1)
+                continue
+            self._seen.add(rid)
+            pending.append(item)
+            if len(pending) >= size:
+                self._write(pending)
+                pending = []
+        self._write(pending)
+
+    def _write(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        engine, spec, report = self.engine, self.spec, self.report
+        ids = [record_id(spec.name, r.text) for r in rows]
+        done = engine.metadata.committed_ids(spec.name, ids)
+        new = [(rid, r) for rid, r in zip(ids, rows) if rid not in done]
+        report.present += len(rows) - len(new)
+        if new:
+            texts = [r.text for _, r in new]
+            logits, features = engine.all_exits(spec.name, texts)
+            keys = engine.encoder.encode(texts)
+            records = [
+                ExitRecord(rid, spec.name, r.text, r.label, spec.label_index(r.label),
+                           layer_results(lg, spec.label_index(r.label)), f)
+                for (rid, r), lg, f in zip(new, logits, features)
+            ]
+            engine.store_records(spec.name, records, keys, self.batch_id)
+            report.added += len(records)
+        if self.progress:
+            self.progress(len(rows))

@@ -1,0 +1,231 @@
+"""Offline evaluation of exit policies: every policy on the same rows, from one forward per row.
+
+Each measured row gets one full forward that yields the label probabilities at
+every exit, and one retrieval of its neighbours. A policy's answer is read at
+the exit its decision resolves to: that equals a truncated forward to that
+exit (layers below l never depend on later ones; tests pin this), so all
+policies are compared on identical computations for the cost of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raee_server.core.engine import Engine, softmax
+from raee_server.core.policies import ExitPolicy, mix, reads_heads, resolve_exit, uses_head_exits
+from raee_server.errors import InvalidInput
+from raee_server.types import Neighbour, Row
+
+
+@dataclass
+class Measured:
+    """Everything a policy needs to be evaluated on one row, without running the backbone again."""
+
+    gold: int
+    probs: np.ndarray  # [L + 1, C] label probabilities at every exit (the lens)
+    neighbours: list[Neighbour]  # the nearest records, most similar first
+    head_probs: np.ndarray | None = None  # [L + 1, C] the task's exit heads (when it has them)
+    head_neighbours: list[Neighbour] | None = None  # the neighbours with their head-judged exits
+
+
+def _balanced(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
+    recalls = [float(np.mean(pred[gold == c] == c)) for c in range(n_labels) if np.any(gold == c)]
+    return float(np.mean(recalls)) if recalls else 0.0
+
+
+@dataclass
+class PolicyResult:
+    name: str
+    depth: int
+    gold: list[int] = field(default_factory=list)
+    predicted: list[int] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.gold)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(np.array(self.gold) == np.array(self.predicted))) if self.gold else 0.0
+
+    def balanced_accuracy(self, n_labels: int) -> float:
+        """Mean recall over the labels present in the gold answers: what always answering the
+        majority label cannot score well on."""
+        return _balanced(np.array(self.gold), np.array(self.predicted), n_labels)
+
+    def balanced_gap(self, other: PolicyResult, n_labels: int, draws: int = 2000, seed: int = 0
+                     ) -> tuple[float, float, float]:
+        """This result's balanced accuracy minus `other`'s on the same rows, with a 95 % paired
+        bootstrap interval (rows drawn with replacement, both answers of a row kept together): a
+        few rows of a rare label move balanced accuracy by points, and the interval says how far."""
+        if self.gold != other.gold:
+            raise InvalidInput("a paired gap needs both results on the same rows")
+        gold, a, b = np.array(self.gold), np.array(self.predicted), np.array(other.predicted)
+        rng = np.random.default_rng(seed)
+        gaps = []
+        for _ in range(draws):
+            i = rng.integers(0, len(gold), len(gold))
+            gaps.append(_balanced(gold[i], a[i], n_labels) - _balanced(gold[i], b[i], n_labels))
+        low, high = np.percentile(gaps, [2.5, 97.5])
+        return self.balanced_accuracy(n_labels) - other.balanced_accuracy(n_labels), float(low), float(high)
+
+    def macro_f1(self, n_labels: int) -> float:
+        gold, pred = np.array(self.gold), np.array(self.predicted)
+        scores = []
+        for c in range(n_labels):
+            tp = np.sum((pred == c) & (gold == c))
+            fp, fn = np.sum((pred == c) & (gold != c)), np.sum((pred != c) & (gold == c))
+            if tp + fp + fn:
+                scores.append(2 * tp / (2 * tp + fp + fn))
+        return float(np.mean(scores)) if scores else 0.0
+
+    @property
+    def mean_exit(self) -> float:
+        return float(np.mean(self.exits)) if self.exits else float("nan")
+
+    @property
+    def p95_exit(self) -> float:
+        return float(np.percentile(self.exits, 95)) if self.exits else float("nan")
+
+    @property
+    def layers_saved(self) -> float:
+        """Fraction of decoder-layer computations saved against running every row to the last layer."""
+        return 1.0 - self.mean_exit / self.depth if self.depth else 0.0
+
+    def histogram(self) -> list[int]:
+        return np.bincount(np.asarray(self.exits, dtype=int), minlength=self.depth + 1).tolist()
+
+    def summary(self, n_labels: int) -> dict[str, object]:
+        return {"policy": self.name, "rows": self.rows, "accuracy": self.accuracy,
+                "balanced_accuracy": self.balanced_accuracy(n_labels),
+                "macro_f1": self.macro_f1(n_labels), "mean_exit_layer": self.mean_exit,
+                "p95_exit_layer": self.p95_exit, "layers_saved": self.layers_saved,
+                "exit_histogram": self.histogram()}
+
+
+def measure(engine: Engine, task: str, rows: Sequence[Row], k: int, chunk: int = 32,
+            progress: Callable[[int], None] | None = None) -> list[Measured]:
+    spec = engine.task_info(task).spec
+    out: list[Measured] = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        texts = [r.text for r in part]
+        logits, features = engine.all_exits(task, texts)
+        found, _ = engine.neighbours(task, texts, k)
+        heads = engine.heads(task)
+        head_probs = heads.all_probs(features) if heads else [None] * len(part)
+        judged = [engine.head_judged(n, heads, spec) for n in found] if heads else [None] * len(part)
+        out += [Measured(spec.label_index(r.label), softmax(lg.astype(np.float64)), n, hp, hn)
+                for r, lg, n, hp, hn in zip(part, logits, found, head_probs, judged)]
+        if progress:
+            progress(len(part))
+    return out
+
+
+def answers(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels: Sequence[str],
+            k: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """Per measured row, the policy's label distribution and exit (with only the first k
+    neighbours when k is given), as served."""
+    out = []
+    heads, head_exits = reads_heads(policy), uses_head_exits(policy)
+    for row in rows:
+        neighbours = row.head_neighbours if head_exits and row.head_neighbours is not None else row.neighbours
+        decision = policy.decide(neighbours[:k] if k else neighbours, depth, labels)
+        probs = row.head_probs if heads else row.probs
+        if probs is None:
+            raise InvalidInput(f"policy: {policy.name} needs exit heads; the task has none yet")
+        layer = resolve_exit(decision, probs)
+        out.append((decision.answer if decision.answer is not None else mix(probs[layer], decision.prior), layer))
+    return out
+
+
+def run_policy(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels: Sequence[str],
+               k: int | None = None) -> PolicyResult:
+    """A policy's answers on measured rows (with only the first k neighbours when k is given)."""
+    result = PolicyResult(policy.name, depth)
+    for row, (answer, layer) in zip(rows, answers(policy, rows, depth, labels, k)):
+        result.gold.append(row.gold)
+        result.predicted.append(int(np.argmax(answer)))
+        result.exits.append(layer)
+    return result
+
+
+def run_oracle(rows: Sequence[Measured], depth: int) -> PolicyResult:
+    """The earliest layer that is right for the row (last layer when none is): a limit, not a policy."""
+    result = PolicyResult("oracle", depth)
+    for row in rows:
+        right = np.flatnonzero(row.probs.argmax(-1) == row.gold)
+        layer = int(right[0]) if right.size else depth
+        result.gold.append(row.gold)
+        result.predicted.append(int(row.probs[layer].argmax()))
+        result.exits.append(layer)
+    return result
+
+
+def layer_accuracy(rows: Sequence[Measured]) -> list[float]:
+    if not rows:
+        return []
+    correct = np.array([r.probs.argmax(-1) == r.gold for r in rows])
+    return correct.mean(0).tolist()
+
+
+@dataclass
+class EvalReport:
+    task: str
+    depth: int
+    k: int
+    labels: list[str]
+    results: list[PolicyResult]
+    by_layer: list[float]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"task": self.task, "depth": self.depth, "k": self.k,
+                "policies": [r.summary(len(self.labels)) for r in self.results], "layer_accuracy": self.by_layer}
+
+
+BASELINES = ("full", "knn-vote")
+
+
+def evaluate(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[str], k: int | None = None,
+             progress: Callable[[int], None] | None = None) -> EvalReport:
+    """The named policies plus the baselines (full depth, retrieval-only vote) on the same rows."""
+    spec = engine.task_info(task).spec
+    names = list(dict.fromkeys([*policies, *BASELINES]))
+    chosen = [engine.resolve_policy(task, name, k) for name in names]  # `auto`: the stored choice and its k
+    measured = measure(engine, task, rows, max(policy_k for _, policy_k in chosen), progress=progress)
+    results = []
+    for name, (policy, policy_k) in zip(names, chosen):
+        result = run_policy(policy, measured, engine.depth, spec.label_names, policy_k)
+        if name == "auto":  # the report says what auto chose
+            result.name = f"auto={policy.name}"
+        results.append(result)
+    return EvalReport(task, engine.depth, engine.check_k(k), spec.label_names, results, layer_accuracy(measured))
+
+
+def format_table(results: Sequence[PolicyResult], n_labels: int) -> list[str]:
+    lines = [f"{'policy':<18} {'accuracy':>9} {'balanced':>9} {'macro-F1':>9} {'mean exit':>10} {'p95 exit':>9} "
+             f"{'saved':>7}"]
+    for r in results:
+        lines.append(f"{r.name:<18} {100 * r.accuracy:>8.1f}% {100 * r.balanced_accuracy(n_labels):>8.1f}% "
+                     f"{100 * r.macro_f1(n_labels):>8.1f}% "
+                     f"{r.mean_exit:>10.2f} {r.p95_exit:>9.1f} {100 * r.layers_saved:>6.1f}%")
+    return lines
+
+
+def format_report(report: EvalReport) -> str:
+    n = report.results[0].rows if report.results else 0
+    lines = [f"task {report.task}: {n} rows, backbone depth {report.depth} layers, k = {report.k}", ""]
+    lines += format_table(report.results, len(report.labels))
+    for r in report.results:
+        hist = r.histogram()
+        peak = max(hist) or 1
+        lines += ["", f"exit-layer histogram, {r.name}:"]
+        lines += [f"  L{layer:>2} {count:>6} {'#' * round(40 * count / peak)}" for layer, count in enumerate(hist)
+                  if count]
+    lines += ["", "accuracy of each single exit: " + " ".join(
+        f"L{l}={100 * a:.0f}%" for l, a in enumerate(report.by_layer))]
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""The server's background exit-head fit, in a child process at the lowest CPU priority.
+
+A fit is minutes of dense linear algebra. In the server's own process it shares torch's thread
+pool and the cores with the model worker, and request latency doubled while it ran
+(docs/results.md, "Growing a task online"). In a child at nice 19 the OS scheduler gives the
+worker the cores first and the fit takes what is left. The child needs only the SQL store: it
+reads the records' exit features, fits, and stores a new heads version, which the engine picks
+up at its next check. The SQL URL travels in the environment, not argv, so `ps` never shows a
+password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+URL_VARIABLE = "RAEE_FIT_SQL_URL"
+
+
+async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19) -> dict[str, Any]:
+    """Fit and store the task's heads in a low-priority child; its summary. Cancelling the
+    awaiting task kills the child (a shutdown never waits for a fit)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "raee_server.serving.fitter", task, str(niceness),
+        env={**os.environ, URL_VARIABLE: sql_url},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await child.communicate()
+    except asyncio.CancelledError:
+        child.kill()
+        await child.wait()
+        raise
+    if child.returncode != 0:
+        raise RuntimeError(f"exit-head fit of {task!r} failed (exit {child.returncode}): "
+                           f"{err.decode(errors='replace')[-2000:]}")
+    summary: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return summary
+
+
+def main() -> int:
+    os.nice(int(sys.argv[2]) if len(sys.argv) > 2 else 19)  # the model worker first; the fit takes the idle CPU
+    from raee_server.core.auto import fit_and_store_heads
+    from raee_server.stores.metadata import MetadataStore
+
+    heads = fit_and_store_heads(MetadataStore(os.environ[URL_VARIABLE]), sys.argv[1])
+    print(json.dumps(heads.summary()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The model worker: one thread owns the engine; a bounded queue feeds it; concurrent requests batch.
+
+Torch holds the GIL for much of its work, so a thread pool would only add
+contention; one worker thread does all model and store work in order, and the
+asyncio side only queues, schedules and waits. No transport code here.
+
+Scheduling is fair across requests: a classify request is cut into chunks, and
+each model batch takes a share of texts from every waiting request in turn, so
+one large ClassifyBatch cannot hold the worker while a single Classify waits.
+Between chunks a request whose caller cancelled or whose deadline passed is
+dropped. Any other engine work (an ingest chunk, a task lookup) alternates with
+the classify batches, one job per turn.
+
+The batcher loop survives any exception: a failing job fails alone (with its
+traceback logged), and `alive` tells the health service whether the loop runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from raee_server import tracing
+from raee_server.core.engine import Engine
+from raee_server.core.policies import ExitPolicy
+from raee_server.errors import DeadlineExpired, NotReady, Overloaded, RaeeError
+from raee_server.serving.metrics import Metrics
+from raee_server.types import Prediction
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class ClassifyJob:
+    task: str
+    texts: list[str]
+    policy: str | None
+    k: int | None
+    deadline: float | None  # time.monotonic() by which the caller stops waiting
+    future: asyncio.Future[list[Prediction]]
+    enqueued: float = field(default_factory=time.monotonic)
+    # Set by the scheduler once the job has been validated on the worker thread.
+    resolved: tuple[ExitPolicy, int] | None = None
+    done_texts: int = 0  # texts [0, done_texts) are answered (chunks are taken in order)
+    taken: int = 0  # texts [0, taken) are answered or in the batch being computed
+    results: list[Prediction] = field(default_factory=list)
+    trace_context: Any = None  # the caller's trace (raee_server.tracing), continued by the batch's span
+
+    def abandoned(self, now: float) -> bool:
+        """The caller is gone (cancelled, or its deadline passed): computing more is waste."""
+        return self.future.done() or (self.deadline is not None and now >= self.deadline)
+
+
+@dataclass
+class CallJob:
+    """Any other engine work (an ingest chunk, a task lookup), run in queue order on the worker thread."""
+
+    fn: Callable[[Engine], Any]
+    future: asyncio.Future[Any]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+Job = ClassifyJob | CallJob
+Slice = tuple[ClassifyJob, int, int]  # a job and the [start, end) of its texts in one model batch
+
+
+class ModelWorker:
+    def __init__(self, max_batch_size: int, max_wait_s: float, queue_size: int, metrics: Metrics | None = None):
+        self.engine: Engine | None = None
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.metrics = metrics
+        self.queue_size = queue_size  # jobs waiting to start, at most
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raee-model")
+        self._runner: asyncio.Task[None] | None = None
+        self._active: deque[ClassifyJob] = deque()  # classify jobs taken from the queue, not yet settled
+        self._calls: deque[CallJob] = deque()
+        self._unsettled = 0  # jobs accepted and not yet answered (drain waits for 0)
+        self._settled = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="raee-batcher")
+
+    async def load(self, factory: Callable[[], Engine]) -> None:
+        """Build the engine on the worker thread (model loading must not block the event loop)."""
+        self.engine = await asyncio.get_running_loop().run_in_executor(self._thread, factory)
+
+    @property
+    def alive(self) -> bool:
+        """The batcher loop is running (liveness: false means the process should be restarted)."""
+        return self._runner is not None and not self._runner.done()
+
+    async def drain(self) -> None:
+        """Finish every accepted job, then stop the batcher."""
+        while self._unsettled and self.alive:
+            self._settled.clear()
+            await self._settled.wait()
+        if self._runner:
+            self._runner.cancel()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        if self.engine is not None:
+            self.engine.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    # -- submitting --------------------------------------------------------------
+
+    def _submit(self, job: Job) -> None:
+        if self.engine is None:
+            raise NotReady("the model and stores are still loading; retry shortly")
+        if not self.alive:
+            raise NotReady("the model worker is not running; the service is restarting")
+        if self.waiting >= self.queue_size:
+            raise Overloaded(f"request queue full ({self.queue_size} waiting); retry with backoff")
+        self._queue.put_nowait(job)
+        self._unsettled += 1
+        self._gauge()
+
+    async def classify(self, task: str, texts: list[str], policy: str | None, k: int | None,
+                       deadline: float | None = None) -> tuple[list[Prediction], float]:
+        """Answers and the time the job was queued (time.monotonic())."""
+        future: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
+        job = ClassifyJob(task, texts, policy, k, deadline, future, trace_context=tracing.current())
+        self._submit(job)
+        result = await future
+        return result, job.enqueued
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._submit(CallJob(fn, future))
+        return await future
+
+    async def call_now(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn` on the worker thread past the queue: bookkeeping that must happen even when the
+        queue is full or the caller is being cancelled (e.g. closing an ingest batch's row)."""
+        if self.engine is None:
+            raise NotReady("the model and stores are still loading")
+        engine = self.engine
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, engine)
+
+    # -- the scheduler -----------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Accepted jobs whose compute has not started (the bounded queue's length)."""
+        return self._queue.qsize() + len(self._calls) + sum(1 for j in self._active if j.taken == 0)
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(self.waiting)
+
+    def _take(self, job: Job) -> None:
+        if isinstance(job, CallJob):
+            self._calls.append(job)
+        else:
+            self._active.append(job)
+
+    def _settle_job(self) -> None:
+        self._unsettled -= 1
+        self._settled.set()
+        self._gauge()
+
+    async def _collect(self) -> None:
+        """Move queued jobs into the scheduler; with nothing to do, wait for work, then up to
+        `max_wait_s` for more to fill the batch (so concurrent single requests batch)."""
+        while not self._queue.empty():
+            self._take(self._queue.get_nowait())
+        if self._active or self._calls:
+            return
+        self._take(await self._queue.get())
+        stop_at = time.monotonic() + self.max_wait_s
+        while sum(len(j.texts) for j in self._active) < self.max_batch_size and not self._calls:
+            remaining = stop_at - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self._take(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._collect()
+            try:
+                if self._calls:  # one other job per turn, then a classify batch: neither starves
+                    job = self._calls.popleft()
+                    try:
+                        if not job.future.done():
+                            assert self.engine is not None  # _submit takes no job before the engine is loaded
+                            await self._deliver(job.future, loop.run_in_executor(self._thread, job.fn, self.engine))
+                    finally:
+                        self._settle_job()
+                await self._classify_turn(loop)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:  # never let one job stop the loop
+                log.exception("model worker turn failed; its jobs were answered INTERNAL")
+                self._fail_active(RuntimeError("the model worker failed on this request"))
+
+    def _fail_active(self, exc: BaseException) -> None:
+        while self._active:
+            job = self._active.popleft()
+            if not job.future.done():
+                job.future.set_exception(exc)
+            self._settle_job()
+
+    async def _classify_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._drop_abandoned()
+        fresh = [j for j in self._active if j.resolved is None]
+        if fresh:
+            errors = await loop.run_in_executor(self._thread, self._validate, fresh)
+            for job, error in zip(fresh, errors):
+                if error is not None:
+                    self._finish(job, error)
+        batch = self._plan()
+        if not batch:
+            return
+        outcomes = await loop.run_in_executor(self._thread, self._compute, batch)
+        for (job, start, end), outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException):
+                self._finish(job, outcome)
+            elif job in self._active:
+                job.results[start:end] = outcome
+                job.done_texts = end
+                if end == len(job.texts):
+                    self._finish(job, job.results)
+
+    def _drop_abandoned(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self._active if j.abandoned(now)]:
+            expired = DeadlineExpired("deadline passed before the request was computed; the rest was dropped")
+            self._finish(job, expired)
+
+    def _finish(self, job: ClassifyJob, outcome: list[Prediction] | BaseException) -> None:
+        if job not in self._active:
+            return
+        self._active.remove(job)
+        if not job.future.done():
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+        self._settle_job()
+
+    def _plan(self) -> list[Slice]:
+        """Up to `max_batch_size` texts, round-robin over the waiting requests (oldest first).
+
+        Each request gets an equal share per batch; a request's chunks are taken in order, and
+        a request that was served goes to the back of the line.
+        """
+        jobs = [j for j in self._active if j.resolved is not None and j.taken < len(j.texts)]
+        if not jobs:
+            return []
+        budget = self.max_batch_size
+        share = max(1, -(-budget // len(jobs)))
+        batch: list[Slice] = []
+        for job in jobs:
+            if budget <= 0:
+                break
+            n = min(share, budget, len(job.texts) - job.taken)
+            batch.append((job, job.taken, job.taken + n))
+            job.taken += n
+            budget -= n
+            self._active.remove(job)
+            self._active.append(job)
+        return batch
+
+    # -- on the worker thread ------------------------------------------------------
+
+    def _validate(self, jobs: list[ClassifyJob]) -> list[BaseException | None]:
+        """Check each new job once (task, texts, policy, k); its chunks then run without re-checking."""
+        assert self.engine is not None
+        errors: list[BaseException | None] = []
+        for job in jobs:
+            try:
+                job.resolved = self.engine.validate(job.task, job.texts, job.policy, job.k)
+                job.results = [None] * len(job.texts)  # type: ignore[list-item]  # filled chunk by chunk
+                errors.append(None)
+            except RaeeError as exc:
+                errors.append(exc)
+            except Exception as exc:
+                log.exception("validating a request for task %r failed", job.task)
+                errors.append(exc)
+        return errors
+
+    def _compute(self, batch: list[Slice]) -> list[list[Prediction] | BaseException]:
+        """One model batch: slices grouped by (task, policy, k); a failing group fails alone."""
+        assert self.engine is not None
+        outcomes: list[list[Prediction] | BaseException | None] = [None] * len(batch)
+        groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+        policies: dict[str, ExitPolicy] = {}
+        for i, (job, _, _) in enumerate(batch):
+            assert job.resolved is not None
+            policy, k = job.resolved
+            groups[(job.task, policy.name, k)].append(i)
+            policies[policy.name] = policy
+        for (task, policy_name, k), members in groups.items():
+            texts = [t for i in members for t in batch[i][0].texts[batch[i][1] : batch[i][2]]]
+            start = time.perf_counter()
+            callers = [batch[i][0].trace_context for i in members]
+            try:
+                with tracing.span("raee.batch", parent=callers[0], linked=callers, task=task, policy=policy_name,
+                                  k=k, texts=len(texts), requests=len(members)):
+                    predictions = self.engine.classify_validated(task, texts, policies[policy_name], k)
+            except Exception as exc:
+                if not isinstance(exc, RaeeError):
+                    log.exception("batch of %d texts for task %s failed", len(texts), task)
+                for i in members:
+                    outcomes[i] = exc
+                continue
+            if self.metrics:
+                self.metrics.batch_size.observe(len(texts))
+                self.metrics.classified.inc(len(texts))
+                self.metrics.stage.labels("batch").observe(time.perf_counter() - start)
+            offset = 0
+            for i in members:
+                n = batch[i][2] - batch[i][1]
+                outcomes[i] = predictions[offset : offset + n]
+                offset += n
+        return [o if o is not None else RuntimeError("slice not computed") for o in outcomes]
+
+    @staticmethod
+    async def _deliver(future: asyncio.Future[Any], work: asyncio.Future[Any]) -> None:
+        try:
+            result = await work
+        except Exception as exc:  # delivered to the caller, mapped to a status code there
+            if not isinstance(exc, RaeeError):
+                log.exception("worker call failed")
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)

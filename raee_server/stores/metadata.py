@@ -1,0 +1,538 @@
+"""The SQL record of what was ingested: tasks, exit records, per-layer correctness, ingest batches.
+
+SQLite in the data directory by default; any SQLAlchemy URL (Postgres) through
+`RAEE_DATABASE_URL`. The hot path never reads it: it serves admin and analytics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from raee_server.errors import NotReady, StoreMismatch, TaskExists, TaskNotFound
+from raee_server.stores.records import ExitRecord, text_hash
+from raee_server.types import Choice, Label, TaskSpec
+
+# A naming convention gives every constraint a stable name, so that migrations can drop
+# and alter them on every database (SQLite batch mode included).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+PENDING, COMMITTED = "pending", "committed"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class TaskRow(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    template: Mapped[str] = mapped_column(Text)
+    labels: Mapped[list] = mapped_column(JSON)  # [{"name": ..., "word": ...}] in label order
+    description: Mapped[str] = mapped_column(Text, default="")
+    backbone_id: Mapped[str] = mapped_column(String(200))
+    encoder_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # The `auto` policy's choice for this task and its validation figures (raee_server.core.auto).
+    tuned: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # {"objective", "prior_correction", "adapt_prior"}; NULL for tasks made before them: the defaults
+    options: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+    def spec(self) -> TaskSpec:
+        options = self.options or {}
+        return TaskSpec(
+            name=self.name,
+            template=self.template,
+            labels=tuple(Label(d["name"], d["word"], d.get("share")) for d in self.labels),
+            description=self.description,
+            objective=str(options.get("objective", "balanced_accuracy")),
+            prior_correction=bool(options.get("prior_correction", True)),
+            adapt_prior=bool(options.get("adapt_prior", False)),
+        )
+
+
+class IngestBatchRow(Base):
+    __tablename__ = "ingest_batches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(Text)
+    added: Mapped[int] = mapped_column(Integer, default=0)
+    present: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ExitRecordRow(Base):
+    __tablename__ = "exit_records"
+    __table_args__ = (UniqueConstraint("task_id", "text_hash"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the vector store's point id
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    text_hash: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(String(200))
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_batches.id", ondelete="SET NULL"), nullable=True)
+    # pending: rows written, vectors not yet confirmed; committed: both stores hold it.
+    status: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LayerResultRow(Base):
+    __tablename__ = "layer_results"
+    record_id: Mapped[str] = mapped_column(ForeignKey("exit_records.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    predicted: Mapped[str] = mapped_column(String(200))
+    probability: Mapped[float] = mapped_column(Float)
+    gold_probability: Mapped[float] = mapped_column(Float)
+    correct: Mapped[bool] = mapped_column(Boolean)
+
+
+class ExitFeaturesRow(Base):
+    """A record's exit features: float16 [L + 1, H], row-major bytes (about 24 KB for Gemma 3 270M)."""
+
+    __tablename__ = "exit_features"
+    record_id: Mapped[str] = mapped_column(ForeignKey("exit_records.id", ondelete="CASCADE"), primary_key=True)
+    exits: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class TaskHeadsRow(Base):
+    """One fitted set of exit heads of a task (a version); the newest is served."""
+
+    __tablename__ = "task_heads"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    fitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    summary: Mapped[dict] = mapped_column(JSON)  # records, C and accuracy per exit
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # npz: weights, scaling, out-of-fold judgments
+
+
+@dataclass(frozen=True)
+class StoredHeads:
+    version: int
+    fitted_at: datetime
+    summary: dict[str, Any]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One ingest call: its counts and how it ended (running, done, cancelled, failed, interrupted)."""
+
+    id: int
+    task: str
+    source: str
+    status: str
+    added: int
+    present: int
+    rejected: int
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    spec: TaskSpec
+    backbone_id: str
+    encoder_id: str
+    created_at: datetime
+    records: int
+    tuned: Choice | None = None
+    label_records: dict[str, int] = field(default_factory=dict)  # committed records per label
+
+    @property
+    def imbalanced(self) -> bool:
+        """The records' label mix is far from the traffic's expected one (the declared shares, else
+        equal): some label holds over 1.5x, or under half, its expected share."""
+        total = sum(self.label_records.values())
+        if not total:
+            return False
+        return any(not 0.5 * want <= self.label_records.get(label.name, 0) / total <= 1.5 * want
+                   for label, want in zip(self.spec.labels, self.spec.shares))
+
+
+def _dialect_insert(dialect: str) -> Callable[..., Any]:
+    """INSERT with ON CONFLICT for the two supported databases."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+    raise NotImplementedError(f"metadata store: {dialect} is not supported (use SQLite or Postgres)")
+
+
+def open_engine(url: str) -> Engine:
+    """The one way this project opens its metadata database: the store, `raee-admin migrate` and Alembic's
+    env.py alike, so a schema migrated from the command line saw the same connection settings."""
+    engine = create_engine(url, json_serializer=lambda o: json.dumps(o, ensure_ascii=False))
+    if engine.dialect.name == "sqlite":
+        _sqlite_pragmas(engine)
+    return engine
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")  # readers (admin) do not block the writer (ingest)
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+
+class MetadataStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = open_engine(url)
+        from sqlalchemy.exc import DatabaseError, OperationalError
+
+        from raee_server.stores.migrate import ensure_schema
+
+        where = self.engine.url.render_as_string(hide_password=True)
+        try:
+            ensure_schema(self.engine)
+        except OperationalError as exc:  # cannot connect (or a SQLite file that cannot be opened)
+            if self.engine.dialect.name == "sqlite" and "not a database" not in str(exc):
+                raise StoreMismatch(f"metadata database {where} cannot be opened: {exc.orig}") from exc
+            raise NotReady(f"metadata database {where} is unreachable: {exc.orig}") from exc
+        except DatabaseError as exc:  # e.g. "file is not a database": never start on an empty replacement
+            raise StoreMismatch(f"metadata database {where} is corrupt or not a database: {exc.orig}") from exc
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- tasks ---------------------------------------------------------------
+
+    def _task_row(self, s: Session, name: str) -> TaskRow:
+        row = s.scalar(select(TaskRow).where(TaskRow.name == name))
+        if row is None:
+            raise TaskNotFound(name)
+        return row
+
+    def create_task(self, spec: TaskSpec, backbone_id: str, encoder_id: str) -> None:
+        with self._session.begin() as s:
+            if s.scalar(select(TaskRow.id).where(TaskRow.name == spec.name)) is not None:
+                raise TaskExists(spec.name)
+            d = spec.to_dict()
+            s.add(TaskRow(name=spec.name, template=spec.template, labels=d["labels"], description=spec.description,
+                          backbone_id=backbone_id, encoder_id=encoder_id,
+                          options={"objective": spec.objective, "prior_correction": spec.prior_correction,
+                                   "adapt_prior": spec.adapt_prior}))
+
+    def task(self, name: str) -> TaskInfo:
+        with self._session() as s:
+            row = self._task_row(s, name)
+            counts = {str(label): int(n) for label, n in s.execute(
+                select(ExitRecordRow.label, func.count()).where(
+                    ExitRecordRow.task_id == row.id, ExitRecordRow.status == COMMITTED)
+                .group_by(ExitRecordRow.label)).all()}
+            return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, sum(counts.values()),
+                            Choice.from_dict(row.tuned) if row.tuned else None, counts)
+
+    def task_names(self, after: str | None, limit: int) -> list[str]:
+        """Up to `limit` task names after `after`, in name order (ListTasks pages)."""
+        query = select(TaskRow.name).order_by(TaskRow.name).limit(limit)
+        if after is not None:
+            query = query.where(TaskRow.name > after)
+        with self._session() as s:
+            return list(s.scalars(query).all())
+
+    def list_tasks(self) -> list[TaskInfo]:
+        with self._session() as s:
+            names = s.scalars(select(TaskRow.name).order_by(TaskRow.name)).all()
+        return [self.task(n) for n in names]
+
+    def set_tuned(self, name: str, choice: Choice) -> None:
+        with self._session.begin() as s:
+            self._task_row(s, name).tuned = choice.to_dict()
+
+    def layer_results(self, ids: Sequence[str]) -> dict[str, list[tuple[str, float, float]]]:
+        """(predicted label, its probability, the gold label's probability) at every exit, per record."""
+        out: dict[str, list[tuple[str, float, float]]] = {}
+        with self._session() as s:
+            for i in range(0, len(ids), 500):
+                rows = s.execute(
+                    select(LayerResultRow.record_id, LayerResultRow.layer, LayerResultRow.predicted,
+                           LayerResultRow.probability, LayerResultRow.gold_probability)
+                    .where(LayerResultRow.record_id.in_(list(ids[i:i + 500])))
+                    .order_by(LayerResultRow.record_id, LayerResultRow.layer))
+                for rid, _layer, predicted, p, gold_p in rows:
+                    out.setdefault(rid, []).append((predicted, p, gold_p))
+        return out
+
+    def committed_examples(self, task: str, limit: int | None = None) -> list[tuple[str, str, str]]:
+        """(id, text, label) of committed records in ingest order."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            q = (select(ExitRecordRow.id, ExitRecordRow.text, ExitRecordRow.label)
+                 .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
+                 .order_by(ExitRecordRow.created_at, ExitRecordRow.id))
+            return [tuple(r) for r in s.execute(q.limit(limit) if limit else q)]  # type: ignore[misc]
+
+    def delete_task(self, name: str) -> None:
+        with self._session.begin() as s:
+            row = self._task_row(s, name)
+            ids = select(ExitRecordRow.id).where(ExitRecordRow.task_id == row.id)
+            s.execute(delete(LayerResultRow).where(LayerResultRow.record_id.in_(ids)))
+            s.execute(delete(ExitFeaturesRow).where(ExitFeaturesRow.record_id.in_(ids)))
+            s.execute(delete(TaskHeadsRow).where(TaskHeadsRow.task_id == row.id))
+            s.execute(delete(ExitRecordRow).where(ExitRecordRow.task_id == row.id))
+            s.execute(delete(IngestBatchRow).where(IngestBatchRow.task_id == row.id))
+            s.delete(row)
+
+    # -- ingest --------------------------------------------------------------
+
+    def committed_ids(self, task: str, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            for i in range(0, len(ids), 500):
+                chunk = list(ids[i : i + 500])
+                found.update(s.scalars(
+                    select(ExitRecordRow.id).where(
+                        ExitRecordRow.task_id == task_id, ExitRecordRow.id.in_(chunk),
+                        ExitRecordRow.status == COMMITTED)
+                ))
+        return found
+
+    def begin_batch(self, task: str, source: str) -> int:
+        with self._session.begin() as s:
+            row = IngestBatchRow(task_id=self._task_row(s, task).id, source=source)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def finish_batch(self, batch_id: int, added: int, present: int, rejected: int, status: str) -> None:
+        with self._session.begin() as s:
+            s.execute(update(IngestBatchRow).where(IngestBatchRow.id == batch_id).values(
+                added=added, present=present, rejected=rejected, status=status, finished_at=_now()))
+
+    def list_batches(self, task: str | None = None, limit: int = 50) -> list[BatchInfo]:
+        """The newest ingest batches first (of one task, or of all)."""
+        query = (select(IngestBatchRow, TaskRow.name).join(TaskRow, TaskRow.id == IngestBatchRow.task_id)
+                 .order_by(IngestBatchRow.id.desc()).limit(limit))
+        if task is not None:
+            query = query.where(TaskRow.name == task)
+        with self._session() as s:
+            if task is not None:
+                self._task_row(s, task)  # TaskNotFound for a made-up name
+            return [BatchInfo(b.id, name, b.source, b.status, b.added, b.present, b.rejected, b.started_at,
+                              b.finished_at) for b, name in s.execute(query).all()]
+
+    def ingesting(self, task: str, within: timedelta = timedelta(hours=1)) -> bool:
+        """An ingest batch of the task is running now (started within `within`: a batch left
+        `running` by a process that died must not hold back the task's background work forever)."""
+        since = datetime.now(UTC) - within
+        with self._session() as s:
+            row = self._task_row(s, task)
+            return s.scalar(select(func.count()).select_from(IngestBatchRow).where(
+                IngestBatchRow.task_id == row.id, IngestBatchRow.status == "running",
+                IngestBatchRow.started_at >= since)) != 0
+
+    def close_stale_batches(self) -> int:
+        """Mark batches still `running` as `interrupted`: for a process that holds the only write
+        access (the embedded store's lock), such rows are left by a process that died mid-ingest."""
+        with self._session.begin() as s:
+            result = s.execute(update(IngestBatchRow).where(IngestBatchRow.status == "running")
+                               .values(status="interrupted", finished_at=_now()))
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def write_pending(self, task: str, records: Iterable[ExitRecord], batch_id: int | None) -> None:
+        """Record examples and their per-layer results as pending, in one transaction.
+
+        Upserts, not inserts: several writers may ingest overlapping rows at once, and a
+        crashed attempt's rows are overwritten. A row another writer already committed
+        stays committed (its values are the same: ids and results are deterministic).
+        """
+        records = list(records)
+        if not records:
+            return
+        insert = _dialect_insert(self.engine.dialect.name)
+        with self._session.begin() as s:
+            task_row = self._task_row(s, task)
+            labels = task_row.spec().label_names
+            rows = [dict(id=r.id, task_id=task_row.id, text_hash=text_hash(r.text), text=r.text, label=r.label,
+                         batch_id=batch_id, status=PENDING, created_at=_now()) for r in records]
+            stmt = insert(ExitRecordRow).values(rows)
+            s.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={"batch_id": stmt.excluded.batch_id}))
+            results = [dict(record_id=r.id, layer=lr.layer, predicted=labels[lr.predicted], probability=lr.probability,
+                            gold_probability=lr.gold_probability, correct=lr.correct)
+                       for r in records for lr in r.layers]
+            for i in range(0, len(results), 2000):  # bounded statement size
+                stmt = insert(LayerResultRow).values(results[i : i + 2000])
+                s.execute(stmt.on_conflict_do_update(
+                    index_elements=["record_id", "layer"],
+                    set_={c: stmt.excluded[c] for c in ("predicted", "probability", "gold_probability", "correct")}))
+            self._write_features(s, [r for r in records if r.features is not None])
+
+    def _write_features(self, s: Session, records: Sequence[ExitRecord]) -> None:
+        insert = _dialect_insert(self.engine.dialect.name)
+        for i in range(0, len(records), 64):  # ~1.5 MB a statement for Gemma 3 270M
+            rows = [dict(record_id=r.id, exits=r.features.shape[0], dim=r.features.shape[1],  # type: ignore[union-attr]
+                         data=r.features.tobytes()) for r in records[i : i + 64]]  # type: ignore[union-attr]
+            stmt = insert(ExitFeaturesRow).values(rows)
+            s.execute(stmt.on_conflict_do_update(index_elements=["record_id"],
+                                                 set_={c: stmt.excluded[c] for c in ("exits", "dim", "data")}))
+
+    def write_features(self, records: Sequence[ExitRecord]) -> None:
+        """Add exit features to existing records (the backfill)."""
+        with self._session.begin() as s:
+            self._write_features(s, records)
+
+    def features(self, task: str) -> tuple[list[str], list[str], np.ndarray]:
+        """Committed records that have exit features: ids, labels, features [N, L + 1, H] float16."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            rows = s.execute(
+                select(ExitRecordRow.id, ExitRecordRow.label, ExitFeaturesRow.exits, ExitFeaturesRow.dim,
+                       ExitFeaturesRow.data)
+                .join(ExitFeaturesRow, ExitFeaturesRow.record_id == ExitRecordRow.id)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
+                .order_by(ExitRecordRow.id)).all()
+        if not rows:
+            return [], [], np.zeros((0, 0, 0), dtype=np.float16)
+        x = np.stack([np.frombuffer(r.data, dtype=np.float16).reshape(r.exits, r.dim) for r in rows])
+        return [r.id for r in rows], [r.label for r in rows], x
+
+    def features_of(self, record_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The exit features [L + 1, H] float16 of these records (those that have them)."""
+        out: dict[str, np.ndarray] = {}
+        with self._session() as s:
+            for i in range(0, len(record_ids), 500):
+                for r in s.execute(select(ExitFeaturesRow).where(
+                        ExitFeaturesRow.record_id.in_(record_ids[i : i + 500]))).scalars():
+                    out[r.record_id] = np.frombuffer(r.data, dtype=np.float16).reshape(r.exits, r.dim)
+        return out
+
+    def without_features(self, task: str) -> list[tuple[str, str, str]]:
+        """(id, text, label) of committed records that have no exit features yet."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            has = select(ExitFeaturesRow.record_id)
+            return [tuple(r) for r in s.execute(  # type: ignore[misc]
+                select(ExitRecordRow.id, ExitRecordRow.text, ExitRecordRow.label)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED,
+                       ExitRecordRow.id.not_in(has))).all()]
+
+    def save_heads(self, task: str, summary: dict[str, Any], data: bytes) -> int:
+        """Store a new version of the task's exit heads; returns its version number."""
+        with self._session.begin() as s:
+            task_id = self._task_row(s, task).id
+            version = int(s.scalar(select(func.max(TaskHeadsRow.version))
+                                   .where(TaskHeadsRow.task_id == task_id)) or 0) + 1
+            s.add(TaskHeadsRow(task_id=task_id, version=version, summary=summary, data=data))
+            return version
+
+    def heads(self, task: str, newer_than: int = 0) -> StoredHeads | None:
+        """The task's newest exit heads (None if none, or none newer than `newer_than`)."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            row = s.scalars(select(TaskHeadsRow).where(TaskHeadsRow.task_id == task_id,
+                                                       TaskHeadsRow.version > newer_than)
+                            .order_by(TaskHeadsRow.version.desc()).limit(1)).first()
+            return None if row is None else StoredHeads(row.version, row.fitted_at, dict(row.summary), row.data)
+
+    def mark_committed(self, ids: Sequence[str]) -> None:
+        with self._session.begin() as s:
+            s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids))).values(status=COMMITTED))
+
+    def record_states(self, task: str) -> dict[str, str]:
+        """Every record id of the task with its state (pending or committed)."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            rows = s.execute(select(ExitRecordRow.id, ExitRecordRow.status).where(ExitRecordRow.task_id == task_id))
+            return {rid: status for rid, status in rows}
+
+    def examples(self, ids: Sequence[str]) -> list[tuple[str, str]]:
+        """(text, label) of the given records, to recompute them."""
+        out: list[tuple[str, str]] = []
+        with self._session() as s:
+            for i in range(0, len(ids), 500):
+                out += [(t, l) for t, l in s.execute(
+                    select(ExitRecordRow.text, ExitRecordRow.label).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))))]
+        return out
+
+    def mark_pending(self, ids: Sequence[str]) -> None:
+        with self._session.begin() as s:
+            for i in range(0, len(ids), 500):
+                s.execute(
+                    update(ExitRecordRow).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))).values(status=PENDING)
+                )
+
+    # -- analytics -----------------------------------------------------------
+
+    def layer_accuracy(self, task: str) -> dict[int, float]:
+        """Fraction of the task's committed records each exit gets right."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            rows = s.execute(
+                select(LayerResultRow.layer, func.avg(func.cast(LayerResultRow.correct, Integer)))
+                .join(ExitRecordRow, ExitRecordRow.id == LayerResultRow.record_id)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
+                .group_by(LayerResultRow.layer).order_by(LayerResultRow.layer)
+            ).all()
+        return {int(layer): float(acc) for layer, acc in rows}
+
+    def earliest_exits(self, task: str, depth: int) -> tuple[list[int], int]:
+        """Records whose earliest correct exit is each layer 0..depth, and records no layer gets right."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            first = (
+                select(func.min(LayerResultRow.layer).label("layer"))
+                .join(ExitRecordRow, ExitRecordRow.id == LayerResultRow.record_id)
+                .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED,
+                       LayerResultRow.correct.is_(True))
+                .group_by(LayerResultRow.record_id).subquery()
+            )
+            rows = s.execute(select(first.c.layer, func.count()).group_by(first.c.layer)).all()
+            total = s.scalar(select(func.count()).select_from(ExitRecordRow).where(
+                ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)) or 0
+        counts = [0] * (depth + 1)
+        for layer, n in rows:
+            if 0 <= layer <= depth:
+                counts[int(layer)] = int(n)
+        return counts, int(total) - sum(counts)
