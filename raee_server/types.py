@@ -221,6 +221,7 @@ class Prediction:
     neighbours: list[Neighbour] = field(default_factory=list)
     timings_us: dict[str, int] = field(default_factory=dict)  # encode, retrieve, forward (shared by a batch)
     labels: list[str] = field(default_factory=list)  # the task's label names, in the order of `scores`
+    policy: str = ""  # the policy that answered, e.g. "cascade:0.01" or "auto=cascade:0.01"
 
 
 @dataclass

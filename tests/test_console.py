@@ -174,6 +174,7 @@ def test_try_it_shows_the_label_exit_layer_and_neighbours_of_a_real_text(real_se
         policy="paper-heads", return_neighbours=True)))
     assert text_of(browser, "try-label") == expected.label
     assert (text_of(browser, "try-exit"), text_of(browser, "try-depth")) == (str(expected.exit_layer), "18")
+    assert text_of(browser, "try-answered-by") == expected.policy == "paper-heads"
     neighbours = [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
                   for r in browser.find_elements(By.CSS_SELECTOR, "#try-neighbours tbody tr")]
     assert len(neighbours) == 12  # the server's default k

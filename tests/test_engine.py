@@ -84,8 +84,8 @@ def test_classify_exits_where_the_policy_says_and_runs_no_deeper(engine: Engine,
     ran: list[int] = []
     for i, layer in enumerate(engine.backbone.layers):
         layer.register_forward_hook(lambda _m, _a, out, i=i: ran.append(i))
-    predictions = engine.classify(SENTIMENT.name, texts)
-    assert [p.exit_layer for p in predictions] == expected
+    predictions = engine.classify(SENTIMENT.name, texts, policy="paper")
+    assert [p.exit_layer for p in predictions] == expected and {p.policy for p in predictions} == {"paper"}
     assert ran == list(range(max(expected)))  # one pass for the batch, no deeper than its last exit
     full = engine.all_exit_logits(SENTIMENT.name, texts)
     for p, lg, e in zip(predictions, full, expected):

@@ -87,7 +87,22 @@ def test_classify_over_http_gives_the_grpc_answer_in_protobufs_json_mapping(serv
     # Fields at their default value are written out: exit layer 0 is an answer, not a missing field.
     status, _, raw = call(served, "POST", "/v1/tasks/sentiment:classify", '{"text": "good", "options": '
                                                                           '{"policy": "static:0"}}')
-    assert status == 200 and json.loads(raw)["exitLayer"] == 0
+    assert status == 200 and json.loads(raw)["exitLayer"] == 0 and json.loads(raw)["policy"] == "static:0"
+    assert answer["policy"] == by_grpc.policy == "static:2"
+
+
+def test_a_classify_over_http_that_names_no_policy_is_answered_by_auto_and_says_so(served: ServerThread) -> None:
+    task = served.stub.GetTask(pb.GetTaskRequest(name="sentiment")).task
+    assert task.records and not task.auto.policy  # records, no tuned choice yet: the fallback answers
+    expected = "auto=knn-vote (no auto choice yet)"
+    status, _, raw = call(served, "POST", "/v1/tasks/sentiment:classify", '{"text": "a great movie"}')
+    by_grpc = served.stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie"))
+    assert status == 200 and json.loads(raw)["policy"] == by_grpc.policy == expected
+    assert json.loads(raw)["exitLayer"] == 0
+    status, _, raw = call(served, "POST", "/v1/tasks/sentiment:classifyBatch",
+                          '{"texts": ["good", "bad"], "options": {"policy": "auto"}}')
+    assert status == 200
+    assert [r["policy"] for r in json.loads(raw)["results"]] == [expected] * 2
 
 
 def test_errors_are_status_bodies_with_googles_http_status_and_details(served: ServerThread) -> None:

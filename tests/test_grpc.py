@@ -85,13 +85,15 @@ def test_online_ingest_is_seen_by_the_next_classify(served: ServerThread) -> Non
     before = stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie",
                                               options=pb.ClassifyOptions(return_neighbours=True)))
     assert list(before.neighbours) == [] and before.exit_layer == before.depth == 4
+    assert before.policy == "auto=full (no auto choice yet)"  # no policy named: auto, which has no records yet
     reply = ingest(stub, "sentiment", ROWS + [("so so", "neutral"), ("", "positive"), ROWS[0]])
     assert (reply.added, reply.already_present, reply.rejected) == (len(ROWS), 1, 2)
     assert [(r.index, r.reason.split(" (")[0]) for r in reply.rejections] == [
         (10, "unknown label 'neutral'"), (11, "empty text")]
     after = stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie",
                                              options=pb.ClassifyOptions(return_neighbours=True, k=5)))
-    assert len(after.neighbours) == 5
+    assert len(after.neighbours) == 5 and after.exit_layer == 0
+    assert after.policy == "auto=knn-vote (no auto choice yet)"  # records now, but no tuned choice or heads
     assert after.neighbours[0].similarity >= after.neighbours[-1].similarity
     assert after.label in ("negative", "positive") and [s.label for s in after.scores] == ["negative", "positive"]
     assert abs(sum(s.score for s in after.scores) - 1) < 1e-5
@@ -429,10 +431,10 @@ def test_an_unexpected_engine_error_fails_its_request_alone_and_the_worker_goes_
         engine = server.server.worker.engine
         real = engine.classify_validated
 
-        def planted(task, texts, policy, k):  # type: ignore[no-untyped-def]
+        def planted(task, texts, policy, k, served=None):  # type: ignore[no-untyped-def]
             if any("boom" in t for t in texts):
                 raise ValueError("planted bug")
-            return real(task, texts, policy, k)
+            return real(task, texts, policy, k, served)
 
         engine.classify_validated = planted
         with pytest.raises(grpc.RpcError) as info:

@@ -142,7 +142,11 @@ def test_backfill_gives_old_records_the_features_ingest_would_have(grown: Engine
 
 def test_auto_can_choose_a_heads_policy_once_heads_exist(grown: Engine) -> None:
     engine = grown
-    auto.fit_task_heads(engine, SENTIMENT.name)
+    heads = auto.fit_task_heads(engine, SENTIMENT.name)
+    # Untuned, with heads: no policy named answers with the best head, and says so.
+    [untuned] = engine.classify(SENTIMENT.name, ["a fine film"])
+    assert untuned.policy == f"auto=heads:{heads.best_exit} (no auto choice yet)"
+    assert untuned.exit_layer == heads.best_exit
     names = auto.candidate_policies(engine.depth, engine.heads(SENTIMENT.name))
     assert {"paper-heads", "heads:0", f"heads:{engine.depth}"} <= set(names)
     assert any(n.startswith("cascade:") for n in names) and not any(n.startswith("knn-heads") for n in names)
@@ -151,7 +155,8 @@ def test_auto_can_choose_a_heads_policy_once_heads_exist(grown: Engine) -> None:
     assert not auto.needs_tuning_after_heads(engine, SENTIMENT.name)
     auto.fit_task_heads(engine, SENTIMENT.name)  # version 2: the choice was made among older heads
     assert auto.needs_tuning_after_heads(engine, SENTIMENT.name)
-    policy, _ = engine.resolve_policy(SENTIMENT.name, "auto", None)
+    policy, _, served = engine.resolve_policy(SENTIMENT.name, "auto", None)
+    assert served == f"auto={policy.name}"
     assert policy.name == choice.policy or (isinstance(policy, HeadsPolicy) and choice.policy.startswith("heads"))
 
 
@@ -277,7 +282,7 @@ def test_cascades_and_the_best_exit_are_judged_by_balanced_accuracy() -> None:
 def test_cascade_serves_the_first_exit_whose_head_is_sure(grown: Engine) -> None:
     engine = grown
     heads = auto.fit_task_heads(engine, SENTIMENT.name)
-    policy, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05", None)
+    policy, _, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05", None)
     assert isinstance(policy, CascadePolicy) and policy.last == heads.best_exit and policy.name == "cascade:0.05"
     thresholds = heads.cascade_thresholds(0.05)
     texts = ["a great movie", "the worst plot", "i loved it", "dull and slow"]
@@ -289,7 +294,7 @@ def test_cascade_serves_the_first_exit_whose_head_is_sure(grown: Engine) -> None
         first = next((l for l in range(heads.best_exit) if per_exit[l].max() >= thresholds[l]), heads.best_exit)
         assert answer.exit_layer == first
         np.testing.assert_allclose(answer.scores, per_exit[first], atol=1e-5)
-    bounded, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05:1", None)
+    bounded, _, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05:1", None)
     assert bounded.name == "cascade:0.05:1"
     assert all(a.exit_layer <= 1 for a in engine.classify(SENTIMENT.name, texts, policy="cascade:0.05:1"))
     with pytest.raises(InvalidInput, match="cascade"):

@@ -63,8 +63,12 @@ def test_an_exact_duplicate_dominates_without_dividing_by_zero() -> None:
 
 
 def test_parse_policy_names_and_errors() -> None:
-    assert isinstance(parse_policy(None), PaperPolicy)
+    assert isinstance(parse_policy("paper"), PaperPolicy)
     assert isinstance(parse_policy("full"), FullPolicy)
+    # `auto` (and no name) is per task: the engine resolves it, a bare parse cannot
+    for per_task in (None, "", "auto"):
+        with pytest.raises(InvalidInput, match="unknown exit policy"):
+            parse_policy(per_task)
     assert parse_policy("static:7") == StaticPolicy(7)
     assert parse_policy("static:7").decide([], 18, LABELS).max_layer == 7
     with pytest.raises(InvalidInput, match="unknown exit policy 'fastest'"):

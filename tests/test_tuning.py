@@ -68,17 +68,27 @@ def test_validation_drops_neighbours_that_quote_the_record(engine: Engine, tmp_p
 def test_a_request_never_tunes_and_auto_follows_the_stored_choice(engine: Engine, tmp_path: Path) -> None:
     engine.settings = engine.settings.model_copy(update={"retune_check_seconds": 0.0, "retune_growth": 0.5})
     engine.create_task(SENTIMENT)
+    # No policy named is `auto`; with no records and no choice, retrieval has nothing to say: the full model.
+    [empty] = engine.classify(SENTIMENT.name, ["a great movie"])
+    assert empty.policy == "auto=full (no auto choice yet)" and empty.exit_layer == engine.depth
     rows = corpus(40)
     engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "a.tsv", rows[:20])))
-    # Before any tuning, `auto` is the published method, and asking for it stores nothing.
-    assert engine.resolve_policy(SENTIMENT.name, "auto", None)[0].name == "paper"
-    assert engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")[0].label in SENTIMENT.label_names
+    # Before any tuning (and without exit heads) `auto` is the kNN vote, and asking for it stores nothing.
+    for named in (None, "", "auto", " auto "):
+        assert engine.resolve_policy(SENTIMENT.name, named, None) == (
+            parse_policy("knn-vote"), engine.settings.default_k, "auto=knn-vote (no auto choice yet)")
+    [untuned] = engine.classify(SENTIMENT.name, ["a great movie"], policy="auto")
+    assert untuned.label in SENTIMENT.label_names and untuned.exit_layer == 0
+    assert untuned.policy == "auto=knn-vote (no auto choice yet)"
+    assert engine.classify(SENTIMENT.name, ["a great movie"], policy="paper")[0].policy == "paper"
     assert engine.task_info(SENTIMENT.name).tuned is None
     assert needs_tuning(engine, SENTIMENT.name)
     choice = tune(engine, SENTIMENT.name)
     stored = engine.task_info(SENTIMENT.name).tuned
     assert stored == choice and choice.records == 20 and 0 <= choice.accuracy <= 1
-    assert engine.resolve_policy(SENTIMENT.name, "auto", None) == (parse_policy(choice.policy), choice.k)
+    served = f"auto={parse_policy(choice.policy).name}"
+    assert engine.resolve_policy(SENTIMENT.name, None, None) == (parse_policy(choice.policy), choice.k, served)
+    assert engine.classify(SENTIMENT.name, ["a great movie"])[0].policy == served
     engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "b.tsv", rows[20:25])))  # +25 %: keep
     assert not needs_tuning(engine, SENTIMENT.name)
     engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "c.tsv", rows[25:])))  # +100 %: re-tune

@@ -153,6 +153,11 @@ def reports(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+POLICY_HELP = ("exit policy: auto (the task's tuned choice), paper, full, static:<layer>, paper-all, paper-tol:<t>, "
+               "confidence:<t>, knn-vote, knn-agree[:<bound>]; with exit heads heads[:<layer>], paper-heads, "
+               "knn-heads[:<t>[:<bound>]], cascade[:<margin>[:<bound>]]")
+
+
 def shipped_spec(name: str) -> TaskSpec:
     """A task spec that ships with the package (raee_server/cli/tasks), or a usage error naming those that do."""
     spec = assets.task_spec(name)
@@ -430,14 +435,13 @@ def ingest_batches(obj: Context, task_name: str | None, limit: int) -> list[dict
 @cli.command()
 @click.option("--task", "task_name", required=True)
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--policy", default="paper", show_default=True,
-              help="paper, auto, full, static:<layer>, paper-all, paper-tol:<t>, confidence:<t>, knn-vote, knn-agree")
+@click.option("--policy", default="auto", show_default=True, help=POLICY_HELP)
 @click.option("--k", type=int, help="neighbours to retrieve (default 12)")
 @click.option("--neighbours", "show_neighbours", is_flag=True, help="print the retrieved neighbours")
 @server_option
 @click.pass_obj
 @reports
-def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, k: int | None,
+def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str | None, k: int | None,
              show_neighbours: bool, server: str | None = None) -> list[dict[str, Any]]:
     """Classify texts with early exit: prints label, exit layer and label scores."""
     if server:
@@ -453,13 +457,14 @@ def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, 
     for text, pred in zip(texts, predictions):
         scores = dict(zip(labels, pred.scores))
         answer: dict[str, Any] = {"text": text, "label": pred.label, "exit_layer": pred.exit_layer,
-                                  "depth": pred.depth, "scores": scores, "timings_us": pred.timings_us}
+                                  "depth": pred.depth, "policy": pred.policy, "scores": scores,
+                                  "timings_us": pred.timings_us}
         if show_neighbours:
             answer["neighbours"] = [{"id": n.id, "label": n.label, "similarity": n.similarity,
                                      "exits": [layer for layer, _ in n.exits]} for n in pred.neighbours]
         answers.append(answer)
         score_text = " ".join(f"{name}={p:.3f}" for name, p in scores.items())
-        obj.say(f"{pred.label:<12} exit {pred.exit_layer:>2}/{pred.depth}  {score_text}  {text}")
+        obj.say(f"{pred.label:<12} exit {pred.exit_layer:>2}/{pred.depth}  {score_text}  [{pred.policy}]  {text}")
         if show_neighbours:
             for n in pred.neighbours:
                 obj.say(f"    {n.similarity:.3f} {n.label:<12} exits {[l for l, _ in n.exits]}")
@@ -470,7 +475,7 @@ def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str, 
 @click.option("--task", "task_name", required=True)
 @click.argument("file", type=click.Path(path_type=Path))
 @_file_options
-@click.option("--policy", "policies", multiple=True, default=["paper"], show_default=True,
+@click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True,
               help="policy to measure (repeatable); `full` is always measured too")
 @click.option("--k", type=int, help="neighbours to retrieve (default 12)")
 @click.option("--json-out", type=click.Path(path_type=Path), help="also write the report as JSON")
@@ -597,7 +602,7 @@ def bench_shift(obj: Context, tasks: tuple[str, ...], data_root: Path, train_row
 @click.option("--server", required=True, metavar="HOST:PORT", help="a server on this machine (loopback only)")
 @click.option("--task", "task_name", required=True)
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--policy", "policies", multiple=True, default=["paper", "full"], show_default=True)
+@click.option("--policy", "policies", multiple=True, default=["auto", "full"], show_default=True)
 @click.option("--clients", default=16, show_default=True)
 @click.option("--seconds", default=30.0, show_default=True)
 @click.option("--sequential", default=50, show_default=True, help="one-at-a-time requests per policy")
@@ -678,7 +683,7 @@ def bench_keys(obj: Context, file: Path, limit: int, out: Path) -> dict[str, Any
               help="the same server's HTTP address")
 @click.option("--task", "task_name", required=True)
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--policy", default="paper", show_default=True)
+@click.option("--policy", default="auto", show_default=True)
 @click.option("--sequential", default=200, show_default=True, help="requests per transport, alternating")
 @click.option("--clients", default=16, show_default=True)
 @click.option("--seconds", default=20.0, show_default=True, help="concurrent load per transport")
@@ -895,7 +900,7 @@ def demo(ctx: click.Context) -> None:
         click.echo(f"building the demo database from {sample.name} ...", err=True)
         ctx.invoke(ingest, task_name="sst2", file=sample, text_column="text", label_column="label", fmt=None,
                    limit=None)
-    ctx.invoke(classify, task_name="sst2", texts=tuple(DEMO_SENTENCES), policy="paper", k=None,
+    ctx.invoke(classify, task_name="sst2", texts=tuple(DEMO_SENTENCES), policy="auto", k=None,
                show_neighbours=False)
 
 

@@ -18,7 +18,17 @@ from sqlalchemy.exc import OperationalError
 
 from raee_server import tracing
 from raee_server.core.heads import ExitHeads
-from raee_server.core.policies import Decision, ExitPolicy, bind, mix, parse_policy, reads_heads, uses_head_exits
+from raee_server.core.policies import (
+    Decision,
+    ExitPolicy,
+    Resolved,
+    bind,
+    mix,
+    parse_policy,
+    reads_heads,
+    untuned_fallback,
+    uses_head_exits,
+)
 from raee_server.core.prior import PriorTracker
 from raee_server.errors import InvalidInput, StoreMismatch
 from raee_server.models.backbone import Backbone, LabelHead
@@ -184,8 +194,8 @@ class Engine:
 
     def validate(
         self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None, k: int | None
-    ) -> tuple[ExitPolicy, int]:
-        """Check a classify request without computing anything: the policy to use and k."""
+    ) -> Resolved:
+        """Check a classify request without computing anything: the policy to use, k, and its name as served."""
         self._task(task)
         self.check_texts(texts)
         try:
@@ -195,33 +205,36 @@ class Engine:
                 exc.field = "options.policy"
             raise
 
-    def resolve_policy(self, task: str, policy: str | ExitPolicy | None, k: int | None) -> tuple[ExitPolicy, int]:
-        """A policy by name (or as given) and its k; `auto` is the task's stored choice. A policy
-        that reads exit heads needs the task's heads (`heads` alone: the exit that scored best)."""
-        if policy == "auto":
-            chosen, tuned_k = self.auto_policy(task)
+    def resolve_policy(self, task: str, policy: str | ExitPolicy | None, k: int | None) -> Resolved:
+        """A policy by name (or as given) and its k; none named, or `auto`: the task's stored choice. A
+        policy that reads exit heads needs the task's heads (`heads` alone: the exit that scored best)."""
+        auto = policy is None or (isinstance(policy, str) and policy.strip() in ("", "auto"))
+        untuned = False
+        if auto:
+            chosen, tuned_k, untuned = self.auto_policy(task)
             k = k or tuned_k
         else:
-            chosen = parse_policy(policy) if policy is None or isinstance(policy, str) else policy
+            chosen = parse_policy(policy) if isinstance(policy, str) else policy
         if reads_heads(chosen):
             heads = self.heads(task)
             if heads is None:
                 raise InvalidInput(f"policy: {chosen.name} needs exit heads and task {task!r} has none yet "
                                    "(fit them with `raee-admin fit-heads`)")
             chosen = bind(chosen, heads)
-        return chosen, self.check_k(k)
+        served = f"auto={chosen.name}{' (no auto choice yet)' if untuned else ''}" if auto else chosen.name
+        return Resolved(chosen, self.check_k(k), served)
 
-    def auto_policy(self, task: str) -> tuple[ExitPolicy, int | None]:
-        """The task's stored `auto` choice (policy and k); the paper's method until one is made.
-
+    def auto_policy(self, task: str) -> tuple[ExitPolicy, int | None, bool]:
+        """The task's stored `auto` choice (policy and k; False), or, until a choice is made (a task
+        with under auto.MIN_RECORDS records, or before the first tune), `untuned_fallback` (True).
         Never tunes: tuning runs off the request path (raee_server.core.auto). The choice is re-read from
         SQL at most every `retune_check_seconds`, so a choice made by another process shows up.
         """
         info = self._recent_info(task)
         choice = info.tuned if info else None
-        if choice is None:  # not tuned yet (or too few records): the published method
-            return parse_policy("paper"), None
-        return parse_policy(choice.policy), choice.k
+        if choice is not None:
+            return parse_policy(choice.policy), choice.k, False
+        return parse_policy(untuned_fallback(info.records if info else 0, self.heads(task) is not None)), None, True
 
     def forget_choice(self, task: str) -> None:
         """Drop the cached `auto` choice (a new one was just stored)."""
@@ -297,12 +310,14 @@ class Engine:
     def classify(
         self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None
     ) -> list[Prediction]:
-        """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it."""
-        chosen, k = self.validate(task, texts, policy, k)
-        return self.classify_validated(task, texts, chosen, k)
+        """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it. No policy: `auto`."""
+        chosen, k, served = self.validate(task, texts, policy, k)
+        return self.classify_validated(task, texts, chosen, k, served)
 
-    def classify_validated(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int) -> list[Prediction]:
-        """`classify` for a request that `validate` has already checked (the worker's batches)."""
+    def classify_validated(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int,
+                           served: str | None = None) -> list[Prediction]:
+        """`classify` for a request that `validate` has already checked (the worker's batches); `served`
+        names the policy in each answer (default: the policy's own name)."""
         spec, head = self._task(task)
         heads = self.heads(task) if reads_heads(chosen) else None
         timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
@@ -322,7 +337,7 @@ class Engine:
         timings["forward_us"] = _us(time.perf_counter() - t0)
         return [
             Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings),
-                       spec.label_names)
+                       spec.label_names, served or chosen.name)
             for p, e, n in zip(probs, exits, found)
         ]
 
@@ -533,6 +548,8 @@ class IngestSession:
     def finish(self, status: str = "done") -> None:
         r = self.report
         self.engine.metadata.finish_batch(self.batch_id, r.added, r.present, len(r.rejected), status)
+        # the task's cached metadata (records, label mix: `auto`'s fallback, the prior correction) is stale now
+        self.engine.forget_choice(self.spec.name)
 
     def add(self, rows: Iterable[Row | Rejected]) -> None:
         pending: list[Row] = []

@@ -196,12 +196,11 @@ def evaluate(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[
     spec = engine.task_info(task).spec
     names = list(dict.fromkeys([*policies, *BASELINES]))
     chosen = [engine.resolve_policy(task, name, k) for name in names]  # `auto`: the stored choice and its k
-    measured = measure(engine, task, rows, max(policy_k for _, policy_k in chosen), progress=progress)
+    measured = measure(engine, task, rows, max(r.k for r in chosen), progress=progress)
     results = []
-    for name, (policy, policy_k) in zip(names, chosen):
+    for policy, policy_k, served in chosen:
         result = run_policy(policy, measured, engine.depth, spec.label_names, policy_k)
-        if name == "auto":  # the report says what auto chose
-            result.name = f"auto={policy.name}"
+        result.name = served  # `auto` says what it chose
         results.append(result)
     return EvalReport(task, engine.depth, engine.check_k(k), spec.label_names, results, layer_accuracy(measured))
 

@@ -121,6 +121,7 @@ def to_response(p: Prediction, labels: Sequence[str], queued_since: float, start
         scores=[pb.LabelScore(label=name, score=s) for name, s in zip(labels, p.scores)],
         exit_layer=p.exit_layer,
         depth=p.depth,
+        policy=p.policy,
         timings=pb.Timings(
             queue_us=max(0, int((now - queued_since) * 1e6) - sum(t.values())),
             encode_us=t.get("encode_us", 0), retrieve_us=t.get("retrieve_us", 0),

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from raee_server import tracing
 from raee_server.core.engine import Engine
-from raee_server.core.policies import ExitPolicy
+from raee_server.core.policies import ExitPolicy, Resolved
 from raee_server.errors import DeadlineExpired, NotReady, Overloaded, RaeeError
 from raee_server.serving.metrics import Metrics
 from raee_server.types import Prediction
@@ -47,7 +47,7 @@ class ClassifyJob:
     future: asyncio.Future[list[Prediction]]
     enqueued: float = field(default_factory=time.monotonic)
     # Set by the scheduler once the job has been validated on the worker thread.
-    resolved: tuple[ExitPolicy, int] | None = None
+    resolved: Resolved | None = None
     done_texts: int = 0  # texts [0, done_texts) are answered (chunks are taken in order)
     taken: int = 0  # texts [0, taken) are answered or in the batch being computed
     results: list[Prediction] = field(default_factory=list)
@@ -299,16 +299,16 @@ class ModelWorker:
         return errors
 
     def _compute(self, batch: list[Slice]) -> list[list[Prediction] | BaseException]:
-        """One model batch: slices grouped by (task, policy, k); a failing group fails alone."""
+        """One model batch: slices grouped by (task, policy as served, k); a failing group fails alone."""
         assert self.engine is not None
         outcomes: list[list[Prediction] | BaseException | None] = [None] * len(batch)
         groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
         policies: dict[str, ExitPolicy] = {}
         for i, (job, _, _) in enumerate(batch):
             assert job.resolved is not None
-            policy, k = job.resolved
-            groups[(job.task, policy.name, k)].append(i)
-            policies[policy.name] = policy
+            policy, k, served = job.resolved
+            groups[(job.task, served, k)].append(i)
+            policies[served] = policy
         for (task, policy_name, k), members in groups.items():
             texts = [t for i in members for t in batch[i][0].texts[batch[i][1] : batch[i][2]]]
             start = time.perf_counter()
@@ -316,7 +316,7 @@ class ModelWorker:
             try:
                 with tracing.span("raee.batch", parent=callers[0], linked=callers, task=task, policy=policy_name,
                                   k=k, texts=len(texts), requests=len(members)):
-                    predictions = self.engine.classify_validated(task, texts, policies[policy_name], k)
+                    predictions = self.engine.classify_validated(task, texts, policies[policy_name], k, policy_name)
             except Exception as exc:
                 if not isinstance(exc, RaeeError):
                     log.exception("batch of %d texts for task %s failed", len(texts), task)

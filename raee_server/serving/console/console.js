@@ -242,6 +242,7 @@ function renderAnswer(reply) {
   $("try-label").textContent = reply.label;
   $("try-exit").textContent = reply.exitLayer;
   $("try-depth").textContent = reply.depth;
+  $("try-answered-by").textContent = reply.policy;
   $("try-depth-bar").firstElementChild.style.width = `${(100 * reply.exitLayer) / Math.max(1, reply.depth)}%`;
   barChart($("try-scores"), reply.scores.map((s) => s.score), reply.scores.map((s) => s.label),
            { max: 1, format: (x) => x.toFixed(3), labelValues: true });

@@ -69,7 +69,7 @@ class Timings(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., retrieve_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("label", "scores", "exit_layer", "depth", "neighbours", "timings", "request_id")
+    __slots__ = ("label", "scores", "exit_layer", "depth", "neighbours", "timings", "request_id", "policy")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class ClassifyResponse(_message.Message):
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     label: str
     scores: _containers.RepeatedCompositeFieldContainer[LabelScore]
     exit_layer: int
@@ -84,7 +85,8 @@ class ClassifyResponse(_message.Message):
     neighbours: _containers.RepeatedCompositeFieldContainer[Neighbour]
     timings: Timings
     request_id: str
-    def __init__(self, label: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., exit_layer: _Optional[int] = ..., depth: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    policy: str
+    def __init__(self, label: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., exit_layer: _Optional[int] = ..., depth: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
     __slots__ = ("task", "text", "options", "request_id")
