@@ -210,7 +210,7 @@ class Engine:
         policy that reads exit heads needs the task's heads (`heads` alone: the exit that scored best)."""
         auto = policy is None or (isinstance(policy, str) and policy.strip() in ("", "auto"))
         untuned = False
-        if auto:
+        if policy is None or auto:
             chosen, tuned_k, untuned = self.auto_policy(task)
             k = k or tuned_k
         else:
