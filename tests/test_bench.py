@@ -30,8 +30,9 @@ def run_bench(tmp_path: Path, rows: int, train: int, *options: str) -> dict:  # 
 
 
 def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
-    report = run_bench(tmp_path, 160, 120, "--train-rows", "100", "--dev-rows", "40", "--latency-rows", "3",
-                       "--size", "30", "--size", "60", "--alt-encoder", "hashing:16", "--alt-encoder", "backbone:1")
+    report = run_bench(tmp_path, 170, 120, "--train-rows", "100", "--dev-rows", "40", "--dev-skip", "10",
+                       "--latency-rows", "3", "--size", "30", "--size", "60", "--alt-encoder", "hashing:16",
+                       "--alt-encoder", "backbone:1")
     out = tmp_path / "out"
     policies = {p["policy"]: p for p in report["policies"]}
     static, confidence = report["calibrated_on_train"]["static"], report["calibrated_on_train"]["confidence"]
@@ -58,6 +59,22 @@ def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
     assert {"cascade:0.01", "cascade:0.02", "cascade:0.03", "key-logreg", "oracle-heads"} <= set(policies)
     assert all(policies[c]["mean_exit_layer"] <= report["heads"]["best_exit"] for c in policies if c.startswith("casc"))
     assert "against the best baseline" in (out / "results.md").read_text()
+    # The report rows are dev rows 11-50; the baselines get their own tuning; every figure has its interval
+    # against the best baseline (the best of key-logreg, knn-vote, paper and the head at full depth).
+    assert report["dev_skip"] == 10 and "dev rows 11-50" in (out / "results.md").read_text()
+    assert "heads:4" in policies and set(report["baseline_k"]) == {"paper", "knn-vote"}
+    assert all(k in (4, 8, 12, 16, 24, 32) for k in report["baseline_k"].values())
+    assert 1e-4 <= report["key_logreg_c"] <= 1e3 and len(report["heads"]["c"]) == 5
+    assert report["best_baseline"] in ("key-logreg", "knn-vote", "paper", "heads:4")
+    best = policies[report["best_baseline"]]
+    assert best["accuracy"] == max(policies[b]["accuracy"] for b in ("key-logreg", "knn-vote", "paper", "heads:4"))
+    for p in policies.values():
+        assert p["accuracy_low"] <= p["accuracy"] - best["accuracy"] + 1e-9 <= p["accuracy_high"] + 2e-9
+        assert p["balanced_low"] <= p["balanced"] <= p["balanced_high"]
+    assert best["accuracy_low"] == best["accuracy_high"] == 0
+    # The leak-free rows: a subset, scored alike; the cascades against the best head, with their margin.
+    assert report["leak_free"] and all(p["rows"] <= 40 for p in report["leak_free"])
+    assert {c["policy"] for c in report["cascades"]} >= {"cascade:0.01", "cascade:0.02", "cascade:0.03"}
 
 
 def test_scale_benchmark_measures_each_size_before_and_after_indexing(tmp_path: Path) -> None:
@@ -137,3 +154,14 @@ def test_bench_without_heads_fits_none_and_still_sweeps(tmp_path: Path) -> None:
     assert report["heads"] == {} and not any(p.startswith(("heads:", "cascade", "oracle-heads")) for p in policies)
     assert {"paper", "knn-vote", "key-logreg"} <= policies
     assert [x for x, *_ in report["size_sweep"]["knn-vote"]] == [30, 60]
+
+
+def test_leak_free_rows_share_no_four_word_phrase_with_a_record_and_sit_inside_none() -> None:
+    from raee_server.bench.harness import leak_free_rows
+    from raee_server.types import Row
+
+    records = ["The plot is thin and the acting is worse", "a joy"]
+    rows = [Row(1, "the plot is THIN and dull", "n"), Row(2, "is thin", "n"), Row(3, "a fine film", "p"),
+            Row(4, "plot is thin", "n"), Row(5, "thin and the acting", "n"), Row(6, "a joy to watch", "p")]
+    # 1 and 5 share four words in a row; 2 and 4 sit inside a record; 3 and 6 are new text
+    assert leak_free_rows(records, rows) == [2, 5]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from sqlalchemy import text
 from raee_server.core import auto
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
-from raee_server.core.heads import ExitHeads, fit_heads
+from raee_server.core.heads import C_GRID, ExitHeads, _fit, _risk_bound, cascade_exits, fit_heads
 from raee_server.core.policies import CascadePolicy, HeadsPolicy, KnnHeadsPolicy, mix
 from raee_server.errors import InvalidInput
 from raee_server.serving.fitter import fit_heads_in_child
@@ -23,12 +24,16 @@ from .conftest import SENTIMENT, write_tsv
 from .test_concurrent_writers import corpus
 
 
-def separable(n: int = 300, exits: int = 4, dim: int = 16, labels: int = 3, seed: int = 0):  # type: ignore[no-untyped-def]
-    """Features whose class signal grows with the exit: exit 0 carries none, the last a lot."""
+def separable(n: int = 300, exits: int = 4, dim: int = 16, labels: int = 3, seed: int = 0,
+              draw_seed: int | None = None):  # type: ignore[no-untyped-def]
+    """Features whose class signal grows with the exit: exit 0 carries none, the last a lot. The class
+    centres come from `seed`; `draw_seed` draws other rows from the same distribution."""
     rng = np.random.default_rng(seed)
-    y = rng.integers(0, labels, n)
     strength = np.linspace(0.0, 2.0, exits)
     centres = rng.normal(size=(exits, labels, dim)) * strength[:, None, None]
+    if draw_seed is not None:
+        rng = np.random.default_rng(draw_seed)
+    y = rng.integers(0, labels, n)
     x = centres[:, y].transpose(1, 0, 2) + rng.normal(size=(n, exits, dim))
     return x.astype(np.float16), y
 
@@ -37,10 +42,16 @@ def test_heads_learn_where_the_signal_is_and_judge_records_out_of_fold() -> None
     x, y = separable()
     heads = fit_heads(x, y, 3, [f"r{i}" for i in range(len(y))], ["a", "b", "c"])
     assert heads.accuracy[0] < 0.5 < 0.9 < heads.accuracy[-1]  # chance at exit 0, near perfect at the last
-    assert heads.best_exit >= 2 and set(heads.c) <= {0.01, 0.1, 1.0}
+    assert heads.best_exit >= 2 and set(heads.c) <= set(C_GRID)
+    # 30 % of the records are held out for the cascade; the rest train the heads.
+    assert heads.calibration is not None and heads.calibration.sum() == 90
     # Out-of-fold judgments are not the in-sample fit: they agree with its accuracy figure, per exit.
-    oof_accuracy = (heads.oof.astype(np.float64).argmax(-1) == y[:, None]).mean(0)
+    fit = heads.fit_rows
+    oof_accuracy = (heads.oof[fit].astype(np.float64).argmax(-1) == y[fit, None]).mean(0)
     np.testing.assert_allclose(oof_accuracy, heads.accuracy, atol=1e-9)
+    # Calibration records are judged by the served heads (which never saw them).
+    cal = np.flatnonzero(heads.calibration)[:5]
+    np.testing.assert_allclose(heads.oof[cal, 2].astype(np.float64), heads.probs(2, x[cal, 2]), atol=2e-3)
     assert heads.judged("r0").shape == (4, 3) and heads.judged("unknown") is None
     # The stored form serves the same probabilities.
     again = ExitHeads.from_bytes(heads.to_bytes(), 7, "t", 1.0)
@@ -212,70 +223,95 @@ def test_a_fit_stops_when_asked() -> None:
         fit_heads(x, y, 3, [str(i) for i in range(60)], ["a", "b", "c"], cancelled=lambda: True)
 
 
-def simulate_cascade(oof: np.ndarray, gold: np.ndarray, thresholds: np.ndarray, bound: int
-                     ) -> tuple[float, float]:
-    """Accuracy and mean exit of a cascade on out-of-fold probabilities, row by row."""
-    right, exits = [], []
-    for probs, y in zip(oof, gold):
-        layer = next((l for l in range(bound) if probs[l].max() >= thresholds[l]), bound)
-        right.append(probs[layer].argmax() == y)
-        exits.append(layer)
-    return float(np.mean(right)), float(np.mean(exits))
+def balanced_loss(probs: np.ndarray, gold: np.ndarray, thresholds: np.ndarray, bound: int) -> tuple[float, float]:
+    """Balanced accuracy lost by the cascade against the bound head on these rows, and its mean exit."""
+    exits = cascade_exits(probs, thresholds, bound)
+    cascade = probs[np.arange(len(gold)), exits].argmax(-1) == gold
+    best = probs[:, bound].argmax(-1) == gold
+    labels = np.unique(gold)
+    lost = np.mean([best[gold == c].mean() - cascade[gold == c].mean() for c in labels])
+    return float(lost), float(exits.mean())
 
 
-def test_cascade_thresholds_bound_the_accuracy_lost_to_stopping_early() -> None:
-    x, y = separable(n=600, exits=6)
+def test_the_cascade_keeps_its_promise_on_new_rows_and_buys_depth_with_the_margin() -> None:
+    """Learn-then-Test: thresholds certified on the calibration split hold on rows the fit never saw."""
+    x, y = separable(n=3000, exits=6, labels=3)
     heads = fit_heads(x, y, 3, [f"r{i}" for i in range(len(y))], ["a", "b", "c"])
-    oof, bound = heads.oof.astype(np.float64), heads.best_exit
+    bound = heads.best_exit
+    new_x, new_y = separable(n=6000, exits=6, labels=3, draw_seed=99)  # the same distribution, new rows
+    new_probs = heads.all_probs(new_x)
+    cal = heads.calibration
+    assert cal is not None
     depths = []
-    for margin in (0.0, 0.02, 0.1):
+    for margin in (0.0, 0.01, 0.02, 0.05):
         t = heads.cascade_thresholds(margin)
         assert np.isinf(t[bound:]).all()  # never stops at or past the bound by threshold
-        accuracy, mean_exit = simulate_cascade(oof, y, t, bound)
-        assert accuracy >= heads.accuracy[bound] - margin - 1e-9  # out of fold, by construction
+        # certified on the calibration split, which neither fit the heads nor proposed the thresholds
+        certified = _risk_bound(heads.oof[cal].astype(np.float64), y[cal], t, bound, 3)
+        assert certified <= margin or np.isinf(t).all()
+        lost, mean_exit = balanced_loss(new_probs, new_y, t, bound)
+        assert lost <= margin  # the promise, on new rows
         depths.append(mean_exit)
-    assert depths[-1] < bound and depths[-1] <= depths[0]  # a larger margin buys depth
-    # Kept with the stored heads; heads stored before the labels were kept say how to fix it.
+    assert depths[0] == bound  # nothing can be certified at a margin of 0: the best head answers
+    assert depths[-1] < 0.8 * bound and depths == sorted(depths, reverse=True)  # a larger margin buys depth
+    # Kept with the stored heads; heads without a calibration split (stored before it) never stop early.
     again = ExitHeads.from_bytes(heads.to_bytes(), 1, "t", 1.0)
     np.testing.assert_array_equal(again.cascade_thresholds(0.02), heads.cascade_thresholds(0.02))
-    again.gold = None
+    again.calibration = None
     again._cascades.clear()
-    with pytest.raises(InvalidInput, match="fit-heads"):
-        again.cascade_thresholds(0.02)
+    assert np.isinf(again.cascade_thresholds(0.05)).all()
 
 
-def stored_heads(oof: np.ndarray, gold: np.ndarray) -> ExitHeads:
-    """Heads whose out-of-fold judgments are exactly `oof` [N, E, C] (the weights play no part)."""
+def test_the_batched_fit_is_scikit_learns_logistic_regression() -> None:
+    """Same objective (class-weighted cross-entropy + ||W||^2 / 2C, unpenalised intercept), same optimum."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = separable(n=400, exits=2, dim=8, labels=3, seed=3)
+    z = x[:, 1].astype(np.float64)
+    z = (z - z.mean(0)) / z.std(0)
+    for c in (0.01, 1.0):
+        double = torch.float64
+        ours = _fit(torch.tensor(z[None], dtype=double), torch.tensor(y), torch.ones(len(y), dtype=double),
+                    torch.tensor([c], dtype=double), 3, max_iter=500)
+        theirs = LogisticRegression(C=c, tol=1e-10, max_iter=5000).fit(z, y)
+        np.testing.assert_allclose(ours[0][0].numpy().T, theirs.coef_, atol=2e-4)
+        np.testing.assert_allclose(ours[1][0].numpy() - ours[1][0].numpy().mean(),
+                                   theirs.intercept_ - theirs.intercept_.mean(), atol=2e-4)
+
+
+def stored_heads(oof: np.ndarray, gold: np.ndarray, calibration: np.ndarray) -> ExitHeads:
+    """Heads whose judgments are exactly `oof` [N, E, C] (the weights play no part)."""
     n, exits, labels = oof.shape
     accuracy = (oof.argmax(-1) == gold[:, None]).mean(0)
     return ExitHeads([f"l{c}" for c in range(labels)], np.zeros((exits, 1)), np.ones((exits, 1)),
                      np.zeros((exits, 1, labels)), np.zeros((exits, labels)), np.ones(exits), accuracy,
-                     [f"r{i}" for i in range(n)], oof.astype(np.float16), gold)
+                     [f"r{i}" for i in range(n)], oof.astype(np.float16), gold, calibration)
 
 
 def test_cascades_and_the_best_exit_are_judged_by_balanced_accuracy() -> None:
-    # 900 records of label 0, 100 of label 1. Exit 0 answers 0 for every record, sure of it for all
-    # of label 0 and for 40 of label 1; exit 1 is right on every record but less sure.
+    # 900 records of label 0, 100 of label 1, twice (a fit half, a calibration half). Exit 0 answers 0
+    # for every record, sure of it for all of label 0 and for 40 of label 1; exit 1 is right on every
+    # record but less sure.
     gold = np.array([0] * 900 + [1] * 100)
     oof = np.zeros((1000, 2, 2))
     oof[:, 0] = [0.6, 0.4]
     oof[:940, 0] = [0.95, 0.05]
     oof[np.arange(1000), 1, gold] = 0.8
     oof[np.arange(1000), 1, 1 - gold] = 0.2
-    heads = stored_heads(oof, gold)
+    heads = stored_heads(np.concatenate([oof, oof]), np.concatenate([gold, gold]),
+                         np.repeat([False, True], 1000))
     # Plain accuracy: stopping the 940 sure rows at exit 0 costs 4 % (within a 5 % margin); balanced
     # accuracy: it costs 20 points (40 % of label 1's recall). The cascade must not stop them.
     assert heads.best_exit == 1
-    thresholds, judged = heads.cascade_thresholds(0.05), heads.oof.astype(np.float64)  # as stored: float16
-    stops = judged[:, 0].max(-1) >= thresholds[0]
-    predicted = np.where(stops, judged[:, 0].argmax(-1), judged[:, 1].argmax(-1))
-    recall_rare = (predicted[gold == 1] == 1).mean()
-    assert recall_rare >= 1 - 2 * 0.05  # balanced accuracy within the margin of the bound's (1.0)
+    thresholds = heads.cascade_thresholds(0.05)
+    lost, _ = balanced_loss(heads.oof.astype(np.float64), heads.gold, thresholds, 1)
+    assert lost <= 0.05
     # Exit 0 is 90 % accurate and 50 % balanced (it never answers label 1); on a balanced set of
     # records the two measures agree.
     assert heads.accuracy[0] == pytest.approx(0.9) and heads.balanced_accuracy[0] == pytest.approx(0.5)
     even = np.concatenate([np.flatnonzero(gold == 0)[:100], np.flatnonzero(gold == 1)])
-    plain = stored_heads(oof[even], gold[even])
+    plain = stored_heads(oof[even], gold[even], np.zeros(len(even), dtype=bool))
     np.testing.assert_allclose(plain.balanced_accuracy, plain.accuracy)
 
 
@@ -284,16 +320,22 @@ def test_cascade_serves_the_first_exit_whose_head_is_sure(grown: Engine) -> None
     heads = auto.fit_task_heads(engine, SENTIMENT.name)
     policy, _, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05", None)
     assert isinstance(policy, CascadePolicy) and policy.last == heads.best_exit and policy.name == "cascade:0.05"
-    thresholds = heads.cascade_thresholds(0.05)
-    texts = ["a great movie", "the worst plot", "i loved it", "dull and slow"]
-    answers = engine.classify(SENTIMENT.name, texts, policy="cascade:0.05")
-    for text_, answer in zip(texts, answers):
-        prompt = engine._prompt(SENTIMENT, text_)
-        per_exit = [heads.probs(l, engine.backbone.exit_features([prompt], l).float().numpy())[0]
-                    for l in range(engine.depth + 1)]
-        first = next((l for l in range(heads.best_exit) if per_exit[l].max() >= thresholds[l]), heads.best_exit)
-        assert answer.exit_layer == first
-        np.testing.assert_allclose(answer.scores, per_exit[first], atol=1e-5)
+    np.testing.assert_array_equal(policy.thresholds, heads.cascade_thresholds(0.05))
+    texts = ["a great movie", "the worst plot", "i loved it", "dull and slow", "fine", "not for me"]
+    per_text = [np.stack([heads.probs(l, engine.backbone.exit_features([engine._prompt(SENTIMENT, t)], l)
+                                      .float().numpy())[0] for l in range(engine.depth + 1)]) for t in texts]
+    # Served as calibrated (60 records: too few to certify anything, so the best head answers), and with
+    # thresholds set between these texts' own confidences, so that some stop early and some do not.
+    sure = np.stack([p.max(-1) for p in per_text])  # [texts, exits]
+    middle = np.median(sure, 0)
+    middle[np.ptp(sure, 0) < 1e-6] = np.inf  # only exits whose heads tell these texts apart (exit 0 cannot)
+    for served in (policy, replace(policy, thresholds=tuple(float(t) for t in middle))):
+        answers = engine.classify(SENTIMENT.name, texts, policy=served)
+        for probs, answer in zip(per_text, answers):
+            first = int(cascade_exits(probs[None], np.array(served.thresholds), heads.best_exit)[0])
+            assert answer.exit_layer == first
+            np.testing.assert_allclose(answer.scores, probs[first], atol=1e-5)
+    assert len({a.exit_layer for a in answers}) > 1 or heads.best_exit == 0
     bounded, _, _ = engine.resolve_policy(SENTIMENT.name, "cascade:0.05:1", None)
     assert bounded.name == "cascade:0.05:1"
     assert all(a.exit_layer <= 1 for a in engine.classify(SENTIMENT.name, texts, policy="cascade:0.05:1"))

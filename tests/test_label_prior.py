@@ -180,6 +180,25 @@ def test_the_paired_gap_of_balanced_accuracy_and_its_interval() -> None:
         a.balanced_gap(PolicyResult("c", 2, gold[::-1], gold[::-1]), 2)
 
 
+def test_paired_bootstrap_intervals_match_a_row_by_row_resampling() -> None:
+    """The vectorised bootstrap draws the same rows as a plain loop over draws would, and scores them alike."""
+    from raee_server.core.evaluation import PolicyResult, _balanced
+
+    rng = np.random.default_rng(5)
+    gold = rng.integers(0, 3, 300)
+    a = PolicyResult("a", 2, gold.tolist(), np.where(rng.random(300) < 0.8, gold, (gold + 1) % 3).tolist())
+    b = PolicyResult("b", 2, gold.tolist(), np.where(rng.random(300) < 0.7, gold, (gold + 2) % 3).tolist())
+    draws = np.random.default_rng(0).integers(0, 300, (500, 300))
+    pa, pb = np.array(a.predicted), np.array(b.predicted)
+    for balanced in (False, True):
+        expected = [(_balanced(gold[i], pa[i], 3) - _balanced(gold[i], pb[i], 3)) if balanced else
+                    float(np.mean(pa[i] == gold[i]) - np.mean(pb[i] == gold[i])) for i in draws]
+        gap, low, high = a.balanced_gap(b, 3, draws=500) if balanced else a.accuracy_gap(b, draws=500)
+        assert (low, high) == pytest.approx(tuple(np.percentile(expected, [2.5, 97.5])), abs=1e-12)
+        plain = a.balanced_accuracy(3) - b.balanced_accuracy(3) if balanced else a.accuracy - b.accuracy
+        assert gap == pytest.approx(plain) and low < gap < high
+
+
 def calibrated_answers(labels: np.ndarray, rng: np.random.Generator, strength: float = 1.2) -> np.ndarray:
     """Posteriors of a classifier calibrated under equal label shares: p(y|x) = softmax(scores),
     where the score of the row's own label is raised by a noisy margin."""

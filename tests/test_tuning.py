@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from raee_server.core.auto import choose, needs_tuning, probs_from_sql, quotes, tune, validation_rows
+from raee_server.core.auto import choose, needs_tuning, probs_from_sql, tune, validation_rows
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
 from raee_server.core.evaluation import Measured
+from raee_server.core.groups import group_folds, near_duplicate_groups
 from raee_server.core.policies import parse_policy
 from raee_server.stores.records import record_id
 from raee_server.types import Neighbour
@@ -48,9 +49,20 @@ def test_validation_retrieves_leave_one_out(engine: Engine, tmp_path: Path) -> N
     assert all(r.probs.shape == (engine.depth + 1, 2) for r in rows)
 
 
-def test_validation_drops_neighbours_that_quote_the_record(engine: Engine, tmp_path: Path) -> None:
-    assert quotes("A  great movie", "what a great movie , really") and quotes("what a great movie", "great movie")
-    assert not quotes("a great movie", "a great movies") and not quotes("", "anything")
+def test_near_duplicate_groups_join_contained_texts_and_shared_runs_without_chaining() -> None:
+    texts = ["what a great movie , really", "A  great movie", "great movie", "what a great movie , really ok",
+             "a great movies", "a completely different sentence about cats", "about cats", "", "great"]
+    groups = near_duplicate_groups(texts)
+    # contained (3+ words, case and spacing folded) or sharing six words in a row: one group
+    assert groups[0] == groups[1] == groups[3]
+    # two words are too few to join on ("great movie" sits in many texts), a plural is another word
+    assert len({groups[0], groups[2], groups[4], groups[5], groups[6], groups[7], groups[8]}) == 7
+    folds = group_folds(np.array([0, 0, 0, 1, 2, 3, 4, 5, 5]), 3)
+    assert len(set(folds[:3])) == 1 and folds[7] == folds[8]  # a group never spans two folds
+    assert sorted(np.bincount(folds)) == [3, 3, 3]  # and the folds are as even as the groups allow
+
+
+def test_validation_drops_neighbours_that_are_near_duplicates_of_the_record(engine: Engine, tmp_path: Path) -> None:
     phrases = [("the plot is thin and the acting is worse", "negative"), ("the acting is worse", "negative"),
                ("the plot is thin", "negative"), ("a warm and funny film", "positive"),
                ("warm and funny", "positive"), ("a joy from start to end", "positive"),
@@ -58,11 +70,13 @@ def test_validation_drops_neighbours_that_quote_the_record(engine: Engine, tmp_p
     engine.create_task(SENTIMENT)
     engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "q.tsv", phrases)))
     texts = {record_id(SENTIMENT.name, t): t for t, _ in phrases}
-    # Each record's neighbours: every other record except those that quote it or that it quotes.
-    expected = sorted(sorted(u for u, _ in phrases if u != t and not quotes(u, t)) for t, _ in phrases)
+    # Each record's neighbours: every other record except those of its near-duplicate group.
+    group = dict(zip((t for t, _ in phrases), near_duplicate_groups([t for t, _ in phrases])))
+    expected = sorted(sorted(u for u, _ in phrases if group[u] != group[t]) for t, _ in phrases)
     rows = validation_rows(engine, SENTIMENT.name, len(phrases), 16)
     assert sorted(sorted(texts[n.id] for n in r.neighbours) for r in rows) == expected
-    assert min(len(e) for e in expected) == len(phrases) - 3  # the long sentence loses both of its phrases
+    # the long sentence and its two phrases lose each other; the warm film and its phrase each other
+    assert sorted(len(e) for e in expected)[:5] == [len(phrases) - 3] * 3 + [len(phrases) - 2] * 2
 
 
 def test_a_request_never_tunes_and_auto_follows_the_stored_choice(engine: Engine, tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from raee_server.core import auto as tuning
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
 from raee_server.core.evaluation import Measured, PolicyResult, layer_accuracy, measure, run_oracle, run_policy
-from raee_server.core.heads import ExitHeads, fit_heads
+from raee_server.core.groups import near_duplicate_groups, words
+from raee_server.core.heads import RISK_LEVEL, ExitHeads
 from raee_server.core.policies import ExitPolicy, bind, parse_policy
 from raee_server.stores.records import ExitRecord, LayerResult, record_id
 from raee_server.types import Choice, Row, TaskSpec
@@ -35,6 +36,9 @@ SWEEP_POLICIES = ("paper", "paper-all", "knn-agree", "knn-vote")
 
 
 CASCADE_SHOWN = ("cascade:0.01", "cascade:0.02", "cascade:0.03")  # the accuracy/depth trade, beside the tuned one
+BASELINES = ("key-logreg", "knn-vote", "paper")  # with the full-depth head: what `auto` must beat
+KEY_LOGREG_C = tuple(float(c) for c in np.logspace(-4, 3, 15))  # key-logreg's own cross-validated grid
+LEAK_NGRAM = 4  # a measured row that shares this many words in a row with a record is a leaked row
 KNN_HEADS_SHOWN = ("knn-heads:0.9", "knn-heads:0.95")  # not among auto's candidates (raee_server.core.auto); shown
 
 
@@ -59,35 +63,89 @@ class TaskBench:
     size_sweep: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     encoder_sweep: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     heads: dict[str, Any] = field(default_factory=dict)  # the exit heads' summary (version, fit time, accuracy)
+    dev_skip: int = 0  # the measured rows are dev rows dev_skip + 1 .. dev_skip + dev_rows
+    baseline_k: dict[str, int] = field(default_factory=dict)  # paper / knn-vote: the k their own validation chose
+    key_logreg_c: float = 0.0
+    leak_free: list[PolicyResult] = field(default_factory=list)  # the same policies on the rows that share
+    # no LEAK_NGRAM-word phrase with a record
+
+    @property
+    def best_baseline(self) -> PolicyResult | None:
+        """The best (by accuracy on these rows: the baselines' most favourable pick) of key-logreg,
+        knn-vote, paper and the head at full depth."""
+        pool = [r for r in self.results if r.name in (*BASELINES, f"heads:{self.depth}")]
+        return max(pool, key=lambda r: r.accuracy) if pool else None
+
+    def gaps(self, results: Sequence[PolicyResult] | None = None) -> dict[str, dict[str, float]]:
+        """Each result against the best baseline on the same rows: accuracy and balanced-accuracy
+        differences with 95 % paired bootstrap intervals."""
+        results = self.results if results is None else results
+        best_name = self.best_baseline.name if self.best_baseline else None
+        reference = next((r for r in results if r.name == best_name), None)
+        if reference is None:
+            return {}
+        out = {}
+        for r in results:
+            acc, acc_low, acc_high = r.accuracy_gap(reference)
+            bal, bal_low, bal_high = r.balanced_gap(reference, len(self.labels))
+            out[r.name] = {"accuracy": acc, "accuracy_low": acc_low, "accuracy_high": acc_high,
+                           "balanced": bal, "balanced_low": bal_low, "balanced_high": bal_high}
+        return out
+
+    def cascade_promises(self) -> list[dict[str, Any]]:
+        """Each cascade against the best fixed head on these rows: balanced accuracy lost (with its
+        paired interval) against its margin, and its depth as a share of the head's."""
+        head = next((r for r in self.results if r.name == f"heads:{self.heads.get('best_exit')}"), None)
+        out: list[dict[str, Any]] = []
+        if head is None:
+            return out
+        for r in self.results:
+            if r.name.startswith("cascade:"):
+                gap, low, high = head.balanced_gap(r, len(self.labels))
+                out.append({"policy": r.name, "margin": float(r.name.split(":")[1]), "balanced_lost": gap,
+                            "low": low, "high": high, "mean_exit": r.mean_exit, "head": head.name,
+                            "depth_share": r.mean_exit / max(head.mean_exit, 1e-9)})
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "task": self.task, "depth": self.depth, "labels": self.labels, "train_rows": self.train_rows,
-            "dev_rows": self.dev_rows, "k": self.k, "auto": self.tuned.to_dict(),
-            "calibrated_on_train": self.calibrated,
-            "policies": [r.summary(len(self.labels)) for r in self.results],
+            "dev_rows": self.dev_rows, "dev_skip": self.dev_skip, "k": self.k, "auto": self.tuned.to_dict(),
+            "calibrated_on_train": self.calibrated, "baseline_k": self.baseline_k,
+            "key_logreg_c": self.key_logreg_c,
+            "best_baseline": self.best_baseline.name if self.best_baseline else None,
+            "policies": [{**r.summary(len(self.labels)), **self.gaps().get(r.name, {})} for r in self.results],
+            "leak_free": [{**r.summary(len(self.labels)), **self.gaps(self.leak_free).get(r.name, {})}
+                          for r in self.leak_free],
+            "cascades": self.cascade_promises(),
             "layer_accuracy": self.layer_accuracy, "latency_us": self.latency,
             "k_sweep": self.k_sweep, "size_sweep": self.size_sweep, "encoder_sweep": self.encoder_sweep,
             "heads": self.heads,
         }
 
     def against_baselines(self) -> list[str]:
-        """`auto` against the best method that needs no exit heads, and each per-input heads policy
-        against the best fixed head (accuracy in points, depth as a share)."""
+        """`auto` against the best baseline, and each per-input heads policy against the best fixed head
+        (points with 95 % paired intervals, depth as a share)."""
         by_name = {r.name: r for r in self.results}
-        baselines = [r for r in self.results if r.name in ("full", "paper", "knn-vote", "key-logreg")]
         auto = next((r for r in self.results if r.name.startswith("auto=")), None)
+        best = self.best_baseline
         lines = []
-        if auto and baselines:
-            best = max(baselines, key=lambda r: r.accuracy)
+        if auto and best:
+            gap = self.gaps()[auto.name]
             lines.append(f"- {auto.name}: {100 * auto.accuracy:.1f} % at mean exit {auto.mean_exit:.2f} "
                          f"({100 * auto.mean_exit / self.depth:.0f} % of the depth), "
-                         f"{100 * (auto.accuracy - best.accuracy):+.1f} points against the best baseline "
+                         f"{100 * gap['accuracy']:+.1f} points [{100 * gap['accuracy_low']:+.1f}, "
+                         f"{100 * gap['accuracy_high']:+.1f}] against the best baseline "
                          f"({best.name}, {100 * best.accuracy:.1f} %)")
-        head = next((r for r in self.results if r.name.startswith("heads:")), None)
+        for c in self.cascade_promises():
+            lines.append(f"- {c['policy']}: loses {100 * c['balanced_lost']:+.1f} points of balanced accuracy "
+                         f"[{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] against {c['head']} (promise: at most "
+                         f"{100 * c['margin']:.0f}, at 1 - delta = {1 - RISK_LEVEL:.2f}), at "
+                         f"{100 * c['depth_share']:.0f} % of its depth")
+        head = next((r for r in self.results if r.name == f"heads:{self.heads.get('best_exit')}"), None)
         if head:
             for r in self.results:
-                if r.name.split(":")[0] in ("cascade", "knn-heads", "paper-heads") and r.name in by_name:
+                if r.name.split(":")[0] in ("knn-heads", "paper-heads") and r.name in by_name:
                     lines.append(f"- {r.name}: {100 * (r.accuracy - head.accuracy):+.1f} points against {head.name} "
                                  f"at {100 * r.mean_exit / max(head.mean_exit, 1e-9):.0f} % of its depth")
         return lines
@@ -169,22 +227,57 @@ def latency(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[t
 
 
 def key_logreg(engine: Engine, spec: TaskSpec, train: Path, train_rows: int, rows: Sequence[Row],
-               depth: int) -> PolicyResult:
-    """What a practitioner tries first: logistic regression on the retrieval keys (no backbone),
-    fit on the train records with C chosen by cross-validation, as the exit heads are."""
+               depth: int) -> tuple[PolicyResult, float]:
+    """What a practitioner tries first: scikit-learn's logistic regression on the retrieval keys (no
+    backbone), standardised, class-weighted, with its own grouped 5-fold cross-validation over a wide C
+    grid (KEY_LOGREG_C) on balanced accuracy; the folds keep near-duplicates together, as the heads'
+    do. Returns the result and the chosen C."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import GroupKFold
+
     records = first_rows(train, train_rows)
-    keys = engine.encoder.encode([r.text for r in records])
-    fitted = fit_heads(np.asarray(keys, dtype=np.float32)[:, None, :], [spec.label_index(r.label) for r in records],
-                       len(spec.labels), [str(i) for i in range(len(records))], spec.label_names)
-    probs = fitted.probs(0, np.asarray(engine.encoder.encode([r.text for r in rows]), dtype=np.float32))
-    return PolicyResult("key-logreg", depth, [spec.label_index(r.label) for r in rows],
-                        [int(p.argmax()) for p in probs], [0] * len(rows))
+    keys = np.asarray(engine.encoder.encode([r.text for r in records]), dtype=np.float64)
+    mean, scale = keys.mean(0), keys.std(0) + 1e-12
+    labels = np.array([spec.label_index(r.label) for r in records])
+    folds = list(GroupKFold(n_splits=5).split(keys, labels, near_duplicate_groups([r.text for r in records])))
+    model = LogisticRegressionCV(Cs=list(KEY_LOGREG_C), l1_ratios=(0.0,), cv=folds, scoring="balanced_accuracy",
+                                 class_weight="balanced", max_iter=3000, use_legacy_attributes=False
+                                 ).fit((keys - mean) / scale, labels)
+    measured = (np.asarray(engine.encoder.encode([r.text for r in rows]), dtype=np.float64) - mean) / scale
+    predicted = model.predict(measured)
+    return (PolicyResult("key-logreg", depth, [spec.label_index(r.label) for r in rows],
+                         [int(p) for p in predicted], [0] * len(rows)), float(np.ravel(model.C_)[0]))
+
+
+def tuned_k(validation: Sequence[Measured], name: str, depth: int, labels: Sequence[str], objective: str) -> int:
+    """The k a retrieval baseline's own validation picks (the task's objective, leave-one-out on the
+    records, as `auto`'s is; the smaller k among equals): the same tuning budget for the baselines."""
+    policy = parse_policy(name)
+    scored = [(round(tuning.score(run_policy(policy, validation, depth, labels, k), objective, len(labels)), 6), -k)
+              for k in tuning.K_CHOICES]
+    return -max(scored)[1]
+
+
+def leak_free_rows(records: Sequence[str], rows: Sequence[Row], n: int = LEAK_NGRAM) -> list[int]:
+    """Indices of the measured rows that share no run of n words with any record, and that no record
+    contains whole (a short row could otherwise sit inside a record without n words in common)."""
+    runs = {w[i : i + n] for w in map(words, records) for i in range(len(w) - n + 1)}
+    joined = [" " + " ".join(words(t)) + " " for t in records]
+    found = []
+    for i, row in enumerate(rows):
+        w = words(row.text)
+        if any(w[j : j + n] in runs for j in range(len(w) - n + 1)):
+            continue
+        if len(w) < n and any(" " + " ".join(w) + " " in r for r in joined):
+            continue
+        found.append(i)
+    return found
 
 
 def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_rows: int, dev_rows: int,
                k: int = 12, latency_rows: int = 48, sweeps: Sequence[str] = ("k", "size", "encoder"),
                encoders: Sequence[Engine] = (), sizes: Sequence[int] = SIZE_SWEEP,
-               use_heads: bool = True) -> TaskBench:
+               use_heads: bool = True, dev_skip: int = 0) -> TaskBench:
     task = spec.name
     ensure_task(engine, spec)
     build(engine, task, train, train_rows)
@@ -205,32 +298,40 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     tuned = Choice(best[0], best[1], best[2], best[3], len(validation), train_rows,
                    datetime.now(UTC).isoformat(timespec="seconds"), 0.0, heads.version if heads else 0,
                    spec.objective)
+    # the retrieval baselines get their own k from the same validation (auto searches k too)
+    baseline_k = {name: tuned_k(validation, name, depth, labels, spec.objective) for name in ("paper", "knn-vote")}
 
-    rows = first_rows(dev, dev_rows)
+    rows = first_rows(dev, dev_rows, skip=dev_skip)
     with _bar(len(rows), f"{task}: measure") as bar:
         measured = measure(engine, task, rows, max(K_SWEEP), progress=bar.update)
     names = ["full", calibrated["static"], calibrated["confidence"], "paper", "paper-all", calibrated["paper-tol"],
              "knn-agree", "knn-vote"]
-    if heads:  # the best fixed head (out of fold on train), the paper over head-judged exits, the stop rule
-        names += [f"heads:{heads.best_exit}", "paper-heads", *KNN_HEADS_SHOWN, calibrated["cascade"], *CASCADE_SHOWN]
+    if heads:  # the best fixed head (on the fit split), the head at full depth, the paper over head-judged
+        # exits, the stop rules
+        names += [f"heads:{heads.best_exit}", f"heads:{depth}", "paper-heads", *KNN_HEADS_SHOWN,
+                  calibrated["cascade"], *CASCADE_SHOWN]
         names = list(dict.fromkeys(names))
 
     def policy(name: str) -> ExitPolicy:
         return bind(parse_policy(name), heads) if heads else parse_policy(name)
 
-    results = [run_policy(policy(n), measured, depth, labels, k) for n in names]
     auto = run_policy(policy(best[0]), measured, depth, labels, best[1])
     auto.name = f"auto={best[0]}"
-    results += [auto, key_logreg(engine, spec, train, train_rows, rows, depth), run_oracle(measured, depth)]
+    logreg, logreg_c = key_logreg(engine, spec, train, train_rows, rows, depth)
+    results = [*(run_policy(policy(n), measured, depth, labels, baseline_k.get(n, k)) for n in names), auto, logreg,
+               run_oracle(measured, depth)]
     if heads:
         oracle = run_oracle([Measured(m.gold, m.head_probs, m.neighbours) for m in measured
                              if m.head_probs is not None], depth)
         oracle.name = "oracle-heads"
         results.append(oracle)
+    clean = leak_free_rows([r.text for r in first_rows(train, train_rows)], rows)
     report = TaskBench(task, depth, labels, train_rows, len(rows), k, tuned, calibrated, results,
-                       layer_accuracy(measured), heads=heads.summary() if heads else {})
+                       layer_accuracy(measured), heads=heads.summary() if heads else {}, dev_skip=dev_skip,
+                       baseline_k=baseline_k, key_logreg_c=logreg_c,
+                       leak_free=[r.subset(clean) for r in results if not r.name.startswith("oracle")])
 
-    served = [(n, n, k) for n in names] + [(auto.name, best[0], best[1])]
+    served = [(n, n, baseline_k.get(n, k)) for n in names] + [(auto.name, best[0], best[1])]
     report.latency = latency(engine, task, rows[:latency_rows], served)
 
     if "k" in sweeps:
@@ -271,24 +372,47 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
     out = ["# Benchmark", "", f"Command: `{command}`", ""]
     for r in reports:
         n = len(r.labels)
+        measured = (f"dev rows {r.dev_skip + 1}-{r.dev_skip + r.dev_rows}" if r.dev_skip
+                    else f"first {r.dev_rows} dev rows")
         out += [f"## {r.task}", "",
-                f"Database: first {r.train_rows} train rows; measured: first {r.dev_rows} dev rows; "
-                f"backbone depth {r.depth}; k = {r.k}. Static layer, confidence threshold and tolerance "
-                f"chosen on the train records (leave-one-out): {', '.join(r.calibrated.values())}; "
-                f"auto chose {r.tuned.policy} with k = {r.tuned.k} "
+                f"Database: first {r.train_rows} train rows; measured: {measured}; "
+                f"backbone depth {r.depth}; k = {r.k} (paper k = {r.baseline_k.get('paper', r.k)}, knn-vote "
+                f"k = {r.baseline_k.get('knn-vote', r.k)}: each chosen by its own validation on the records; "
+                f"key-logreg C = {r.key_logreg_c:g} by its own grouped cross-validation). Static layer, "
+                f"confidence threshold and tolerance chosen on the train records (leave-one-out): "
+                f"{', '.join(r.calibrated.values())}; auto chose {r.tuned.policy} with k = {r.tuned.k} "
                 f"({r.tuned.objective.replace('_', ' ')} {100 * r.tuned.accuracy:.1f} % on "
                 f"{r.tuned.validation_rows} validation records).", ""]
         if r.heads:
-            out += [f"Exit heads v{r.heads['version']}: fit on {r.heads['records']} records in "
+            out += [f"Exit heads v{r.heads['version']}: fit on {r.heads.get('fit_records', r.heads['records'])} "
+                    f"records ({r.heads.get('calibration_records', 0)} more held out to certify the cascade) in "
                     f"{r.heads['seconds']:.0f} s; out-of-fold accuracy per exit: "
-                    + " ".join(f"L{i}={100 * a:.1f}%" for i, a in enumerate(r.heads["accuracy"])), ""]
-        out += [*r.against_baselines(), "",
-                "| policy | accuracy | balanced accuracy | macro-F1 | mean exit | p95 exit | layers saved |",
-                "|---|---|---|---|---|---|---|"]
-        for p in r.results:
-            out.append(f"| {p.name} | {100 * p.accuracy:.1f} % | {100 * p.balanced_accuracy(n):.1f} % | "
-                       f"{100 * p.macro_f1(n):.1f} % | {p.mean_exit:.2f} | "
-                       f"{p.p95_exit:.0f} | {100 * p.layers_saved:.0f} % |")
+                    + " ".join(f"L{i}={100 * a:.1f}%" for i, a in enumerate(r.heads["accuracy"])), "",
+                    "C per exit: " + " ".join(f"L{i}={c:g}" for i, c in enumerate(r.heads.get("c", [])))
+                    + f" ({r.heads.get('c_at_grid_edge', 0)} of {len(r.heads.get('c', []))} at an edge of the grid)",
+                    ""]
+        best = r.best_baseline
+        out += [*r.against_baselines(), ""]
+        for title, results in (("", r.results), ("leak-free", r.leak_free)):
+            if not results:
+                continue
+            gaps = r.gaps(results)
+            if title:
+                out += [f"On the {results[0].rows} of these {r.dev_rows} rows that share no {LEAK_NGRAM}-word "
+                        "phrase with a record (and sit inside none):", ""]
+            out += [f"| policy | accuracy | vs {best.name if best else 'best baseline'} [95 % CI] | "
+                    "balanced accuracy | vs it, balanced [95 % CI] | macro-F1 | mean exit | p95 exit | layers saved |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+            for p in results:
+                g = gaps.get(p.name)
+                vs = (f"{100 * g['accuracy']:+.1f} [{100 * g['accuracy_low']:+.1f}, {100 * g['accuracy_high']:+.1f}]"
+                      if g else "")
+                vs_bal = (f"{100 * g['balanced']:+.1f} [{100 * g['balanced_low']:+.1f}, "
+                          f"{100 * g['balanced_high']:+.1f}]" if g else "")
+                out.append(f"| {p.name} | {100 * p.accuracy:.1f} % | {vs} | {100 * p.balanced_accuracy(n):.1f} % | "
+                           f"{vs_bal} | {100 * p.macro_f1(n):.1f} % | {p.mean_exit:.2f} | "
+                           f"{p.p95_exit:.0f} | {100 * p.layers_saved:.0f} % |")
+            out.append("")
         if r.latency:
             out += ["", "Served latency, one text per request (µs, p50 / p95):", "",
                     "| policy | encode | retrieve | forward | total |", "|---|---|---|---|---|"]

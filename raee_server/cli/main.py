@@ -515,6 +515,8 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
               show_default=True, help="key encoders compared with the main one in the encoder sweep")
 @click.option("--size", "sizes", multiple=True, type=int, help="database sizes of the size sweep "
               "(default 500, 1000, 2000, 5000, 10000, 20000, 60000, capped at --train-rows)")
+@click.option("--dev-skip", default=0, show_default=True,
+              help="measure dev rows after the first N (e.g. 500: report on rows no design decision saw)")
 @click.option("--heads/--no-heads", "use_heads", default=True, show_default=True,
               help="fit and measure exit heads (their fit grows with the database: 128 s at 5,000 SST-2 "
               "records on two cores, docs/results.md)")
@@ -523,7 +525,7 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
 @reports
 def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int, dev_rows: int, k: int,
           latency_rows: int, sweeps: tuple[str, ...], alt_encoders: tuple[str, ...], sizes: tuple[int, ...],
-          use_heads: bool, out: Path) -> dict[str, Any]:
+          dev_skip: int, use_heads: bool, out: Path) -> dict[str, Any]:
     """Every exit policy side by side on each task: tables, JSON and plots in --out.
 
     Stores go to <out>/data unless --data-dir is given, so a bench never touches the service's data.
@@ -548,7 +550,7 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
     for name in tasks:
         report = harness.bench_task(engine, shipped_spec(name), data_root / name / "train.tsv",
                                     data_root / name / "dev.tsv", train_rows, dev_rows, k, latency_rows, sweeps,
-                                    others, sizes or harness.SIZE_SWEEP, use_heads)
+                                    others, sizes or harness.SIZE_SWEEP, use_heads, dev_skip)
         harness.print_summary(report, obj.say)
         done.append(report)
     command = "raee-admin " + " ".join(sys.argv[1:])

@@ -6,8 +6,11 @@ the server's background re-tuner (when a task grew by RAEE_RETUNE_GROWTH) call `
 read the stored `Choice`.
 
 Validation costs no backbone forward: each validation record's per-exit
-predictions are in SQL, and its neighbours are retrieved leave-one-out (the
-record itself, and any record that quotes it or that it quotes, are dropped from its neighbours).
+predictions are in SQL, and its neighbours are retrieved leave-one-out: the record itself and
+its near-duplicates (one text inside the other, or a shared run of words; raee_server.core.groups,
+the same groups the exit heads' folds keep together) are dropped from its neighbours. Kept, they
+make retrieval look better on validation than on new text (SST-2's records are phrases cut from the
+same sentences; measured: docs/results.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from raee_server.core.engine import Engine
 from raee_server.core.evaluation import Measured, PolicyResult, run_policy
+from raee_server.core.groups import near_duplicate_groups
 from raee_server.core.heads import MIN_RECORDS as HEADS_MIN_RECORDS
 from raee_server.core.heads import ExitHeads, fit_heads
 from raee_server.core.policies import bind, parse_policy
@@ -85,31 +89,18 @@ def validation_rows(engine: Engine, task: str, n: int, k_max: int, seed: int = 0
     sample = random.Random(seed).sample(examples, min(n, len(examples)))
     layers = engine.metadata.layer_results([rid for rid, _, _ in sample])
     found, _ = engine.neighbours(task, [text for _, text, _ in sample], 2 * k_max + 1)
-    texts = {rid: text for rid, text, _ in examples}
+    group = dict(zip((rid for rid, _, _ in examples), near_duplicate_groups([text for _, text, _ in examples])))
     heads = engine.heads(task)
     rows = []
-    for (rid, text, label), neighbours in zip(sample, found):
-        others = [nb for nb in neighbours if nb.id != rid and not quotes(texts.get(nb.id, ""), text)][:k_max]
+    for (rid, _text, label), neighbours in zip(sample, found):
+        # the record itself and its near-duplicates (the same group the heads' folds keep together)
+        others = [nb for nb in neighbours if group.get(nb.id, -1) != group[rid]][:k_max]
         judged = heads.judged(rid) if heads else None  # out of fold: the head never saw this record
         rows.append(Measured(spec.label_index(label), probs_from_sql(layers[rid], spec.label_names), others,
                              judged, engine.head_judged(others, heads, spec) if heads else None))
     if heads is not None and any(r.head_probs is None for r in rows):  # records newer than the heads
         rows = [r for r in rows if r.head_probs is not None]
     return rows
-
-
-def _words(text: str) -> str:
-    return " " + " ".join(text.lower().split()) + " "
-
-
-def quotes(a: str, b: str) -> bool:
-    """One text contains the other, word for word (e.g. SST-2's phrases cut from its sentences).
-
-    Leave-one-out validation drops such neighbours: a record is not independent evidence about a
-    text it is part of, and traffic does not quote the records. Kept, they make retrieval look
-    better on validation than on new text (measured on SST-2: docs/results.md)."""
-    wa, wb = _words(a), _words(b)
-    return len(wa) > 2 and len(wb) > 2 and (wa in wb or wb in wa)
 
 
 def score(result: PolicyResult, objective: str, n_labels: int) -> float:
@@ -181,8 +172,10 @@ def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[
     (raee_server.serving.fitter)."""
     spec = metadata.task(task).spec
     ids, labels, features = metadata.features(task)
+    texts = {rid: text for rid, text, _ in metadata.committed_examples(task)}
+    groups = near_duplicate_groups([texts.get(rid, rid) for rid in ids])
     heads = fit_heads(features, [spec.label_index(label) for label in labels], len(spec.labels), ids,
-                      spec.label_names, progress=progress, cancelled=cancelled)
+                      spec.label_names, groups=groups, progress=progress, cancelled=cancelled)
     heads.fitted_at = datetime.now(UTC).isoformat(timespec="seconds")
     heads.version = metadata.save_heads(task, heads.summary(), heads.to_bytes())
     return heads
@@ -203,7 +196,9 @@ def needs_heads(engine: Engine, task: str) -> bool:
     if info.records < HEADS_MIN_RECORDS:
         return False
     heads = engine.heads(task)
-    return heads is None or info.records > len(heads.record_ids) * (1 + engine.settings.retune_growth)
+    if heads is None or heads.calibration is None:  # none, or fit before the cascade had a calibration split
+        return True
+    return info.records > len(heads.record_ids) * (1 + engine.settings.retune_growth)
 
 
 def needs_tuning_after_heads(engine: Engine, task: str) -> bool:

@@ -36,6 +36,36 @@ def _balanced(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
     return float(np.mean(recalls)) if recalls else 0.0
 
 
+def paired_gap(a: PolicyResult, b: PolicyResult, n_labels: int, balanced: bool, draws: int = 2000, seed: int = 0
+               ) -> tuple[float, float, float]:
+    """a's score minus b's (accuracy, or balanced accuracy) on the same rows, and a 95 % paired bootstrap
+    interval: rows drawn with replacement, both answers of a row kept together, so what the two share
+    (the rows' difficulty) cancels and the interval is about their difference alone."""
+    if a.gold != b.gold:
+        raise InvalidInput("a paired gap needs both results on the same rows")
+    gold = np.array(a.gold)
+    diff = (np.array(a.predicted) == gold).astype(np.float64) - (np.array(b.predicted) == gold)
+    draw = np.random.default_rng(seed).integers(0, len(gold), (draws, len(gold)))
+    if not balanced:
+        gaps = diff[draw].mean(1)
+        point = float(diff.mean())
+    else:
+        recalls, point_recalls = [], []
+        for c in range(max(n_labels, int(gold.max()) + 1)):
+            mask = gold == c
+            if not mask.any():
+                continue
+            drawn = mask[draw]
+            # a draw without this label leaves its recall out, as _balanced does for an absent label
+            recalls.append(np.where(drawn.any(1), (diff[draw] * drawn).sum(1) / np.maximum(drawn.sum(1), 1),
+                                    np.nan))
+            point_recalls.append(diff[mask].mean())
+        gaps = np.nanmean(np.stack(recalls), 0)
+        point = float(np.mean(point_recalls))
+    low, high = np.percentile(gaps, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
 @dataclass
 class PolicyResult:
     name: str
@@ -60,18 +90,13 @@ class PolicyResult:
     def balanced_gap(self, other: PolicyResult, n_labels: int, draws: int = 2000, seed: int = 0
                      ) -> tuple[float, float, float]:
         """This result's balanced accuracy minus `other`'s on the same rows, with a 95 % paired
-        bootstrap interval (rows drawn with replacement, both answers of a row kept together): a
-        few rows of a rare label move balanced accuracy by points, and the interval says how far."""
-        if self.gold != other.gold:
-            raise InvalidInput("a paired gap needs both results on the same rows")
-        gold, a, b = np.array(self.gold), np.array(self.predicted), np.array(other.predicted)
-        rng = np.random.default_rng(seed)
-        gaps = []
-        for _ in range(draws):
-            i = rng.integers(0, len(gold), len(gold))
-            gaps.append(_balanced(gold[i], a[i], n_labels) - _balanced(gold[i], b[i], n_labels))
-        low, high = np.percentile(gaps, [2.5, 97.5])
-        return self.balanced_accuracy(n_labels) - other.balanced_accuracy(n_labels), float(low), float(high)
+        bootstrap interval (`paired_gap`): a few rows of a rare label move balanced accuracy by
+        points, and the interval says how far."""
+        return paired_gap(self, other, n_labels, balanced=True, draws=draws, seed=seed)
+
+    def accuracy_gap(self, other: PolicyResult, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+        """This result's accuracy minus `other`'s on the same rows, with a 95 % paired bootstrap interval."""
+        return paired_gap(self, other, 0, balanced=False, draws=draws, seed=seed)
 
     def macro_f1(self, n_labels: int) -> float:
         gold, pred = np.array(self.gold), np.array(self.predicted)
@@ -82,6 +107,11 @@ class PolicyResult:
             if tp + fp + fn:
                 scores.append(2 * tp / (2 * tp + fp + fn))
         return float(np.mean(scores)) if scores else 0.0
+
+    def subset(self, rows: Sequence[int]) -> PolicyResult:
+        """The same answers on some of the rows (e.g. those no record leaks into)."""
+        return PolicyResult(self.name, self.depth, [self.gold[i] for i in rows], [self.predicted[i] for i in rows],
+                            [self.exits[i] for i in rows])
 
     @property
     def mean_exit(self) -> float:

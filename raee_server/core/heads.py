@@ -4,14 +4,20 @@ On Gemma 3 270M the logit lens of most exits predicts one constant label, yet a 
 the same exit's hidden state beats the full model (docs/results.md). So each task gets, per exit,
 a multinomial logistic regression on the standardised readout features:
 
-- the L2 strength is chosen per exit by k-fold cross-validation on the records (out-of-fold
-  balanced accuracy, then log-loss), with class weights that balance the labels; the best exit
-  and the cascades' thresholds are judged class-weighted too, so a database with more of one
-  label does not make the heads favour it (the records' label mix is not the traffic's);
-- every record is also judged by heads that never saw it (its out-of-fold probabilities), so
-  policies that aggregate the neighbours' correct exits (`paper-heads`) and `auto`'s validation
-  read honest judgments;
-- all exits are fit at once, as one batched problem ([E, N, H] @ [E, H, C]) with L-BFGS.
+- the records are split once, by near-duplicate group (raee_server.core.groups): a calibration
+  split (`CALIBRATION_SHARE`, at most `CALIBRATION_ROWS` rows) that only the cascade's stopping rule
+  reads, and a fit split that trains the heads that are served;
+- on the fit split, the L2 strength is chosen per exit by grouped k-fold cross-validation over a wide
+  grid (out-of-fold balanced accuracy, then log-loss), with class weights that balance the labels;
+  the best exit is judged class-weighted too, so a database with more of one label does not make the
+  heads favour it (the records' label mix is not the traffic's);
+- every record is judged by heads that never saw it: fit-split records out of fold, calibration
+  records by the served heads; policies that aggregate the neighbours' correct exits (`paper-heads`)
+  and `auto`'s validation read these judgments;
+- the cascade's thresholds are certified on the calibration split by Learn-then-Test (Angelopoulos et
+  al., 2021; as CALM, Schuster et al., 2022): see `ExitHeads.cascade_thresholds`;
+- all exits are fit at once, as one batched problem ([E, N, H] @ [E, H, C]) with L-BFGS, each C warm-
+  started from the previous one's solution.
 
 Fitting runs off the request path (`raee-admin fit-heads`, after a local ingest, and in the
 server's background); a fit makes a new version that replaces the served one atomically.
@@ -28,18 +34,30 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import beta
 
+from raee_server.core.groups import group_folds
 from raee_server.errors import InvalidInput
 
-C_GRID = (0.01, 0.1, 1.0)  # inverse L2 strength, as scikit-learn's C (per record, class-weighted)
+# Inverse L2 strength, as scikit-learn's C (per record, class-weighted). Wide on purpose: on 5,000-record
+# databases every task's best head sat at the lower edge of {0.01, 0.1, 1} (issue 24).
+C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 FOLDS = 5
 MIN_RECORDS = 20
+CALIBRATION_SHARE = 0.3  # of the records (whole near-duplicate groups), held out for the cascade
+CALIBRATION_ROWS = 5000  # at most: beyond that the bound is tight and the heads want the records
+CALIBRATION_MIN_RECORDS = 100  # below this, no calibration split: cascades never stop early
+RISK_LEVEL = 0.1  # delta: the cascade's promise fails with probability at most this
+# The cascade's candidate stopping rules, most cautious first: per-exit thresholds proposed on the fit
+# split's out-of-fold probabilities at each of these proposal margins; Learn-then-Test keeps the last
+# one in this order whose risk it certifies.
+PROPOSALS = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
 
 @dataclass
 class ExitHeads:
     """Fitted heads of one task: probabilities at any exit from its features, and the records'
-    out-of-fold judgments."""
+    judgments by heads that never saw them."""
 
     labels: list[str]
     mean: np.ndarray  # [E, H] feature means
@@ -47,10 +65,11 @@ class ExitHeads:
     weight: np.ndarray  # [E, H, C]
     bias: np.ndarray  # [E, C]
     c: np.ndarray  # [E] chosen C
-    accuracy: np.ndarray  # [E] out-of-fold accuracy on the records
+    accuracy: np.ndarray  # [E] out-of-fold accuracy on the fit split
     record_ids: list[str]
-    oof: np.ndarray  # [N, E, C] float16 out-of-fold probabilities of each record
+    oof: np.ndarray  # [N, E, C] float16: fit split out of fold, calibration split by the served heads
     gold: np.ndarray | None = None  # [N] each record's label index (None in heads stored before it was kept)
+    calibration: np.ndarray | None = None  # [N] bool: the record is in the calibration split (None: older heads)
     version: int = 0
     fitted_at: str = ""
     seconds: float = 0.0
@@ -64,15 +83,21 @@ class ExitHeads:
     def exits(self) -> int:
         return int(self.weight.shape[0])
 
+    @property
+    def fit_rows(self) -> np.ndarray:
+        """[N] bool: the records that trained the heads (all but the calibration split)."""
+        return np.ones(len(self.record_ids), dtype=bool) if self.calibration is None else ~self.calibration
+
     @cached_property
     def balanced_accuracy(self) -> np.ndarray:
-        """[E] out-of-fold balanced accuracy (mean recall over the labels) on the records; plain
-        accuracy for heads stored before the records' labels were kept. Computed once: policies
-        bound to these heads read the best exit."""
+        """[E] out-of-fold balanced accuracy (mean recall over the labels) on the fit split; plain
+        accuracy for heads stored before the records' labels were kept. The calibration split plays
+        no part: the best exit (the cascade's bound) is fixed before the cascade looks at it."""
         if self.gold is None:
             return self.accuracy
-        correct = self.oof.argmax(-1) == self.gold[:, None]  # [N, E]
-        weights = row_weights(self.gold)
+        rows = self.fit_rows
+        correct = self.oof[rows].argmax(-1) == self.gold[rows, None]  # [N, E]
+        weights = row_weights(self.gold[rows])
         return np.asarray((weights[:, None] * correct).sum(0) / weights.sum())
 
     @property
@@ -92,30 +117,54 @@ class ExitHeads:
         return _softmax(np.einsum("neh,ehc->nec", x, self.weight) + self.bias)
 
     def judged(self, record_id: str) -> np.ndarray | None:
-        """A record's out-of-fold probabilities at every exit [E, C]; None for records newer than the fit."""
+        """A record's probabilities at every exit [E, C] by heads that never saw it; None for records
+        newer than the fit."""
         i = self._index.get(record_id)
         return None if i is None else self.oof[i].astype(np.float64)
 
     def cascade_thresholds(self, margin: float, bound: int | None = None) -> np.ndarray:
         """Per-exit confidence thresholds [E] of the cascade that stops each row at the first exit
         whose head is at least that sure, and otherwise answers with the head at `bound` (default:
-        the best exit). Calibrated on the records' out-of-fold probabilities, exit by exit: at each
-        exit, the lowest threshold at which the rows still running that would stop there lose at
-        most `margin` balanced accuracy (plus one standard error) against what the bound's head gets
-        on those same rows. So the cascade's out-of-fold balanced accuracy is at most `margin` below
-        the bound head's; inf: never stop. Balanced: each record counts in inverse proportion to its
-        label's records, so errors on a rare label are not cheap."""
+        the best exit); inf: never stop there.
+
+        The promise: with probability at least 1 - RISK_LEVEL over the calibration records, on new
+        rows the cascade's answer differs from the bound head's on at most `margin` of each label's
+        rows on average over the labels, so its balanced accuracy is at most `margin` below the bound
+        head's. Assumption: within each label, the new rows and the calibration records are
+        exchangeable (the same distribution; the label mix may differ, since each label counts alone).
+
+        How: candidate rules are proposed on the fit split (the heuristic `_propose` at each of
+        PROPOSALS, most cautious first); each is then tested on the calibration split, which neither
+        fit the heads nor proposed the rules, with an upper confidence bound on its risk (`_risk_bound`),
+        in that fixed order, stopping at the first it cannot certify (fixed-sequence testing: no
+        correction for the number of candidates is needed). The last certified rule is served; none
+        certified: never stop early, answer at the bound.
+        """
         bound = self.best_exit if bound is None else bound
         key = (round(margin, 6), bound)
         if key not in self._cascades:
-            if self.gold is None:
-                raise InvalidInput("these exit heads predate cascade calibration: refit them (`raee-admin fit-heads`)")
-            self._cascades[key] = _cascade(self.oof.astype(np.float64), self.gold, margin, bound)
+            self._cascades[key] = self._certified(margin, bound)
         return self._cascades[key]
+
+    def _certified(self, margin: float, bound: int) -> np.ndarray:
+        never = np.full(self.exits, np.inf)
+        if self.gold is None or self.calibration is None or not self.calibration.any():
+            return never  # heads stored before calibration splits, or too few records: no promise, no stop
+        probs = self.oof.astype(np.float64)
+        fit, cal = self.fit_rows, self.calibration
+        chosen = never
+        for proposal in PROPOSALS:
+            thresholds = _propose(probs[fit], self.gold[fit], proposal, bound)
+            if _risk_bound(probs[cal], self.gold[cal], thresholds, bound, len(self.labels)) > margin:
+                break
+            chosen = thresholds
+        return chosen
 
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "fitted_at": self.fitted_at, "seconds": round(self.seconds, 2),
-                "records": len(self.record_ids), "c": [float(c) for c in self.c],
+                "records": len(self.record_ids), "fit_records": int(self.fit_rows.sum()),
+                "calibration_records": int(self.calibration.sum()) if self.calibration is not None else 0,
+                "c": [float(c) for c in self.c], "c_at_grid_edge": int(np.isin(self.c, (C_GRID[0], C_GRID[-1])).sum()),
                 "accuracy": [round(float(a), 4) for a in self.accuracy], "best_exit": self.best_exit}
 
     def to_bytes(self) -> bytes:
@@ -127,6 +176,8 @@ class ExitHeads:
             "record_ids": np.array(self.record_ids), "oof": self.oof.astype(np.float16)}
         if self.gold is not None:
             arrays["gold"] = self.gold.astype(np.int32)
+        if self.calibration is not None:
+            arrays["calibration"] = self.calibration.astype(bool)
         np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
         return buffer.getvalue()
 
@@ -136,7 +187,7 @@ class ExitHeads:
         return cls([str(x) for x in z["labels"]], z["mean"].astype(np.float64), z["scale"].astype(np.float64),
                    z["weight"].astype(np.float64), z["bias"].astype(np.float64), z["c"], z["accuracy"],
                    [str(x) for x in z["record_ids"]], z["oof"], z["gold"] if "gold" in z.files else None,
-                   version, fitted_at, seconds)
+                   z["calibration"] if "calibration" in z.files else None, version, fitted_at, seconds)
 
 
 def row_weights(gold: np.ndarray) -> np.ndarray:
@@ -147,9 +198,36 @@ def row_weights(gold: np.ndarray) -> np.ndarray:
     return np.asarray(len(gold) / (present * counts[gold]), dtype=np.float64)
 
 
-def _cascade(oof: np.ndarray, gold: np.ndarray, margin: float, bound: int, min_rows: int = 10) -> np.ndarray:
-    """See `ExitHeads.cascade_thresholds`. At least `min_rows` records must stop at an exit for
-    it to get a threshold: fewer say nothing about the head's accuracy at that confidence."""
+def cascade_exits(probs: np.ndarray, thresholds: np.ndarray, bound: int) -> np.ndarray:
+    """[N] where the cascade answers each row of [N, E, C] probabilities: the first exit below the bound
+    whose top probability reaches its threshold, else the bound."""
+    sure = probs[:, :bound].max(-1) >= thresholds[None, :bound]  # [N, bound]
+    return np.where(sure.any(1), sure.argmax(1), bound)
+
+
+def _risk_bound(probs: np.ndarray, gold: np.ndarray, thresholds: np.ndarray, bound: int, n_labels: int,
+                delta: float = RISK_LEVEL) -> float:
+    """An upper confidence bound, at level 1 - delta, on the cascade's label-averaged disagreement rate
+    with the bound head: mean over labels of each label's Clopper-Pearson upper bound at delta / labels
+    (Bonferroni over the labels). A label without calibration rows bounds at 1: nothing is known."""
+    exits = cascade_exits(probs, thresholds, bound)
+    answer = probs[np.arange(len(gold)), exits].argmax(-1)
+    disagree = answer != probs[:, bound].argmax(-1)
+    level = delta / n_labels
+    upper = []
+    for label in range(n_labels):
+        rows = gold == label
+        n, k = int(rows.sum()), int(disagree[rows].sum())
+        upper.append(1.0 if n == 0 or k == n else float(beta.ppf(1 - level, k + 1, n - k)))
+    return float(np.mean(upper))
+
+
+def _propose(oof: np.ndarray, gold: np.ndarray, margin: float, bound: int, min_rows: int = 10) -> np.ndarray:
+    """Candidate thresholds from the fit split's out-of-fold probabilities, exit by exit: at each exit,
+    the lowest threshold at which the rows still running that would stop there lose at most `margin`
+    balanced accuracy (plus one standard error) against the bound's head on those same rows. At least
+    `min_rows` records must stop at an exit for it to get a threshold. A proposal only: it promises
+    nothing until the calibration split certifies it (`ExitHeads.cascade_thresholds`)."""
     correct = oof.argmax(-1) == gold[:, None]  # [N, E]
     confidence = oof.max(-1)
     weight = row_weights(gold)
@@ -163,7 +241,6 @@ def _cascade(oof: np.ndarray, gold: np.ndarray, margin: float, bound: int, min_r
         change = weight[order] * (correct[order, bound].astype(np.int64) - correct[order, exit_])
         lost, count, mass = np.cumsum(change), np.arange(1, len(order) + 1), np.cumsum(weight[order])
         spread = np.sqrt(np.maximum(np.cumsum(change**2) - lost**2 / count, 0.0))  # sqrt(n) x sd of the loss
-        # the loss plus one standard error within the budget: a lucky run of rows sets no threshold
         ok = np.flatnonzero(lost + spread <= margin * mass)
         # a threshold stops every row at least that sure: cut only between different confidences
         boundary = np.append(ranked[1:] < ranked[:-1], True)  # the next row is less sure
@@ -185,15 +262,21 @@ class FitCancelled(Exception):
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, c: torch.Tensor, n_labels: int,
-         max_iter: int = 100, cancelled: Callable[[], bool] = lambda: False) -> tuple[torch.Tensor, torch.Tensor]:
+         max_iter: int = 100, cancelled: Callable[[], bool] = lambda: False,
+         start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-weighted multinomial logistic regression per exit, all exits at once.
 
     x [E, N, H] standardised, y [N], weights [N] (class weights), c [E]. Minimises, per exit,
-    sum_i w_i CE_i + ||W||^2 / (2 C) (scikit-learn's objective), divided by sum_i w_i.
+    sum_i w_i CE_i + ||W||^2 / (2 C) (scikit-learn's objective), divided by sum_i w_i. `start`: the
+    weights [E, H, C] and biases [E, C] to start from (a neighbouring C's solution), else zeros.
     """
     exits, n, dim = x.shape
-    weight = torch.zeros(exits, dim, n_labels, dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros(exits, 1, n_labels, dtype=x.dtype, requires_grad=True)
+    if start is None:
+        weight = torch.zeros(exits, dim, n_labels, dtype=x.dtype, requires_grad=True)
+        bias = torch.zeros(exits, 1, n_labels, dtype=x.dtype, requires_grad=True)
+    else:
+        weight = start[0].clone().to(x.dtype).requires_grad_(True)
+        bias = start[1].clone().to(x.dtype).unsqueeze(1).requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
     total = weights.sum()
@@ -219,48 +302,84 @@ def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
     return torch.softmax(torch.bmm(x, weight) + bias.unsqueeze(1), -1)  # [E, N, C]
 
 
+def calibration_split(groups: np.ndarray, share: float = CALIBRATION_SHARE, cap: int = CALIBRATION_ROWS,
+                      seed: int = 0) -> np.ndarray:
+    """[N] bool: whole near-duplicate groups, in a seeded random order, until `share` of the rows (at most
+    `cap`) are taken; none below CALIBRATION_MIN_RECORDS records."""
+    n = len(groups)
+    if n < CALIBRATION_MIN_RECORDS:
+        return np.zeros(n, dtype=bool)
+    want = min(int(share * n), cap)
+    sizes = np.bincount(groups)
+    taken: list[int] = []
+    count = 0
+    for g in np.random.default_rng(seed + 1).permutation(len(sizes)):
+        if count >= want:
+            break
+        if count + sizes[g] <= want + max(1, want // 20):  # a huge group would overshoot: skip it
+            taken.append(int(g))
+            count += int(sizes[g])
+    return np.isin(groups, taken)
+
+
 def fit_heads(features: np.ndarray, labels: Sequence[int], n_labels: int, record_ids: Sequence[str],
-              label_names: Sequence[str], c_grid: Sequence[float] = C_GRID, folds: int = FOLDS, seed: int = 0,
+              label_names: Sequence[str], groups: np.ndarray | None = None, c_grid: Sequence[float] = C_GRID,
+              folds: int = FOLDS, seed: int = 0, calibrate: bool = True,
               progress: Callable[[str], None] | None = None,
               cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
-    """Fit one head per exit on [N, E, H] features; C per exit by `folds`-fold cross-validation."""
+    """Fit one head per exit on [N, E, H] features; C per exit by `folds`-fold cross-validation whose
+    folds never split a near-duplicate group (`groups`, [N]; None: every record its own group); a
+    calibration split held out for the cascade unless `calibrate` is False."""
     start = time.perf_counter()
     n = len(labels)
     if n < MIN_RECORDS:
         raise InvalidInput(f"exit heads need at least {MIN_RECORDS} records with exit features, got {n}")
-    y = torch.tensor(np.asarray(labels), dtype=torch.long)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    calibration = calibration_split(groups, seed=seed) if calibrate else np.zeros(n, dtype=bool)
+    fit_idx = np.flatnonzero(~calibration)
+    y_all = torch.tensor(np.asarray(labels), dtype=torch.long)
+    y = y_all[fit_idx]
     counts = torch.bincount(y, minlength=n_labels).clamp(min=1).double()
-    class_weight = (n / (n_labels * counts)).float()  # balanced, as scikit-learn's class_weight="balanced"
-    mean = features.astype(np.float64).mean(0)  # [E, H]
-    scale = features.astype(np.float64).std(0)
+    class_weight = (len(fit_idx) / (n_labels * counts)).float()  # balanced, as scikit-learn's "balanced"
+    mean = features[fit_idx].astype(np.float64).mean(0)  # [E, H]
+    scale = features[fit_idx].astype(np.float64).std(0)
     scale[scale < 1e-6] = 1.0
-    # float32: half the memory of float64 (5,000 records x 19 exits x 640 = 243 MB) at the same answers
-    x = torch.from_numpy(((features.astype(np.float64) - mean) / scale).astype(np.float32).transpose(1, 0, 2).copy())
+
+    def standardised(rows: np.ndarray) -> torch.Tensor:  # [E, rows, H] float32: half the memory of float64
+        z = ((features[rows].astype(np.float64) - mean) / scale).astype(np.float32)
+        return torch.from_numpy(z.transpose(1, 0, 2).copy())
+
+    x = standardised(fit_idx)
     exits = x.shape[0]
-    order = np.random.default_rng(seed).permutation(n)
-    fold_of = np.empty(n, dtype=np.int64)
-    fold_of[order] = np.arange(n) % folds
-    oof = np.zeros((len(c_grid), n, exits, n_labels))
-    for ci, c_value in enumerate(c_grid):
-        c = torch.full((exits,), float(c_value))
-        for f in range(folds):
-            train, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
-            w, b = _fit(x[:, train], y[train], class_weight[y[train]], c, n_labels, cancelled=cancelled)
-            oof[ci, held] = _predict(x[:, held], w, b).permute(1, 0, 2).numpy()
+    fold_of = group_folds(groups[fit_idx], folds, seed)
+    grid = sorted(c_grid)
+    oof = np.zeros((len(grid), len(fit_idx), exits, n_labels))
+    for f in range(folds):
+        train, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
+        solution = None
+        for ci, c_value in enumerate(grid):  # strongest penalty first; each warm-starts the next
+            c = torch.full((exits,), float(c_value))
+            solution = _fit(x[:, train], y[train], class_weight[y[train]], c, n_labels, cancelled=cancelled,
+                            start=solution)
+            oof[ci, held] = _predict(x[:, held], *solution).permute(1, 0, 2).numpy()
         if progress:
-            progress(f"C={c_value}: {folds} folds fitted")
-    gold = y.numpy()
-    correct = oof.argmax(-1) == gold[None, :, None]  # [G, N, E]
+            progress(f"fold {f + 1}/{folds}: {len(grid)} C values fitted")
+    gold_fit = y.numpy()
+    correct = oof.argmax(-1) == gold_fit[None, :, None]  # [G, N, E]
     accuracy = correct.mean(1)  # [G, E]
-    rw = row_weights(gold)[None, :, None]
+    rw = row_weights(gold_fit)[None, :, None]
     balanced = (rw * correct).sum(1) / rw.sum()  # [G, E]
-    loss = (-rw * np.log(np.take_along_axis(oof, gold[None, :, None, None], -1)[..., 0].clip(1e-12))).mean(1)
+    loss = (-rw * np.log(np.take_along_axis(oof, gold_fit[None, :, None, None], -1)[..., 0].clip(1e-12))).mean(1)
     chosen = np.lexsort((loss, -np.round(balanced, 6)), axis=0)[0]  # per exit: best balanced accuracy, then loss
-    c_chosen = np.array([c_grid[g] for g in chosen])
+    c_chosen = np.array([grid[g] for g in chosen])
     weight, bias = _fit(x, y, class_weight[y], torch.tensor(c_chosen, dtype=torch.float32), n_labels,
                         cancelled=cancelled)
     exit_index = np.arange(exits)
+    judged = np.zeros((n, exits, n_labels))
+    judged[fit_idx] = oof[chosen, :, exit_index].transpose(1, 0, 2)
+    cal_idx = np.flatnonzero(calibration)
+    if cal_idx.size:  # judged by the heads that are served, which never saw them
+        judged[cal_idx] = _predict(standardised(cal_idx), weight, bias).permute(1, 0, 2).numpy()
     return ExitHeads(list(label_names), mean, scale, weight.double().numpy(), bias.double().numpy(), c_chosen,
-                     accuracy[chosen, exit_index], list(record_ids),
-                     oof[chosen, :, exit_index].transpose(1, 0, 2).astype(np.float16), gold.astype(np.int32),
-                     seconds=time.perf_counter() - start)
+                     accuracy[chosen, exit_index], list(record_ids), judged.astype(np.float16),
+                     y_all.numpy().astype(np.int32), calibration, seconds=time.perf_counter() - start)
