@@ -151,8 +151,17 @@ def test_bench_shift_draws_both_databases_and_reports_every_policy_both_ways(tmp
             assert all(0 <= r["balanced_accuracy"] <= 1 for r in results.values())
             # full ignores the neighbours: the correction cannot change it
             assert results["full"] == db["variants"]["uncorrected"]["full"]
+            # on traffic with the database's own mix: per-label recalls weighted by its shares
+            assert all(0 <= r["records_mix_accuracy"] <= 1 for r in results.values())
+        balanced_db = db["variants"]["corrected"]
+        assert balanced_db["full"]["records_mix_accuracy"] == pytest.approx(
+            balanced_db["full"]["balanced_accuracy"]) or db is report["databases"]["skewed"]
+        # each cascade against the best head of the same database, with its interval
+        assert [c["policy"] for c in db["cascades"]] == ["cascade:0.01", "cascade:0.02", "cascade:0.03"]
+        assert all(c["low"] <= c["balanced_lost"] <= c["high"] for c in db["cascades"])
     assert (out / "shift.png").stat().st_size > 5000 and "| knn-vote |" in (out / "shift.md").read_text()
     assert 0 <= report["adaptation"]["estimate_after"] <= 1 and (out / "adaptation.png").stat().st_size > 5000
+    assert 0 <= report["adaptation"]["second_half_majority_label"] <= 1  # the trivial baseline, same stream
     # the measure, with its interval: auto on the skewed database minus auto on the balanced one
     for variant in ("corrected", "uncorrected"):
         gap = report["auto_gap"][variant]

@@ -86,18 +86,20 @@ def adaptation_stream(probs: Sequence[np.ndarray], gold: Sequence[int], train_pr
     second = [rng.choice(by_label[main] if rng.random() < shift else by_label[int(rng.choice(rest))])
               for _ in range(half)]
     tracker = PriorTracker([str(c) for c in range(len(train_prior))], train_prior)
-    path, right_plain, right_adapted = [], 0, 0
+    path, right_plain, right_adapted, right_majority = [], 0, 0, 0
     for step, i in enumerate([*first, *second], 1):
         p = np.asarray(probs[i])[None, :]
         tracker.observe(p)
         if step > half:
             right_plain += int(p.argmax() == gold_arr[i])
             right_adapted += int(tracker.adjust(p).argmax() == gold_arr[i])
+            right_majority += int(gold_arr[i] == main)  # always answering the stream's new majority label
         if step % 50 == 0:
             path.append((step, float(tracker.estimate[main])))
     return {"label": main, "first_half_share": 1 / len(labels), "second_half_share": shift,
             "estimate_path": path, "estimate_after": float(tracker.estimate[main]),
-            "second_half_accuracy": right_plain / half, "second_half_accuracy_adapted": right_adapted / half}
+            "second_half_accuracy": right_plain / half, "second_half_accuracy_adapted": right_adapted / half,
+            "second_half_majority_label": right_majority / half}
 
 
 SAMPLE_SIZES = (300, 1000)  # auto's validation samples compared with all of its validation rows
@@ -118,6 +120,22 @@ def validation_sizes(validation: Sequence[Measured], measured: Sequence[Measured
             out.append({"rows": n, "seed": seed, "chose": f"{name} (k = {k})",
                         "balanced_accuracy": r.balanced_accuracy(len(labels))})
     return out
+
+
+CASCADES = ("cascade:0.01", "cascade:0.02", "cascade:0.03")
+
+
+def shares_of(label_records: dict[str, int], labels: Sequence[str]) -> list[float]:
+    total = sum(label_records.values()) or 1
+    return [label_records.get(label, 0) / total for label in labels]
+
+
+def mix_accuracy(result: PolicyResult, shares: Sequence[float]) -> float:
+    """Accuracy on traffic whose labels follow `shares` (e.g. the records' own mix), from the per-label
+    recalls on the dev rows: the case where the records are a fair sample of the traffic."""
+    gold, predicted = np.array(result.gold), np.array(result.predicted)
+    present = [(share, np.mean(predicted[gold == c] == c)) for c, share in enumerate(shares) if np.any(gold == c)]
+    return float(sum(s * r for s, r in present) / max(sum(s for s, _ in present), 1e-12))
 
 
 def _plain(rows: Sequence[Sequence[Neighbour]]) -> list[list[Neighbour]]:
@@ -164,13 +182,23 @@ def shift_task(engine: Engine, spec: TaskSpec, dev: Path, size: int, dev_rows: i
                                                 for r in validation]
             objective = "balanced_accuracy" if corrected else "accuracy"
             best = tuning.pick(tuning.choose(val, depth, labels, heads=heads, objective=objective), len(val))
-            names = ["full", "paper", "knn-vote", "heads", "cascade:0.01"]  # heads: the best exit
+            names = ["full", "paper", "knn-vote", "heads", *CASCADES]  # heads: the best exit
             results: dict[str, dict[str, Any]] = {}
+            by_name: dict[str, PolicyResult] = {}
             for name, policy_k in [*((n, k) for n in names), ("auto", best[1])]:
                 policy = bind(parse_policy(best[0] if name == "auto" else name), heads)
-                r = run_policy(policy, measured, depth, labels, policy_k)
+                r = by_name[name] = run_policy(policy, measured, depth, labels, policy_k)
                 results[name] = {"accuracy": r.accuracy, "balanced_accuracy": r.balanced_accuracy(len(labels)),
+                                 "records_mix_accuracy": mix_accuracy(r, shares_of(info.label_records, labels)),
                                  "mean_exit": r.mean_exit}
+            if corrected:  # the cascade's promise, on this database: balanced accuracy lost against its best head
+                entry["cascades"] = []
+                for name in CASCADES:
+                    lost, low, high = by_name["heads"].balanced_gap(by_name[name], len(labels))
+                    entry["cascades"].append({"policy": name, "margin": float(name.split(":")[1]),
+                                              "balanced_lost": lost, "low": low, "high": high,
+                                              "mean_exit": by_name[name].mean_exit,
+                                              "head_exit": by_name["heads"].mean_exit})
             results["auto"]["chose"] = f"{best[0]} (k = {best[1]})"
             variant = "corrected" if corrected else "uncorrected"
             auto_results[kind, variant] = r
@@ -213,6 +241,20 @@ def markdown(reports: Sequence[dict[str, Any]], command: str) -> str:
                     cells.append(f"{100 * r['balanced_accuracy']:.1f} % ({100 * r['accuracy']:.1f} %) "
                                  f"@ {r['mean_exit']:.2f}{chose}")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out += ["", "Accuracy on traffic that follows each database's own label mix (per-label recalls on the dev "
+                "rows, weighted by the records' shares):", "",
+                "| policy | balanced db, uncorrected | balanced db, corrected | skewed db, uncorrected "
+                "| skewed db, corrected |", "|---|---|---|---|---|"]
+        for name in dbs["balanced"]["variants"]["corrected"]:
+            out.append(f"| {name} | " + " | ".join(
+                f"{100 * dbs[kind]['variants'][variant][name]['records_mix_accuracy']:.1f} %"
+                for kind in ("balanced", "skewed") for variant in ("uncorrected", "corrected")) + " |")
+        for kind, d in dbs.items():
+            for c in d.get("cascades", []):
+                out.append(f"- {kind} db, {c['policy']}: loses {100 * c['balanced_lost']:+.1f} points of balanced "
+                           f"accuracy ({100 * c['low']:+.1f} to {100 * c['high']:+.1f}) against the best head "
+                           f"(promise: at most {100 * c['margin']:.0f}), mean exit {c['mean_exit']:.2f} against "
+                           f"{c['head_exit']:.0f}")
         if all("validation_sizes" in d for d in dbs.values()):
             parts = []
             for kind, d in dbs.items():
@@ -236,7 +278,8 @@ def markdown(reports: Sequence[dict[str, Any]], command: str) -> str:
                     f"{total} dev answers, equal label shares, then {100 * a['second_half_share']:.0f} % "
                     f"label {a['label']}: the estimate of that label's share reached {a['estimate_after']:.2f}; "
                     f"second-half accuracy {100 * a['second_half_accuracy']:.1f} % without adapting, "
-                    f"{100 * a['second_half_accuracy_adapted']:.1f} % with."]
+                    f"{100 * a['second_half_accuracy_adapted']:.1f} % with; always answering that label: "
+                    f"{100 * a['second_half_majority_label']:.1f} %."]
         out.append("")
     return "\n".join(out)
 
