@@ -260,6 +260,9 @@ def test_the_cascade_keeps_its_promise_on_new_rows_and_buys_depth_with_the_margi
     again.calibration = None
     again._cascades.clear()
     assert np.isinf(again.cascade_thresholds(0.05)).all()
+    # A bound at exit 0 leaves nothing to stop at: every row answers there.
+    assert np.isinf(heads.cascade_thresholds(0.05, bound=0)).all()
+    assert (cascade_exits(new_probs, heads.cascade_thresholds(0.05, bound=0), 0) == 0).all()
 
 
 def test_the_batched_fit_is_scikit_learns_logistic_regression() -> None:

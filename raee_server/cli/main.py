@@ -812,13 +812,16 @@ def fit_heads_cmd(obj: Context, task_name: str) -> dict[str, Any]:
     engine = obj.engine
     heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True))
     choice = auto.tune(engine, task_name)
-    obj.say(f"exit heads v{heads.version} for {task_name}: {len(heads.record_ids)} records, "
-            f"{heads.seconds:.1f} s")
+    summary = heads.summary()
+    obj.say(f"exit heads v{heads.version} for {task_name}: {summary['fit_records']} records fit the heads, "
+            f"{summary['calibration_records']} certify the cascade, {heads.seconds:.1f} s")
     obj.say("out-of-fold accuracy per exit: " + " ".join(
         f"L{layer}={100 * a:.1f}%" for layer, a in enumerate(heads.accuracy)))
+    obj.say("C per exit: " + " ".join(f"L{layer}={c:g}" for layer, c in enumerate(heads.c))
+            + f" ({summary['c_at_grid_edge']} at an edge of the grid)")
     obj.say(f"best exit {heads.best_exit}; auto for {task_name}: {choice.policy} with k = {choice.k} "
             f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f})")
-    return {**heads.summary(), "auto": choice.to_dict()}
+    return {**summary, "auto": choice.to_dict()}
 
 
 @cli.command("backfill-features")

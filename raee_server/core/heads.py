@@ -148,8 +148,8 @@ class ExitHeads:
 
     def _certified(self, margin: float, bound: int) -> np.ndarray:
         never = np.full(self.exits, np.inf)
-        if self.gold is None or self.calibration is None or not self.calibration.any():
-            return never  # heads stored before calibration splits, or too few records: no promise, no stop
+        if self.gold is None or self.calibration is None or not self.calibration.any() or bound == 0:
+            return never  # heads stored before calibration splits, too few records, or nothing before the bound
         probs = self.oof.astype(np.float64)
         fit, cal = self.fit_rows, self.calibration
         chosen = never
@@ -201,6 +201,8 @@ def row_weights(gold: np.ndarray) -> np.ndarray:
 def cascade_exits(probs: np.ndarray, thresholds: np.ndarray, bound: int) -> np.ndarray:
     """[N] where the cascade answers each row of [N, E, C] probabilities: the first exit below the bound
     whose top probability reaches its threshold, else the bound."""
+    if bound == 0:  # nothing before the bound to stop at
+        return np.zeros(len(probs), dtype=np.int64)
     sure = probs[:, :bound].max(-1) >= thresholds[None, :bound]  # [N, bound]
     return np.where(sure.any(1), sure.argmax(1), bound)
 
