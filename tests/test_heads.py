@@ -15,7 +15,7 @@ from sqlalchemy import text
 from raee_server.core import auto
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
-from raee_server.core.heads import C_GRID, ExitHeads, _fit, _risk_bound, cascade_exits, fit_heads
+from raee_server.core.heads import C_GRID, ExitHeads, _fit, cascade_exits, fit_heads, risk_bound
 from raee_server.core.policies import CascadePolicy, HeadsPolicy, KnnHeadsPolicy, mix
 from raee_server.errors import InvalidInput
 from raee_server.serving.fitter import fit_heads_in_child
@@ -247,7 +247,7 @@ def test_the_cascade_keeps_its_promise_on_new_rows_and_buys_depth_with_the_margi
         t = heads.cascade_thresholds(margin)
         assert np.isinf(t[bound:]).all()  # never stops at or past the bound by threshold
         # certified on the calibration split, which neither fit the heads nor proposed the thresholds
-        certified = _risk_bound(heads.oof[cal].astype(np.float64), y[cal], t, bound, 3)
+        certified = risk_bound(heads.oof[cal].astype(np.float64), y[cal], t, bound, 3)
         assert certified <= margin or np.isinf(t).all()
         lost, mean_exit = balanced_loss(new_probs, new_y, t, bound)
         assert lost <= margin  # the promise, on new rows

@@ -132,9 +132,9 @@ class ExitHeads:
         within each label, the new rows and the calibration records are exchangeable (the same
         distribution; the label mix may differ, since balanced accuracy counts each label alone).
 
-        How: candidate rules are proposed on the fit split (the heuristic `_propose` at each of
+        How: candidate rules are proposed on the fit split (the heuristic `propose_thresholds` at each of
         PROPOSALS, most cautious first); each is then tested on the calibration split, which neither
-        fit the heads nor proposed the rules, with an upper confidence bound on its risk (`_risk_bound`),
+        fit the heads nor proposed the rules, with an upper confidence bound on its risk (`risk_bound`),
         in that fixed order, stopping at the first it cannot certify (fixed-sequence testing: no
         correction for the number of candidates is needed). The last certified rule is served; none
         certified: never stop early, answer at the bound.
@@ -153,8 +153,8 @@ class ExitHeads:
         fit, cal = self.fit_rows, self.calibration
         chosen = never
         for proposal in PROPOSALS:
-            thresholds = _propose(probs[fit], self.gold[fit], proposal, bound)
-            if _risk_bound(probs[cal], self.gold[cal], thresholds, bound, len(self.labels)) > margin:
+            thresholds = propose_thresholds(probs[fit], self.gold[fit], proposal, bound)
+            if risk_bound(probs[cal], self.gold[cal], thresholds, bound, len(self.labels)) > margin:
                 break
             chosen = thresholds
         return chosen
@@ -206,7 +206,7 @@ def cascade_exits(probs: np.ndarray, thresholds: np.ndarray, bound: int) -> np.n
     return np.where(sure.any(1), sure.argmax(1), bound)
 
 
-def _risk_bound(probs: np.ndarray, gold: np.ndarray, thresholds: np.ndarray, bound: int, n_labels: int,
+def risk_bound(probs: np.ndarray, gold: np.ndarray, thresholds: np.ndarray, bound: int, n_labels: int,
                 delta: float = RISK_LEVEL) -> float:
     """An upper confidence bound, at level 1 - delta, on the balanced accuracy the cascade loses against
     the bound head: per label, the share of its rows the bound head gets right and the cascade wrong
@@ -235,7 +235,7 @@ def _risk_bound(probs: np.ndarray, gold: np.ndarray, thresholds: np.ndarray, bou
     return float(np.mean(upper))
 
 
-def _propose(oof: np.ndarray, gold: np.ndarray, margin: float, bound: int, min_rows: int = 10) -> np.ndarray:
+def propose_thresholds(oof: np.ndarray, gold: np.ndarray, margin: float, bound: int, min_rows: int = 10) -> np.ndarray:
     """Candidate thresholds from the fit split's out-of-fold probabilities, exit by exit: at each exit,
     the lowest threshold at which the rows still running that would stop there lose at most `margin`
     balanced accuracy (plus one standard error) against the bound's head on those same rows. At least
