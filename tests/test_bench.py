@@ -69,9 +69,12 @@ def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
     best = policies[report["best_baseline"]]
     assert best["accuracy"] == max(policies[b]["accuracy"] for b in ("key-logreg", "knn-vote", "paper", "heads:4"))
     for p in policies.values():
-        assert p["accuracy_low"] <= p["accuracy"] - best["accuracy"] + 1e-9 <= p["accuracy_high"] + 2e-9
-        assert p["balanced_low"] <= p["balanced"] <= p["balanced_high"]
-    assert best["accuracy_low"] == best["accuracy_high"] == 0
+        assert p["vs_best_baseline"] == pytest.approx(p["accuracy"] - best["accuracy"])
+        assert p["vs_best_baseline_low"] <= p["vs_best_baseline"] <= p["vs_best_baseline_high"]
+        assert p["balanced_vs_best_baseline"] == pytest.approx(p["balanced_accuracy"] - best["balanced_accuracy"])
+        low, high = p["balanced_vs_best_baseline_low"], p["balanced_vs_best_baseline_high"]
+        assert low <= p["balanced_vs_best_baseline"] <= high
+    assert best["vs_best_baseline_low"] == best["vs_best_baseline_high"] == 0
     # The leak-free rows: a subset, scored alike; the cascades against the best head, with their margin.
     assert report["leak_free"] and all(p["rows"] <= 40 for p in report["leak_free"])
     assert {c["policy"] for c in report["cascades"]} >= {"cascade:0.01", "cascade:0.02", "cascade:0.03"}

@@ -88,8 +88,9 @@ class TaskBench:
         for r in results:
             acc, acc_low, acc_high = r.accuracy_gap(reference)
             bal, bal_low, bal_high = r.balanced_gap(reference, len(self.labels))
-            out[r.name] = {"accuracy": acc, "accuracy_low": acc_low, "accuracy_high": acc_high,
-                           "balanced": bal, "balanced_low": bal_low, "balanced_high": bal_high}
+            out[r.name] = {"vs_best_baseline": acc, "vs_best_baseline_low": acc_low,
+                           "vs_best_baseline_high": acc_high, "balanced_vs_best_baseline": bal,
+                           "balanced_vs_best_baseline_low": bal_low, "balanced_vs_best_baseline_high": bal_high}
         return out
 
     def cascade_promises(self) -> list[dict[str, Any]]:
@@ -134,8 +135,8 @@ class TaskBench:
             gap = self.gaps()[auto.name]
             lines.append(f"- {auto.name}: {100 * auto.accuracy:.1f} % at mean exit {auto.mean_exit:.2f} "
                          f"({100 * auto.mean_exit / self.depth:.0f} % of the depth), "
-                         f"{100 * gap['accuracy']:+.1f} points [{100 * gap['accuracy_low']:+.1f}, "
-                         f"{100 * gap['accuracy_high']:+.1f}] against the best baseline "
+                         f"{100 * gap['vs_best_baseline']:+.1f} points [{100 * gap['vs_best_baseline_low']:+.1f}, "
+                         f"{100 * gap['vs_best_baseline_high']:+.1f}] against the best baseline "
                          f"({best.name}, {100 * best.accuracy:.1f} %)")
         for c in self.cascade_promises():
             lines.append(f"- {c['policy']}: loses {100 * c['balanced_lost']:+.1f} points of balanced accuracy "
@@ -405,10 +406,11 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
                     "|---|---|---|---|---|---|---|---|---|"]
             for p in results:
                 g = gaps.get(p.name)
-                vs = (f"{100 * g['accuracy']:+.1f} [{100 * g['accuracy_low']:+.1f}, {100 * g['accuracy_high']:+.1f}]"
-                      if g else "")
-                vs_bal = (f"{100 * g['balanced']:+.1f} [{100 * g['balanced_low']:+.1f}, "
-                          f"{100 * g['balanced_high']:+.1f}]" if g else "")
+                vs = (f"{100 * g['vs_best_baseline']:+.1f} [{100 * g['vs_best_baseline_low']:+.1f}, "
+                      f"{100 * g['vs_best_baseline_high']:+.1f}]" if g else "")
+                vs_bal = (f"{100 * g['balanced_vs_best_baseline']:+.1f} "
+                          f"[{100 * g['balanced_vs_best_baseline_low']:+.1f}, "
+                          f"{100 * g['balanced_vs_best_baseline_high']:+.1f}]" if g else "")
                 out.append(f"| {p.name} | {100 * p.accuracy:.1f} % | {vs} | {100 * p.balanced_accuracy(n):.1f} % | "
                            f"{vs_bal} | {100 * p.macro_f1(n):.1f} % | {p.mean_exit:.2f} | "
                            f"{p.p95_exit:.0f} | {100 * p.layers_saved:.0f} % |")
