@@ -67,7 +67,7 @@ def test_ingest_then_eval_on_sst2(real: Engine) -> None:
     assert paper.mean_exit < 0.5 * real.depth
 
     # The served path (truncated forwards) answers as the evaluation says it does.
-    served = real.classify("sst2", [r.text for r in dev[:16]])
+    served = real.classify("sst2", [r.text for r in dev[:16]], policy="paper")
     found, _ = real.neighbours("sst2", [r.text for r in dev[:16]], 12)
     assert [p.exit_layer for p in served] == paper.exits[:16]
     lens = real.all_exit_logits("sst2", [r.text for r in dev[:16]])
