@@ -109,15 +109,15 @@ class TaskBench:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        gaps, leak_free_gaps = self.gaps(), self.gaps(self.leak_free)  # once each: a bootstrap per policy
         return {
             "task": self.task, "depth": self.depth, "labels": self.labels, "train_rows": self.train_rows,
             "dev_rows": self.dev_rows, "dev_skip": self.dev_skip, "k": self.k, "auto": self.tuned.to_dict(),
             "calibrated_on_train": self.calibrated, "baseline_k": self.baseline_k,
             "key_logreg_c": self.key_logreg_c,
             "best_baseline": self.best_baseline.name if self.best_baseline else None,
-            "policies": [{**r.summary(len(self.labels)), **self.gaps().get(r.name, {})} for r in self.results],
-            "leak_free": [{**r.summary(len(self.labels)), **self.gaps(self.leak_free).get(r.name, {})}
-                          for r in self.leak_free],
+            "policies": [{**r.summary(len(self.labels)), **gaps.get(r.name, {})} for r in self.results],
+            "leak_free": [{**r.summary(len(self.labels)), **leak_free_gaps.get(r.name, {})} for r in self.leak_free],
             "cascades": self.cascade_promises(),
             "layer_accuracy": self.layer_accuracy, "latency_us": self.latency,
             "k_sweep": self.k_sweep, "size_sweep": self.size_sweep, "encoder_sweep": self.encoder_sweep,
