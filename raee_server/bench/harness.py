@@ -262,16 +262,14 @@ def tuned_k(validation: Sequence[Measured], name: str, depth: int, labels: Seque
 def leak_free_rows(records: Sequence[str], rows: Sequence[Row], n: int = LEAK_NGRAM) -> list[int]:
     """Indices of the measured rows that share no run of n words with any record, and that no record
     contains whole (a short row could otherwise sit inside a record without n words in common)."""
-    runs = {w[i : i + n] for w in map(words, records) for i in range(len(w) - n + 1)}
-    joined = [" " + " ".join(words(t)) + " " for t in records]
+    # every run of 1..n words in the records: a row leaks if it holds a run of n, or is whole a shorter run
+    runs = {w[i : i + m] for w in map(words, records) for m in range(1, n + 1) for i in range(len(w) - m + 1)}
     found = []
     for i, row in enumerate(rows):
         w = words(row.text)
-        if any(w[j : j + n] in runs for j in range(len(w) - n + 1)):
-            continue
-        if len(w) < n and any(" " + " ".join(w) + " " in r for r in joined):
-            continue
-        found.append(i)
+        leaked = w in runs if len(w) < n else any(w[j : j + n] in runs for j in range(len(w) - n + 1))
+        if not leaked:
+            found.append(i)
     return found
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from raee_server import tracing
 from raee_server.core.heads import ExitHeads
 from raee_server.core.policies import (
+    DEFAULT_POLICY,
     Decision,
     ExitPolicy,
     Resolved,
@@ -208,7 +209,7 @@ class Engine:
     def resolve_policy(self, task: str, policy: str | ExitPolicy | None, k: int | None) -> Resolved:
         """A policy by name (or as given) and its k; none named, or `auto`: the task's stored choice. A
         policy that reads exit heads needs the task's heads (`heads` alone: the exit that scored best)."""
-        auto = policy is None or (isinstance(policy, str) and policy.strip() in ("", "auto"))
+        auto = policy is None or (isinstance(policy, str) and policy.strip() in ("", DEFAULT_POLICY))
         untuned = False
         if policy is None or auto:
             chosen, tuned_k, untuned = self.auto_policy(task)

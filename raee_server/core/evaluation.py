@@ -46,20 +46,19 @@ def paired_gap(a: PolicyResult, b: PolicyResult, n_labels: int, balanced: bool, 
     gold = np.array(a.gold)
     diff = (np.array(a.predicted) == gold).astype(np.float64) - (np.array(b.predicted) == gold)
     draw = np.random.default_rng(seed).integers(0, len(gold), (draws, len(gold)))
+    drawn_diff = diff[draw]  # [draws, rows]
     if not balanced:
-        gaps = diff[draw].mean(1)
+        gaps = drawn_diff.mean(1)
         point = float(diff.mean())
     else:
         recalls, point_recalls = [], []
-        for c in range(max(n_labels, int(gold.max()) + 1)):
-            mask = gold == c
-            if not mask.any():
-                continue
-            drawn = mask[draw]
+        drawn_gold = gold[draw]
+        for c in np.unique(gold):
+            drawn = drawn_gold == c
             # a draw without this label leaves its recall out, as _balanced does for an absent label
-            recalls.append(np.where(drawn.any(1), (diff[draw] * drawn).sum(1) / np.maximum(drawn.sum(1), 1),
+            recalls.append(np.where(drawn.any(1), (drawn_diff * drawn).sum(1) / np.maximum(drawn.sum(1), 1),
                                     np.nan))
-            point_recalls.append(diff[mask].mean())
+            point_recalls.append(diff[gold == c].mean())
         gaps = np.nanmean(np.stack(recalls), 0)
         point = float(np.mean(point_recalls))
     low, high = np.percentile(gaps, [2.5, 97.5])

@@ -75,6 +75,7 @@ class ExitHeads:
     seconds: float = 0.0
     _index: dict[str, int] = field(default_factory=dict, repr=False)
     _cascades: dict[tuple[float, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _proposals: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {rid: i for i, rid in enumerate(self.record_ids)}
@@ -151,9 +152,10 @@ class ExitHeads:
             return never  # heads stored before calibration splits, too few records, or nothing before the bound
         probs = self.oof.astype(np.float64)
         fit, cal = self.fit_rows, self.calibration
+        if bound not in self._proposals:  # the same candidates for every margin
+            self._proposals[bound] = [propose_thresholds(probs[fit], self.gold[fit], p, bound) for p in PROPOSALS]
         chosen = never
-        for proposal in PROPOSALS:
-            thresholds = propose_thresholds(probs[fit], self.gold[fit], proposal, bound)
+        for thresholds in self._proposals[bound]:
             if risk_bound(probs[cal], self.gold[cal], thresholds, bound, len(self.labels)) > margin:
                 break
             chosen = thresholds
