@@ -58,6 +58,8 @@ class Settings(BaseSettings):
         default=4, description="rows of an online Ingest computed per worker turn (a Classify waits at most one turn)")
     forward_batch_size: int = Field(default=16, description="rows per backbone batch of an evaluation")
     retune_growth: float = Field(default=0.5, description="auto re-tunes when the database grew by this fraction")
+    heads_refit_rows: int = Field(default=1000, ge=1, description="exit heads refit (warm, from the served "
+                                  "version) once this many records were added since it, or at retune_growth")
     fit_niceness: int = Field(default=19, ge=0, le=19, description="CPU niceness of the server's background "
                               "exit-head fit (19: it gets only what requests leave)")
     retune_check_seconds: float = Field(default=30.0, description="how often the server checks whether a task "

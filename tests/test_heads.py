@@ -84,8 +84,9 @@ def grown(engine: Engine, tmp_path: Path) -> Engine:
 
 def test_ingest_keeps_exit_features_and_heads_serve_every_policy(grown: Engine) -> None:
     engine = grown
-    ids, labels, features = engine.metadata.features(SENTIMENT.name)
-    assert len(ids) == 60 and features.shape[:2] == (60, engine.depth + 1) and features.dtype == np.float16
+    ids, labels, features, codec = engine.metadata.features(SENTIMENT.name)
+    assert len(ids) == 60 and features.shape[:2] == (60, engine.depth + 1) and features.values.dtype == np.float16
+    assert codec is None  # fewer records than a codec is learned from: raw
     with pytest.raises(InvalidInput, match="fit-heads"):
         engine.classify(SENTIMENT.name, ["a great movie"], policy="heads:2")
     assert auto.needs_heads(engine, SENTIMENT.name)
@@ -141,14 +142,14 @@ def test_a_new_fit_replaces_the_served_heads_and_deleting_the_task_removes_them(
 
 def test_backfill_gives_old_records_the_features_ingest_would_have(grown: Engine) -> None:
     engine = grown
-    ids, _, before = engine.metadata.features(SENTIMENT.name)
+    ids, _, before, _ = engine.metadata.features(SENTIMENT.name)
     with engine.metadata.engine.begin() as conn:  # records from before exit heads: no features
         conn.execute(text("delete from exit_features"))
     assert len(engine.metadata.without_features(SENTIMENT.name)) == 60
     assert engine.backfill_features(SENTIMENT.name) == 60
-    again_ids, _, after = engine.metadata.features(SENTIMENT.name)
+    again_ids, _, after, _ = engine.metadata.features(SENTIMENT.name)
     assert again_ids == ids
-    np.testing.assert_allclose(after.astype(np.float32), before.astype(np.float32), atol=1e-2)
+    np.testing.assert_allclose(after.values.astype(np.float32), before.values.astype(np.float32), atol=1e-2)
 
 
 def test_auto_can_choose_a_heads_policy_once_heads_exist(grown: Engine) -> None:
@@ -273,14 +274,19 @@ def test_the_batched_fit_is_scikit_learns_logistic_regression() -> None:
     x, y = separable(n=400, exits=2, dim=8, labels=3, seed=3)
     z = x[:, 1].astype(np.float64)
     z = (z - z.mean(0)) / z.std(0)
+    double = torch.float64
+    x_all, y_all, w_all = torch.tensor(z[None], dtype=double), torch.tensor(y), torch.ones(len(y), dtype=double)
+    whole = lambda: [(x_all, y_all, w_all)]  # noqa: E731
+    # The same rows in three chunks of unequal size: the gradient is summed chunk by chunk, same optimum.
+    cuts = [(0, 150), (150, 170), (170, 400)]
+    chunked = lambda: [(x_all[:, a:b], y_all[a:b], w_all[a:b]) for a, b in cuts]  # noqa: E731
     for c in (0.01, 1.0):
-        double = torch.float64
-        ours = _fit(torch.tensor(z[None], dtype=double), torch.tensor(y), torch.ones(len(y), dtype=double),
-                    torch.tensor([c], dtype=double), 3, max_iter=500)
         theirs = LogisticRegression(C=c, tol=1e-10, max_iter=5000).fit(z, y)
-        np.testing.assert_allclose(ours[0][0].numpy().T, theirs.coef_, atol=2e-4)
-        np.testing.assert_allclose(ours[1][0].numpy() - ours[1][0].numpy().mean(),
-                                   theirs.intercept_ - theirs.intercept_.mean(), atol=2e-4)
+        for batches in (whole, chunked):
+            ours = _fit(batches, float(len(y)), 1, 8, torch.tensor([c], dtype=double), 3, max_iter=500, dtype=double)
+            np.testing.assert_allclose(ours[0][0].numpy().T, theirs.coef_, atol=2e-4)
+            np.testing.assert_allclose(ours[1][0].numpy() - ours[1][0].numpy().mean(),
+                                       theirs.intercept_ - theirs.intercept_.mean(), atol=2e-4)
 
 
 def stored_heads(oof: np.ndarray, gold: np.ndarray, calibration: np.ndarray) -> ExitHeads:

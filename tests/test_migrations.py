@@ -64,9 +64,9 @@ def test_raee_admin_migrate(tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["--data-dir", str(tmp_path)]
     up = runner.invoke(cli, [*base, "migrate"], catch_exceptions=False)
-    assert up.exit_code == 0 and "schema empty -> 0004" in up.output
+    assert up.exit_code == 0 and "schema empty -> 0005" in up.output
     down = runner.invoke(cli, [*base, "migrate", "--downgrade", "--revision", "base"], catch_exceptions=False)
-    assert down.exit_code == 0 and "0004 -> base" in down.output
+    assert down.exit_code == 0 and "0005 -> base" in down.output
     assert not TABLES & set(inspect(create_engine(f"sqlite:///{tmp_path / 'metadata.sqlite'}")).get_table_names())
 
 
@@ -104,7 +104,7 @@ def test_alembic_from_the_root_gives_the_schema_raee_admin_migrate_gives(kind: s
         run = subprocess.run([str(alembic), "upgrade", "head"], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, run.stderr
-        assert "Running upgrade 0003 -> 0004" in run.stderr
+        assert "Running upgrade 0004 -> 0005" in run.stderr
         assert not (tmp_path / "unused").exists()  # the URL was the one given, not the data dir's SQLite
         admin = CliRunner().invoke(cli, ["migrate"], env={"RAEE_DATABASE_URL": by_admin}, catch_exceptions=False)
         assert admin.exit_code == 0, admin.output

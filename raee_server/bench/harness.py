@@ -180,6 +180,9 @@ def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int 
     if dst.task_info(dst_task).records:
         return dst.task_info(dst_task).records
     examples = list(examples) if examples is not None else src.metadata.committed_examples(task, limit)
+    codec = src.metadata.codec(task)
+    if codec is not None:  # the feature rows are copied as stored
+        dst.metadata.adopt_codec(dst_task, codec)
     bar = _bar(len(examples), f"{dst_task}: copy")
     for start in range(0, len(examples), 256):
         part = examples[start : start + 256]

@@ -165,17 +165,23 @@ def needs_tuning(engine: Engine, task: str) -> bool:
 
 
 def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[str], None] | None = None,
-                        cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
+                        cancelled: Callable[[], bool] = lambda: False, full: bool = False) -> ExitHeads:
     """Fit the task's exit heads on its records' features and store them as a new version; the
-    served heads switch to it at the engine's next check (atomically: one row, one version).
+    served heads switch to it at the engine's next check (atomically: one row, one version). A warm
+    refit from the newest version where it can (raee_server.core.heads.fit_heads), unless `full`.
     Needs only the SQL store, so a server runs it in a separate low-priority process
     (raee_server.serving.fitter)."""
     spec = metadata.task(task).spec
-    ids, labels, features = metadata.features(task)
+    metadata.compact_features(task)
+    ids, labels, features, codec = metadata.features(task)
     texts = {rid: text for rid, text, _ in metadata.committed_examples(task)}
     groups = near_duplicate_groups([texts.get(rid, rid) for rid in ids])
+    stored = None if full else metadata.heads(task)
     heads = fit_heads(features, [spec.label_index(label) for label in labels], len(spec.labels), ids,
-                      spec.label_names, groups=groups, progress=progress, cancelled=cancelled)
+                      spec.label_names, groups=groups, progress=progress, cancelled=cancelled,
+                      previous=ExitHeads.from_stored(stored) if stored else None)
+    if codec is not None:  # fit on the codec's coordinates; served on the raw features
+        heads = heads.in_raw_space(codec)
     heads.fitted_at = datetime.now(UTC).isoformat(timespec="seconds")
     heads.version = metadata.save_heads(task, heads.summary(), heads.to_bytes())
     return heads
@@ -198,7 +204,8 @@ def needs_heads(engine: Engine, task: str) -> bool:
     heads = engine.heads(task)
     if heads is None or heads.calibration is None:  # none, or fit before the cascade had a calibration split
         return True
-    return info.records > len(heads.record_ids) * (1 + engine.settings.retune_growth)
+    known, settings = len(heads.record_ids), engine.settings
+    return info.records - known >= settings.heads_refit_rows or info.records > known * (1 + settings.retune_growth)
 
 
 def needs_tuning_after_heads(engine: Engine, task: str) -> bool:

@@ -10,7 +10,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from datetime import UTC
 
 import numpy as np
 import torch
@@ -472,10 +471,7 @@ class Engine:
         except OperationalError:  # SQL down: keep serving the loaded heads
             stored = None
         if stored is not None:
-            fitted = stored.fitted_at  # SQLite hands back naive datetimes; they were written in UTC
-            fitted = fitted if fitted.tzinfo else fitted.replace(tzinfo=UTC)
-            current = ExitHeads.from_bytes(stored.data, stored.version, fitted.isoformat(timespec="seconds"),
-                                           float(stored.summary.get("seconds", 0.0)))
+            current = ExitHeads.from_stored(stored)
         self._heads[task] = (now, current)
         return current
 
@@ -549,6 +545,8 @@ class IngestSession:
     def finish(self, status: str = "done") -> None:
         r = self.report
         self.engine.metadata.finish_batch(self.batch_id, r.added, r.present, len(r.rejected), status)
+        if r.added:  # the task may have enough records for its feature codec now (raee_server.stores.codec)
+            self.engine.metadata.compact_features(self.spec.name)
         # the task's cached metadata (records, label mix: `auto`'s fallback, the prior correction) is stale now
         self.engine.forget_choice(self.spec.name)
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC
 from functools import cached_property
 from typing import Any
 
@@ -38,6 +39,8 @@ from scipy.stats import beta
 
 from raee_server.core.groups import group_folds
 from raee_server.errors import InvalidInput
+from raee_server.stores.codec import FeatureCodec, FeatureMatrix
+from raee_server.stores.metadata import StoredHeads
 
 # Inverse L2 strength, as scikit-learn's C (per record, class-weighted). Wide on purpose: on 5,000-record
 # databases every task's best head sat at the lower edge of {0.01, 0.1, 1} (issue 24).
@@ -51,7 +54,23 @@ RISK_LEVEL = 0.1  # delta: the cascade's promise fails with probability at most 
 # The cascade's candidate stopping rules, most cautious first: per-exit thresholds proposed on the fit
 # split's out-of-fold probabilities at each of these proposal margins; Learn-then-Test keeps the last
 # one in this order whose risk it certifies.
+CV_ROWS = 20000  # C is chosen by cross-validation on at most this many fit records (whole groups)
+CHUNK_ROWS = 8192  # rows a fit step turns from codes into float32 at a time: memory follows this
+GROW_ITERATIONS = 40  # L-BFGS steps of a warm-started fit over all records
+REFIT_GROWTH = 2.0  # a warm refit keeps C and standardisation until the records double since the full fit
 PROPOSALS = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
+
+
+@dataclass(frozen=True)
+class FitSpace:
+    """The heads as fit, on the features the fit read (a codec's coordinates, or raw features): what a
+    warm refit starts from. `full_fit_records`: the records of the last full fit (C chosen there)."""
+
+    mean: np.ndarray  # [E, d]
+    scale: np.ndarray  # [E, d]
+    weight: np.ndarray  # [E, d, C]
+    bias: np.ndarray  # [E, C]
+    full_fit_records: int
 
 
 @dataclass
@@ -73,6 +92,7 @@ class ExitHeads:
     version: int = 0
     fitted_at: str = ""
     seconds: float = 0.0
+    space: FitSpace | None = None  # None: heads stored before warm refits
     _index: dict[str, int] = field(default_factory=dict, repr=False)
     _cascades: dict[tuple[float, int], np.ndarray] = field(default_factory=dict, repr=False)
     _proposals: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
@@ -168,6 +188,22 @@ class ExitHeads:
                 "c": [float(c) for c in self.c], "c_at_grid_edge": int(np.isin(self.c, (C_GRID[0], C_GRID[-1])).sum()),
                 "accuracy": [round(float(a), 4) for a in self.accuracy], "best_exit": self.best_exit}
 
+    @classmethod
+    def from_stored(cls, stored: StoredHeads) -> ExitHeads:
+        fitted = stored.fitted_at  # SQLite hands back naive datetimes; they were written in UTC
+        fitted = fitted if fitted.tzinfo else fitted.replace(tzinfo=UTC)
+        return cls.from_bytes(stored.data, stored.version, fitted.isoformat(timespec="seconds"),
+                              float(stored.summary.get("seconds", 0.0)))
+
+    def in_raw_space(self, codec: FeatureCodec) -> ExitHeads:
+        """These heads, fit on a codec's coordinates, as heads on the raw features they encode: the
+        codec's projection is linear, so it folds into the weights and serving needs no codec."""
+        inv = self.weight / self.scale[..., None]  # [E, d, C]
+        weight = np.einsum("ehd,edc->ehc", codec.basis.astype(np.float64), inv)
+        bias = self.bias - np.einsum("ed,edc->ec", self.mean, inv)
+        return replace(self, mean=codec.mean.astype(np.float64), scale=np.ones_like(codec.mean, dtype=np.float64),
+                       weight=weight, bias=bias, space=self.space)
+
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         arrays: dict[str, np.ndarray] = {
@@ -179,6 +215,11 @@ class ExitHeads:
             arrays["gold"] = self.gold.astype(np.int32)
         if self.calibration is not None:
             arrays["calibration"] = self.calibration.astype(bool)
+        if self.space is not None:
+            space = self.space
+            arrays |= {"space_mean": space.mean.astype(np.float32), "space_scale": space.scale.astype(np.float32),
+                       "space_weight": space.weight.astype(np.float32), "space_bias": space.bias.astype(np.float32),
+                       "full_fit_records": np.array(space.full_fit_records)}
         np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
         return buffer.getvalue()
 
@@ -188,7 +229,10 @@ class ExitHeads:
         return cls([str(x) for x in z["labels"]], z["mean"].astype(np.float64), z["scale"].astype(np.float64),
                    z["weight"].astype(np.float64), z["bias"].astype(np.float64), z["c"], z["accuracy"],
                    [str(x) for x in z["record_ids"]], z["oof"], z["gold"] if "gold" in z.files else None,
-                   z["calibration"] if "calibration" in z.files else None, version, fitted_at, seconds)
+                   z["calibration"] if "calibration" in z.files else None, version, fitted_at, seconds,
+                   FitSpace(z["space_mean"].astype(np.float64), z["space_scale"].astype(np.float64),
+                            z["space_weight"].astype(np.float64), z["space_bias"].astype(np.float64),
+                            int(z["full_fit_records"])) if "space_mean" in z.files else None)
 
 
 def row_weights(gold: np.ndarray) -> np.ndarray:
@@ -276,45 +320,66 @@ class FitCancelled(Exception):
     """A fit stopped on request (the server is shutting down)."""
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, c: torch.Tensor, n_labels: int,
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def _fit(batches: Batches, total: float, exits: int, dim: int, c: torch.Tensor, n_labels: int,
          max_iter: int = 100, cancelled: Callable[[], bool] = lambda: False,
-         start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         start: tuple[torch.Tensor, torch.Tensor] | None = None,
+         dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-weighted multinomial logistic regression per exit, all exits at once.
 
-    x [E, N, H] standardised, y [N], weights [N] (class weights), c [E]. Minimises, per exit,
-    sum_i w_i CE_i + ||W||^2 / (2 C) (scikit-learn's objective), divided by sum_i w_i. `start`: the
-    weights [E, H, C] and biases [E, C] to start from (a neighbouring C's solution), else zeros.
+    `batches()` yields the rows in chunks, (x [E, n, H] standardised, y [n], w [n] class weights);
+    `total` is the sum of all w. Minimises, per exit, sum_i w_i CE_i + ||W||^2 / (2 C) (scikit-learn's
+    objective), divided by `total`, the gradient summed chunk by chunk: memory follows the chunk, not
+    the records. `start`: the weights [E, H, C] and biases [E, C] to start from (a neighbouring C's
+    solution, or the served version's), else zeros.
     """
-    exits, n, dim = x.shape
     if start is None:
-        weight = torch.zeros(exits, dim, n_labels, dtype=x.dtype, requires_grad=True)
-        bias = torch.zeros(exits, 1, n_labels, dtype=x.dtype, requires_grad=True)
+        weight = torch.zeros(exits, dim, n_labels, dtype=dtype, requires_grad=True)
+        bias = torch.zeros(exits, 1, n_labels, dtype=dtype, requires_grad=True)
     else:
-        weight = start[0].clone().to(x.dtype).requires_grad_(True)
-        bias = start[1].clone().to(x.dtype).unsqueeze(1).requires_grad_(True)
+        weight = start[0].clone().to(dtype).requires_grad_(True)
+        bias = start[1].clone().to(dtype).unsqueeze(1).requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
-    total = weights.sum()
-    targets = y.expand(exits, n)
 
     def closure() -> torch.Tensor:
-        if cancelled():
-            raise FitCancelled("exit-head fit cancelled")
         optimizer.zero_grad()
-        logits = torch.bmm(x, weight) + bias  # [E, N, C]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, n_labels), targets.reshape(-1), reduction="none")
-        data = (ce.view(exits, n) * weights).sum(1) / total
-        penalty = (weight**2).sum((1, 2)) / (2 * c * total)
-        loss = (data + penalty).sum()
-        loss.backward()
-        return loss
+        loss = 0.0
+        for x, y, w in batches():
+            if cancelled():
+                raise FitCancelled("exit-head fit cancelled")
+            logits = torch.bmm(x, weight) + bias  # [E, n, C]
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, n_labels), y.expand(exits, -1).reshape(-1),
+                                                   reduction="none")
+            part = ((ce.view(exits, -1) * w).sum(1) / total).sum()
+            part.backward()
+            loss += float(part.detach())
+        penalty = ((weight**2).sum((1, 2)) / (2 * c * total)).sum()
+        penalty.backward()
+        return torch.tensor(loss + float(penalty.detach()))
 
     optimizer.step(closure)
     return weight.detach(), bias.detach().squeeze(1)
 
 
 def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(torch.bmm(x, weight) + bias.unsqueeze(1), -1)  # [E, N, C]
+    return torch.softmax(torch.bmm(x, weight.float()) + bias.float().unsqueeze(1), -1)  # [E, N, C]
+
+
+def take_groups(groups: np.ndarray, want: int, seed: int) -> np.ndarray:
+    """[N] bool: whole near-duplicate groups, in a seeded random order, until about `want` rows."""
+    sizes = np.bincount(groups)
+    taken: list[int] = []
+    count = 0
+    for g in np.random.default_rng(seed).permutation(len(sizes)):
+        if count >= want:
+            break
+        if count + sizes[g] <= want + max(1, want // 20):  # a huge group would overshoot: skip it
+            taken.append(int(g))
+            count += int(sizes[g])
+    return np.isin(groups, taken)
 
 
 def calibration_split(groups: np.ndarray, share: float = CALIBRATION_SHARE, cap: int = CALIBRATION_ROWS,
@@ -324,77 +389,207 @@ def calibration_split(groups: np.ndarray, share: float = CALIBRATION_SHARE, cap:
     n = len(groups)
     if n < CALIBRATION_MIN_RECORDS:
         return np.zeros(n, dtype=bool)
-    want = min(int(share * n), cap)
-    sizes = np.bincount(groups)
-    taken: list[int] = []
-    count = 0
-    for g in np.random.default_rng(seed + 1).permutation(len(sizes)):
-        if count >= want:
-            break
-        if count + sizes[g] <= want + max(1, want // 20):  # a huge group would overshoot: skip it
-            taken.append(int(g))
-            count += int(sizes[g])
-    return np.isin(groups, taken)
+    return take_groups(groups, min(int(share * n), cap), seed + 1)
 
 
-def fit_heads(features: np.ndarray, labels: Sequence[int], n_labels: int, record_ids: Sequence[str],
+def grown_calibration_split(groups: np.ndarray, known: np.ndarray, was: np.ndarray, cap: int = CALIBRATION_ROWS,
+                            share: float = CALIBRATION_SHARE, seed: int = 0) -> np.ndarray:
+    """The calibration split after growth: records the served version knew keep their side (`known`
+    [N] bool, `was` [N] bool: in its calibration split); a new record joins its group's known side, and
+    a new group goes to calibration with probability `share` while the split is under `cap`."""
+    split = np.where(known, was, False)
+    side: dict[int, bool] = {int(g): bool(c) for g, c in zip(groups[known], was[known])}
+    rng = np.random.default_rng(seed + 3 + int(known.sum()))
+    count = int(split.sum())
+    for i in np.flatnonzero(~known):
+        g = int(groups[i])
+        if g not in side:
+            side[g] = count < cap and rng.random() < share
+        split[i] = side[g]
+        count += int(split[i])
+    return split
+
+
+class Standardised:
+    """The fit's view of its features: rows turned, a chunk at a time, into standardised float32
+    [E, rows, d] tensors, from the int8 codes (or float features) kept in memory."""
+
+    def __init__(self, features: FeatureMatrix, mean: np.ndarray, scale: np.ndarray) -> None:
+        self.features, self.mean, self.scale = features, mean.astype(np.float32), scale.astype(np.float32)
+
+    @classmethod
+    def fit(cls, features: FeatureMatrix, rows: np.ndarray) -> Standardised:
+        """Mean and standard deviation per exit and coordinate over `rows`, from sums taken chunk by chunk."""
+        _, e, d = features.shape
+        total, squares = np.zeros((e, d)), np.zeros((e, d))
+        for chunk in _chunks(rows):
+            x = features.rows(chunk).astype(np.float64)
+            total += x.sum(0)
+            squares += (x * x).sum(0)
+        mean = total / max(len(rows), 1)
+        scale = np.sqrt(np.maximum(squares / max(len(rows), 1) - mean**2, 0.0))
+        scale[scale < 1e-6] = 1.0
+        return cls(features, mean, scale)
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        z = (self.features.rows(rows) - self.mean) / self.scale
+        return torch.from_numpy(np.ascontiguousarray(z.transpose(1, 0, 2)))
+
+    def batches(self, rows: np.ndarray, y: np.ndarray, w: np.ndarray) -> Batches:
+        def each() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            for at in _chunks(np.arange(len(rows))):
+                yield self(rows[at]), torch.from_numpy(y[at]), torch.from_numpy(w[at])
+        return each
+
+    def predict(self, rows: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+        """[len(rows), E, C] probabilities, a chunk at a time."""
+        out = [_predict(self(rows[at]), weight, bias).permute(1, 0, 2).numpy() for at in _chunks(np.arange(len(rows)))]
+        return np.concatenate(out) if out else np.zeros((0, weight.shape[0], weight.shape[2]), dtype=np.float32)
+
+
+def _chunks(rows: np.ndarray, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    for i in range(0, len(rows), size):
+        yield rows[i : i + size]
+
+
+def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int], n_labels: int, record_ids: Sequence[str],
               label_names: Sequence[str], groups: np.ndarray | None = None, c_grid: Sequence[float] = C_GRID,
               folds: int = FOLDS, seed: int = 0, calibrate: bool = True,
               progress: Callable[[str], None] | None = None,
-              cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
-    """Fit one head per exit on [N, E, H] features; C per exit by `folds`-fold cross-validation whose
-    folds never split a near-duplicate group (`groups`, [N]; None: every record its own group); a
-    calibration split held out for the cascade unless `calibrate` is False."""
+              cancelled: Callable[[], bool] = lambda: False, previous: ExitHeads | None = None) -> ExitHeads:
+    """Fit one head per exit on [N, E, d] features; `groups` ([N]; None: every record its own group)
+    are near-duplicate groups that no split divides. With a compatible `previous` version
+    (`can_grow_from`), a warm refit (`_grow`); else a full one:
+
+    - a calibration split held out for the cascade (unless `calibrate` is False);
+    - C per exit by `folds`-fold cross-validation on at most CV_ROWS fit records (whole groups);
+    - the heads that are served fit on every fit record, warm-started from the subsample's solution,
+      the gradient summed in chunks;
+    - judgments: cross-validated records out of fold; other fit records by a fold model (which saw
+      none of them); calibration records by the served heads.
+    """
     start = time.perf_counter()
     n = len(labels)
     if n < MIN_RECORDS:
         raise InvalidInput(f"exit heads need at least {MIN_RECORDS} records with exit features, got {n}")
+    fm = features if isinstance(features, FeatureMatrix) else FeatureMatrix(np.asarray(features))
     groups = np.arange(n) if groups is None else np.asarray(groups)
+    gold = np.asarray(labels, dtype=np.int64)
+    if previous is not None and can_grow_from(previous, fm, label_names, n):
+        return _grow(previous, fm, gold, record_ids, groups, calibrate, progress, cancelled, start)
     calibration = calibration_split(groups, seed=seed) if calibrate else np.zeros(n, dtype=bool)
     fit_idx = np.flatnonzero(~calibration)
-    y_all = torch.tensor(np.asarray(labels), dtype=torch.long)
-    y = y_all[fit_idx]
-    counts = torch.bincount(y, minlength=n_labels).clamp(min=1).double()
-    class_weight = (len(fit_idx) / (n_labels * counts)).float()  # balanced, as scikit-learn's "balanced"
-    mean = features[fit_idx].astype(np.float64).mean(0)  # [E, H]
-    scale = features[fit_idx].astype(np.float64).std(0)
-    scale[scale < 1e-6] = 1.0
-
-    def standardised(rows: np.ndarray) -> torch.Tensor:  # [E, rows, H] float32: half the memory of float64
-        z = ((features[rows].astype(np.float64) - mean) / scale).astype(np.float32)
-        return torch.from_numpy(z.transpose(1, 0, 2).copy())
-
-    x = standardised(fit_idx)
-    exits = x.shape[0]
-    fold_of = group_folds(groups[fit_idx], folds, seed)
+    weights = class_weights(gold[fit_idx], n_labels)
+    std = Standardised.fit(fm, fit_idx)
+    _, exits, dim = fm.shape
+    cv_idx = fit_idx if len(fit_idx) <= CV_ROWS else fit_idx[take_groups(groups[fit_idx], CV_ROWS, seed + 2)]
+    x, y = std(cv_idx), gold[cv_idx]
+    w = weights[np.searchsorted(fit_idx, cv_idx)]
+    fold_of = group_folds(groups[cv_idx], folds, seed)
     grid = sorted(c_grid)
-    oof = np.zeros((len(grid), len(fit_idx), exits, n_labels))
+    oof = np.zeros((len(grid), len(cv_idx), exits, n_labels))
+    solutions: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     for f in range(folds):
         train, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
-        solution = None
+        batch = _one_batch(x[:, train], y[train], w[train])
+        solution, per_c = None, []
         for ci, c_value in enumerate(grid):  # strongest penalty first; each warm-starts the next
-            c = torch.full((exits,), float(c_value))
-            solution = _fit(x[:, train], y[train], class_weight[y[train]], c, n_labels, cancelled=cancelled,
-                            start=solution)
+            solution = _fit(batch, float(w[train].sum()), exits, dim, torch.full((exits,), float(c_value)), n_labels,
+                            cancelled=cancelled, start=solution)
+            per_c.append(solution)
             oof[ci, held] = _predict(x[:, held], *solution).permute(1, 0, 2).numpy()
+        solutions.append(per_c)
         if progress:
-            progress(f"fold {f + 1}/{folds}: {len(grid)} C values fitted")
-    gold_fit = y.numpy()
-    correct = oof.argmax(-1) == gold_fit[None, :, None]  # [G, N, E]
-    accuracy = correct.mean(1)  # [G, E]
-    rw = row_weights(gold_fit)[None, :, None]
+            progress(f"fold {f + 1}/{folds}: {len(grid)} C values fitted on {len(train)} records")
+    correct = oof.argmax(-1) == y[None, :, None]  # [G, N, E]
+    rw = row_weights(y)[None, :, None]
     balanced = (rw * correct).sum(1) / rw.sum()  # [G, E]
-    loss = (-rw * np.log(np.take_along_axis(oof, gold_fit[None, :, None, None], -1)[..., 0].clip(1e-12))).mean(1)
+    loss = (-rw * np.log(np.take_along_axis(oof, y[None, :, None, None], -1)[..., 0].clip(1e-12))).mean(1)
     chosen = np.lexsort((loss, -np.round(balanced, 6)), axis=0)[0]  # per exit: best balanced accuracy, then loss
-    c_chosen = np.array([grid[g] for g in chosen])
-    weight, bias = _fit(x, y, class_weight[y], torch.tensor(c_chosen, dtype=torch.float32), n_labels,
-                        cancelled=cancelled)
+    c_chosen = torch.tensor([grid[g] for g in chosen], dtype=torch.float32)
     exit_index = np.arange(exits)
-    judged = np.zeros((n, exits, n_labels))
-    judged[fit_idx] = oof[chosen, :, exit_index].transpose(1, 0, 2)
+    weight, bias = _fit(_one_batch(x, y, w), float(w.sum()), exits, dim, c_chosen, n_labels, cancelled=cancelled)
+    judged = np.zeros((n, exits, n_labels), dtype=np.float32)
+    judged[cv_idx] = oof[chosen, :, exit_index].transpose(1, 0, 2)
+    rest = np.setdiff1d(fit_idx, cv_idx)
+    if rest.size:  # every fit record trains the served heads, warm-started from the subsample's
+        if progress:
+            progress(f"all {len(fit_idx)} fit records, from the {len(cv_idx)}-record solution")
+        weight, bias = _fit(std.batches(fit_idx, gold[fit_idx], weights), float(weights.sum()), exits, dim,
+                            c_chosen, n_labels, max_iter=GROW_ITERATIONS, cancelled=cancelled, start=(weight, bias))
+        for f in range(folds):  # judged by a fold model: trained on the subsample, it never saw them
+            mine = rest[np.arange(len(rest)) % folds == f]
+            fold_weight = torch.stack([solutions[f][chosen[e]][0][e] for e in exit_index])
+            fold_bias = torch.stack([solutions[f][chosen[e]][1][e] for e in exit_index])
+            judged[mine] = std.predict(mine, fold_weight, fold_bias)
     cal_idx = np.flatnonzero(calibration)
-    if cal_idx.size:  # judged by the heads that are served, which never saw them
-        judged[cal_idx] = _predict(standardised(cal_idx), weight, bias).permute(1, 0, 2).numpy()
-    return ExitHeads(list(label_names), mean, scale, weight.double().numpy(), bias.double().numpy(), c_chosen,
-                     accuracy[chosen, exit_index], list(record_ids), judged.astype(np.float16),
-                     y_all.numpy().astype(np.int32), calibration, seconds=time.perf_counter() - start)
+    judged[cal_idx] = std.predict(cal_idx, weight, bias)  # by the heads that are served, which never saw them
+    space = FitSpace(std.mean.astype(np.float64), std.scale.astype(np.float64), weight.double().numpy(),
+                     bias.double().numpy(), full_fit_records=n)
+    return _heads(label_names, space, np.array([grid[g] for g in chosen]), record_ids, judged, gold, calibration,
+                  time.perf_counter() - start)
+
+
+def _one_batch(x: torch.Tensor, y: np.ndarray, w: np.ndarray) -> Batches:
+    yt, wt = torch.from_numpy(y), torch.from_numpy(w)
+    return lambda: [(x, yt, wt)]
+
+
+def class_weights(gold: np.ndarray, n_labels: int) -> np.ndarray:
+    """[N] float32 per record: balanced, as scikit-learn's "balanced" (labels absent count as one)."""
+    counts = np.maximum(np.bincount(gold, minlength=n_labels), 1)
+    return (len(gold) / (n_labels * counts)).astype(np.float32)[gold]
+
+
+def _heads(label_names: Sequence[str], space: FitSpace, c: np.ndarray, record_ids: Sequence[str], judged: np.ndarray,
+           gold: np.ndarray, calibration: np.ndarray, seconds: float) -> ExitHeads:
+    fit = ~calibration
+    accuracy = (judged[fit].argmax(-1) == gold[fit, None]).mean(0) if fit.any() else np.zeros(judged.shape[1])
+    return ExitHeads(list(label_names), space.mean, space.scale, space.weight, space.bias, c, accuracy,
+                     list(record_ids), judged.astype(np.float16), gold.astype(np.int32), calibration,
+                     seconds=seconds, space=space)
+
+
+def can_grow_from(previous: ExitHeads, features: FeatureMatrix, label_names: Sequence[str], n: int) -> bool:
+    """A warm refit keeps the previous version's C and standardisation: only while its records are at
+    least 1 / REFIT_GROWTH of today's, over the same labels and feature space, with a calibration split."""
+    space = previous.space
+    return (space is not None and previous.labels == list(label_names) and previous.calibration is not None
+            and previous.gold is not None and space.mean.shape == features.shape[1:]
+            and n <= space.full_fit_records * REFIT_GROWTH)
+
+
+def _grow(previous: ExitHeads, fm: FeatureMatrix, gold: np.ndarray, record_ids: Sequence[str], groups: np.ndarray,
+          calibrate: bool, progress: Callable[[str], None] | None, cancelled: Callable[[], bool],
+          start: float) -> ExitHeads:
+    """A refit after growth, from the served version: its C, standardisation and weights to start from;
+    records it knew keep their split and their judgments (made by heads that never saw them); new fit
+    records are judged by the served version (which never saw them either), before they train the new
+    heads; the calibration split is judged again by the new heads, which never train on it. The costly
+    part of a full fit, the cross-validation, is not repeated: cost follows the records added (the
+    warm-started fit over all records converges in a few passes)."""
+    space = previous.space
+    assert space is not None and previous.calibration is not None and previous.gold is not None
+    n, (_, exits, dim), n_labels = len(gold), fm.shape, len(previous.labels)
+    at = np.array([previous._index.get(rid, -1) for rid in record_ids])
+    known = at >= 0
+    was = np.where(known, previous.calibration[np.maximum(at, 0)], False)
+    calibration = grown_calibration_split(groups, known, was) if calibrate else np.zeros(n, dtype=bool)
+    fit_idx = np.flatnonzero(~calibration)
+    std = Standardised(fm, space.mean, space.scale)
+    judged = np.zeros((n, exits, n_labels), dtype=np.float32)
+    judged[known] = previous.oof[at[known]]
+    new_fit = np.flatnonzero(~known & ~calibration)
+    served = torch.from_numpy(space.weight).float(), torch.from_numpy(space.bias).float()
+    judged[new_fit] = std.predict(new_fit, *served)
+    weights = class_weights(gold[fit_idx], n_labels)
+    if progress:
+        progress(f"warm refit of {len(fit_idx)} fit records ({len(new_fit)} new) from version {previous.version}")
+    weight, bias = _fit(std.batches(fit_idx, gold[fit_idx], weights), float(weights.sum()), exits, dim,
+                        torch.from_numpy(previous.c.astype(np.float32)), n_labels, max_iter=GROW_ITERATIONS,
+                        cancelled=cancelled, start=served)
+    cal_idx = np.flatnonzero(calibration)
+    judged[cal_idx] = std.predict(cal_idx, weight, bias)
+    grown = FitSpace(space.mean, space.scale, weight.double().numpy(), bias.double().numpy(), space.full_fit_records)
+    return _heads(previous.labels, grown, previous.c, record_ids, judged, gold, calibration,
+                  time.perf_counter() - start)

@@ -36,7 +36,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from raee_server.errors import NotReady, StoreMismatch, TaskExists, TaskNotFound
-from raee_server.stores.records import ExitRecord, text_hash
+from raee_server.stores.codec import CODED, LEARN_ROWS, RAW, FeatureCodec, FeatureMatrix, learn_codec
+from raee_server.stores.records import ExitRecord, StoredFeatures, text_hash
 from raee_server.types import Choice, Label, TaskSpec
 
 # A naming convention gives every constraint a stable name, so that migrations can drop
@@ -126,13 +127,24 @@ class LayerResultRow(Base):
 
 
 class ExitFeaturesRow(Base):
-    """A record's exit features: float16 [L + 1, H], row-major bytes (about 24 KB for Gemma 3 270M)."""
+    """A record's exit features as `codec` says: 0, raw float16 [L + 1, H] row-major bytes (24,320 for
+    Gemma 3 270M); 1, the task's compact codes (raee_server.core.codec: 2,470)."""
 
     __tablename__ = "exit_features"
     record_id: Mapped[str] = mapped_column(ForeignKey("exit_records.id", ondelete="CASCADE"), primary_key=True)
     exits: Mapped[int] = mapped_column(Integer)
-    dim: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)  # of the raw features, whatever the encoding
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    codec: Mapped[int] = mapped_column(Integer, default=RAW, server_default="0")
+
+
+class FeatureCodecRow(Base):
+    """A task's feature codec (raee_server.core.codec), learned once from its first records."""
+
+    __tablename__ = "feature_codecs"
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # npz: per-exit mean and whitened basis
 
 
 class TaskHeadsRow(Base):
@@ -410,42 +422,124 @@ class MetadataStore:
             self._write_features(s, [r for r in records if r.features is not None])
 
     def _write_features(self, s: Session, records: Sequence[ExitRecord]) -> None:
+        """Raw features go in encoded by the task's codec, where it has one (else raw, until it does:
+        `learn_codec`); stored rows from another store go in as they are."""
         insert = _dialect_insert(self.engine.dialect.name)
-        for i in range(0, len(records), 64):  # ~1.5 MB a statement for Gemma 3 270M
-            rows = [dict(record_id=r.id, exits=r.features.shape[0], dim=r.features.shape[1],  # type: ignore[union-attr]
-                         data=r.features.tobytes()) for r in records[i : i + 64]]  # type: ignore[union-attr]
+        codecs: dict[str, FeatureCodec | None] = {}
+        for i in range(0, len(records), 64):  # bounded statement size (1.5 MB raw for Gemma 3 270M)
+            rows = []
+            for r in records[i : i + 64]:
+                if r.task not in codecs:
+                    codecs[r.task] = self._codec(s, self._task_row(s, r.task).id)
+                rows.append(self._feature_row(r, codecs[r.task]))
             stmt = insert(ExitFeaturesRow).values(rows)
             s.execute(stmt.on_conflict_do_update(index_elements=["record_id"],
-                                                 set_={c: stmt.excluded[c] for c in ("exits", "dim", "data")}))
+                                                 set_={c: stmt.excluded[c] for c in ("exits", "dim", "data", "codec")}))
+
+    @staticmethod
+    def _feature_row(record: ExitRecord, codec: FeatureCodec | None) -> dict[str, Any]:
+        f = record.features
+        if isinstance(f, StoredFeatures):
+            return dict(record_id=record.id, exits=f.exits, dim=f.dim, data=f.data, codec=f.codec)
+        assert f is not None
+        data, kind = (f.astype(np.float16).tobytes(), RAW) if codec is None else (codec.encode(f[None])[0], CODED)
+        return dict(record_id=record.id, exits=f.shape[0], dim=f.shape[1], data=data, codec=kind)
 
     def write_features(self, records: Sequence[ExitRecord]) -> None:
         """Add exit features to existing records (the backfill)."""
         with self._session.begin() as s:
             self._write_features(s, records)
 
-    def features(self, task: str) -> tuple[list[str], list[str], np.ndarray]:
-        """Committed records that have exit features: ids, labels, features [N, L + 1, H] float16."""
+    @staticmethod
+    def _codec(s: Session, task_id: int) -> FeatureCodec | None:
+        data = s.scalar(select(FeatureCodecRow.data).where(FeatureCodecRow.task_id == task_id))
+        return None if data is None else FeatureCodec.from_bytes(data)
+
+    def codec(self, task: str) -> FeatureCodec | None:
+        """The task's feature codec; None until it has `LEARN_ROWS` records with features."""
+        with self._session() as s:
+            return self._codec(s, self._task_row(s, task).id)
+
+    def adopt_codec(self, task: str, codec: FeatureCodec) -> None:
+        """Give a task another's codec, so that rows copied from it as stored stay readable. Refused
+        where the task already has one or holds features."""
+        with self._session.begin() as s:
+            task_id = self._task_row(s, task).id
+            if self._codec(s, task_id) is not None or s.scalar(self._feature_count(task_id)):
+                raise StoreMismatch(f"task {task!r} already holds exit features: it keeps its own codec")
+            s.add(FeatureCodecRow(task_id=task_id, data=codec.to_bytes()))
+
+    @staticmethod
+    def _feature_count(task_id: int, codec: int | None = None) -> Any:
+        q = (select(func.count()).select_from(ExitFeaturesRow)
+             .join(ExitRecordRow, ExitRecordRow.id == ExitFeaturesRow.record_id)
+             .where(ExitRecordRow.task_id == task_id))
+        return q if codec is None else q.where(ExitFeaturesRow.codec == codec)
+
+    def compact_features(self, task: str, chunk: int = 500) -> int:
+        """Learn the task's codec once it has `LEARN_ROWS` rows of raw features (from the first of them
+        in id order: a sample of the records, since ids are hashes) and encode every raw row it holds.
+        Returns the rows encoded. Each chunk commits alone: a row is raw or coded, never lost, and
+        readers take both."""
+        with self._session.begin() as s:
+            task_id = self._task_row(s, task).id
+            codec = self._codec(s, task_id)
+            if codec is None:
+                if (s.scalar(self._feature_count(task_id, RAW)) or 0) < LEARN_ROWS:
+                    return 0
+                rows = s.execute(self._raw_rows(task_id).limit(LEARN_ROWS)).all()
+                codec = learn_codec(np.stack([_raw(r) for r in rows]))
+                s.add(FeatureCodecRow(task_id=task_id, data=codec.to_bytes()))
+        done = 0
+        while True:
+            with self._session.begin() as s:
+                rows = s.execute(self._raw_rows(task_id).limit(chunk)).all()
+                if not rows:
+                    return done
+                for r, data in zip(rows, codec.encode(np.stack([_raw(r) for r in rows]))):
+                    s.execute(update(ExitFeaturesRow).where(ExitFeaturesRow.record_id == r.record_id)
+                              .values(data=data, codec=CODED))
+                done += len(rows)
+
+    @staticmethod
+    def _raw_rows(task_id: int) -> Any:
+        return (select(ExitFeaturesRow.record_id, ExitFeaturesRow.exits, ExitFeaturesRow.dim, ExitFeaturesRow.data)
+                .join(ExitRecordRow, ExitRecordRow.id == ExitFeaturesRow.record_id)
+                .where(ExitRecordRow.task_id == task_id, ExitFeaturesRow.codec == RAW)
+                .order_by(ExitFeaturesRow.record_id))
+
+    def features(self, task: str) -> tuple[list[str], list[str], FeatureMatrix, FeatureCodec | None]:
+        """Committed records that have exit features: ids, labels, features, and the codec they are in.
+        With a codec, its int8 codes (raw rows encoded on the way: ~2.5 KB a record in memory); without
+        one yet, the raw float16 features [N, L + 1, H]. Read in chunks, so the rows' bytes never pile up."""
+        parts: list[FeatureMatrix] = []
+        ids: list[str] = []
+        labels: list[str] = []
         with self._session() as s:
             task_id = self._task_row(s, task).id
-            rows = s.execute(
+            codec = self._codec(s, task_id)
+            result = s.execute(
                 select(ExitRecordRow.id, ExitRecordRow.label, ExitFeaturesRow.exits, ExitFeaturesRow.dim,
-                       ExitFeaturesRow.data)
+                       ExitFeaturesRow.data, ExitFeaturesRow.codec)
                 .join(ExitFeaturesRow, ExitFeaturesRow.record_id == ExitRecordRow.id)
                 .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
-                .order_by(ExitRecordRow.id)).all()
-        if not rows:
-            return [], [], np.zeros((0, 0, 0), dtype=np.float16)
-        x = np.stack([np.frombuffer(r.data, dtype=np.float16).reshape(r.exits, r.dim) for r in rows])
-        return [r.id for r in rows], [r.label for r in rows], x
+                .order_by(ExitRecordRow.id).execution_options(yield_per=2000))
+            for chunk in result.partitions():
+                ids += [r.id for r in chunk]
+                labels += [r.label for r in chunk]
+                parts.append(_matrix(chunk, codec))
+        if not parts:
+            return [], [], FeatureMatrix(np.zeros((0, 0, 0), dtype=np.float16)), codec
+        return ids, labels, FeatureMatrix.stack(parts), codec
 
-    def features_of(self, record_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """The exit features [L + 1, H] float16 of these records (those that have them)."""
-        out: dict[str, np.ndarray] = {}
+    def features_of(self, record_ids: Sequence[str]) -> dict[str, StoredFeatures]:
+        """The stored feature rows of these records (those that have them), as stored."""
+        out: dict[str, StoredFeatures] = {}
         with self._session() as s:
             for i in range(0, len(record_ids), 500):
                 for r in s.execute(select(ExitFeaturesRow).where(
                         ExitFeaturesRow.record_id.in_(record_ids[i : i + 500]))).scalars():
-                    out[r.record_id] = np.frombuffer(r.data, dtype=np.float16).reshape(r.exits, r.dim)
+                    out[r.record_id] = StoredFeatures(r.codec, r.exits, r.dim, r.data)
         return out
 
     def without_features(self, task: str) -> list[tuple[str, str, str]]:
@@ -536,3 +630,25 @@ class MetadataStore:
             if 0 <= layer <= depth:
                 counts[int(layer)] = int(n)
         return counts, int(total) - sum(counts)
+
+
+def _raw(row: Any) -> np.ndarray:
+    """A raw feature row's [L + 1, H] float16 array."""
+    return np.frombuffer(row.data, dtype=np.float16).reshape(row.exits, row.dim)
+
+
+def _matrix(rows: Sequence[Any], codec: FeatureCodec | None) -> FeatureMatrix:
+    """Feature rows as one matrix: raw float16 without a codec; with one, codes (raw rows encoded)."""
+    if codec is None:
+        return FeatureMatrix(np.stack([_raw(r) for r in rows]))
+    coded = [r for r in rows if r.codec == CODED]
+    if len(coded) == len(rows):
+        return codec.parse([r.data for r in rows])
+    out = codec.quantise(np.stack([_raw(r) if r.codec == RAW else np.zeros((r.exits, r.dim), np.float16)
+                                   for r in rows]))
+    assert out.scales is not None
+    if coded:
+        at = [i for i, r in enumerate(rows) if r.codec == CODED]
+        parsed = codec.parse([r.data for r in coded])
+        out.values[at], out.scales[at] = parsed.values, parsed.scales
+    return out

@@ -31,6 +31,17 @@ class LayerResult:
 
 
 @dataclass(frozen=True)
+class StoredFeatures:
+    """Exit features as a feature row holds them (raee_server.stores.codec): copied between tasks and
+    deployments as they are, never decoded and encoded again."""
+
+    codec: int  # 0: raw float16; 1: the task's codec
+    exits: int
+    dim: int  # of the raw features
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ExitRecord:
     id: str
     task: str
@@ -40,7 +51,8 @@ class ExitRecord:
     layers: tuple[LayerResult, ...]
     # The readout features at every exit, [L + 1, H] float16 (what exit heads are fit on); None when
     # the record was made without them (records from before exit heads: `raee-admin backfill-features`).
-    features: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Or, copied from another store, the stored row itself (that store's codec must come along).
+    features: np.ndarray | StoredFeatures | None = field(default=None, compare=False, repr=False)
 
     @property
     def exits(self) -> tuple[tuple[int, float], ...]:
