@@ -370,3 +370,59 @@ def test_a_running_ingest_holds_back_the_background_fit(grown: Engine) -> None:
     assert not metadata.ingesting(SENTIMENT.name, within=timedelta(seconds=-1))  # a stale `running` row
     metadata.finish_batch(batch, 1, 0, 0, "done")
     assert not metadata.ingesting(SENTIMENT.name)
+
+
+def test_a_warm_refit_keeps_what_the_served_version_knew_and_judges_new_records_by_it() -> None:
+    x, y = separable(n=700, exits=3, dim=12, seed=5)
+    ids = [f"r{i:03d}" for i in range(700)]
+    names = ["a", "b", "c"]
+    served = fit_heads(x[:300], y[:300], 3, ids[:300], names)
+    assert served.space is not None and served.space.full_fit_records == 300
+    grown = fit_heads(x[:400], y[:400], 3, ids[:400], names, previous=served)
+    space = grown.space
+    assert space is not None and space.full_fit_records == 300  # warm: C and standardisation kept
+    np.testing.assert_array_equal(grown.c, served.c)
+    np.testing.assert_array_equal(space.mean, served.space.mean)
+    assert not np.allclose(space.weight, served.space.weight)  # it learned from the new records
+    assert served.calibration is not None and grown.calibration is not None
+    np.testing.assert_array_equal(grown.calibration[:300], served.calibration)  # known records keep their side
+    assert 0 < grown.calibration[300:].sum() < 100
+    known_fit = np.flatnonzero(~served.calibration)
+    np.testing.assert_array_equal(grown.oof[known_fit], served.oof[known_fit])  # judgments made before stay
+    new_fit = 300 + np.flatnonzero(~grown.calibration[300:])
+    np.testing.assert_allclose(grown.oof[new_fit].astype(np.float64), served.all_probs(x[new_fit]), atol=2e-3)
+    cal = np.flatnonzero(grown.calibration)  # the calibration split, by the new heads that never saw it
+    np.testing.assert_allclose(grown.oof[cal].astype(np.float64), grown.all_probs(x[cal]), atol=2e-3)
+    # Past twice the records of the last full fit: a full fit again (C chosen anew).
+    full = fit_heads(x, y, 3, ids, names, previous=grown)
+    assert full.space is not None and full.space.full_fit_records == 700
+    # Other labels: never warm.
+    assert fit_heads(x[:400], y[:400], 3, ids[:400], ["x", "y", "z"], previous=served).space.full_fit_records == 400  # type: ignore[union-attr]
+
+
+def test_past_the_cross_validation_sample_every_fit_record_trains_the_served_heads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from raee_server.core import heads as heads_module
+
+    monkeypatch.setattr(heads_module, "CV_ROWS", 120)  # C chosen on 120 of the 280 fit records
+    monkeypatch.setattr(heads_module, "CHUNK_ROWS", 50)  # and the gradient summed over 6 chunks
+    x, y = separable(n=400, exits=3, dim=12, seed=6)
+    heads = fit_heads(x, y, 3, [f"r{i}" for i in range(400)], ["a", "b", "c"])
+    assert heads.space is not None and heads.calibration is not None
+    fit = np.flatnonzero(~heads.calibration)
+    z = (x[fit].astype(np.float64) - heads.space.mean) / heads.space.scale
+    c = torch.tensor(heads.c, dtype=torch.float64)
+    whole = torch.from_numpy(z.transpose(1, 0, 2).copy())
+    w = torch.from_numpy(heads_module.class_weights(y[fit], 3).astype(np.float64))
+    reference = _fit(lambda: [(whole, torch.from_numpy(y[fit]), w)], float(w.sum()), 3, 12, c, 3, max_iter=500,
+                     dtype=torch.float64)
+    served = heads.all_probs(x[fit])
+    z_all = torch.from_numpy(z.transpose(1, 0, 2).copy())
+    optimum = torch.softmax(torch.bmm(z_all, reference[0]) + reference[1].unsqueeze(1), -1).permute(1, 0, 2).numpy()
+    np.testing.assert_allclose(served, optimum, atol=1e-2)
+    # Records outside the sample were judged by fold models, not by the heads they trained.
+    in_sample = served
+    assert not np.allclose(heads.oof[fit].astype(np.float64), in_sample, atol=1e-3)
+    assert abs(heads.accuracy[-1] - (in_sample.argmax(-1)[:, -1] == y[fit]).mean()) < 0.1

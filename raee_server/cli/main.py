@@ -653,6 +653,28 @@ def bench_speed(obj: Context, tasks: tuple[str, ...], data_root: Path, out: Path
     return {**report, "written": written}
 
 
+@cli.command("bench-fit")
+@click.option("--size", "sizes", type=int, multiple=True, help="records (default 5,000, 20,000, 60,614, 1,000,000)")
+@click.option("--added", type=int, default=1000, show_default=True, help="records added before the warm refit")
+@click.option("--exits", type=int, default=19, show_default=True, help="exits per record (Gemma 3 270M: 19)")
+@click.option("--dim", type=int, default=128, show_default=True, help="coordinates per exit (the codec's)")
+@click.option("--labels", type=int, default=2, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/fit"), show_default=True)
+@click.pass_obj
+@reports
+def bench_fit(obj: Context, sizes: tuple[int, ...], added: int, exits: int, dim: int, labels: int,
+              out: Path) -> dict[str, Any]:
+    """The exit heads' fit at scale on synthetic codes (no model, no forward): time and peak memory of a
+    full fit and of a warm refit after `--added` records, each size in its own process."""
+    from raee_server.bench import fit
+
+    report = fit.run(sizes or (5000, 20000, 60614, 1_000_000), added, exits, dim, labels,
+                     progress=lambda line: click.echo(line, err=True))
+    written = [str(path) for path in fit.write(report, out, "raee-admin " + " ".join(sys.argv[1:]))]
+    obj.say((out / "fit.md").read_text())
+    return {**report, "written": written}
+
+
 @cli.command("bench-keys")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--limit", default=500, show_default=True, help="texts to encode (the file's first)")

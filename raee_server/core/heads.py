@@ -56,7 +56,7 @@ RISK_LEVEL = 0.1  # delta: the cascade's promise fails with probability at most 
 # one in this order whose risk it certifies.
 CV_ROWS = 20000  # C is chosen by cross-validation on at most this many fit records (whole groups)
 CHUNK_ROWS = 8192  # rows a fit step turns from codes into float32 at a time: memory follows this
-GROW_ITERATIONS = 40  # L-BFGS steps of a warm-started fit over all records
+GROW_ITERATIONS = 40  # L-BFGS steps of a warm refit (from the served version's weights)
 REFIT_GROWTH = 2.0  # a warm refit keeps C and standardisation until the records double since the full fit
 PROPOSALS = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
@@ -452,9 +452,9 @@ def _chunks(rows: np.ndarray, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
         yield rows[i : i + size]
 
 
-def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int], n_labels: int, record_ids: Sequence[str],
-              label_names: Sequence[str], groups: np.ndarray | None = None, c_grid: Sequence[float] = C_GRID,
-              folds: int = FOLDS, seed: int = 0, calibrate: bool = True,
+def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int] | np.ndarray, n_labels: int,
+              record_ids: Sequence[str], label_names: Sequence[str], groups: np.ndarray | None = None,
+              c_grid: Sequence[float] = C_GRID, folds: int = FOLDS, seed: int = 0, calibrate: bool = True,
               progress: Callable[[str], None] | None = None,
               cancelled: Callable[[], bool] = lambda: False, previous: ExitHeads | None = None) -> ExitHeads:
     """Fit one head per exit on [N, E, d] features; `groups` ([N]; None: every record its own group)
@@ -516,7 +516,7 @@ def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int], n_lab
         if progress:
             progress(f"all {len(fit_idx)} fit records, from the {len(cv_idx)}-record solution")
         weight, bias = _fit(std.batches(fit_idx, gold[fit_idx], weights), float(weights.sum()), exits, dim,
-                            c_chosen, n_labels, max_iter=GROW_ITERATIONS, cancelled=cancelled, start=(weight, bias))
+                            c_chosen, n_labels, cancelled=cancelled, start=(weight, bias))
         for f in range(folds):  # judged by a fold model: trained on the subsample, it never saw them
             mine = rest[np.arange(len(rest)) % folds == f]
             fold_weight = torch.stack([solutions[f][chosen[e]][0][e] for e in exit_index])

@@ -50,6 +50,20 @@ class FeatureMatrix:
             x *= self.scales[index, :, None].astype(np.float32)
         return x
 
+    def empty(self, n: int) -> FeatureMatrix:
+        """n rows of this matrix's kind, to fill with `put`."""
+        _, e, d = self.shape
+        return FeatureMatrix(np.zeros((n, e, d), dtype=self.values.dtype),
+                             None if self.scales is None else np.zeros((n, e), dtype=self.scales.dtype))
+
+    def put(self, at: int, part: FeatureMatrix) -> None:
+        self.values[at : at + len(part)] = part.values
+        if self.scales is not None and part.scales is not None:
+            self.scales[at : at + len(part)] = part.scales
+
+    def head(self, n: int) -> FeatureMatrix:
+        return FeatureMatrix(self.values[:n], None if self.scales is None else self.scales[:n])
+
     @staticmethod
     def stack(parts: Sequence[FeatureMatrix]) -> FeatureMatrix:
         coded = [p.scales is not None for p in parts]

@@ -511,13 +511,15 @@ class MetadataStore:
     def features(self, task: str) -> tuple[list[str], list[str], FeatureMatrix, FeatureCodec | None]:
         """Committed records that have exit features: ids, labels, features, and the codec they are in.
         With a codec, its int8 codes (raw rows encoded on the way: ~2.5 KB a record in memory); without
-        one yet, the raw float16 features [N, L + 1, H]. Read in chunks, so the rows' bytes never pile up."""
-        parts: list[FeatureMatrix] = []
+        one yet, the raw float16 features [N, L + 1, H]. Read in chunks into one preallocated matrix,
+        so the rows' bytes never pile up beside it."""
         ids: list[str] = []
         labels: list[str] = []
+        out: FeatureMatrix | None = None
         with self._session() as s:
             task_id = self._task_row(s, task).id
             codec = self._codec(s, task_id)
+            expected = int(s.scalar(self._feature_count(task_id).where(ExitRecordRow.status == COMMITTED)) or 0)
             result = s.execute(
                 select(ExitRecordRow.id, ExitRecordRow.label, ExitFeaturesRow.exits, ExitFeaturesRow.dim,
                        ExitFeaturesRow.data, ExitFeaturesRow.codec)
@@ -525,12 +527,17 @@ class MetadataStore:
                 .where(ExitRecordRow.task_id == task_id, ExitRecordRow.status == COMMITTED)
                 .order_by(ExitRecordRow.id).execution_options(yield_per=2000))
             for chunk in result.partitions():
+                part = _matrix(chunk, codec)
+                if out is None:
+                    out = part.empty(max(expected, len(part)))
+                elif len(ids) + len(part) > len(out):  # rows committed since the count
+                    out = FeatureMatrix.stack([out, part.empty(len(ids) + len(part) - len(out))])
+                out.put(len(ids), part)
                 ids += [r.id for r in chunk]
                 labels += [r.label for r in chunk]
-                parts.append(_matrix(chunk, codec))
-        if not parts:
+        if out is None:
             return [], [], FeatureMatrix(np.zeros((0, 0, 0), dtype=np.float16)), codec
-        return ids, labels, FeatureMatrix.stack(parts), codec
+        return ids, labels, out.head(len(ids)), codec
 
     def features_of(self, record_ids: Sequence[str]) -> dict[str, StoredFeatures]:
         """The stored feature rows of these records (those that have them), as stored."""
