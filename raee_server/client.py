@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -113,7 +113,7 @@ def error_details(exc: grpc.RpcError) -> ErrorDetails:
     return out
 
 
-def _raise(exc: grpc.RpcError, task: str) -> None:
+def _raise(exc: grpc.RpcError, task: str) -> NoReturn:
     """The typed exception of a failed call, with the details the server sent."""
     code, details = exc.code(), error_details(exc)
     error: RaeeError
@@ -201,6 +201,26 @@ class RaeeClient:
             self.stub.DeleteTask(pb.DeleteTaskRequest(name=name), timeout=self.timeout)
         except grpc.RpcError as exc:
             _raise(exc, name)
+
+    def delete_records(self, task: str, ids: Sequence[str] = (), texts: Sequence[str] = (),
+                       batch: int | None = None) -> list[str]:
+        """Delete records by id, exact text or ingest batch; returns the ids deleted."""
+        request = pb.DeleteRecordsRequest(task=task, ids=list(ids), texts=list(texts), batch=batch or 0)
+        try:
+            return list(self.stub.DeleteRecords(request, timeout=self.timeout).deleted_ids)
+        except grpc.RpcError as exc:
+            _raise(exc, task)
+
+    def relabel(self, task: str, records: Sequence[tuple[str | None, str | None, str]]) -> tuple[int, list[str]]:
+        """New labels for records given as (id, text, label) with one of id and text; returns how many
+        were relabelled and, for those not found, their id or text."""
+        request = pb.RelabelRecordsRequest(task=task, records=[pb.Relabel(id=i or "", text=t or "", label=label)
+                                                               for i, t, label in records])
+        try:
+            reply = self.stub.RelabelRecords(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            _raise(exc, task)
+        return reply.relabelled, [records[r.index][0] or records[r.index][1] or "" for r in reply.rejections]
 
     def tasks(self) -> Iterator[pb.Task]:
         """Every task the server has (admin key), fetched a page at a time."""

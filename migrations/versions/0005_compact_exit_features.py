@@ -1,10 +1,11 @@
-"""compact exit features: a codec per task, and each feature row says its encoding
+"""compact exit features (a codec per task; each feature row says its encoding) and record edits
 
 Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-05 12:00:00
 
-Rows stored before are raw float16 (codec 0). The upgrade then learns the codec of every task that
+`tasks.edits` counts records deleted or relabelled (the heads' refit rule counts them). Rows stored
+before are raw float16 (codec 0). The upgrade then learns the codec of every task that
 has enough of them and encodes its rows (raee_server.stores.codec): from about 24 KB a record to
 about 2.5 KB. A downgrade cannot restore raw features from codes: it drops the coded rows (their
 records keep everything else; `raee-admin backfill-features` computes them again).
@@ -36,6 +37,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('exit_features', schema=None) as batch_op:
         batch_op.add_column(sa.Column('codec', sa.Integer(), server_default='0', nullable=False))
+    with op.batch_alter_table('tasks', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('edits', sa.Integer(), server_default='0', nullable=False))
     bind = op.get_bind()
     for (task_id,) in bind.execute(sa.text("SELECT id FROM tasks")).all():
         _encode_task(bind, task_id)
@@ -69,6 +72,8 @@ def _encode_task(bind: sa.Connection, task_id: int) -> None:
 def downgrade() -> None:
     """Downgrade schema: coded rows cannot become raw again, so they go."""
     op.execute("DELETE FROM exit_features WHERE codec <> 0")
+    with op.batch_alter_table('tasks', schema=None) as batch_op:
+        batch_op.drop_column('edits')
     with op.batch_alter_table('exit_features', schema=None) as batch_op:
         batch_op.drop_column('codec')
     op.drop_table('feature_codecs')

@@ -29,6 +29,7 @@ from raee_server.cli import assets
 from raee_server.core.datafile import FORMATS, read_rows
 from raee_server.errors import RaeeError
 from raee_server.settings import Settings
+from raee_server.stores.records import record_id
 from raee_server.types import Rejected, Row, TaskSpec, parse_label_flag
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -405,6 +406,76 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
         obj.exit_code = EXIT_REJECTED
     return {"task": task_name, "file": str(file), "added": report.added, "already_present": report.present,
             "rejected": [{"line": r.line, "reason": r.reason} for r in report.rejected]}
+
+
+@cli.group()
+def records() -> None:
+    """Delete or relabel a task's records (by id, exact text or ingest batch), here or on a server."""
+
+
+@records.command("delete")
+@click.option("--task", "task_name", required=True)
+@click.option("--id", "ids", multiple=True, help="record id (repeatable)")
+@click.option("--text", "texts", multiple=True, help="exact text of a record (repeatable)")
+@click.option("--batch", type=int, help="every record whose latest ingest was this batch (see ingest-batches)")
+@click.confirmation_option(prompt="Delete these records from both stores?")
+@server_option
+@click.pass_obj
+@reports
+def records_delete(obj: Context, task_name: str, ids: tuple[str, ...], texts: tuple[str, ...], batch: int | None,
+                   server: str | None) -> dict[str, Any]:
+    """Delete records: vectors, SQL rows and exit features together (a crash in between is finished
+    by `doctor --repair`). Names that match no record are not an error."""
+    if not (ids or texts or batch is not None):
+        raise click.UsageError("name the records: --id, --text or --batch")
+    if server:
+        deleted = obj.client(server).delete_records(task_name, ids, texts, batch)
+    else:
+        deleted = obj.engine.delete_records(task_name, ids, texts, batch)
+    obj.say(f"deleted {len(deleted)} record(s) from {task_name}")
+    return {"task": task_name, "deleted": deleted}
+
+
+@records.command("relabel")
+@click.option("--task", "task_name", required=True)
+@click.option("--label", help="the new label of every record named by --id or --text")
+@click.option("--id", "ids", multiple=True, help="record id (repeatable)")
+@click.option("--text", "texts", multiple=True, help="exact text of a record (repeatable)")
+@click.option("--file", "file", type=click.Path(path_type=Path), help="rows of text and new label (by text)")
+@_file_options
+@server_option
+@click.pass_obj
+@reports
+def records_relabel(obj: Context, task_name: str, label: str | None, ids: tuple[str, ...], texts: tuple[str, ...],
+                    file: Path | None, text_column: str, label_column: str, fmt: str | None, limit: int | None,
+                    server: str | None) -> dict[str, Any]:
+    """Give records new labels; each is recomputed from its text (one forward)."""
+    wanted: list[tuple[str | None, str | None, str]] = []
+    if ids or texts:
+        if not label:
+            raise click.UsageError("--label: the new label of the records named by --id or --text")
+        wanted += [(i, None, label) for i in ids] + [(None, t, label) for t in texts]
+    if file:
+        rows = list(_rows(file, text_column, label_column, fmt, limit))
+        bad = [r for r in rows if isinstance(r, Rejected)]
+        if bad:
+            raise click.UsageError(f"{file}:{bad[0].line}: {bad[0].reason}")
+        wanted += [(None, r.text, r.label) for r in rows if isinstance(r, Row)]
+    if not wanted:
+        raise click.UsageError("name the records: --id or --text with --label, or --file")
+    if server:
+        done, missing = obj.client(server).relabel(task_name, wanted)
+    else:
+        engine = obj.engine
+        by_id = {(i or record_id(task_name, t or "")): (i or t or "", lb) for i, t, lb in wanted}
+        done, missing_ids = engine.relabel(task_name, {rid: lb for rid, (_, lb) in by_id.items()})
+        missing = [by_id[rid][0] for rid in missing_ids]
+    for name in missing:
+        click.echo(f"not found in {task_name}: {name}", err=True)
+    obj.say(f"relabelled {done} record(s) of {task_name}; {len(missing)} not found")
+    if missing:
+        obj.exit_code = EXIT_REJECTED
+    return {"task": task_name, "relabelled": done, "not_found": missing}
 
 
 @cli.command("ingest-batches")

@@ -171,7 +171,8 @@ def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[
     refit from the newest version where it can (raee_server.core.heads.fit_heads), unless `full`.
     Needs only the SQL store, so a server runs it in a separate low-priority process
     (raee_server.serving.fitter)."""
-    spec = metadata.task(task).spec
+    info = metadata.task(task)  # read before the records: edits made during the fit count for the next
+    spec = info.spec
     metadata.compact_features(task)
     ids, labels, features, codec = metadata.features(task)
     texts = {rid: text for rid, text, _ in metadata.committed_examples(task)}
@@ -182,6 +183,7 @@ def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[
                       previous=ExitHeads.from_stored(stored) if stored else None)
     if codec is not None:  # fit on the codec's coordinates; served on the raw features
         heads = heads.in_raw_space(codec)
+    heads.edits = info.edits
     heads.fitted_at = datetime.now(UTC).isoformat(timespec="seconds")
     heads.version = metadata.save_heads(task, heads.summary(), heads.to_bytes())
     return heads
@@ -196,8 +198,9 @@ def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | 
 
 
 def needs_heads(engine: Engine, task: str) -> bool:
-    """No heads yet (and enough records), or the task grew past RAEE_RETUNE_GROWTH since the fit.
-    Reads the engine's loaded heads (refreshed per version), not the stored blob."""
+    """No heads yet (and enough records); or, since the fit, RAEE_HEADS_REFIT_ROWS records were added,
+    deleted or relabelled (a warm refit: its cost follows them), or the task grew past
+    RAEE_RETUNE_GROWTH. Reads the engine's loaded heads (refreshed per version), not the stored blob."""
     info = engine.task_info(task)
     if info.records < HEADS_MIN_RECORDS:
         return False
@@ -205,7 +208,8 @@ def needs_heads(engine: Engine, task: str) -> bool:
     if heads is None or heads.calibration is None:  # none, or fit before the cascade had a calibration split
         return True
     known, settings = len(heads.record_ids), engine.settings
-    return info.records - known >= settings.heads_refit_rows or info.records > known * (1 + settings.retune_growth)
+    changed = max(info.records - known, 0) + info.edits - heads.edits  # added, deleted or relabelled since
+    return changed >= settings.heads_refit_rows or info.records > known * (1 + settings.retune_growth)
 
 
 def needs_tuning_after_heads(engine: Engine, task: str) -> bool:

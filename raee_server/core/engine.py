@@ -30,7 +30,7 @@ from raee_server.core.policies import (
     uses_head_exits,
 )
 from raee_server.core.prior import PriorTracker
-from raee_server.errors import InvalidInput, StoreMismatch
+from raee_server.errors import InvalidInput, StoreMismatch, clip
 from raee_server.models.backbone import Backbone, LabelHead
 from raee_server.models.encoders import KeyEncoder
 from raee_server.settings import Settings
@@ -511,6 +511,41 @@ class Engine:
         """An ingest fed in pieces (the gRPC stream hands it one chunk per worker turn)."""
         spec, _ = self._task(task)
         return IngestSession(self, spec, self.metadata.begin_batch(task, source), progress)
+
+    def delete_records(self, task: str, ids: Sequence[str] = (), texts: Sequence[str] = (),
+                       batch: int | None = None) -> list[str]:
+        """Delete the task's records named by id, by exact text, or by ingest batch; returns the ids
+        deleted (names that match no record are not an error: deleting is idempotent). Ingest's order
+        reversed: SQL rows marked `deleting`, vectors removed (from the next request on, no search
+        finds them), then the rows with their layer results and features. A crash in between leaves
+        `deleting` rows that `doctor --repair` finishes. The heads count the delete as an edit."""
+        self._task(task)  # TaskNotFound before touching anything
+        if not (ids or texts or batch is not None):
+            raise InvalidInput("ids: name the records to delete (ids, texts or an ingest batch)", "ids")
+        if texts:
+            self.check_texts(texts, "texts")
+        chosen = self.metadata.mark_deleting(task, [*ids, *(record_id(task, t) for t in texts)], batch)
+        if chosen:
+            self.vectors.delete_ids(chosen)
+            self.metadata.delete_records(chosen)
+            self.forget_choice(task)
+        return chosen
+
+    def relabel(self, task: str, labels: dict[str, str], source: str = "relabel") -> tuple[int, list[str]]:
+        """Give records (by id) new labels; returns how many were relabelled and the ids not found.
+        Each is made pending with its new label and ingested again from its text (one forward each:
+        the layer results, vector payload and features follow the label), in ingest's order, so a
+        crash leaves pending rows that the doctor recomputes. An unknown label refuses the whole call."""
+        spec, _ = self._task(task)
+        for rid, label in labels.items():
+            if label not in spec.label_names:
+                raise InvalidInput(f"label: unknown label {clip(label)!r} for record {clip(rid)} "
+                                   f"(known: {', '.join(spec.label_names)})")
+        found = self.metadata.mark_relabelled(task, labels)
+        if found:
+            self.ingest(task, [Row(i + 1, text, labels[rid]) for i, (rid, text) in enumerate(found)], source)
+        known = {rid for rid, _ in found}
+        return len(found), [rid for rid in labels if rid not in known]
 
     @staticmethod
     def row_problem(spec: TaskSpec, row: Row, max_chars: int) -> str | None:

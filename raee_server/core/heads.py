@@ -93,6 +93,7 @@ class ExitHeads:
     fitted_at: str = ""
     seconds: float = 0.0
     space: FitSpace | None = None  # None: heads stored before warm refits
+    edits: int = 0  # the task's record edits (deletes, relabels) when it was fit
     _index: dict[str, int] = field(default_factory=dict, repr=False)
     _cascades: dict[tuple[float, int], np.ndarray] = field(default_factory=dict, repr=False)
     _proposals: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
@@ -220,6 +221,7 @@ class ExitHeads:
             arrays |= {"space_mean": space.mean.astype(np.float32), "space_scale": space.scale.astype(np.float32),
                        "space_weight": space.weight.astype(np.float32), "space_bias": space.bias.astype(np.float32),
                        "full_fit_records": np.array(space.full_fit_records)}
+        arrays["edits"] = np.array(self.edits)
         np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
         return buffer.getvalue()
 
@@ -232,7 +234,8 @@ class ExitHeads:
                    z["calibration"] if "calibration" in z.files else None, version, fitted_at, seconds,
                    FitSpace(z["space_mean"].astype(np.float64), z["space_scale"].astype(np.float64),
                             z["space_weight"].astype(np.float64), z["space_bias"].astype(np.float64),
-                            int(z["full_fit_records"])) if "space_mean" in z.files else None)
+                            int(z["full_fit_records"])) if "space_mean" in z.files else None,
+                   int(z["edits"]) if "edits" in z.files else 0)
 
 
 def row_weights(gold: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ from raee_server.serving.interceptors import (
 from raee_server.serving.metrics import Metrics, RecentAnswers
 from raee_server.serving.worker import ModelWorker
 from raee_server.settings import Settings
+from raee_server.stores.records import record_id
 from raee_server.types import Label, Prediction, Rejected, Row, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -362,6 +363,24 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
                         else True, adapt_prior=request.adapt_prior)
         await self.worker.call(lambda e: e.create_task(spec))
         return pb.CreateTaskResponse(task=await self._task_message(request.name))
+
+    async def DeleteRecords(self, request: pb.DeleteRecordsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.DeleteRecordsResponse:
+        ids, texts, batch = list(request.ids), list(request.texts), request.batch or None
+        deleted = await self.worker.call(lambda e: e.delete_records(request.task, ids, texts, batch))
+        return pb.DeleteRecordsResponse(deleted_ids=deleted)
+
+    async def RelabelRecords(self, request: pb.RelabelRecordsRequest,
+                             context: grpc.aio.ServicerContext) -> pb.RelabelRecordsResponse:
+        task = request.task
+        wanted = [(r.id or (record_id(task, r.text) if r.text else ""), r.label) for r in request.records]
+        for i, (rid, _) in enumerate(wanted):
+            if not rid:
+                raise InvalidInput(f"records[{i}]: give the record's id or its text", f"records[{i}]")
+        done, missing = await self.worker.call(lambda e: e.relabel(task, dict(wanted), source="grpc relabel"))
+        rejections = [pb.Rejection(index=i, reason=f"no record {clip(rid)} in task {clip(task)}")
+                      for i, (rid, _) in enumerate(wanted) if rid in set(missing)]
+        return pb.RelabelRecordsResponse(relabelled=done, rejections=rejections)
 
     async def DeleteTask(self, request: pb.DeleteTaskRequest,
                          context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:

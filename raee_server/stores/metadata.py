@@ -50,7 +50,10 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-PENDING, COMMITTED = "pending", "committed"
+# A record's life: pending (SQL rows written, vectors not yet confirmed) -> committed (both stores
+# hold it) -> deleting (leaving: vectors being removed, then the rows). `doctor` finishes what a
+# crash leaves in between, in the same direction.
+PENDING, COMMITTED, DELETING = "pending", "committed", "deleting"
 
 
 def _now() -> datetime:
@@ -75,6 +78,9 @@ class TaskRow(Base):
     tuned: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     # {"objective", "prior_correction", "adapt_prior"}; NULL for tasks made before them: the defaults
     options: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # Records deleted or relabelled since the task was made: what the exit heads' refit rule counts
+    # beside the records added.
+    edits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     def spec(self) -> TaskSpec:
         options = self.options or {}
@@ -191,6 +197,7 @@ class TaskInfo:
     records: int
     tuned: Choice | None = None
     label_records: dict[str, int] = field(default_factory=dict)  # committed records per label
+    edits: int = 0  # records deleted or relabelled since the task was made
 
     @property
     def imbalanced(self) -> bool:
@@ -283,7 +290,7 @@ class MetadataStore:
                     ExitRecordRow.task_id == row.id, ExitRecordRow.status == COMMITTED)
                 .group_by(ExitRecordRow.label)).all()}
             return TaskInfo(row.spec(), row.backbone_id, row.encoder_id, row.created_at, sum(counts.values()),
-                            Choice.from_dict(row.tuned) if row.tuned else None, counts)
+                            Choice.from_dict(row.tuned) if row.tuned else None, counts, row.edits or 0)
 
     def task_names(self, after: str | None, limit: int) -> list[str]:
         """Up to `limit` task names after `after`, in name order (ListTasks pages)."""
@@ -332,6 +339,7 @@ class MetadataStore:
             s.execute(delete(LayerResultRow).where(LayerResultRow.record_id.in_(ids)))
             s.execute(delete(ExitFeaturesRow).where(ExitFeaturesRow.record_id.in_(ids)))
             s.execute(delete(TaskHeadsRow).where(TaskHeadsRow.task_id == row.id))
+            s.execute(delete(FeatureCodecRow).where(FeatureCodecRow.task_id == row.id))
             s.execute(delete(ExitRecordRow).where(ExitRecordRow.task_id == row.id))
             s.execute(delete(IngestBatchRow).where(IngestBatchRow.task_id == row.id))
             s.delete(row)
@@ -596,6 +604,59 @@ class MetadataStore:
                 out += [(t, l) for t, l in s.execute(
                     select(ExitRecordRow.text, ExitRecordRow.label).where(ExitRecordRow.id.in_(list(ids[i:i + 500]))))]
         return out
+
+    def mark_deleting(self, task: str, ids: Iterable[str] = (), batch: int | None = None) -> list[str]:
+        """The first step of a delete: the task's records among `ids`, or of ingest `batch`, marked
+        `deleting` (no longer served by SQL readers; counted as edits). Returns their ids."""
+        wanted = list(dict.fromkeys(ids))
+        with self._session.begin() as s:
+            row = self._task_row(s, task)
+            of_task = select(ExitRecordRow.id).where(ExitRecordRow.task_id == row.id)
+            found: list[str] = []
+            for i in range(0, len(wanted), 500):
+                found += s.scalars(of_task.where(ExitRecordRow.id.in_(wanted[i : i + 500]))).all()
+            if batch is not None:
+                found += s.scalars(of_task.where(ExitRecordRow.batch_id == batch)).all()
+            found = list(dict.fromkeys(found))
+            for i in range(0, len(found), 500):
+                s.execute(update(ExitRecordRow).where(ExitRecordRow.id.in_(found[i : i + 500])).values(status=DELETING))
+            row.edits = (row.edits or 0) + len(found)
+            return found
+
+    def deleting(self, task: str) -> list[str]:
+        """Records a delete marked and has not finished (the doctor finishes them)."""
+        with self._session() as s:
+            task_id = self._task_row(s, task).id
+            return list(s.scalars(select(ExitRecordRow.id).where(ExitRecordRow.task_id == task_id,
+                                                                 ExitRecordRow.status == DELETING)))
+
+    def delete_records(self, ids: Sequence[str]) -> None:
+        """The last step of a delete: the rows, their layer results and their features."""
+        with self._session.begin() as s:
+            for i in range(0, len(ids), 500):
+                chunk = list(ids[i : i + 500])
+                s.execute(delete(LayerResultRow).where(LayerResultRow.record_id.in_(chunk)))
+                s.execute(delete(ExitFeaturesRow).where(ExitFeaturesRow.record_id.in_(chunk)))
+                s.execute(delete(ExitRecordRow).where(ExitRecordRow.id.in_(chunk), ExitRecordRow.status == DELETING))
+
+    def mark_relabelled(self, task: str, labels: dict[str, str]) -> list[tuple[str, str]]:
+        """The first step of a relabel: each record's new label, and the record pending again (its
+        layer results and vector payload are recomputed by an ingest of its text). Returns (id, text)
+        of the records found."""
+        with self._session.begin() as s:
+            row = self._task_row(s, task)
+            ids = list(labels)
+            found: list[tuple[str, str]] = []
+            for i in range(0, len(ids), 500):
+                found += [(rid, text) for rid, text in s.execute(
+                    select(ExitRecordRow.id, ExitRecordRow.text).where(
+                        ExitRecordRow.task_id == row.id, ExitRecordRow.id.in_(ids[i : i + 500]),
+                        ExitRecordRow.status != DELETING))]
+            for rid, _ in found:
+                s.execute(update(ExitRecordRow).where(ExitRecordRow.id == rid)
+                          .values(label=labels[rid], status=PENDING))
+            row.edits = (row.edits or 0) + len(found)
+            return found
 
     def mark_pending(self, ids: Sequence[str]) -> None:
         with self._session.begin() as s:

@@ -164,6 +164,50 @@ class IngestResponse(_message.Message):
     rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
     def __init__(self, added: _Optional[int] = ..., already_present: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
 
+class DeleteRecordsRequest(_message.Message):
+    __slots__ = ("task", "ids", "texts", "batch")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    batch: int
+    def __init__(self, task: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., texts: _Optional[_Iterable[str]] = ..., batch: _Optional[int] = ...) -> None: ...
+
+class DeleteRecordsResponse(_message.Message):
+    __slots__ = ("deleted_ids",)
+    DELETED_IDS_FIELD_NUMBER: _ClassVar[int]
+    deleted_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Relabel(_message.Message):
+    __slots__ = ("id", "text", "label")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    label: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class RelabelRecordsRequest(_message.Message):
+    __slots__ = ("task", "records")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    records: _containers.RepeatedCompositeFieldContainer[Relabel]
+    def __init__(self, task: _Optional[str] = ..., records: _Optional[_Iterable[_Union[Relabel, _Mapping]]] = ...) -> None: ...
+
+class RelabelRecordsResponse(_message.Message):
+    __slots__ = ("relabelled", "rejections")
+    RELABELLED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    relabelled: int
+    rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
+    def __init__(self, relabelled: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
+
 class ListTasksRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,16 @@ class RaeeServiceStub:
                 request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestRequest.SerializeToString,
                 response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestResponse.FromString,
                 _registered_method=True)
+        self.DeleteRecords = channel.unary_unary(
+                '/raee.v1.RaeeService/DeleteRecords',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteRecordsRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteRecordsResponse.FromString,
+                _registered_method=True)
+        self.RelabelRecords = channel.unary_unary(
+                '/raee.v1.RaeeService/RelabelRecords',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.RelabelRecordsRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.RelabelRecordsResponse.FromString,
+                _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/raee.v1.RaeeService/ListTasks',
                 request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListTasksRequest.SerializeToString,
@@ -125,6 +135,26 @@ class RaeeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteRecords(self, request, context):
+        """Delete records of a task: by id, by exact text, or every record of an ingest batch. The
+        vectors, SQL rows and exit features go together, in ingest's order reversed; from the next call
+        on no search finds them. Names that match no record are not an error (deleting is idempotent).
+        A key that may ingest into the task may delete from it. The exit heads count each delete
+        toward their refit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RelabelRecords(self, request, context):
+        """Give records new labels, by id or exact text. Each is recomputed from its text (one forward:
+        its exits, vector payload and features follow the label) in ingest's order. Records not found
+        come back as rejections; an unknown label refuses the whole call. Authorised as Ingest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTasks(self, request, context):
         """Admin: the tasks, by name, a page at a time.
         """
@@ -189,6 +219,16 @@ def add_RaeeServiceServicer_to_server(servicer, server):
                     servicer.Ingest,
                     request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestRequest.FromString,
                     response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestResponse.SerializeToString,
+            ),
+            'DeleteRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRecords,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteRecordsRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteRecordsResponse.SerializeToString,
+            ),
+            'RelabelRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.RelabelRecords,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.RelabelRecordsRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.RelabelRecordsResponse.SerializeToString,
             ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTasks,
@@ -329,6 +369,60 @@ class RaeeService:
             '/raee.v1.RaeeService/Ingest',
             raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestRequest.SerializeToString,
             raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.IngestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/DeleteRecords',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteRecordsRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.DeleteRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelabelRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/RelabelRecords',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.RelabelRecordsRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.RelabelRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,
