@@ -185,6 +185,35 @@ def test_try_it_shows_the_label_exit_layer_and_neighbours_of_a_real_text(real_se
     full_page(browser, shots / "try-it.png")
 
 
+def test_a_neighbour_can_be_deleted_from_the_answer(real_server: ServerThread, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    from raee_server.stores.records import record_id
+
+    text = "a mislabelled record the console will delete ."
+    real_server.stub.Ingest(iter([pb.IngestRequest(task="sst2", examples=[pb.Example(text=text, label="negative")])]))
+    before = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task.records
+    open_console(browser, real_server)
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr.task-row[data-task='sst2']"), "no sst2 row")[0] \
+        .click()
+    until(browser, visible("task-section"), "the task panel did not open")
+    fill_in(browser, "try-policy", "knn-vote")
+    fill_in(browser, "try-text", text)
+    browser.find_element(By.ID, "try-submit").click()
+    until(browser, visible("try-result"), "no answer shown")
+    first = browser.find_elements(By.CSS_SELECTOR, "#try-neighbours tbody tr")[0]
+    assert first.find_elements(By.TAG_NAME, "code")[0].text == record_id("sst2", text)  # itself, nearest
+    first.find_element(By.CSS_SELECTOR, "button.delete-record").click()
+    browser.switch_to.alert.accept()
+    until(browser, lambda d: first.find_element(By.CSS_SELECTOR, "button.delete-record").text == "deleted",
+          "the delete did not finish")
+    assert "deleted" in (first.get_attribute("class") or "")
+    again = real_server.stub.Classify(pb.ClassifyRequest(task="sst2", text=text, options=pb.ClassifyOptions(
+        policy="knn-vote", return_neighbours=True)))
+    assert record_id("sst2", text) not in {n.id for n in again.neighbours}
+    assert real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task.records == before - 1
+
+
 def test_a_bad_input_shows_the_servers_error_message(real_server: ServerThread, browser: Any, shots: Path) -> None:
     import grpc
     from selenium.webdriver.common.by import By

@@ -7,7 +7,7 @@ Create Date: 2026-12-05 12:00:00
 `tasks.edits` counts records deleted or relabelled (the heads' refit rule counts them). Rows stored
 before are raw float16 (codec 0). The upgrade then learns the codec of every task that
 has enough of them and encodes its rows (raee_server.stores.codec): from about 24 KB a record to
-about 2.5 KB. A downgrade cannot restore raw features from codes: it drops the coded rows (their
+2,926 bytes. A downgrade cannot restore raw features from codes: it drops the coded rows (their
 records keep everything else; `raee-admin backfill-features` computes them again).
 """
 from datetime import UTC, datetime

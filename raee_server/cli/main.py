@@ -724,11 +724,44 @@ def bench_speed(obj: Context, tasks: tuple[str, ...], data_root: Path, out: Path
     return {**report, "written": written}
 
 
+@cli.command("bench-features")
+@click.argument("tasks", nargs=-1, required=True)
+@click.option("--data", "data_root", type=click.Path(path_type=Path),
+              default=Path(__file__).resolve().parents[2] / "corpora", show_default="corpora/ of the checkout",
+              help="folder with <task>/train.tsv and <task>/dev.tsv")
+@click.option("--train-rows", default=2000, show_default=True, help="records: the first N train rows")
+@click.option("--dev-rows", default=500, show_default=True, help="measured: N dev rows")
+@click.option("--dev-skip", default=0, show_default=True, help="after the first N dev rows")
+@click.option("--form", "forms", multiple=True, default=["float16", "codec-152"], show_default=True,
+              help="stored forms compared: float16, or codec-D (the codec at D coordinates per exit)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/features"), show_default=True)
+@click.pass_obj
+@reports
+def bench_features(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int, dev_rows: int,
+                   dev_skip: int, forms: tuple[str, ...], out: Path) -> dict[str, Any]:
+    """Heads on compact exit features against float16, in one run: dev accuracy per exit and at the best
+    exit with 95 % paired intervals. Features are computed once and cached in the data directory (default
+    <out>/data), so a rerun only fits."""
+    from raee_server.bench import features
+
+    for form in forms:
+        if form != "float16" and not (form.startswith("codec-") and form[6:].isdigit()):
+            raise click.UsageError(f"--form {form!r}: float16 or codec-D (e.g. codec-152)")
+    if obj.settings.data_dir == Settings().data_dir:
+        obj.settings = obj.settings.model_copy(update={"data_dir": out / "data"})
+    chosen = [(shipped_spec(name), data_root / name) for name in tasks]
+    report = features.run(obj.engine, chosen, train_rows, dev_rows, dev_skip, forms, out,
+                          progress=lambda line: click.echo(line, err=True))
+    written = [str(path) for path in features.write(report, out, "raee-admin " + " ".join(sys.argv[1:]))]
+    obj.say((out / "features.md").read_text())
+    return {**report, "written": written}
+
+
 @cli.command("bench-fit")
 @click.option("--size", "sizes", type=int, multiple=True, help="records (default 5,000, 20,000, 60,614, 1,000,000)")
 @click.option("--added", type=int, default=1000, show_default=True, help="records added before the warm refit")
 @click.option("--exits", type=int, default=19, show_default=True, help="exits per record (Gemma 3 270M: 19)")
-@click.option("--dim", type=int, default=128, show_default=True, help="coordinates per exit (the codec's)")
+@click.option("--dim", type=int, default=152, show_default=True, help="coordinates per exit (the codec's)")
 @click.option("--labels", type=int, default=2, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/fit"), show_default=True)
 @click.pass_obj

@@ -1,9 +1,9 @@
-"""Compact exit features: what the heads need of a record's [L + 1, H] exit features, in ~2.5 KB.
+"""Compact exit features: what the heads need of a record's [L + 1, H] exit features, in under 3 KB.
 
 A record's exit features are float16 [19, 640] on Gemma 3 270M: 24,320 bytes, 24 GB per million
 records. The heads are linear, so they need only the directions in which the features vary: per
 task and exit, a principal-component basis learned once from the task's first records keeps the top
-`DIM` whitened coordinates, stored as int8 with one float16 scale per exit (19 x (128 + 2) = 2,470
+`DIM` whitened coordinates, stored as int8 with one float16 scale per exit (19 x (152 + 2) = 2,926
 bytes per record). The heads fit on these coordinates and are then folded back to the raw space
 (`ExitHeads.unproject`), so serving applies them to live features unchanged. Chosen by measurement
 (docs/results.md, "Compact exit features").
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DIM = 128  # coordinates kept per exit
+DIM = 152  # coordinates kept per exit: 19 x (152 + 2) = 2,926 bytes a record, the most under 3,000
 LEARN_ROWS = 1000  # a task's codec is learned once it has this many records with raw features
 RAW, CODED = 0, 1  # what a stored feature row holds: raw float16, or the task's codes
 
@@ -29,7 +29,7 @@ RAW, CODED = 0, 1  # what a stored feature row holds: raw float16, or the task's
 @dataclass(frozen=True)
 class FeatureMatrix:
     """[N, E, d] features as a fit holds them: int8 codes with a float16 scale per row and exit (the
-    stored size, ~2.5 KB a record, in memory too), or a plain float array (raw features, tests).
+    stored size, under 3 KB a record, in memory too), or a plain float array (raw features, tests).
     `rows` turns the rows a step needs into float32, a chunk at a time."""
 
     values: np.ndarray  # [N, E, d]: int8 codes, or float features

@@ -134,7 +134,7 @@ class LayerResultRow(Base):
 
 class ExitFeaturesRow(Base):
     """A record's exit features as `codec` says: 0, raw float16 [L + 1, H] row-major bytes (24,320 for
-    Gemma 3 270M); 1, the task's compact codes (raee_server.core.codec: 2,470)."""
+    Gemma 3 270M); 1, the task's compact codes (raee_server.stores.codec: 2,926)."""
 
     __tablename__ = "exit_features"
     record_id: Mapped[str] = mapped_column(ForeignKey("exit_records.id", ondelete="CASCADE"), primary_key=True)
@@ -518,7 +518,7 @@ class MetadataStore:
 
     def features(self, task: str) -> tuple[list[str], list[str], FeatureMatrix, FeatureCodec | None]:
         """Committed records that have exit features: ids, labels, features, and the codec they are in.
-        With a codec, its int8 codes (raw rows encoded on the way: ~2.5 KB a record in memory); without
+        With a codec, its int8 codes (raw rows encoded on the way: under 3 KB a record in memory); without
         one yet, the raw float16 features [N, L + 1, H]. Read in chunks into one preallocated matrix,
         so the rows' bytes never pile up beside it."""
         ids: list[str] = []

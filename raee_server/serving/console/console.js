@@ -227,7 +227,7 @@ async function classify(event) {
   try {
     const reply = await api("POST", `/v1/tasks/${encodeURIComponent(task)}:classify`,
                             { text: $("try-text").value, options });
-    renderAnswer(reply);
+    renderAnswer(reply, task);
     if (task === state.selected) refreshTask();
   } catch (err) {
     show("try-result", false);
@@ -238,7 +238,7 @@ async function classify(event) {
   }
 }
 
-function renderAnswer(reply) {
+function renderAnswer(reply, task) {
   $("try-label").textContent = reply.label;
   $("try-exit").textContent = reply.exitLayer;
   $("try-depth").textContent = reply.depth;
@@ -253,8 +253,26 @@ function renderAnswer(reply) {
   ].map(([name, us]) => el("tr", {}, el("th", {}, name), el("td", { class: "num" }, (Number(us) / 1000).toFixed(2)))));
   fill($("try-neighbours").tBodies[0], (reply.neighbours || []).map((n, i) => el("tr", {},
     el("td", { class: "num" }, i + 1), el("td", {}, n.label), el("td", { class: "num" }, Number(n.similarity).toFixed(3)),
-    el("td", {}, (n.exitLayers || []).join(" ")), el("td", {}, el("code", {}, n.id)))));
+    el("td", {}, (n.exitLayers || []).join(" ")), el("td", {}, el("code", {}, n.id)),
+    el("td", {}, el("button", { type: "button", class: "delete-record", onclick: (event) => deleteRecord(task, n.id, event.target) },
+                    "delete")))));
   show("try-result", true);
+}
+
+async function deleteRecord(task, id, button) {
+  // A mislabelled or unwanted record goes from every store; from the next answer on it is no neighbour.
+  if (!window.confirm(`Delete record ${id} from task ${task}?`)) return;
+  button.disabled = true;
+  try {
+    const reply = await api("POST", `/v1/tasks/${encodeURIComponent(task)}/records:delete`, { ids: [id] });
+    const row = button.closest("tr");
+    row.classList.add("deleted");
+    button.textContent = (reply.deletedIds || []).length ? "deleted" : "already gone";
+    if (task === state.selected) refreshTask();
+  } catch (err) {
+    button.disabled = false;
+    notice(explain(err));
+  }
 }
 
 // -- ingest -----------------------------------------------------------------------------------------
