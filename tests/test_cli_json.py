@@ -85,6 +85,8 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
         "records relabel": ["records", "relabel", "--task", "sentiment", "--text", corpus(40)[0][0], "--label",
                             "negative" if corpus(40)[0][1] == "positive" else "positive"],
         "records delete": ["records", "delete", "--yes", "--task", "sentiment", "--text", corpus(40)[1][0]],
+        "bench-features": ["bench-features", "sst2", "--data", str(root / "corpora"), "--train-rows", "60",
+                           "--dev-rows", "20", "--form", "float16", "--form", "codec-8", "--out", str(root / "feat")],
         "bench-fit": ["bench-fit", "--size", "120", "--added", "20", "--exits", "3", "--dim", "8",
                       "--out", str(root / "fit")],
         "key create": ["key", "create", "--name", "ops", "--admin", "--file", str(root / "keys.toml")],
@@ -103,7 +105,9 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
         "bench-transports": ["bench-transports", "--server", address, "--http", s["http"], "--task", "sentiment",
                              dev, "--sequential", "3", "--clients", "2", "--seconds", "1", "--out",
                              str(root / "transports")],
+        "export": ["export", "--task", "sentiment", str(root / "sentiment.raee.gz")],
         "task delete": ["task", "delete", "sentiment", "--yes"],
+        "import": ["import", str(root / "sentiment.raee.gz")],  # back, as exported
     }
 
 
@@ -131,7 +135,7 @@ def test_each_reporting_command_prints_one_json_document_and_nothing_else(setup:
         assert document not in (None, "", [], {}) or name == "ingest-batches", f"{name}: empty report"
     # `--json` before the command works too (one global flag).
     listed = json.loads(runner.invoke(cli, [*setup["base"], "--json", "task", "list"]).stdout)
-    assert "sentiment" not in [t["name"] for t in listed] and "sst2" in [t["name"] for t in listed]
+    assert {"sentiment", "sst2"} <= {t["name"] for t in listed}
 
 
 def test_exit_codes_tell_usage_refusal_rejection_and_unavailability_apart(setup: dict[str, Any]) -> None:

@@ -478,6 +478,44 @@ def records_relabel(obj: Context, task_name: str, label: str | None, ids: tuple[
     return {"task": task_name, "relabelled": done, "not_found": missing}
 
 
+@cli.command("export")
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.pass_obj
+@reports
+def export_cmd(obj: Context, task_name: str, file: Path) -> dict[str, Any]:
+    """Write a task to one portable file (records, keys, exit information, features, heads, `auto`'s
+    choice; gzip JSON lines with a checksum), for `raee-admin import` in another deployment."""
+    from raee_server.core import transfer
+
+    engine = obj.engine
+    total = engine.task_info(task_name).records
+    with tqdm(total=total, unit="record", desc=f"export {task_name}", file=sys.stderr) as bar:
+        written = transfer.export_task(engine, task_name, file, progress=bar.update)
+    obj.say(f"exported {written} records of {task_name} to {file}")
+    return {"task": task_name, "file": str(file), "records": written, "bytes": file.stat().st_size}
+
+
+@cli.command("import")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.pass_obj
+@reports
+def import_cmd(obj: Context, file: Path) -> dict[str, Any]:
+    """Create a task from a `raee-admin export` file in this deployment (its SQL database and vector
+    store, e.g. RAEE_DATABASE_URL and RAEE_QDRANT_URL): no backbone forward. The file's checksum, the
+    backbone and the key encoder are checked before anything is written."""
+    from raee_server.core import transfer
+
+    header = transfer.check_export(file)
+    name = str(header["task"].get("name", "?"))
+    engine = obj.engine
+    with tqdm(total=None, unit="record", desc=f"import {name}", file=sys.stderr) as bar:
+        count = transfer.import_task(engine, file, progress=bar.update)
+    engine.build_index()
+    obj.say(f"imported {count} records of {name} from {file}")
+    return {"task": name, "file": str(file), "records": count}
+
+
 @cli.command("ingest-batches")
 @click.option("--task", "task_name", help="only this task's batches")
 @click.option("--limit", default=20, show_default=True, help="newest N batches")

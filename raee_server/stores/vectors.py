@@ -42,11 +42,17 @@ class VectorStore(Protocol):
     def count(self, task: str | None = None) -> int: ...
     def existing(self, ids: Sequence[str]) -> set[str]: ...
     def ids(self, task: str) -> set[str]: ...
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]: ...  # the stored keys (export)
     def delete_ids(self, ids: Sequence[str]) -> None: ...
     def delete_task(self, task: str) -> None: ...
     def optimize(self) -> bool: ...  # build pending indexes; True when anything was rebuilt
     def ping(self) -> None: ...  # raises NotReady when the store cannot answer
     def close(self) -> None: ...
+
+
+def _named_vector(vector: Any) -> np.ndarray:
+    """The key out of a retrieved point's named vectors."""
+    return np.asarray(vector[VECTOR_NAME], dtype=np.float32)
 
 
 def collection_name(backbone_id: str, encoder_id: str) -> str:
@@ -201,6 +207,13 @@ class EdgeVectorStore:
         with self._lock:
             found = self._shard.retrieve(list(ids), with_payload=False, with_vector=False)
         return {str(r.id) for r in found}
+
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        if not ids:
+            return {}
+        with self._lock:
+            found = self._shard.retrieve(list(ids), with_payload=False, with_vector=True)
+        return {str(r.id): _named_vector(r.vector) for r in found}
 
     def ids(self, task: str) -> set[str]:
         from qdrant_edge import ScrollRequest
@@ -371,6 +384,13 @@ class QdrantServerStore:
         found = self._call(self.client.retrieve, self.collection, ids=list(ids), with_payload=False,
                            with_vectors=False)
         return {str(r.id) for r in found}
+
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        if not ids:
+            return {}
+        found = self._call(self.client.retrieve, self.collection, ids=list(ids), with_payload=False,
+                           with_vectors=True)
+        return {str(r.id): _named_vector(r.vector) for r in found}
 
     def ids(self, task: str) -> set[str]:
         found: set[str] = set()
