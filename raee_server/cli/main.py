@@ -966,15 +966,17 @@ def tune(obj: Context, task_name: str, validation: int | None, show_all: bool) -
 
 @cli.command("fit-heads")
 @click.option("--task", "task_name", required=True)
+@click.option("--full", is_flag=True, help="a full fit (C cross-validated anew), not a warm refit")
 @click.pass_obj
 @reports
-def fit_heads_cmd(obj: Context, task_name: str) -> dict[str, Any]:
+def fit_heads_cmd(obj: Context, task_name: str, full: bool) -> dict[str, Any]:
     """Fit the task's exit heads (a linear head per exit on its records' exit features, C chosen by
-    cross-validation) as a new version, then re-choose its `auto` policy."""
+    cross-validation) as a new version, then re-choose its `auto` policy. Warm where it can: from the
+    served version, keeping its C, until the records double since its full fit."""
     from raee_server.core import auto
 
     engine = obj.engine
-    heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True))
+    heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True), full=full)
     choice = auto.tune(engine, task_name)
     summary = heads.summary()
     obj.say(f"exit heads v{heads.version} for {task_name}: {summary['fit_records']} records fit the heads, "

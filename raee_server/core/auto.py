@@ -190,9 +190,9 @@ def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[
 
 
 def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | None = None,
-                   cancelled: Callable[[], bool] = lambda: False) -> ExitHeads:
+                   cancelled: Callable[[], bool] = lambda: False, full: bool = False) -> ExitHeads:
     """`fit_and_store_heads` in this process; the engine serves the new version at once."""
-    heads = fit_and_store_heads(engine.metadata, task, progress, cancelled)
+    heads = fit_and_store_heads(engine.metadata, task, progress, cancelled, full)
     engine.forget_heads(task)
     return heads
 

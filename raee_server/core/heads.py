@@ -187,6 +187,7 @@ class ExitHeads:
                 "records": len(self.record_ids), "fit_records": int(self.fit_rows.sum()),
                 "calibration_records": int(self.calibration.sum()) if self.calibration is not None else 0,
                 "c": [float(c) for c in self.c], "c_at_grid_edge": int(np.isin(self.c, (C_GRID[0], C_GRID[-1])).sum()),
+                "full_fit_records": self.space.full_fit_records if self.space else len(self.record_ids),
                 "accuracy": [round(float(a), 4) for a in self.accuracy], "best_exit": self.best_exit}
 
     @classmethod
