@@ -157,19 +157,26 @@ def test_the_console_lists_tasks_with_records_labels_auto_and_heads(real_server:
     full_page(browser, shots / "tasks.png")
 
 
+def ask_sst2(browser: Any, server: ServerThread, policy: str, text: str) -> None:
+    """Open the console on the sst2 task and ask its try-it box `text` under `policy`."""
+    from selenium.webdriver.common.by import By
+
+    open_console(browser, server)
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr.task-row[data-task='sst2']"), "no sst2 row")[0] \
+        .click()
+    until(browser, visible("task-section"), "the task panel did not open")
+    fill_in(browser, "try-policy", policy)
+    fill_in(browser, "try-text", text)
+    browser.find_element(By.ID, "try-submit").click()
+    until(browser, visible("try-result"), "no answer shown")
+
+
 def test_try_it_shows_the_label_exit_layer_and_neighbours_of_a_real_text(real_server: ServerThread, browser: Any,
                                                                          shots: Path) -> None:
     from selenium.webdriver.common.by import By
 
     text = "a gorgeous , witty , seductive movie ."
-    open_console(browser, real_server)
-    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr.task-row[data-task='sst2']"), "no sst2 row")[0] \
-        .click()
-    until(browser, visible("task-section"), "the task panel did not open")
-    fill_in(browser, "try-policy", "paper-heads")
-    fill_in(browser, "try-text", text)
-    browser.find_element(By.ID, "try-submit").click()
-    until(browser, visible("try-result"), "no answer shown")
+    ask_sst2(browser, real_server, "paper-heads", text)
     expected = real_server.stub.Classify(pb.ClassifyRequest(task="sst2", text=text, options=pb.ClassifyOptions(
         policy="paper-heads", return_neighbours=True)))
     assert text_of(browser, "try-label") == expected.label
@@ -193,14 +200,7 @@ def test_a_neighbour_can_be_deleted_from_the_answer(real_server: ServerThread, b
     text = "a mislabelled record the console will delete ."
     real_server.stub.Ingest(iter([pb.IngestRequest(task="sst2", examples=[pb.Example(text=text, label="negative")])]))
     before = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task.records
-    open_console(browser, real_server)
-    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr.task-row[data-task='sst2']"), "no sst2 row")[0] \
-        .click()
-    until(browser, visible("task-section"), "the task panel did not open")
-    fill_in(browser, "try-policy", "knn-vote")
-    fill_in(browser, "try-text", text)
-    browser.find_element(By.ID, "try-submit").click()
-    until(browser, visible("try-result"), "no answer shown")
+    ask_sst2(browser, real_server, "knn-vote", text)
     first = browser.find_elements(By.CSS_SELECTOR, "#try-neighbours tbody tr")[0]
     assert first.find_elements(By.TAG_NAME, "code")[0].text == record_id("sst2", text)  # itself, nearest
     first.find_element(By.CSS_SELECTOR, "button.delete-record").click()

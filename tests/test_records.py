@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,6 @@ from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
 from raee_server.errors import InvalidInput
 from raee_server.protos.raee.v1 import raee_pb2 as pb
-from raee_server.serving.auth import add_key
 from raee_server.stores.records import record_id
 
 from .conftest import SENTIMENT, write_tsv
@@ -31,7 +29,8 @@ from .http_stub import HttpStub
 from .test_cli import SPEC
 from .test_concurrent_writers import corpus
 from .test_engine import ROWS
-from .test_grpc import code_of, make_settings, tiny_engine_factory
+from .test_grpc import code_of
+from .test_security import keyed  # noqa: F401 (a fixture)
 from .tiny_models import save_tiny_backbone
 
 TASK = SENTIMENT.name
@@ -162,24 +161,18 @@ main()
 
 
 @pytest.fixture
-def keyed(tmp_path: Path) -> Iterator[tuple[ServerThread, dict[str, str]]]:
-    key_file = tmp_path / "keys.toml"
-    keys = {"admin": add_key(key_file, "ops", [], admin=True),
-            "sentiment": add_key(key_file, "team-a", ["sentiment"], admin=False),
-            "other": add_key(key_file, "team-b", ["other"], admin=False)}
-    settings = make_settings(tmp_path, api_keys_file=key_file)
-    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
-    server.wait_ready()
+def keyed_rows(request: pytest.FixtureRequest) -> tuple[ServerThread, dict[str, str]]:
+    """test_security's server with admin, sentiment and other keys, and ROWS ingested."""
+    server, keys = request.getfixturevalue("keyed")
     server.stub.Ingest(iter([pb.IngestRequest(task="sentiment", examples=[pb.Example(text=t, label=lb)
                                                                          for t, lb in ROWS])]),
                        metadata=[("x-api-key", keys["admin"])])
-    yield server, keys
-    server.stop()
+    return server, keys
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
-def test_delete_and_relabel_over_the_wire_with_tenant_keys(keyed, transport: str) -> None:  # type: ignore[no-untyped-def]
-    server, keys = keyed
+def test_delete_and_relabel_over_the_wire_with_tenant_keys(keyed_rows, transport: str) -> None:  # type: ignore[no-untyped-def]
+    server, keys = keyed_rows
     stub = server.stub if transport == "grpc" else HttpStub(server.server.http_port)
     mine, theirs = [("x-api-key", keys["sentiment"])], [("x-api-key", keys["other"])]
     delete = pb.DeleteRecordsRequest(task="sentiment", texts=[ROWS[0][0]])
@@ -207,8 +200,8 @@ def test_delete_and_relabel_over_the_wire_with_tenant_keys(keyed, transport: str
     assert task.records == len(ROWS) - 1
 
 
-def test_the_cli_deletes_and_relabels_through_a_server(keyed, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server, keys = keyed
+def test_the_cli_deletes_and_relabels_through_a_server(keyed_rows, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, keys = keyed_rows
     base = ["--server", f"127.0.0.1:{server.port}", "--api-key", keys["sentiment"], "--json"]
     runner = CliRunner()
     gone = runner.invoke(cli, [*base, "records", "delete", "--yes", "--task", "sentiment", "--text", ROWS[2][0]])

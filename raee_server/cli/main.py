@@ -609,11 +609,16 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
     return dict(report.to_dict())
 
 
+def data_option(help_text: str = "folder with <task>/train.tsv and <task>/dev.tsv") -> Callable[[F], F]:
+    """The benchmarks' --data: labelled files per task, the checkout's corpora/ by default."""
+    return click.option("--data", "data_root", type=click.Path(path_type=Path),
+                        default=Path(__file__).resolve().parents[2] / "corpora",
+                        show_default="corpora/ of the checkout", help=help_text)
+
+
 @cli.command()
 @click.argument("tasks", nargs=-1, required=True)
-@click.option("--data", "data_root", type=click.Path(path_type=Path),
-              default=Path(__file__).resolve().parents[2] / "corpora", show_default="corpora/ of the checkout",
-              help="folder with <task>/train.tsv and <task>/dev.tsv")
+@data_option()
 @click.option("--train-rows", default=5000, show_default=True, help="database: the first N train rows")
 @click.option("--dev-rows", default=500, show_default=True, help="measured: the first N dev rows")
 @click.option("--k", default=12, show_default=True)
@@ -673,9 +678,7 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
 
 @cli.command("bench-shift")
 @click.argument("tasks", nargs=-1, required=True)
-@click.option("--data", "data_root", type=click.Path(path_type=Path),
-              default=Path(__file__).resolve().parents[2] / "corpora", show_default="corpora/ of the checkout",
-              help="folder with <task>/train.tsv and <task>/dev.tsv")
+@data_option()
 @click.option("--train-rows", default=5000, show_default=True,
               help="the base database: the first N train rows (reused when a bench built it)")
 @click.option("--records", default=2000, show_default=True, help="records in each drawn database")
@@ -738,9 +741,7 @@ def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tu
 
 @cli.command("bench-speed")
 @click.argument("tasks", nargs=-1, required=True, metavar="TASK:ROWS...")
-@click.option("--data", "data_root", type=click.Path(path_type=Path),
-              default=Path(__file__).resolve().parents[2] / "corpora", show_default="corpora/ of the checkout",
-              help="folder with <task>/train.tsv")
+@data_option("folder with <task>/train.tsv")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/speed"), show_default=True)
 @click.pass_obj
 @reports
@@ -764,9 +765,7 @@ def bench_speed(obj: Context, tasks: tuple[str, ...], data_root: Path, out: Path
 
 @cli.command("bench-features")
 @click.argument("tasks", nargs=-1, required=True)
-@click.option("--data", "data_root", type=click.Path(path_type=Path),
-              default=Path(__file__).resolve().parents[2] / "corpora", show_default="corpora/ of the checkout",
-              help="folder with <task>/train.tsv and <task>/dev.tsv")
+@data_option()
 @click.option("--train-rows", default=2000, show_default=True, help="records: the first N train rows")
 @click.option("--dev-rows", default=500, show_default=True, help="measured: N dev rows")
 @click.option("--dev-skip", default=0, show_default=True, help="after the first N dev rows")
