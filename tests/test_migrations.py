@@ -111,3 +111,22 @@ def test_alembic_from_the_root_gives_the_schema_raee_admin_migrate_gives(kind: s
         built = schema(by_alembic)
         assert set(built) >= TABLES and built["revision"] == migrate.head_revision(create_engine(by_admin))
         assert built == schema(by_admin)
+
+
+def test_downgrades_keep_the_records(database_url: str) -> None:
+    """Dropping a column of `tasks` must not rebuild the table: on SQLite, with foreign keys on, a rebuilt
+    `tasks` takes every record with it (ON DELETE CASCADE)."""
+    from raee_server.types import Label, TaskSpec
+
+    store = MetadataStore(database_url)
+    store.create_task(TaskSpec("t", "{text} :", (Label("a", " a"), Label("b", " b"))), "bb", "enc")
+    from raee_server.stores.records import ExitRecord, record_id
+
+    store.write_pending("t", [ExitRecord(record_id("t", "x"), "t", "x", "a", 0, ())], None)
+    for revision in ("0004", "0003", "0001"):
+        migrate.downgrade(store.engine, revision)
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM exit_records")).scalar() == 1, revision
+            assert conn.execute(text("SELECT count(*) FROM tasks")).scalar() == 1, revision
+    migrate.upgrade(store.engine)
+    store.close()

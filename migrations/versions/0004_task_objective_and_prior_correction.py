@@ -28,5 +28,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     """Downgrade schema."""
-    with op.batch_alter_table('tasks', schema=None) as batch_op:
-        batch_op.drop_column('options')
+    # Not batch mode: rebuilding `tasks` on SQLite drops it, and with foreign keys on that deletes
+    # every record (ON DELETE CASCADE). SQLite 3.35+ drops a column in place.
+    op.drop_column('tasks', 'options')

@@ -72,8 +72,8 @@ def _encode_task(bind: sa.Connection, task_id: int) -> None:
 def downgrade() -> None:
     """Downgrade schema: coded rows cannot become raw again, so they go."""
     op.execute("DELETE FROM exit_features WHERE codec <> 0")
-    with op.batch_alter_table('tasks', schema=None) as batch_op:
-        batch_op.drop_column('edits')
-    with op.batch_alter_table('exit_features', schema=None) as batch_op:
-        batch_op.drop_column('codec')
+    # Plain ALTER TABLE DROP COLUMN (SQLite 3.35+), not batch mode: batch mode rebuilds a SQLite table
+    # by dropping it, and dropping `tasks` with foreign keys on deletes every record (ON DELETE CASCADE).
+    op.drop_column('tasks', 'edits')
+    op.drop_column('exit_features', 'codec')
     op.drop_table('feature_codecs')

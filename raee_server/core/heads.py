@@ -55,7 +55,7 @@ RISK_LEVEL = 0.1  # delta: the cascade's promise fails with probability at most 
 # split's out-of-fold probabilities at each of these proposal margins; Learn-then-Test keeps the last
 # one in this order whose risk it certifies.
 CV_ROWS = 20000  # C is chosen by cross-validation on at most this many fit records (whole groups)
-CHUNK_ROWS = 8192  # rows a fit step turns from codes into float32 at a time: memory follows this
+CHUNK_ROWS = 4096  # rows a fit step turns from codes into float32 at a time: memory follows this
 GROW_ITERATIONS = 40  # L-BFGS steps of a warm refit (from the served version's weights)
 REFIT_GROWTH = 2.0  # a warm refit keeps C and standardisation until the records double since the full fit
 PROPOSALS = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
@@ -436,8 +436,13 @@ class Standardised:
         return cls(features, mean, scale)
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
-        z = (self.features.rows(rows) - self.mean) / self.scale
-        return torch.from_numpy(np.ascontiguousarray(z.transpose(1, 0, 2)))
+        """[E, len(rows), d] float32, made in one buffer (the chunk's only float copy)."""
+        x = np.ascontiguousarray(self.features.values[rows].transpose(1, 0, 2)).astype(np.float32)
+        if self.features.scales is not None:
+            x *= self.features.scales[rows].T[:, :, None].astype(np.float32)
+        x -= self.mean[:, None, :]
+        x /= self.scale[:, None, :]
+        return torch.from_numpy(x)
 
     def batches(self, rows: np.ndarray, y: np.ndarray, w: np.ndarray) -> Batches:
         def each() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -513,7 +518,7 @@ def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int] | np.n
     c_chosen = torch.tensor([grid[g] for g in chosen], dtype=torch.float32)
     exit_index = np.arange(exits)
     weight, bias = _fit(_one_batch(x, y, w), float(w.sum()), exits, dim, c_chosen, n_labels, cancelled=cancelled)
-    judged = np.zeros((n, exits, n_labels), dtype=np.float32)
+    judged = np.zeros((n, exits, n_labels), dtype=np.float16)  # as stored
     judged[cv_idx] = oof[chosen, :, exit_index].transpose(1, 0, 2)
     rest = np.setdiff1d(fit_idx, cv_idx)
     if rest.size:  # every fit record trains the served heads, warm-started from the subsample's
@@ -550,7 +555,7 @@ def _heads(label_names: Sequence[str], space: FitSpace, c: np.ndarray, record_id
     fit = ~calibration
     accuracy = (judged[fit].argmax(-1) == gold[fit, None]).mean(0) if fit.any() else np.zeros(judged.shape[1])
     return ExitHeads(list(label_names), space.mean, space.scale, space.weight, space.bias, c, accuracy,
-                     list(record_ids), judged.astype(np.float16), gold.astype(np.int32), calibration,
+                     list(record_ids), judged.astype(np.float16, copy=False), gold.astype(np.int32), calibration,
                      seconds=seconds, space=space)
 
 
@@ -581,7 +586,7 @@ def _grow(previous: ExitHeads, fm: FeatureMatrix, gold: np.ndarray, record_ids: 
     calibration = grown_calibration_split(groups, known, was) if calibrate else np.zeros(n, dtype=bool)
     fit_idx = np.flatnonzero(~calibration)
     std = Standardised(fm, space.mean, space.scale)
-    judged = np.zeros((n, exits, n_labels), dtype=np.float32)
+    judged = np.zeros((n, exits, n_labels), dtype=np.float16)  # as stored
     judged[known] = previous.oof[at[known]]
     new_fit = np.flatnonzero(~known & ~calibration)
     served = torch.from_numpy(space.weight).float(), torch.from_numpy(space.bias).float()
