@@ -492,24 +492,29 @@ def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int] | np.n
     std = Standardised.fit(fm, fit_idx)
     _, exits, dim = fm.shape
     cv_idx = fit_idx if len(fit_idx) <= CV_ROWS else fit_idx[take_groups(groups[fit_idx], CV_ROWS, seed + 2)]
+    fold_of = group_folds(groups[cv_idx], folds, seed)
+    order = np.argsort(fold_of, kind="stable")  # the sample in fold order: a fold's rest is two slices, no copy
+    cv_idx, fold_of = cv_idx[order], fold_of[order]
+    bounds = np.searchsorted(fold_of, np.arange(folds + 1))
     x, y = std(cv_idx), gold[cv_idx]
     w = weights[np.searchsorted(fit_idx, cv_idx)]
-    fold_of = group_folds(groups[cv_idx], folds, seed)
     grid = sorted(c_grid)
     oof = np.zeros((len(grid), len(cv_idx), exits, n_labels))
     solutions: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     for f in range(folds):
-        train, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
-        batch = _one_batch(x[:, train], y[train], w[train])
+        start_f, end_f = int(bounds[f]), int(bounds[f + 1])
+        parts = [(x[:, a:b], torch.from_numpy(y[a:b]), torch.from_numpy(w[a:b]))
+                 for a, b in ((0, start_f), (end_f, len(y))) if b > a]
+        trained = float(w.sum() - w[start_f:end_f].sum())
         solution, per_c = None, []
         for ci, c_value in enumerate(grid):  # strongest penalty first; each warm-starts the next
-            solution = _fit(batch, float(w[train].sum()), exits, dim, torch.full((exits,), float(c_value)), n_labels,
-                            cancelled=cancelled, start=solution)
+            solution = _fit(_given(parts), trained, exits, dim, torch.full((exits,), float(c_value)),
+                            n_labels, cancelled=cancelled, start=solution)
             per_c.append(solution)
-            oof[ci, held] = _predict(x[:, held], *solution).permute(1, 0, 2).numpy()
+            oof[ci, start_f:end_f] = _predict(x[:, start_f:end_f], *solution).permute(1, 0, 2).numpy()
         solutions.append(per_c)
         if progress:
-            progress(f"fold {f + 1}/{folds}: {len(grid)} C values fitted on {len(train)} records")
+            progress(f"fold {f + 1}/{folds}: {len(grid)} C values fitted on {len(y) - (end_f - start_f)} records")
     correct = oof.argmax(-1) == y[None, :, None]  # [G, N, E]
     rw = row_weights(y)[None, :, None]
     balanced = (rw * correct).sum(1) / rw.sum()  # [G, E]
@@ -518,6 +523,7 @@ def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int] | np.n
     c_chosen = torch.tensor([grid[g] for g in chosen], dtype=torch.float32)
     exit_index = np.arange(exits)
     weight, bias = _fit(_one_batch(x, y, w), float(w.sum()), exits, dim, c_chosen, n_labels, cancelled=cancelled)
+    del x  # the sample's float copy: not needed past here
     judged = np.zeros((n, exits, n_labels), dtype=np.float16)  # as stored
     judged[cv_idx] = oof[chosen, :, exit_index].transpose(1, 0, 2)
     rest = np.setdiff1d(fit_idx, cv_idx)
@@ -539,9 +545,12 @@ def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int] | np.n
                   time.perf_counter() - start)
 
 
+def _given(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Batches:
+    return lambda: parts
+
+
 def _one_batch(x: torch.Tensor, y: np.ndarray, w: np.ndarray) -> Batches:
-    yt, wt = torch.from_numpy(y), torch.from_numpy(w)
-    return lambda: [(x, yt, wt)]
+    return _given([(x, torch.from_numpy(y), torch.from_numpy(w))])
 
 
 def class_weights(gold: np.ndarray, n_labels: int) -> np.ndarray:
