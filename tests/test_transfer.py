@@ -78,7 +78,7 @@ def test_export_then_import_gives_the_same_answers_across_deployments_and_back(
         expected = answers(source)
         assert transfer.export_task(source, SENTIMENT.name, tmp_path / "sentiment.raee.gz") == 60
     with deployment("server", tmp_path / "b", backbone) as production:
-        assert transfer.import_task(production, tmp_path / "sentiment.raee.gz") == 60
+        assert transfer.import_task(production, tmp_path / "sentiment.raee.gz") == (SENTIMENT.name, 60)
         info = production.task_info(SENTIMENT.name)
         assert info.records == 60 and info.tuned is not None
         assert (info.tuned.policy, info.tuned.k, info.tuned.accuracy) == (choice.policy, choice.k, choice.accuracy)

@@ -427,19 +427,17 @@ class Standardised:
         _, e, d = features.shape
         total, squares = np.zeros((e, d)), np.zeros((e, d))
         for chunk in _chunks(rows):
-            x = features.rows(chunk).astype(np.float64)
-            total += x.sum(0)
-            squares += (x * x).sum(0)
+            x = features.exit_major(chunk).astype(np.float64)
+            total += x.sum(1)
+            squares += (x * x).sum(1)
         mean = total / max(len(rows), 1)
         scale = np.sqrt(np.maximum(squares / max(len(rows), 1) - mean**2, 0.0))
         scale[scale < 1e-6] = 1.0
         return cls(features, mean, scale)
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
-        """[E, len(rows), d] float32, made in one buffer (the chunk's only float copy)."""
-        x = np.ascontiguousarray(self.features.values[rows].transpose(1, 0, 2)).astype(np.float32)
-        if self.features.scales is not None:
-            x *= self.features.scales[rows].T[:, :, None].astype(np.float32)
+        """[E, len(rows), d] float32, standardised in place (the chunk's only float copy)."""
+        x = self.features.exit_major(rows)
         x -= self.mean[:, None, :]
         x /= self.scale[:, None, :]
         return torch.from_numpy(x)

@@ -132,9 +132,9 @@ def check_export(path: Path) -> dict[str, Any]:
     raise InvalidInput(f"{path}: no end line: the file is cut short")
 
 
-def import_task(engine: Engine, path: Path, progress: Callable[[int], None] | None = None) -> int:
+def import_task(engine: Engine, path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
     """Create the exported task here with its records, keys, exit information, features, heads and
-    `auto` choice; returns the records imported. Refused before anything is written when the file does
+    `auto` choice; returns its name and the records imported. Refused before anything is written when the file does
     not check out, the task exists, or this deployment's backbone or key encoder differs."""
     header = check_export(path)
     spec = TaskSpec.from_dict(header["task"], source=f"{path}: task")
@@ -183,7 +183,7 @@ def import_task(engine: Engine, path: Path, progress: Callable[[int], None] | No
             choice = Choice.from_dict({**choice.to_dict(), "heads_version": heads_version})
         metadata.set_tuned(spec.name, choice)
     engine.forget_choice(spec.name)
-    return count
+    return spec.name, count
 
 
 def _record(spec: TaskSpec, data: dict[str, Any]) -> tuple[ExitRecord, np.ndarray]:

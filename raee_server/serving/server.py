@@ -378,8 +378,9 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
             if not rid:
                 raise InvalidInput(f"records[{i}]: give the record's id or its text", f"records[{i}]")
         done, missing = await self.worker.call(lambda e: e.relabel(task, dict(wanted), source="grpc relabel"))
+        absent = set(missing)
         rejections = [pb.Rejection(index=i, reason=f"no record {clip(rid)} in task {clip(task)}")
-                      for i, (rid, _) in enumerate(wanted) if rid in set(missing)]
+                      for i, (rid, _) in enumerate(wanted) if rid in absent]
         return pb.RelabelRecordsResponse(relabelled=done, rejections=rejections)
 
     async def DeleteTask(self, request: pb.DeleteTaskRequest,

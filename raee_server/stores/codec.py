@@ -5,7 +5,7 @@ records. The heads are linear, so they need only the directions in which the fea
 task and exit, a principal-component basis learned once from the task's first records keeps the top
 `DIM` whitened coordinates, stored as int8 with one float16 scale per exit (19 x (152 + 2) = 2,926
 bytes per record). The heads fit on these coordinates and are then folded back to the raw space
-(`ExitHeads.unproject`), so serving applies them to live features unchanged. Chosen by measurement
+(`ExitHeads.in_raw_space`), so serving applies them to live features unchanged. Chosen by measurement
 (docs/results.md, "Compact exit features").
 
 A stored feature row says how it is encoded: RAW float16, or CODED by the task's codec (one per task,
@@ -43,12 +43,16 @@ class FeatureMatrix:
         n, e, d = self.values.shape
         return int(n), int(e), int(d)
 
+    def exit_major(self, index: np.ndarray) -> np.ndarray:
+        """[E, len(index), d] float32 (the layout the fit multiplies in), made in one buffer."""
+        x = np.ascontiguousarray(self.values[index].transpose(1, 0, 2)).astype(np.float32)
+        if self.scales is not None:
+            x *= self.scales[index].T[:, :, None].astype(np.float32)
+        return x
+
     def rows(self, index: np.ndarray) -> np.ndarray:
         """[len(index), E, d] float32."""
-        x = self.values[index].astype(np.float32)
-        if self.scales is not None:
-            x *= self.scales[index, :, None].astype(np.float32)
-        return x
+        return self.exit_major(index).transpose(1, 0, 2)
 
     def empty(self, n: int) -> FeatureMatrix:
         """n rows of this matrix's kind, to fill with `put`."""
