@@ -31,6 +31,12 @@ TEXT_SLOT = "{text}"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+def is_task_name(name: str) -> bool:
+    """Could name a task (what `TaskSpec.validate` accepts): other strings name none, and a lookup need
+    not ask a database (Postgres refuses a NUL in a text parameter)."""
+    return bool(_NAME_RE.fullmatch(name))
+
+
 @dataclass(frozen=True)
 class Label:
     name: str

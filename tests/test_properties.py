@@ -752,6 +752,60 @@ def test_delete_task_deletes_only_the_named_task(server: LiveServer) -> None:
     run_then_check(server, prop)
 
 
+def record_count(server: LiveServer) -> int:
+    reply = server.call("GetTask", lambda s: s.GetTask(pb.GetTaskRequest(name=KNOWN), timeout=CALL_TIMEOUT))
+    return int(reply.task.records)
+
+
+def check_edit_answer(what: str, rpc: Callable[[], T]) -> T | None:
+    """An edit of records answers, or fails with a documented code and a message (never INTERNAL)."""
+    try:
+        return rpc()
+    except grpc.RpcError as exc:
+        assert exc.code() in DOCUMENTED, f"{what} failed with {exc.code().name} {show(exc.details())}"
+        assert exc.details() and "Traceback" not in exc.details(), f"{what}: {show(exc.details())}"
+        return None
+
+
+def test_deleting_records_by_any_name_never_deletes_another_record(server: LiveServer) -> None:
+    @examples(40)
+    @given(task=task_names, ids=st.lists(weird_strings(long=False), max_size=3),
+           names=st.lists(texts, max_size=3), batch=st.sampled_from([0, 0, 987654]))
+    def prop(task: str, ids: list[str], names: list[str], batch: int) -> None:
+        before = record_count(server)
+        request = pb.DeleteRecordsRequest(task=task, ids=ids, texts=[n for n in names if n not in dict(ROWS)],
+                                          batch=batch)
+        what = f"DeleteRecords({show(request)})"
+        reply = check_edit_answer(what, lambda: server.call(what, lambda s: s.DeleteRecords(request,
+                                                                                            timeout=CALL_TIMEOUT)))
+        if reply is not None:
+            assert task == KNOWN and list(reply.deleted_ids) == [], f"{what}: {show(reply)}"
+        assert record_count(server) == before, f"{what} deleted records it did not name"
+
+    run_then_check(server, prop)
+
+
+def test_relabelling_records_by_any_name_changes_only_what_it_names(server: LiveServer) -> None:
+    relabels = st.builds(lambda i, t, lb: pb.Relabel(id=i, text=t, label=lb),
+                         st.one_of(st.just(""), weird_strings(long=False)),
+                         st.one_of(st.just(""), texts), st.one_of(st.sampled_from(["positive", "negative"]),
+                                                                  weird_strings(long=False)))
+
+    @examples(40)
+    @given(task=task_names, records=st.lists(relabels, max_size=3))
+    def prop(task: str, records: list[pb.Relabel]) -> None:
+        records = [r for r in records if r.text not in dict(ROWS)]  # only names that match no record
+        request = pb.RelabelRecordsRequest(task=task, records=records)
+        what = f"RelabelRecords({show(request)})"
+        reply = check_edit_answer(what, lambda: server.call(what, lambda s: s.RelabelRecords(request,
+                                                                                             timeout=CALL_TIMEOUT)))
+        if reply is not None:
+            assert task == KNOWN and reply.relabelled == 0, f"{what}: {show(reply)}"
+            assert sorted(r.index for r in reply.rejections) == list(range(len(records))), f"{what}: {show(reply)}"
+
+    run_then_check(server, prop)
+
+
 def test_create_task_round_trips_every_string_then_serves_and_deletes_it(server: LiveServer) -> None:
     @examples(40)
     @given(request=create_requests, text=texts, policy=policies, ingest=ingest_examples)

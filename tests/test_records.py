@@ -54,7 +54,7 @@ def test_deleted_records_leave_every_store_and_are_never_neighbours_again(engine
                                                              ("and one more of them", "negative")])))
     before, _, layers, _ = stores(engine)
     text0, text1 = ROWS[0][0], ROWS[1][0]
-    gone = engine.delete_records(TASK, ids=[record_id(TASK, text0), "no-such-id"], texts=[text1])
+    gone = engine.delete_records(TASK, ids=[record_id(TASK, text0), record_id(TASK, "never ingested")], texts=[text1])
     assert sorted(gone) == sorted([record_id(TASK, text0), record_id(TASK, text1)])
     gone += engine.delete_records(TASK, batch=second.batch_id)
     assert len(gone) == 4
@@ -70,6 +70,27 @@ def test_deleted_records_leave_every_store_and_are_never_neighbours_again(engine
     assert doctor.diagnose(engine, TASK).healthy
 
 
+def test_names_no_record_or_task_can_have_are_refused_before_the_database(engine: Engine, tmp_path: Path) -> None:
+    """Postgres refuses a NUL in a text parameter: such names must fail as bad input or an unknown task."""
+    from raee_server.errors import TaskNotFound
+
+    engine.create_task(SENTIMENT)
+    engine.ingest(TASK, read_rows(write_tsv(tmp_path / "a.tsv", ROWS)))
+    for bad in ("x\x00y", "not-a-uuid", record_id(TASK, "t").upper()):
+        with pytest.raises(InvalidInput, match=r"ids\[0\].*not a record id"):
+            engine.delete_records(TASK, ids=[bad])
+        with pytest.raises(InvalidInput, match=r"records\[0\].*not a record id"):
+            engine.relabel(TASK, {bad: "positive"})
+    with pytest.raises(InvalidInput, match="NUL"):
+        engine.delete_records(TASK, texts=["a\x00b"])
+    for task in ("sen\x00timent", "\x00", "s" * 65):
+        with pytest.raises(TaskNotFound):
+            engine.delete_records(task, ids=[record_id(TASK, ROWS[0][0])])
+        with pytest.raises(TaskNotFound):
+            engine.task_info(task)
+    assert engine.task_info(TASK).records == len(ROWS)
+
+
 def test_a_relabel_recomputes_the_record_and_counts_toward_the_heads_refit(engine: Engine, tmp_path: Path) -> None:
     engine.settings = engine.settings.model_copy(update={"heads_refit_rows": 3})
     engine.create_task(SENTIMENT)
@@ -79,8 +100,9 @@ def test_a_relabel_recomputes_the_record_and_counts_toward_the_heads_refit(engin
     victim, old = corpus(60)[0]
     new = "negative" if old == "positive" else "positive"
     rid = record_id(TASK, victim)
-    done, missing = engine.relabel(TASK, {rid: new, "nope": new})
-    assert (done, missing) == (1, ["nope"])
+    nope = record_id(TASK, "never ingested")
+    done, missing = engine.relabel(TASK, {rid: new, nope: new})
+    assert (done, missing) == (1, [nope])
     [(payload_label, exits)] = [(n.label, n.exits) for n in engine.neighbours(TASK, [victim], 1)[0][0]]
     assert payload_label == new
     with engine.metadata.engine.connect() as conn:
@@ -180,7 +202,7 @@ def test_delete_and_relabel_over_the_wire_with_tenant_keys(keyed_rows, transport
     assert code == grpc.StatusCode.PERMISSION_DENIED and "does not grant task 'sentiment'" in details
     relabel = pb.RelabelRecordsRequest(task="sentiment", records=[
         pb.Relabel(text=ROWS[1][0], label="negative" if ROWS[1][1] == "positive" else "positive"),
-        pb.Relabel(id="no-such-record", label="positive")])
+        pb.Relabel(id=record_id("sentiment", "never ingested"), label="positive")])
     assert code_of(lambda: stub.RelabelRecords(relabel, metadata=theirs))[0] == grpc.StatusCode.PERMISSION_DENIED
     reply = stub.DeleteRecords(delete, metadata=mine)
     assert list(reply.deleted_ids) == [record_id("sentiment", ROWS[0][0])]
@@ -189,7 +211,7 @@ def test_delete_and_relabel_over_the_wire_with_tenant_keys(keyed_rows, transport
     assert record_id("sentiment", ROWS[0][0]) not in {n.id for n in answer.neighbours}
     assert len(answer.neighbours) == len(ROWS) - 1
     relabelled = stub.RelabelRecords(relabel, metadata=mine)
-    assert relabelled.relabelled == 1 and [(r.index, "no-such-record" in r.reason)
+    assert relabelled.relabelled == 1 and [(r.index, record_id("sentiment", "never ingested") in r.reason)
                                            for r in relabelled.rejections] == [(1, True)]
     bad = pb.RelabelRecordsRequest(task="sentiment", records=[pb.Relabel(text=ROWS[1][0], label="neutral")])
     code, details = code_of(lambda: stub.RelabelRecords(bad, metadata=mine))

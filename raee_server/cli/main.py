@@ -425,7 +425,7 @@ def records() -> None:
 def records_delete(obj: Context, task_name: str, ids: tuple[str, ...], texts: tuple[str, ...], batch: int | None,
                    server: str | None) -> dict[str, Any]:
     """Delete records: vectors, SQL rows and exit features together (a crash in between is finished
-    by `doctor --repair`). Names that match no record are not an error."""
+    by `doctor --repair`). Names that match no record are not an error; a malformed id is."""
     if not (ids or texts or batch is not None):
         raise click.UsageError("name the records: --id, --text or --batch")
     if server:
@@ -506,11 +506,9 @@ def import_cmd(obj: Context, file: Path) -> dict[str, Any]:
     backbone and the key encoder are checked before anything is written."""
     from raee_server.core import transfer
 
-    header = transfer.check_export(file)
-    name = str(header["task"].get("name", "?"))
     engine = obj.engine
-    with tqdm(total=None, unit="record", desc=f"import {name}", file=sys.stderr) as bar:
-        count = transfer.import_task(engine, file, progress=bar.update)
+    with tqdm(total=None, unit="record", desc=f"import {file.name}", file=sys.stderr) as bar:
+        name, count = transfer.import_task(engine, file, progress=bar.update)
     engine.build_index()
     obj.say(f"imported {count} records of {name} from {file}")
     return {"task": name, "file": str(file), "records": count}

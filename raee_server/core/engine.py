@@ -35,7 +35,7 @@ from raee_server.models.backbone import Backbone, LabelHead
 from raee_server.models.encoders import KeyEncoder
 from raee_server.settings import Settings
 from raee_server.stores.metadata import MetadataStore, TaskInfo
-from raee_server.stores.records import ExitRecord, layer_results, record_id, to_features
+from raee_server.stores.records import ExitRecord, is_record_id, layer_results, record_id, to_features
 from raee_server.stores.vectors import VectorPoint, VectorStore
 from raee_server.types import IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec, is_blank
 
@@ -185,6 +185,14 @@ class Engine:
                                    f"{self.settings.max_text_chars}", where)
             if "\x00" in text:
                 raise InvalidInput(f"{where}: contains a NUL character", where)
+
+    @staticmethod
+    def check_ids(ids: Sequence[str], field_name: str) -> None:
+        for i, rid in enumerate(ids):
+            if not is_record_id(rid):
+                where = f"{field_name}[{i}]"
+                raise InvalidInput(f"{where}: {clip(rid)} is not a record id (a uuid, as Classify's neighbours "
+                                   "give it)", where)
 
     def check_k(self, k: int | None) -> int:
         k = self.settings.default_k if k is None or k == 0 else k
@@ -524,6 +532,7 @@ class Engine:
             raise InvalidInput("ids: name the records to delete (ids, texts or an ingest batch)", "ids")
         if texts:
             self.check_texts(texts, "texts")
+        self.check_ids(ids, "ids")
         chosen = self.metadata.mark_deleting(task, [*ids, *(record_id(task, t) for t in texts)], batch)
         if chosen:
             self.vectors.delete_ids(chosen)
@@ -537,6 +546,7 @@ class Engine:
         the layer results, vector payload and features follow the label), in ingest's order, so a
         crash leaves pending rows that the doctor recomputes. An unknown label refuses the whole call."""
         spec, _ = self._task(task)
+        self.check_ids(list(labels), "records")
         for rid, label in labels.items():
             if label not in spec.label_names:
                 raise InvalidInput(f"label: unknown label {clip(label)!r} for record {clip(rid)} "

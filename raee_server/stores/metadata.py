@@ -38,7 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from raee_server.errors import NotReady, StoreMismatch, TaskExists, TaskNotFound
 from raee_server.stores.codec import CODED, LEARN_ROWS, RAW, FeatureCodec, FeatureMatrix, learn_codec
 from raee_server.stores.records import ExitRecord, StoredFeatures, text_hash
-from raee_server.types import Choice, Label, TaskSpec
+from raee_server.types import Choice, Label, TaskSpec, is_task_name
 
 # A naming convention gives every constraint a stable name, so that migrations can drop
 # and alter them on every database (SQLite batch mode included).
@@ -145,7 +145,7 @@ class ExitFeaturesRow(Base):
 
 
 class FeatureCodecRow(Base):
-    """A task's feature codec (raee_server.core.codec), learned once from its first records."""
+    """A task's feature codec (raee_server.stores.codec), learned once from its first records."""
 
     __tablename__ = "feature_codecs"
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
@@ -267,7 +267,7 @@ class MetadataStore:
     # -- tasks ---------------------------------------------------------------
 
     def _task_row(self, s: Session, name: str) -> TaskRow:
-        row = s.scalar(select(TaskRow).where(TaskRow.name == name))
+        row = s.scalar(select(TaskRow).where(TaskRow.name == name)) if is_task_name(name) else None
         if row is None:
             raise TaskNotFound(name)
         return row
@@ -439,19 +439,10 @@ class MetadataStore:
             for r in records[i : i + 64]:
                 if r.task not in codecs:
                     codecs[r.task] = self._codec(s, self._task_row(s, r.task).id)
-                rows.append(self._feature_row(r, codecs[r.task]))
+                rows.append(_feature_row(r, codecs[r.task]))
             stmt = insert(ExitFeaturesRow).values(rows)
             s.execute(stmt.on_conflict_do_update(index_elements=["record_id"],
                                                  set_={c: stmt.excluded[c] for c in ("exits", "dim", "data", "codec")}))
-
-    @staticmethod
-    def _feature_row(record: ExitRecord, codec: FeatureCodec | None) -> dict[str, Any]:
-        f = record.features
-        if isinstance(f, StoredFeatures):
-            return dict(record_id=record.id, exits=f.exits, dim=f.dim, data=f.data, codec=f.codec)
-        assert f is not None
-        data, kind = (f.astype(np.float16).tobytes(), RAW) if codec is None else (codec.encode(f[None])[0], CODED)
-        return dict(record_id=record.id, exits=f.shape[0], dim=f.shape[1], data=data, codec=kind)
 
     def write_features(self, records: Sequence[ExitRecord]) -> None:
         """Add exit features to existing records (the backfill)."""
@@ -623,13 +614,6 @@ class MetadataStore:
             row.edits = (row.edits or 0) + len(found)
             return found
 
-    def deleting(self, task: str) -> list[str]:
-        """Records a delete marked and has not finished (the doctor finishes them)."""
-        with self._session() as s:
-            task_id = self._task_row(s, task).id
-            return list(s.scalars(select(ExitRecordRow.id).where(ExitRecordRow.task_id == task_id,
-                                                                 ExitRecordRow.status == DELETING)))
-
     def delete_records(self, ids: Sequence[str]) -> None:
         """The last step of a delete: the rows, their layer results and their features."""
         with self._session.begin() as s:
@@ -709,14 +693,23 @@ def _matrix(rows: Sequence[Any], codec: FeatureCodec | None) -> FeatureMatrix:
     """Feature rows as one matrix: raw float16 without a codec; with one, codes (raw rows encoded)."""
     if codec is None:
         return FeatureMatrix(np.stack([_raw(r) for r in rows]))
-    coded = [r for r in rows if r.codec == CODED]
-    if len(coded) == len(rows):
+    raw = [i for i, r in enumerate(rows) if r.codec == RAW]
+    if not raw:
         return codec.parse([r.data for r in rows])
-    out = codec.quantise(np.stack([_raw(r) if r.codec == RAW else np.zeros((r.exits, r.dim), np.float16)
-                                   for r in rows]))
-    assert out.scales is not None
-    if coded:
-        at = [i for i, r in enumerate(rows) if r.codec == CODED]
-        parsed = codec.parse([r.data for r in coded])
-        out.values[at], out.scales[at] = parsed.values, parsed.scales
-    return out
+    values = np.empty((len(rows), codec.exits, codec.dim), np.int8)
+    scales = np.empty((len(rows), codec.exits), np.float16)
+    coded = [i for i, r in enumerate(rows) if r.codec != RAW]
+    for at, part in ((raw, codec.quantise(np.stack([_raw(rows[i]) for i in raw]))),
+                     (coded, codec.parse([rows[i].data for i in coded]))):
+        values[at], scales[at] = part.values, part.scales
+    return FeatureMatrix(values, scales)
+
+
+def _feature_row(record: ExitRecord, codec: FeatureCodec | None) -> dict[str, Any]:
+    """A record's exit_features row: stored features as they are, raw ones coded where the task has a codec."""
+    f = record.features
+    if isinstance(f, StoredFeatures):
+        return dict(record_id=record.id, exits=f.exits, dim=f.dim, data=f.data, codec=f.codec)
+    assert f is not None
+    data, kind = (f.astype(np.float16).tobytes(), RAW) if codec is None else (codec.encode(f[None])[0], CODED)
+    return dict(record_id=record.id, exits=f.shape[0], dim=f.shape[1], data=data, codec=kind)

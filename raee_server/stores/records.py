@@ -16,6 +16,14 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def is_record_id(name: str) -> bool:
+    """Could be a record id (a uuid in its canonical form): other strings name no record."""
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
+
+
 def record_id(task: str, text: str) -> str:
     """Deterministic point id (uuid5 of task and text hash): re-ingesting a text changes nothing."""
     return str(uuid.uuid5(_ID_NAMESPACE, f"{task}\x00{text_hash(text)}"))

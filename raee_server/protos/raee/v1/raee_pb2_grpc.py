@@ -138,7 +138,8 @@ class RaeeServiceServicer:
     def DeleteRecords(self, request, context):
         """Delete records of a task: by id, by exact text, or every record of an ingest batch. The
         vectors, SQL rows and exit features go together, in ingest's order reversed; from the next call
-        on no search finds them. Names that match no record are not an error (deleting is idempotent).
+        on no search finds them. Names that match no record are not an error (deleting is idempotent);
+        an id that is not a record id (a uuid) is INVALID_ARGUMENT.
         A key that may ingest into the task may delete from it. The exit heads count each delete
         toward their refit.
         """
