@@ -228,6 +228,8 @@ class Prediction:
     timings_us: dict[str, int] = field(default_factory=dict)  # encode, retrieve, forward (shared by a batch)
     labels: list[str] = field(default_factory=list)  # the task's label names, in the order of `scores`
     policy: str = ""  # the policy that answered, e.g. "cascade:0.01" or "auto=cascade:0.01"
+    answered_by: str = "backbone"  # "key" (the key head, no layer ran), "retrieval" or "backbone"
+    covered: bool | None = None  # the task's records cover the input (None: not checked)
 
 
 @dataclass

@@ -260,7 +260,9 @@ def test_deadline_passed_in_the_queue_is_dropped_not_computed(served: ServerThre
     busy.wait(5)
     calls: list[int] = []
     engine.backbone.layers[0].register_forward_hook(lambda *_: calls.append(1))
-    code, details = code_of(lambda: stub.Classify(pb.ClassifyRequest(task="sentiment", text="hi"), timeout=0.3))
+    # `full` needs the backbone (an answer from retrieval or the key would not wait for it)
+    request = pb.ClassifyRequest(task="sentiment", text="hi", options=pb.ClassifyOptions(policy="full"))
+    code, details = code_of(lambda: stub.Classify(request, timeout=0.3))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     blocker.result(5)
     time.sleep(0.2)  # the worker has now seen the expired job
@@ -429,17 +431,25 @@ def test_an_unexpected_engine_error_fails_its_request_alone_and_the_worker_goes_
     server.wait_ready()
     try:
         engine = server.server.worker.engine
-        real = engine.classify_validated
+        real_prepare, real_complete = engine.prepare, engine.complete
 
         def planted(task, texts, policy, k, served=None):  # type: ignore[no-untyped-def]
             if any("boom" in t for t in texts):
                 raise ValueError("planted bug")
-            return real(task, texts, policy, k, served)
+            return real_prepare(task, texts, policy, k, served)
 
-        engine.classify_validated = planted
-        with pytest.raises(grpc.RpcError) as info:
-            server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="boom"), timeout=30)
-        assert info.value.code() == grpc.StatusCode.INTERNAL and "planted" not in (info.value.details() or "")
+        def planted_in_backbone(prepared):  # type: ignore[no-untyped-def]
+            if any("bang" in t for t in prepared.texts):
+                raise ValueError("planted bug")
+            return real_complete(prepared)
+
+        engine.prepare = planted  # the key stage's thread
+        engine.complete = planted_in_backbone  # the model thread's
+        for text in ("boom", "bang"):
+            with pytest.raises(grpc.RpcError) as info:
+                server.stub.Classify(pb.ClassifyRequest(task="sentiment", text=text,
+                                                        options=pb.ClassifyOptions(policy="full")), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INTERNAL and "planted" not in (info.value.details() or "")
         engine.validate = lambda *a: (_ for _ in ()).throw(KeyError("planted in validate"))  # type: ignore[method-assign]
         with pytest.raises(grpc.RpcError) as info:
             server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="fine"), timeout=30)

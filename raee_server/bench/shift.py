@@ -208,7 +208,7 @@ def shift_task(engine: Engine, spec: TaskSpec, dev: Path, size: int, dev_rows: i
             if corrected and kind == "balanced":
                 policy = bind(parse_policy(best[0]), heads)
                 report["adaptation"] = adaptation_stream(
-                    [a for a, _ in answers(policy, measured, depth, labels, best[1])], gold, spec.shares)
+                    [a for a, _, _ in answers(policy, measured, depth, labels, best[1])], gold, spec.shares)
                 report["adaptation"]["policy"] = results["auto"]["chose"]
         report["databases"][kind] = entry
     # the measure: auto on the skewed database against auto on the balanced one, same dev rows

@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 
@@ -27,10 +28,12 @@ from raee_server.core.engine import Engine
 from raee_server.core.evaluation import Measured, PolicyResult, run_policy
 from raee_server.core.groups import near_duplicate_groups
 from raee_server.core.heads import MIN_RECORDS as HEADS_MIN_RECORDS
-from raee_server.core.heads import ExitHeads, fit_heads
+from raee_server.core.heads import ExitHeads, fit_heads, fit_with_key
 from raee_server.core.policies import bind, parse_policy
 from raee_server.errors import InvalidInput
+from raee_server.stores.codec import FeatureMatrix
 from raee_server.stores.metadata import MetadataStore
+from raee_server.stores.vectors import VectorStore
 from raee_server.types import Choice
 
 K_CHOICES = (4, 8, 12, 16, 24, 32)
@@ -57,8 +60,9 @@ def candidate_policies(depth: int, heads: ExitHeads | None = None) -> list[str]:
     selectable by name.
     """
     if heads is not None:
+        key_first = [f"key-cascade:{m:g}" for m in CASCADE_MARGINS] if heads.key is not None else []
         return [*(f"heads:{layer}" for layer in range(depth + 1)), "paper-heads",
-                *(f"cascade:{m:g}" for m in CASCADE_MARGINS)]
+                *(f"cascade:{m:g}" for m in CASCADE_MARGINS), *key_first]
     return [
         "paper", "paper-all", "knn-vote", "knn-agree", "full",
         *(f"paper-tol:{t}" for t in (0.05, 0.1, 0.2, 0.3)),
@@ -92,12 +96,15 @@ def validation_rows(engine: Engine, task: str, n: int, k_max: int, seed: int = 0
     group = dict(zip((rid for rid, _, _ in examples), near_duplicate_groups([text for _, text, _ in examples])))
     heads = engine.heads(task)
     rows = []
-    for (rid, _text, label), neighbours in zip(sample, found):
+    for (rid, text, label), neighbours in zip(sample, found):
         # the record itself and its near-duplicates (the same group the heads' folds keep together)
         others = [nb for nb in neighbours if group.get(nb.id, -1) != group[rid]][:k_max]
         judged = heads.judged(rid) if heads else None  # out of fold: the head never saw this record
+        key_judged = heads.key.judged(rid) if heads and heads.key else None
         rows.append(Measured(spec.label_index(label), probs_from_sql(layers[rid], spec.label_names), others,
-                             judged, engine.head_judged(others, heads, spec) if heads else None))
+                             judged, engine.head_judged(others, heads, spec) if heads else None,
+                             None if key_judged is None else key_judged[0],
+                             heads.covers(text, others) if heads else True))
     if heads is not None and any(r.head_probs is None for r in rows):  # records newer than the heads
         rows = [r for r in rows if r.head_probs is not None]
     return rows
@@ -164,23 +171,41 @@ def needs_tuning(engine: Engine, task: str) -> bool:
     return info.tuned is None or info.tuned.stale(info.records, engine.settings.retune_growth)
 
 
+KeySource = Callable[[Sequence[str]], Mapping[str, np.ndarray]]  # record ids -> their stored keys
+
+
 def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[str], None] | None = None,
-                        cancelled: Callable[[], bool] = lambda: False, full: bool = False) -> ExitHeads:
+                        cancelled: Callable[[], bool] = lambda: False, full: bool = False,
+                        keys: KeySource | None = None) -> ExitHeads:
     """Fit the task's exit heads on its records' features and store them as a new version; the
     served heads switch to it at the engine's next check (atomically: one row, one version). A warm
     refit from the newest version where it can (raee_server.core.heads.fit_heads), unless `full`.
-    Needs only the SQL store, so a server runs it in a separate low-priority process
-    (raee_server.serving.fitter)."""
+    With `keys` (the vector store's, by record id), the key head and the records' coverage too
+    (`fit_with_key`); records without a key then wait for the next fit. Needs only the SQL store
+    and the keys, so a server runs it in a separate low-priority process (raee_server.serving.fitter)."""
     info = metadata.task(task)  # read before the records: edits made during the fit count for the next
     spec = info.spec
     metadata.compact_features(task)
     ids, labels, features, codec = metadata.features(task)
     texts = {rid: text for rid, text, _ in metadata.committed_examples(task)}
-    groups = near_duplicate_groups([texts.get(rid, rid) for rid in ids])
     stored = None if full else metadata.heads(task)
-    heads = fit_heads(features, [spec.label_index(label) for label in labels], len(spec.labels), ids,
-                      spec.label_names, groups=groups, progress=progress, cancelled=cancelled,
-                      previous=ExitHeads.from_stored(stored) if stored else None)
+    previous = ExitHeads.from_stored(stored) if stored else None
+    if keys is None:
+        heads = fit_heads(features, [spec.label_index(label) for label in labels], len(spec.labels), ids,
+                          spec.label_names, groups=near_duplicate_groups([texts.get(rid, rid) for rid in ids]),
+                          progress=progress, cancelled=cancelled, previous=previous)
+    else:
+        found = keys(ids)
+        keep = np.array([rid in found for rid in ids], dtype=bool)
+        if not keep.all():  # e.g. written to SQL after the keys were read: the next fit takes them
+            at = np.flatnonzero(keep)
+            ids, labels = [ids[i] for i in at], [labels[i] for i in at]
+            features = FeatureMatrix(features.values[at], None if features.scales is None else features.scales[at])
+        record_texts = [texts.get(rid, rid) for rid in ids]
+        heads = fit_with_key(features, np.stack([found[rid] for rid in ids]) if ids else np.zeros((0, 1)),
+                             [spec.label_index(label) for label in labels], len(spec.labels), ids, spec.label_names,
+                             near_duplicate_groups(record_texts), np.array([len(t.split()) for t in record_texts]),
+                             progress=progress, cancelled=cancelled, previous=previous)
     if codec is not None:  # fit on the codec's coordinates; served on the raw features
         heads = heads.in_raw_space(codec)
     heads.edits = info.edits
@@ -189,10 +214,37 @@ def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[
     return heads
 
 
+def key_reader(vectors: VectorStore, chunk: int = 1000) -> KeySource:
+    """The vector store's keys by record id, read `chunk` ids per call."""
+    def read(ids: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for at in range(0, len(ids), chunk):
+            out.update(vectors.vectors(ids[at : at + chunk]))
+        return out
+    return read
+
+
+def save_keys(vectors: VectorStore, task: str, path: Path) -> int:
+    """The task's stored keys into one .npz file (ids and float32 keys) for a fit in another process
+    (the embedded store allows one process); returns how many."""
+    ids = sorted(vectors.ids(task))
+    found = key_reader(vectors)(ids)
+    ids = [rid for rid in ids if rid in found]
+    np.savez(path, ids=np.array(ids), keys=np.stack([found[rid] for rid in ids]) if ids else np.zeros((0, 0)))
+    return len(ids)
+
+
+def load_keys(path: Path) -> KeySource:
+    """`save_keys`' file as a key source."""
+    z = np.load(path, allow_pickle=False)
+    table = {str(rid): key for rid, key in zip(z["ids"], z["keys"])}
+    return lambda ids: {rid: table[rid] for rid in ids if rid in table}
+
+
 def fit_task_heads(engine: Engine, task: str, progress: Callable[[str], None] | None = None,
                    cancelled: Callable[[], bool] = lambda: False, full: bool = False) -> ExitHeads:
     """`fit_and_store_heads` in this process; the engine serves the new version at once."""
-    heads = fit_and_store_heads(engine.metadata, task, progress, cancelled, full)
+    heads = fit_and_store_heads(engine.metadata, task, progress, cancelled, full, keys=key_reader(engine.vectors))
     engine.forget_heads(task)
     return heads
 

@@ -9,7 +9,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from raee_server.core.policies import (
     mix,
     parse_policy,
     reads_heads,
+    settle,
     untuned_fallback,
     uses_head_exits,
 )
@@ -264,6 +265,12 @@ class Engine:
 
     def neighbours(self, task: str, texts: Sequence[str], k: int) -> tuple[list[list[Neighbour]], dict[str, int]]:
         """The k nearest records of each text, each weighed by its label's prior correction."""
+        _, found, timings = self.retrieve(task, texts, k)
+        return found, timings
+
+    def retrieve(self, task: str, texts: Sequence[str], k: int
+                 ) -> tuple[np.ndarray, list[list[Neighbour]], dict[str, int]]:
+        """`neighbours`, with the texts' keys [n, d]."""
         t0 = time.perf_counter()
         with tracing.span("raee.encode", texts=len(texts)):
             keys = self.encoder.encode(texts)
@@ -274,7 +281,7 @@ class Engine:
             if weights:
                 found = [[replace(n, weight=weights.get(n.label, 1.0)) for n in row] for row in found]
         t2 = time.perf_counter()
-        return found, {"encode_us": _us(t1 - t0), "retrieve_us": _us(t2 - t1)}
+        return np.asarray(keys), found, {"encode_us": _us(t1 - t0), "retrieve_us": _us(t2 - t1)}
 
     def prior_tracker(self, task: str) -> PriorTracker | None:
         """The task's online traffic-prior estimate (None unless the task opted in with
@@ -324,29 +331,49 @@ class Engine:
 
     def classify_validated(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int,
                            served: str | None = None) -> list[Prediction]:
-        """`classify` for a request that `validate` has already checked (the worker's batches); `served`
-        names the policy in each answer (default: the policy's own name)."""
-        spec, head = self._task(task)
+        """`classify` for a request that `validate` has already checked; `served` names the policy in each
+        answer (default: the policy's own name). The two stages in turn: `prepare`, then `complete`."""
+        return self.complete(self.prepare(task, texts, chosen, k, served))
+
+    def prepare(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int,
+                served: str | None = None) -> Prepared:
+        """The stage before the backbone: the keys, the neighbours, each row's decision, settled by the
+        key head and the records' coverage (`policies.settle`). Rows the key answers need nothing more:
+        the server answers them at once, without waiting for the backbone (raee_server.serving.worker)."""
+        spec, _ = self._task(task)
         heads = self.heads(task) if reads_heads(chosen) else None
         timings: dict[str, int] = {"encode_us": 0, "retrieve_us": 0}
         if chosen.uses_neighbours:
-            found, timings = self.neighbours(task, texts, k)
+            keys, found, timings = self.retrieve(task, texts, k)
         else:
-            found = [[] for _ in texts]
+            keys, found = None, [[] for _ in texts]
         seen = [self.head_judged(n, heads, spec) for n in found] if heads and uses_head_exits(chosen) else found
         decisions = [chosen.decide(n, self.depth, spec.label_names) for n in seen]
+        covered: list[bool | None] = [None] * len(texts)
+        if heads is not None and keys is not None:
+            key_probs = heads.key_probs(keys)
+            covered = [heads.covers(t, n) for t, n in zip(texts, found)]
+            decisions = [settle(d, None if key_probs is None else key_probs[i], bool(covered[i]))
+                         for i, d in enumerate(decisions)]
+        return Prepared(task, list(texts), served or chosen.name, decisions, found, covered, timings, heads)
+
+    def complete(self, prepared: Prepared) -> list[Prediction]:
+        """The backbone stage of prepared rows: each row runs to its exit (none for rows answered
+        without it), then the traffic prior (where the task adapts to it) and the answers."""
+        spec, head = self._task(prepared.task)
+        timings = dict(prepared.timings)
         t0 = time.perf_counter()
-        with tracing.span("raee.forward", policy=chosen.name, texts=len(texts)):
-            probs, exits = self.forward_at(spec, head, texts, decisions, heads)
-            tracker = self.prior_tracker(task)
+        with tracing.span("raee.forward", policy=prepared.served, texts=len(prepared.texts)):
+            probs, exits = self.forward_at(spec, head, prepared.texts, prepared.decisions, prepared.heads)
+            tracker = self.prior_tracker(prepared.task)
             if tracker is not None:  # learn from the answers as made, then answer toward the traffic's mix
                 tracker.observe(probs)
                 probs = tracker.adjust(probs)
         timings["forward_us"] = _us(time.perf_counter() - t0)
         return [
             Prediction(spec.labels[int(p.argmax())].name, p.tolist(), e, self.depth, n, dict(timings),
-                       spec.label_names, served or chosen.name)
-            for p, e, n in zip(probs, exits, found)
+                       spec.label_names, prepared.served, d.answered_by, c)
+            for p, e, n, d, c in zip(probs, exits, prepared.found, prepared.decisions, prepared.covered)
         ]
 
     @staticmethod
@@ -564,6 +591,39 @@ class Engine:
         if len(row.text) > max_chars:
             return f"text of {len(row.text)} characters, over the limit of {max_chars}"
         return None
+
+
+@dataclass
+class Prepared:
+    """Rows of one task and policy after `Engine.prepare`: what the backbone stage needs of them."""
+
+    task: str
+    texts: list[str]
+    served: str  # the policy as the answers name it
+    decisions: list[Decision]
+    found: list[list[Neighbour]]
+    covered: list[bool | None]  # the records cover the row (None: not checked)
+    timings: dict[str, int] = field(default_factory=dict)
+    heads: ExitHeads | None = None
+
+    def rows(self, index: Sequence[int]) -> Prepared:
+        """Some of the rows, in the order given."""
+        pick = list(index)
+        return Prepared(self.task, [self.texts[i] for i in pick], self.served, [self.decisions[i] for i in pick],
+                        [self.found[i] for i in pick], [self.covered[i] for i in pick], self.timings, self.heads)
+
+    @property
+    def without_backbone(self) -> list[int]:
+        """The rows answered before the backbone (by the key head, or retrieval)."""
+        return [i for i, d in enumerate(self.decisions) if d.answer is not None]
+
+    @staticmethod
+    def join(parts: Sequence[Prepared]) -> Prepared:
+        """Rows of one task and policy prepared apart, as one batch for the backbone."""
+        first = parts[0]
+        return Prepared(first.task, [t for p in parts for t in p.texts], first.served,
+                        [d for p in parts for d in p.decisions], [f for p in parts for f in p.found],
+                        [c for p in parts for c in p.covered], first.timings, first.heads)
 
 
 class IngestSession:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raee_server.core.engine import Engine, softmax
-from raee_server.core.policies import ExitPolicy, mix, reads_heads, resolve_exit, uses_head_exits
+from raee_server.core.policies import ExitPolicy, mix, reads_heads, resolve_exit, settle, uses_head_exits
 from raee_server.errors import InvalidInput
 from raee_server.types import Neighbour, Row
 
@@ -29,6 +29,8 @@ class Measured:
     neighbours: list[Neighbour]  # the nearest records, most similar first
     head_probs: np.ndarray | None = None  # [L + 1, C] the task's exit heads (when it has them)
     head_neighbours: list[Neighbour] | None = None  # the neighbours with their head-judged exits
+    key_probs: np.ndarray | None = None  # [C] the task's key head
+    covered: bool = True  # the task's records cover the row (heads.Coverage)
 
 
 def _balanced(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
@@ -72,6 +74,12 @@ class PolicyResult:
     gold: list[int] = field(default_factory=list)
     predicted: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
+    keyed: list[bool] = field(default_factory=list)  # answered by the key head (no backbone layer)
+
+    @property
+    def key_share(self) -> float:
+        """The share of rows the key head answered."""
+        return float(np.mean(self.keyed)) if self.keyed else 0.0
 
     @property
     def rows(self) -> int:
@@ -110,7 +118,7 @@ class PolicyResult:
     def subset(self, rows: Sequence[int]) -> PolicyResult:
         """The same answers on some of the rows (e.g. those no record leaks into)."""
         return PolicyResult(self.name, self.depth, [self.gold[i] for i in rows], [self.predicted[i] for i in rows],
-                            [self.exits[i] for i in rows])
+                            [self.exits[i] for i in rows], [self.keyed[i] for i in rows] if self.keyed else [])
 
     @property
     def mean_exit(self) -> float:
@@ -132,7 +140,7 @@ class PolicyResult:
         return {"policy": self.name, "rows": self.rows, "accuracy": self.accuracy,
                 "balanced_accuracy": self.balanced_accuracy(n_labels),
                 "macro_f1": self.macro_f1(n_labels), "mean_exit_layer": self.mean_exit,
-                "p95_exit_layer": self.p95_exit, "layers_saved": self.layers_saved,
+                "p95_exit_layer": self.p95_exit, "layers_saved": self.layers_saved, "key_share": self.key_share,
                 "exit_histogram": self.histogram()}
 
 
@@ -144,31 +152,36 @@ def measure(engine: Engine, task: str, rows: Sequence[Row], k: int, chunk: int =
         part = rows[start : start + chunk]
         texts = [r.text for r in part]
         logits, features = engine.all_exits(task, texts)
-        found, _ = engine.neighbours(task, texts, k)
+        keys, found, _ = engine.retrieve(task, texts, k)
         heads = engine.heads(task)
         head_probs = heads.all_probs(features) if heads else [None] * len(part)
         judged = [engine.head_judged(n, heads, spec) for n in found] if heads else [None] * len(part)
-        out += [Measured(spec.label_index(r.label), softmax(lg.astype(np.float64)), n, hp, hn)
-                for r, lg, n, hp, hn in zip(part, logits, found, head_probs, judged)]
+        key_probs = heads.key_probs(keys) if heads else None
+        out += [Measured(spec.label_index(r.label), softmax(lg.astype(np.float64)), n, hp, hn,
+                         None if key_probs is None else key_probs[i], heads.covers(r.text, n) if heads else True)
+                for i, (r, lg, n, hp, hn) in enumerate(zip(part, logits, found, head_probs, judged))]
         if progress:
             progress(len(part))
     return out
 
 
 def answers(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels: Sequence[str],
-            k: int | None = None) -> list[tuple[np.ndarray, int]]:
-    """Per measured row, the policy's label distribution and exit (with only the first k
-    neighbours when k is given), as served."""
+            k: int | None = None) -> list[tuple[np.ndarray, int, bool]]:
+    """Per measured row, the policy's label distribution, exit and whether the key head answered
+    (with only the first k neighbours when k is given), as served (`policies.settle` included)."""
     out = []
     heads, head_exits = reads_heads(policy), uses_head_exits(policy)
     for row in rows:
         neighbours = row.head_neighbours if head_exits and row.head_neighbours is not None else row.neighbours
         decision = policy.decide(neighbours[:k] if k else neighbours, depth, labels)
+        if heads:
+            decision = settle(decision, row.key_probs, row.covered)
         probs = row.head_probs if heads else row.probs
         if probs is None:
             raise InvalidInput(f"policy: {policy.name} needs exit heads; the task has none yet")
         layer = resolve_exit(decision, probs)
-        out.append((decision.answer if decision.answer is not None else mix(probs[layer], decision.prior), layer))
+        answer = decision.answer if decision.answer is not None else mix(probs[layer], decision.prior)
+        out.append((answer, layer, decision.answered_by == "key"))
     return out
 
 
@@ -176,10 +189,11 @@ def run_policy(policy: ExitPolicy, rows: Sequence[Measured], depth: int, labels:
                k: int | None = None) -> PolicyResult:
     """A policy's answers on measured rows (with only the first k neighbours when k is given)."""
     result = PolicyResult(policy.name, depth)
-    for row, (answer, layer) in zip(rows, answers(policy, rows, depth, labels, k)):
+    for row, (answer, layer, keyed) in zip(rows, answers(policy, rows, depth, labels, k)):
         result.gold.append(row.gold)
         result.predicted.append(int(np.argmax(answer)))
         result.exits.append(layer)
+        result.keyed.append(keyed)
     return result
 
 

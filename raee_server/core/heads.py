@@ -17,7 +17,10 @@ a multinomial logistic regression on the standardised readout features:
 - the cascade's thresholds are certified on the calibration split by Learn-then-Test (Angelopoulos et
   al., 2021; as CALM, Schuster et al., 2022): see `ExitHeads.cascade_thresholds`;
 - all exits are fit at once, as one batched problem ([E, N, H] @ [E, H, C]) with L-BFGS, each C warm-
-  started from the previous one's solution.
+  started from the previous one's solution;
+- a key head (the same regression on the retrieval key, the same split and folds) is the cascade's
+  stage 0: a key-first cascade answers from the key alone when it is sure, before any backbone layer
+  (`ExitHeads.key`, issue 32), and only where the records cover the input (`Coverage`).
 
 Fitting runs off the request path (`raee-admin fit-heads`, after a local ingest, and in the
 server's background); a fit makes a new version that replaces the served one atomically.
@@ -41,6 +44,7 @@ from raee_server.core.groups import group_folds
 from raee_server.errors import InvalidInput
 from raee_server.stores.codec import FeatureCodec, FeatureMatrix
 from raee_server.stores.metadata import StoredHeads
+from raee_server.types import Neighbour
 
 # Inverse L2 strength, as scikit-learn's C (per record, class-weighted). Wide on purpose: on 5,000-record
 # databases every task's best head sat at the lower edge of {0.01, 0.1, 1} (issue 24).
@@ -58,6 +62,12 @@ CV_ROWS = 20000  # C is chosen by cross-validation on at most this many fit reco
 CHUNK_ROWS = 4096  # rows a fit step turns from codes into float32 at a time: memory follows this
 GROW_ITERATIONS = 40  # L-BFGS steps of a warm refit (from the served version's weights)
 REFIT_GROWTH = 2.0  # a warm refit keeps C and standardisation until the records double since the full fit
+# Coverage: an input is outside what the records cover when its nearest record is less similar than all
+# but this share of the records' own nearest records (outside their near-duplicate group), or it is longer
+# than all but this share of the records. In coverage by construction, about 2 x this share of traffic like
+# the records is still flagged (and walks to the best head: costs depth, not accuracy).
+COVERAGE_QUANTILE = 0.02
+COVERAGE_SAMPLE = 2000  # records whose nearest neighbours set the similarity floor
 PROPOSALS = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
 
@@ -71,6 +81,35 @@ class FitSpace:
     weight: np.ndarray  # [E, d, C]
     bias: np.ndarray  # [E, C]
     full_fit_records: int
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a task's records cover, learned from them at each fit: the least similarity to the nearest
+    record, and the most words, that `COVERAGE_QUANTILE` of the records themselves fall outside of."""
+
+    similarity: float  # floor on the nearest record's cosine similarity
+    words: int  # ceiling on the input's length in words
+
+    def covers(self, words: int, similarity: float | None) -> bool:
+        """An input of `words` words whose nearest record has `similarity` (None: none retrieved) lies
+        where the records vouch for the cascade's calibration."""
+        return similarity is not None and similarity >= self.similarity and words <= self.words
+
+    @classmethod
+    def learn(cls, keys: np.ndarray, groups: np.ndarray, lengths: np.ndarray,
+              quantile: float = COVERAGE_QUANTILE, sample: int = COVERAGE_SAMPLE, seed: int = 0) -> Coverage:
+        """From the records' keys [N, d], near-duplicate groups [N] and lengths in words [N]: for a seeded
+        sample of records, the similarity of the nearest record outside its own group (a new input has no
+        near-copy among the records; its own group would make the floor too high)."""
+        unit = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+        picked = np.random.default_rng(seed).permutation(len(keys))[:sample]
+        nearest = np.full(len(picked), -1.0)
+        for at in range(0, len(keys), 20000):  # memory follows the chunk: [sample, 20000] similarities
+            sims = unit[picked] @ unit[at : at + 20000].T
+            sims[groups[picked][:, None] == groups[None, at : at + 20000]] = -1.0
+            nearest = np.maximum(nearest, sims.max(1))
+        return cls(float(np.quantile(nearest, quantile)), int(np.ceil(np.quantile(lengths, 1 - quantile))))
 
 
 @dataclass
@@ -94,9 +133,11 @@ class ExitHeads:
     seconds: float = 0.0
     space: FitSpace | None = None  # None: heads stored before warm refits
     edits: int = 0  # the task's record edits (deletes, relabels) when it was fit
+    key: ExitHeads | None = None  # the key head: one "exit", the retrieval key; same records and split
+    coverage: Coverage | None = None  # where the records vouch for the cascade (None: no key head)
     _index: dict[str, int] = field(default_factory=dict, repr=False)
-    _cascades: dict[tuple[float, int], np.ndarray] = field(default_factory=dict, repr=False)
-    _proposals: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
+    _cascades: dict[tuple[float, int, bool], np.ndarray] = field(default_factory=dict, repr=False)
+    _proposals: dict[tuple[int, bool], list[np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {rid: i for i, rid in enumerate(self.record_ids)}
@@ -144,10 +185,26 @@ class ExitHeads:
         i = self._index.get(record_id)
         return None if i is None else self.oof[i].astype(np.float64)
 
-    def cascade_thresholds(self, margin: float, bound: int | None = None) -> np.ndarray:
+    def key_probs(self, keys: np.ndarray) -> np.ndarray | None:
+        """The key head's label probabilities for keys [B, d]: [B, C] (None: these heads have no key head)."""
+        return None if self.key is None else self.key.probs(0, keys)
+
+    def covers(self, text: str, neighbours: Sequence[Neighbour]) -> bool:
+        """The records cover this input (`Coverage`; always, for heads fit without a key head)."""
+        return self.coverage is None or \
+            self.coverage.covers(len(text.split()), neighbours[0].similarity if neighbours else None)
+
+    def stages(self) -> np.ndarray:
+        """[N, 1 + E, C] float16: each record's judgment by the key head, then at every exit (the stages of
+        a key-first cascade), by heads that never saw it."""
+        assert self.key is not None
+        return np.concatenate([self.key.oof, self.oof], axis=1)
+
+    def cascade_thresholds(self, margin: float, bound: int | None = None, key_first: bool = False) -> np.ndarray:
         """Per-exit confidence thresholds [E] of the cascade that stops each row at the first exit
         whose head is at least that sure, and otherwise answers with the head at `bound` (default:
-        the best exit); inf: never stop there.
+        the best exit); inf: never stop there. `key_first`: [1 + E], the key head's threshold first
+        (a stage before any layer), certified together with the exits' by the same procedure.
 
         The promise: with probability at least 1 - RISK_LEVEL over the calibration records, the
         cascade's balanced accuracy on new rows is at most `margin` below the bound head's. Assumption:
@@ -162,33 +219,42 @@ class ExitHeads:
         certified: never stop early, answer at the bound.
         """
         bound = self.best_exit if bound is None else bound
-        key = (round(margin, 6), bound)
-        if key not in self._cascades:
-            self._cascades[key] = self._certified(margin, bound)
-        return self._cascades[key]
+        if key_first and self.key is None:
+            raise InvalidInput("policy: a key-first cascade needs a key head; fit the task's heads again")
+        cached = (round(margin, 6), bound, key_first)
+        if cached not in self._cascades:
+            self._cascades[cached] = self._certified(margin, bound, key_first)
+        return self._cascades[cached]
 
-    def _certified(self, margin: float, bound: int) -> np.ndarray:
-        never = np.full(self.exits, np.inf)
-        if self.gold is None or self.calibration is None or not self.calibration.any() or bound == 0:
+    def _certified(self, margin: float, bound: int, key_first: bool) -> np.ndarray:
+        # the key head is stage 0: every exit moves one stage on
+        stage_bound, stages = (bound + 1, self.exits + 1) if key_first else (bound, self.exits)
+        never = np.full(stages, np.inf)
+        if self.gold is None or self.calibration is None or not self.calibration.any() or stage_bound == 0:
             return never  # heads stored before calibration splits, too few records, or nothing before the bound
-        probs = self.oof.astype(np.float64)
+        probs = (self.stages() if key_first else self.oof).astype(np.float64)
         fit, cal = self.fit_rows, self.calibration
-        if bound not in self._proposals:  # the same candidates for every margin
-            self._proposals[bound] = [propose_thresholds(probs[fit], self.gold[fit], p, bound) for p in PROPOSALS]
+        if (bound, key_first) not in self._proposals:  # the same candidates for every margin
+            self._proposals[(bound, key_first)] = [propose_thresholds(probs[fit], self.gold[fit], p, stage_bound)
+                                                   for p in PROPOSALS]
         chosen = never
-        for thresholds in self._proposals[bound]:
-            if risk_bound(probs[cal], self.gold[cal], thresholds, bound, len(self.labels)) > margin:
+        for thresholds in self._proposals[(bound, key_first)]:
+            if risk_bound(probs[cal], self.gold[cal], thresholds, stage_bound, len(self.labels)) > margin:
                 break
             chosen = thresholds
         return chosen
 
     def summary(self) -> dict[str, Any]:
+        coverage = {"similarity": round(self.coverage.similarity, 4), "words": self.coverage.words} \
+            if self.coverage else None
+        key = {"c": float(self.key.c[0]), "accuracy": round(float(self.key.accuracy[0]), 4)} if self.key else None
         return {"version": self.version, "fitted_at": self.fitted_at, "seconds": round(self.seconds, 2),
                 "records": len(self.record_ids), "fit_records": int(self.fit_rows.sum()),
                 "calibration_records": int(self.calibration.sum()) if self.calibration is not None else 0,
                 "c": [float(c) for c in self.c], "c_at_grid_edge": int(np.isin(self.c, (C_GRID[0], C_GRID[-1])).sum()),
                 "full_fit_records": self.space.full_fit_records if self.space else len(self.record_ids),
-                "accuracy": [round(float(a), 4) for a in self.accuracy], "best_exit": self.best_exit}
+                "accuracy": [round(float(a), 4) for a in self.accuracy], "best_exit": self.best_exit,
+                "key_head": key, "coverage": coverage}
 
     @classmethod
     def from_stored(cls, stored: StoredHeads) -> ExitHeads:
@@ -223,6 +289,10 @@ class ExitHeads:
                        "space_weight": space.weight.astype(np.float32), "space_bias": space.bias.astype(np.float32),
                        "full_fit_records": np.array(space.full_fit_records)}
         arrays["edits"] = np.array(self.edits)
+        if self.key is not None:  # one file: the key head's own, as bytes
+            arrays["key_heads"] = np.frombuffer(self.key.to_bytes(), dtype=np.uint8)
+        if self.coverage is not None:
+            arrays["coverage"] = np.array([self.coverage.similarity, self.coverage.words])
         np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
         return buffer.getvalue()
 
@@ -236,7 +306,10 @@ class ExitHeads:
                    FitSpace(z["space_mean"].astype(np.float64), z["space_scale"].astype(np.float64),
                             z["space_weight"].astype(np.float64), z["space_bias"].astype(np.float64),
                             int(z["full_fit_records"])) if "space_mean" in z.files else None,
-                   int(z["edits"]) if "edits" in z.files else 0)
+                   int(z["edits"]) if "edits" in z.files else 0,
+                   cls.from_bytes(z["key_heads"].tobytes(), version, fitted_at, seconds)
+                   if "key_heads" in z.files else None,
+                   Coverage(float(z["coverage"][0]), int(z["coverage"][1])) if "coverage" in z.files else None)
 
 
 def row_weights(gold: np.ndarray) -> np.ndarray:
@@ -463,7 +536,8 @@ def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int] | np.n
               record_ids: Sequence[str], label_names: Sequence[str], groups: np.ndarray | None = None,
               c_grid: Sequence[float] = C_GRID, folds: int = FOLDS, seed: int = 0, calibrate: bool = True,
               progress: Callable[[str], None] | None = None,
-              cancelled: Callable[[], bool] = lambda: False, previous: ExitHeads | None = None) -> ExitHeads:
+              cancelled: Callable[[], bool] = lambda: False, previous: ExitHeads | None = None,
+              split: np.ndarray | None = None) -> ExitHeads:
     """Fit one head per exit on [N, E, d] features; `groups` ([N]; None: every record its own group)
     are near-duplicate groups that no split divides. With a compatible `previous` version
     (`can_grow_from`), a warm refit (`_grow`); else a full one:
@@ -474,6 +548,8 @@ def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int] | np.n
       the gradient summed in chunks;
     - judgments: cross-validated records out of fold; other fit records by a fold model (which saw
       none of them); calibration records by the served heads.
+
+    `split` ([N] bool): the calibration split to use (the key head takes the exit heads').
     """
     start = time.perf_counter()
     n = len(labels)
@@ -483,8 +559,9 @@ def fit_heads(features: FeatureMatrix | np.ndarray, labels: Sequence[int] | np.n
     groups = np.arange(n) if groups is None else np.asarray(groups)
     gold = np.asarray(labels, dtype=np.int64)
     if previous is not None and can_grow_from(previous, fm, label_names, n):
-        return _grow(previous, fm, gold, record_ids, groups, calibrate, progress, cancelled, start)
-    calibration = calibration_split(groups, seed=seed) if calibrate else np.zeros(n, dtype=bool)
+        return _grow(previous, fm, gold, record_ids, groups, calibrate, progress, cancelled, start, split)
+    calibration = split if split is not None else \
+        calibration_split(groups, seed=seed) if calibrate else np.zeros(n, dtype=bool)
     fit_idx = np.flatnonzero(~calibration)
     weights = class_weights(gold[fit_idx], n_labels)
     std = Standardised.fit(fm, fit_idx)
@@ -577,7 +654,7 @@ def can_grow_from(previous: ExitHeads, features: FeatureMatrix, label_names: Seq
 
 def _grow(previous: ExitHeads, fm: FeatureMatrix, gold: np.ndarray, record_ids: Sequence[str], groups: np.ndarray,
           calibrate: bool, progress: Callable[[str], None] | None, cancelled: Callable[[], bool],
-          start: float) -> ExitHeads:
+          start: float, split: np.ndarray | None = None) -> ExitHeads:
     """A refit after growth, from the served version: its C, standardisation and weights to start from;
     records it knew keep their split and their judgments (made by heads that never saw them); new fit
     records are judged by the served version (which never saw them either), before they train the new
@@ -590,7 +667,8 @@ def _grow(previous: ExitHeads, fm: FeatureMatrix, gold: np.ndarray, record_ids: 
     at = np.array([previous._index.get(rid, -1) for rid in record_ids])
     known = at >= 0
     was = np.where(known, previous.calibration[np.maximum(at, 0)], False)
-    calibration = grown_calibration_split(groups, known, was) if calibrate else np.zeros(n, dtype=bool)
+    calibration = split if split is not None else \
+        grown_calibration_split(groups, known, was) if calibrate else np.zeros(n, dtype=bool)
     fit_idx = np.flatnonzero(~calibration)
     std = Standardised(fm, space.mean, space.scale)
     judged = np.zeros((n, exits, n_labels), dtype=np.float16)  # as stored
@@ -609,3 +687,21 @@ def _grow(previous: ExitHeads, fm: FeatureMatrix, gold: np.ndarray, record_ids: 
     grown = FitSpace(space.mean, space.scale, weight.double().numpy(), bias.double().numpy(), space.full_fit_records)
     return _heads(previous.labels, grown, previous.c, record_ids, judged, gold, calibration,
                   time.perf_counter() - start)
+
+
+def fit_with_key(features: FeatureMatrix | np.ndarray, keys: np.ndarray, labels: Sequence[int] | np.ndarray,
+                 n_labels: int, record_ids: Sequence[str], label_names: Sequence[str], groups: np.ndarray,
+                 lengths: np.ndarray, progress: Callable[[str], None] | None = None,
+                 cancelled: Callable[[], bool] = lambda: False, previous: ExitHeads | None = None) -> ExitHeads:
+    """`fit_heads`, then the key head on the records' keys [N, d] with the same calibration split and
+    folds (so a key-first cascade is certified on records that neither stage trained on), and the
+    records' coverage (`Coverage.learn`, from their keys and lengths in words)."""
+    heads = fit_heads(features, labels, n_labels, record_ids, label_names, groups=groups, progress=progress,
+                      cancelled=cancelled, previous=previous)
+    if progress:
+        progress("key head")
+    heads.key = fit_heads(np.asarray(keys, dtype=np.float32)[:, None, :], labels, n_labels, record_ids, label_names,
+                          groups=groups, cancelled=cancelled, split=heads.calibration,
+                          previous=previous.key if previous is not None else None)
+    heads.coverage = Coverage.learn(np.asarray(keys, dtype=np.float32), groups, lengths)
+    return heads

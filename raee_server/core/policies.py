@@ -34,8 +34,30 @@ class Decision:
     max_layer: int  # the row never runs deeper than this
     stop: StopRule | None = None  # stop at the first layer <= max_layer where this holds
     answer: np.ndarray | None = None  # a label distribution decided without the backbone
-    reader: str = "lens"  # what reads an exit: "lens" (label-word logits) or "heads" (the task's exit heads)
+    reader: str = "lens"  # what reads an exit: "lens" (label-word logits) or "heads" (the task's exit heads);
+    # for an `answer`, what gave it: "key" (the key head), else retrieval
     prior: np.ndarray | None = None  # multiplies the exit's label probabilities (then renormalised)
+    key_threshold: float | None = None  # answer from the key head, before any layer, when it is this sure
+    gated: bool = False  # stop early (key or exit) only where the task's records cover the input
+
+    @property
+    def answered_by(self) -> str:
+        """What answers: "key" (the key head), "retrieval" (the neighbours' vote) or "backbone"."""
+        if self.answer is None:
+            return "backbone"
+        return "key" if self.reader == "key" else "retrieval"
+
+
+def settle(decision: Decision, key_probs: np.ndarray | None, covered: bool) -> Decision:
+    """A decision made concrete once the input's key is known, before any layer runs: a gated decision
+    for an input outside the records' coverage walks to its bound with no early stop (the cascade's
+    calibration does not vouch for it); else, where the key head is sure enough, the key answers.
+    One place for both, so evaluation and serving decide alike."""
+    if decision.gated and not covered:
+        return Decision(decision.max_layer, reader=decision.reader, prior=decision.prior)
+    if decision.key_threshold is not None and key_probs is not None and key_probs.max() >= decision.key_threshold:
+        return Decision(0, answer=key_probs, reader="key")
+    return decision
 
 
 def mix(probs: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
@@ -306,6 +328,37 @@ class CascadePolicy:
         return Decision(limit, stop=lambda layer, probs: float(probs.max()) >= thresholds[layer], reader="heads")
 
 
+@dataclass(frozen=True)
+class KeyCascadePolicy:
+    """The cascade with a stage before the backbone: the task's key head answers from the retrieval key
+    alone when it is sure, else the heads' cascade runs (`cascade:<margin>`). Both stages' thresholds are
+    certified together (`ExitHeads.cascade_thresholds(key_first=True)`), with the same promise. Gated
+    (`key-cascade`): an input the records do not cover (`Coverage`: its nearest record too far, or
+    longer than the records) never stops early and answers with the bound's head;
+    `key-cascade-ungated` stops wherever the thresholds say (for comparison)."""
+
+    margin: float = 0.01
+    bound: int | None = None
+    gated: bool = True
+    thresholds: tuple[float, ...] = ()  # per stage: the key head's, then each exit's, from `bind`
+    last: int = -1
+    uses_neighbours: bool = True  # the nearest record's similarity is the coverage gate's evidence
+    uses_head_exits: bool = False
+
+    @property
+    def name(self) -> str:
+        base = f"key-cascade{'' if self.gated else '-ungated'}:{self.margin:g}"
+        return base if self.bound is None else f"{base}:{self.bound}"
+
+    def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
+        if not self.thresholds or self.last < 0:
+            raise InvalidInput(f"policy: {self.name} needs the task's exit heads to calibrate its thresholds")
+        limit, exits = min(self.last, depth), self.thresholds[1:]
+        key = self.thresholds[0]
+        return Decision(limit, stop=lambda layer, probs: float(probs.max()) >= exits[layer], reader="heads",
+                        key_threshold=key if np.isfinite(key) else None, gated=self.gated)
+
+
 class Resolved(NamedTuple):
     """A request's policy made concrete for its task: the policy, its k, and how answers name it
     (`cascade:0.01`, or `auto=cascade:0.01` when it came from the task's `auto` choice)."""
@@ -330,9 +383,9 @@ def bind(policy: ExitPolicy, heads: ExitHeads) -> ExitPolicy:
     cascade gets its bound and calibrated thresholds."""
     if isinstance(policy, HeadsPolicy) and policy.layer < 0:
         return HeadsPolicy(heads.best_exit)
-    if isinstance(policy, CascadePolicy) and not policy.thresholds:
+    if isinstance(policy, CascadePolicy | KeyCascadePolicy) and not policy.thresholds:
         bound = heads.best_exit if policy.bound is None else min(policy.bound, heads.exits - 1)
-        thresholds = heads.cascade_thresholds(policy.margin, bound)
+        thresholds = heads.cascade_thresholds(policy.margin, bound, key_first=isinstance(policy, KeyCascadePolicy))
         return replace(policy, last=bound, thresholds=tuple(float(t) for t in thresholds))
     return policy
 
@@ -386,6 +439,8 @@ POLICIES: dict[str, Callable[[str | None], ExitPolicy]] = {
     "paper-heads": _no_arg(PaperHeadsPolicy, "paper-heads"),
     "knn-heads": lambda a: _knn_heads(a),
     "cascade": lambda a: _cascade(a),
+    "key-cascade": lambda a: _key_cascade(a, gated=True),
+    "key-cascade-ungated": lambda a: _key_cascade(a, gated=False),
 }
 
 
@@ -400,10 +455,15 @@ def _knn_heads(arg: str | None) -> KnnHeadsPolicy:
                           None if not bound else _int(bound, "knn-heads:<threshold>"))
 
 
-def _cascade(arg: str | None) -> CascadePolicy:
+def _cascade(arg: str | None, name: str = "cascade") -> CascadePolicy:
     margin, _, bound = (arg or "").partition(":")
-    return CascadePolicy(_float(margin or None, "cascade", 0.01, 0.0, 1.0),
-                         None if not bound else _int(bound, "cascade:<margin>"))
+    return CascadePolicy(_float(margin or None, name, 0.01, 0.0, 1.0),
+                         None if not bound else _int(bound, f"{name}:<margin>"))
+
+
+def _key_cascade(arg: str | None, gated: bool) -> KeyCascadePolicy:
+    plain = _cascade(arg, "key-cascade" if gated else "key-cascade-ungated")
+    return KeyCascadePolicy(plain.margin, plain.bound, gated)
 
 
 def parse_policy(spec: str | None) -> ExitPolicy:
@@ -420,7 +480,7 @@ def parse_policy(spec: str | None) -> ExitPolicy:
 
 def reads_heads(policy: ExitPolicy) -> bool:
     """The policy's exits are read by the task's exit heads, not the lens."""
-    return isinstance(policy, HeadsPolicy | PaperHeadsPolicy | KnnHeadsPolicy | CascadePolicy)
+    return isinstance(policy, HeadsPolicy | PaperHeadsPolicy | KnnHeadsPolicy | CascadePolicy | KeyCascadePolicy)
 
 
 def uses_head_exits(policy: ExitPolicy) -> bool:

@@ -15,17 +15,20 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 URL_VARIABLE = "RAEE_FIT_SQL_URL"
+KEYS_VARIABLE = "RAEE_FIT_KEYS"  # a file of the task's keys (auto.save_keys): the key head's features
 
 
-async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19) -> dict[str, Any]:
-    """Fit and store the task's heads in a low-priority child; its summary. Cancelling the
-    awaiting task kills the child (a shutdown never waits for a fit)."""
+async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19, keys: Path | None = None) -> dict[str, Any]:
+    """Fit and store the task's heads in a low-priority child; its summary. With `keys` (the parent's
+    `auto.save_keys` file: the child cannot open the embedded vector store), the key head too.
+    Cancelling the awaiting task kills the child (a shutdown never waits for a fit)."""
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "raee_server.serving.fitter", task, str(niceness),
-        env={**os.environ, URL_VARIABLE: sql_url},
+        env={**os.environ, URL_VARIABLE: sql_url, **({KEYS_VARIABLE: str(keys)} if keys else {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await child.communicate()
@@ -42,10 +45,12 @@ async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19) -> dic
 
 def main() -> int:
     os.nice(int(sys.argv[2]) if len(sys.argv) > 2 else 19)  # the model worker first; the fit takes the idle CPU
-    from raee_server.core.auto import fit_and_store_heads
+    from raee_server.core.auto import fit_and_store_heads, load_keys
     from raee_server.stores.metadata import MetadataStore
 
-    heads = fit_and_store_heads(MetadataStore(os.environ[URL_VARIABLE]), sys.argv[1])
+    keys = os.environ.get(KEYS_VARIABLE)
+    heads = fit_and_store_heads(MetadataStore(os.environ[URL_VARIABLE]), sys.argv[1],
+                                keys=load_keys(Path(keys)) if keys else None)
     print(json.dumps(heads.summary()))
     return 0
 

@@ -14,6 +14,7 @@ import functools
 import gc
 import ipaddress
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -598,7 +599,7 @@ class RaeeServer:
                 try:
                     if await asyncio.to_thread(auto.needs_heads, engine, task) and \
                             not await asyncio.to_thread(engine.metadata.ingesting, task):
-                        summary = await fit_heads_in_child(self.settings.sql_url, task, self.settings.fit_niceness)
+                        summary = await self._fit_in_child(engine, task)
                         engine.forget_heads(task)
                         log.info("exit heads v%d for %s fitted (%.1f s, %d records)", summary["version"], task,
                                  summary["seconds"], summary["records"])
@@ -610,6 +611,15 @@ class RaeeServer:
                 except Exception:  # a store outage or the task deleted meanwhile: try again next round
                     log.warning("background tuning of %s failed; retrying in %.0f s", task,
                                 self.settings.retune_check_seconds, exc_info=True)
+
+    async def _fit_in_child(self, engine: Engine, task: str) -> dict[str, Any]:
+        """A background heads fit in the low-priority child, with the task's keys handed over in a file."""
+        keys = self.settings.data_dir / f".fit-keys-{os.getpid()}.npz"
+        try:
+            await asyncio.to_thread(auto.save_keys, engine.vectors, task, keys)
+            return await fit_heads_in_child(self.settings.sql_url, task, self.settings.fit_niceness, keys)
+        finally:
+            keys.unlink(missing_ok=True)
 
     async def wait_ready(self, timeout: float = 600) -> None:
         """Until serving; raises the error if loading failed for good."""

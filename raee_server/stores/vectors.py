@@ -6,6 +6,7 @@ query needs in its payload. Every query filters on the `task` tenant field.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -293,6 +294,10 @@ class QdrantServerStore:
         self.shard_per_task = shard_per_task
         self._models = models
         self._shard_keys: set[str] = set()
+        # the server's key stage and model worker call from two threads: qdrant-client's in-memory
+        # mode is plain Python dictionaries, so its calls take turns; a server's client is thread-safe
+        self._lock: contextlib.AbstractContextManager[Any] = threading.Lock() if url == ":memory:" \
+            else contextlib.nullcontext()
         if url == ":memory:":
             self.client = QdrantClient(location=":memory:")
         else:
@@ -344,7 +349,8 @@ class QdrantServerStore:
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with self._lock:
+                return fn(*args, **kwargs)
         except (StoreMismatch, NotReady):
             raise
         except Exception as exc:
