@@ -36,6 +36,7 @@ SWEEP_POLICIES = ("paper", "paper-all", "knn-agree", "knn-vote")
 
 
 CASCADE_SHOWN = ("cascade:0.01", "cascade:0.02", "cascade:0.03")  # the accuracy/depth trade, beside the tuned one
+KEY_CASCADE_SHOWN = ("key-cascade:0.01", "key-cascade:0.02", "key-cascade:0.03")  # the same, key first (issue 32)
 BASELINES = ("key-logreg", "knn-vote", "paper")  # with the full-depth head: what `auto` must beat
 KEY_LOGREG_C = tuple(float(c) for c in np.logspace(-4, 3, 15))  # key-logreg's own cross-validated grid
 LEAK_NGRAM = 4  # a measured row that shares this many words in a row with a record is a leaked row
@@ -100,12 +101,20 @@ class TaskBench:
         out: list[dict[str, Any]] = []
         if head is None:
             return out
+        by_name = {r.name: r for r in self.results}
         for r in self.results:
-            if r.name.startswith("cascade:"):
+            family, _, margin = r.name.partition(":")
+            if family in ("cascade", "key-cascade", "key-cascade-ungated"):
                 gap, low, high = head.balanced_gap(r, len(self.labels))
-                out.append({"policy": r.name, "margin": float(r.name.split(":")[1]), "balanced_lost": gap,
-                            "low": low, "high": high, "mean_exit": r.mean_exit, "head": head.name,
-                            "depth_share": r.mean_exit / max(head.mean_exit, 1e-9)})
+                row = {"policy": r.name, "margin": float(margin), "balanced_lost": gap, "low": low, "high": high,
+                       "mean_exit": r.mean_exit, "head": head.name, "key_share": r.key_share,
+                       "depth_share": r.mean_exit / max(head.mean_exit, 1e-9)}
+                plain = by_name.get(f"cascade:{margin}")
+                if family != "cascade" and plain is not None:  # against the heads-only cascade at its margin
+                    acc, acc_low, acc_high = r.accuracy_gap(plain)
+                    row |= {"vs_heads_only": acc, "vs_heads_only_low": acc_low, "vs_heads_only_high": acc_high,
+                            "depth_vs_heads_only": r.mean_exit / max(plain.mean_exit, 1e-9)}
+                out.append(row)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,7 +151,11 @@ class TaskBench:
             lines.append(f"- {c['policy']}: loses {100 * c['balanced_lost']:+.1f} points of balanced accuracy "
                          f"[{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] against {c['head']} (promise: at most "
                          f"{100 * c['margin']:.0f}, at 1 - delta = {1 - RISK_LEVEL:.2f}), at "
-                         f"{100 * c['depth_share']:.0f} % of its depth")
+                         f"{100 * c['depth_share']:.0f} % of its depth"
+                         + (f"; {100 * c['key_share']:.0f} % answered by the key; against cascade:{c['margin']:g}: "
+                            f"{100 * c['vs_heads_only']:+.1f} points [{100 * c['vs_heads_only_low']:+.1f}, "
+                            f"{100 * c['vs_heads_only_high']:+.1f}] at {100 * c['depth_vs_heads_only']:.0f} % of its "
+                            "depth" if "vs_heads_only" in c else ""))
         head = next((r for r in self.results if r.name == f"heads:{self.heads.get('best_exit')}"), None)
         if head:
             for r in self.results:
@@ -311,7 +324,8 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     if heads:  # the best fixed head (on the fit split), the head at full depth, the paper over head-judged
         # exits, the stop rules
         names += [f"heads:{heads.best_exit}", f"heads:{depth}", "paper-heads", *KNN_HEADS_SHOWN,
-                  calibrated["cascade"], *CASCADE_SHOWN]
+                  calibrated["cascade"], *CASCADE_SHOWN,
+                  *(KEY_CASCADE_SHOWN if heads.key is not None else ())]
         names = list(dict.fromkeys(names))
 
     def policy(name: str) -> ExitPolicy:
@@ -403,8 +417,8 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
                 out += [f"On the {results[0].rows} of these {r.dev_rows} rows that share no {LEAK_NGRAM}-word "
                         "phrase with a record (and sit inside none):", ""]
             out += [f"| policy | accuracy | vs {best.name if best else 'best baseline'} [95 % CI] | "
-                    "balanced accuracy | vs it, balanced [95 % CI] | macro-F1 | mean exit | p95 exit | layers saved |",
-                    "|---|---|---|---|---|---|---|---|---|"]
+                    "balanced accuracy | vs it, balanced [95 % CI] | macro-F1 | mean exit | p95 exit | layers saved | "
+                    "by the key |", "|---|---|---|---|---|---|---|---|---|---|"]
             for p in results:
                 g = gaps.get(p.name)
                 vs = (f"{100 * g['vs_best_baseline']:+.1f} [{100 * g['vs_best_baseline_low']:+.1f}, "
@@ -414,7 +428,7 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
                           f"{100 * g['balanced_vs_best_baseline_high']:+.1f}]" if g else "")
                 out.append(f"| {p.name} | {100 * p.accuracy:.1f} % | {vs} | {100 * p.balanced_accuracy(n):.1f} % | "
                            f"{vs_bal} | {100 * p.macro_f1(n):.1f} % | {p.mean_exit:.2f} | "
-                           f"{p.p95_exit:.0f} | {100 * p.layers_saved:.0f} % |")
+                           f"{p.p95_exit:.0f} | {100 * p.layers_saved:.0f} % | {100 * p.key_share:.0f} % |")
             out.append("")
         if r.latency:
             out += ["", "Served latency, one text per request (µs, p50 / p95):", "",

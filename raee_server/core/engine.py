@@ -350,10 +350,12 @@ class Engine:
         seen = [self.head_judged(n, heads, spec) for n in found] if heads and uses_head_exits(chosen) else found
         decisions = [chosen.decide(n, self.depth, spec.label_names) for n in seen]
         covered: list[bool | None] = [None] * len(texts)
+        learned = heads or (self.heads(task) if keys is not None else None)  # the records' coverage is theirs
+        if learned is not None and learned.coverage is not None and keys is not None:  # drift, for any policy
+            covered = [learned.covers(t, n) for t, n in zip(texts, found)]
         if heads is not None and keys is not None:
             key_probs = heads.key_probs(keys)
-            covered = [heads.covers(t, n) for t, n in zip(texts, found)]
-            decisions = [settle(d, None if key_probs is None else key_probs[i], bool(covered[i]))
+            decisions = [settle(d, None if key_probs is None else key_probs[i], covered[i] is not False)
                          for i, d in enumerate(decisions)]
         return Prepared(task, list(texts), served or chosen.name, decisions, found, covered, timings, heads)
 

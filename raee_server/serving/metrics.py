@@ -49,6 +49,11 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.classified = Counter("raee_classified_texts", "texts the model worker computed", registry=r)
         self.ingested = Counter("raee_ingested_records", "exit records added online", ["task"], registry=r)
+        self.answers = Counter("raee_answers", "texts answered, by task and by what answered (key, retrieval or "
+                               "backbone)", ["task", "answered_by"], registry=r)
+        self.coverage = Counter("raee_coverage_checks", "inputs checked against the task's records' coverage, by "
+                                "task and outcome (inside, outside): a rising outside share is traffic drift",
+                                ["task", "coverage"], registry=r)
         self.traffic_prior = Gauge("raee_traffic_prior", "estimated share of each label in a task's traffic "
                                    "(tasks with adapt_prior, once the estimate is active)", ["task", "label"],
                                    registry=r)
@@ -69,7 +74,14 @@ class Metrics:
         self._prior_labels[task], self._prior_updated[task] = labels, updated
 
     def forget_task(self, task: str) -> None:
-        """Drop a deleted task's gauges (a new task of that name starts with none)."""
+        """Drop a deleted task's gauges and counters (a new task of that name starts with none)."""
+        counted = ((self.answers, ("key", "retrieval", "backbone")), (self.coverage, ("inside", "outside")))
+        for counter, values in counted:
+            for value in values:
+                try:
+                    counter.remove(task, value)
+                except KeyError:  # never counted
+                    pass
         labels = self._prior_labels.pop(task, None)
         self._prior_updated.pop(task, None)
         if labels is None:
@@ -85,6 +97,11 @@ class Metrics:
             self.exit_layer = Histogram("raee_exit_layer", "exit layer chosen per classified text", ["task"],
                                         buckets=tuple(float(i) for i in range(depth + 1)), registry=self.registry)
 
+    def answered(self, task: str, answered_by: str, covered: bool | None) -> None:
+        self.answers.labels(task, answered_by).inc()
+        if covered is not None:
+            self.coverage.labels(task, "inside" if covered else "outside").inc()
+
     def serve(self, port: int, address: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP on a separate port; returns the bound port."""
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
@@ -97,6 +114,9 @@ class RecentStats:
     exit_layer_counts: list[int]  # index = exit layer, 0..depth
     latency_ms: tuple[float, float, float]  # p50, p90, p99
     since: str  # RFC 3339 time of the oldest answer kept; "" when none
+    key_answers: int = 0  # answered by the key head
+    coverage_checked: int = 0  # inputs checked against the records' coverage
+    outside_coverage: int = 0  # of those, the inputs outside it
 
 
 class RecentAnswers:
@@ -105,13 +125,15 @@ class RecentAnswers:
 
     def __init__(self, window: int = RECENT_WINDOW) -> None:
         self.window = window
-        self._answers: dict[str, deque[tuple[float, int, float]]] = {}
+        # per answer: (time, exit layer, total ms, by the key head, coverage: True / False / None unchecked)
+        self._answers: dict[str, deque[tuple[float, int, float, bool, bool | None]]] = {}
         self._lock = threading.Lock()
 
-    def add(self, task: str, exit_layer: int, total_ms: float) -> None:
+    def add(self, task: str, exit_layer: int, total_ms: float, answered_by: str = "backbone",
+            covered: bool | None = None) -> None:
         with self._lock:
             kept = self._answers.setdefault(task, deque(maxlen=self.window))
-            kept.append((time.time(), exit_layer, total_ms))
+            kept.append((time.time(), exit_layer, total_ms, answered_by == "key", covered))
 
     def forget(self, task: str) -> None:
         with self._lock:
@@ -121,14 +143,16 @@ class RecentAnswers:
         with self._lock:
             kept = list(self._answers.get(task, ()))
         counts = [0] * (depth + 1)
-        for _, layer, _ in kept:
+        for _, layer, *_ in kept:
             counts[min(layer, depth)] += 1
         if not kept:
             return RecentStats(0, counts, (0.0, 0.0, 0.0), "")
-        latencies = sorted(ms for _, _, ms in kept)
+        latencies = sorted(ms for _, _, ms, *_ in kept)
 
         def percentile(q: float) -> float:  # nearest rank: a figure some request really took
             return latencies[min(len(latencies) - 1, max(0, int(q * len(latencies) + 0.999999) - 1))]
 
         since = datetime.fromtimestamp(kept[0][0], UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        return RecentStats(len(kept), counts, (percentile(0.5), percentile(0.9), percentile(0.99)), since)
+        return RecentStats(len(kept), counts, (percentile(0.5), percentile(0.9), percentile(0.99)), since,
+                           sum(k[3] for k in kept), sum(k[4] is not None for k in kept),
+                           sum(k[4] is False for k in kept))

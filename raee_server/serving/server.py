@@ -124,6 +124,8 @@ def to_response(p: Prediction, labels: Sequence[str], queued_since: float, start
         exit_layer=p.exit_layer,
         depth=p.depth,
         policy=p.policy,
+        answered_by=p.answered_by,
+        coverage="" if p.covered is None else "inside" if p.covered else "outside",
         timings=pb.Timings(
             queue_us=max(0, int((now - queued_since) * 1e6) - sum(t.values())),
             encode_us=t.get("encode_us", 0), retrieve_us=t.get("retrieve_us", 0),
@@ -161,10 +163,11 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
         predictions, queued_since = await self.worker.classify(
             task, texts, options.policy or None, options.k or None, _deadline(context))
         responses = [to_response(p, p.labels, queued_since, started, options.return_neighbours) for p in predictions]
-        for r in responses:
+        for r, p in zip(responses, predictions):
             if self.metrics.exit_layer is not None:
                 self.metrics.exit_layer.labels(task).observe(r.exit_layer)
-            self.recent.add(task, r.exit_layer, r.timings.total_us / 1000)
+            self.metrics.answered(task, p.answered_by, p.covered)
+            self.recent.add(task, r.exit_layer, r.timings.total_us / 1000, p.answered_by, p.covered)
         engine = self.worker.engine  # answered: the engine is loaded
         tracker = engine.active_prior(task) if engine is not None else None
         if tracker is not None:  # the time first: the estimate read after it is at least that new
@@ -404,7 +407,9 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
         p50, p90, p99 = stats.latency_ms
         return pb.GetTaskStatsResponse(name=name, window=self.recent.window, answers=stats.answers,
                                        exit_layer_counts=stats.exit_layer_counts, depth=depth, latency_p50_ms=p50,
-                                       latency_p90_ms=p90, latency_p99_ms=p99, since=stats.since)
+                                       latency_p90_ms=p90, latency_p99_ms=p99, since=stats.since,
+                                       key_answers=stats.key_answers, coverage_checked=stats.coverage_checked,
+                                       outside_coverage=stats.outside_coverage)
 
     async def load_task_names(self) -> None:
         names = await self.worker.call(lambda e: [i.spec.name for i in e.metadata.list_tasks()])

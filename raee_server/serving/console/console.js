@@ -209,6 +209,11 @@ function renderStats(stats) {
   $("recent-summary").textContent = stats.answers
     ? `last ${stats.answers} answers (window ${stats.window}) since ${stats.since}; mean exit ${mean.toFixed(2)} of ${stats.depth}`
     : "no answers since the server started";
+  if (stats.answers && Number(stats.coverageChecked)) {  // drift: traffic unlike the records
+    const outside = Number(stats.outsideCoverage || 0), checked = Number(stats.coverageChecked);
+    $("recent-summary").textContent += `; answered by the key ${Number(stats.keyAnswers || 0)}; outside the records' `
+      + `coverage ${outside} of ${checked} checked (${((100 * outside) / checked).toFixed(0)} %)`;
+  }
   fill($("latency").tBodies[0], [
     ["p50", stats.latencyP50Ms], ["p90", stats.latencyP90Ms], ["p99", stats.latencyP99Ms],
   ].map(([name, ms]) => el("tr", {}, el("th", {}, name), el("td", { class: "num" }, `${Number(ms).toFixed(1)} ms`))));
@@ -243,6 +248,10 @@ function renderAnswer(reply, task) {
   $("try-exit").textContent = reply.exitLayer;
   $("try-depth").textContent = reply.depth;
   $("try-answered-by").textContent = reply.policy;
+  // the key head answers before any layer: "exit layer 0" alone would read as the embedding exit
+  $("try-source").textContent = reply.answeredBy === "key" ? "the key (no backbone layer ran)" : reply.answeredBy || "backbone";
+  $("try-coverage").textContent = reply.coverage === "outside"
+    ? "; outside what the records cover (no early stop)" : "";
   $("try-depth-bar").firstElementChild.style.width = `${(100 * reply.exitLayer) / Math.max(1, reply.depth)}%`;
   barChart($("try-scores"), reply.scores.map((s) => s.score), reply.scores.map((s) => s.label),
            { max: 1, format: (x) => x.toFixed(3), labelValues: true });

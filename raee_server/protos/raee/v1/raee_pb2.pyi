@@ -69,7 +69,7 @@ class Timings(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., retrieve_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("label", "scores", "exit_layer", "depth", "neighbours", "timings", "request_id", "policy")
+    __slots__ = ("label", "scores", "exit_layer", "depth", "neighbours", "timings", "request_id", "policy", "answered_by", "coverage")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class ClassifyResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     label: str
     scores: _containers.RepeatedCompositeFieldContainer[LabelScore]
     exit_layer: int
@@ -86,7 +88,9 @@ class ClassifyResponse(_message.Message):
     timings: Timings
     request_id: str
     policy: str
-    def __init__(self, label: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., exit_layer: _Optional[int] = ..., depth: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    answered_by: str
+    coverage: str
+    def __init__(self, label: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., exit_layer: _Optional[int] = ..., depth: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., policy: _Optional[str] = ..., answered_by: _Optional[str] = ..., coverage: _Optional[str] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
     __slots__ = ("task", "text", "options", "request_id")
@@ -417,7 +421,7 @@ class GetTaskStatsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class GetTaskStatsResponse(_message.Message):
-    __slots__ = ("name", "window", "answers", "exit_layer_counts", "depth", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "since")
+    __slots__ = ("name", "window", "answers", "exit_layer_counts", "depth", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "since", "key_answers", "coverage_checked", "outside_coverage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
@@ -427,6 +431,9 @@ class GetTaskStatsResponse(_message.Message):
     LATENCY_P90_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    OUTSIDE_COVERAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     window: int
     answers: int
@@ -436,4 +443,7 @@ class GetTaskStatsResponse(_message.Message):
     latency_p90_ms: float
     latency_p99_ms: float
     since: str
-    def __init__(self, name: _Optional[str] = ..., window: _Optional[int] = ..., answers: _Optional[int] = ..., exit_layer_counts: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., since: _Optional[str] = ...) -> None: ...
+    key_answers: int
+    coverage_checked: int
+    outside_coverage: int
+    def __init__(self, name: _Optional[str] = ..., window: _Optional[int] = ..., answers: _Optional[int] = ..., exit_layer_counts: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., since: _Optional[str] = ..., key_answers: _Optional[int] = ..., coverage_checked: _Optional[int] = ..., outside_coverage: _Optional[int] = ...) -> None: ...
