@@ -78,6 +78,40 @@ def test_bench_writes_comparable_results_and_plots(tmp_path: Path) -> None:
     # The leak-free rows: a subset, scored alike; the cascades against the best head, with their margin.
     assert report["leak_free"] and all(p["rows"] <= 40 for p in report["leak_free"])
     assert {c["policy"] for c in report["cascades"]} >= {"cascade:0.01", "cascade:0.02", "cascade:0.03"}
+    # The key-first cascades (issue 32), each against the heads-only cascade at its margin.
+    key_first = {c["policy"]: c for c in report["cascades"] if c["policy"].startswith("key-cascade:")}
+    assert set(key_first) == {"key-cascade:0.01", "key-cascade:0.02", "key-cascade:0.03"}
+    for c in key_first.values():
+        plain = policies[f"cascade:{c['margin']:g}"]
+        assert c["vs_heads_only_low"] <= c["vs_heads_only"] <= c["vs_heads_only_high"]
+        assert c["depth_vs_heads_only"] == pytest.approx(c["mean_exit"] / max(plain["mean_exit_layer"], 1e-9))
+        assert 0 <= c["key_share"] <= 1 and policies[c["policy"]]["key_share"] == c["key_share"]
+    assert report["heads"]["key_head"] is not None and report["heads"]["coverage"]["words"] >= 1
+
+
+def test_bench_coverage_measures_cascades_with_and_without_the_gate(tmp_path: Path) -> None:
+    model = save_tiny_backbone(tmp_path / "model")
+    task_data(tmp_path / "data", 330, train=200)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [
+        "--backbone", str(model), "--encoder", "hashing:32", "bench-coverage", "sst2", "--construction", "subtopic",
+        "--data", str(tmp_path / "data"), "--train-rows", "200", "--rows", "40", "--dev-skip", "10",
+        "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "coverage.json").read_text())["reports"][0]
+    assert report["construction"] == "subtopic" and 0 < report["records"] < 200  # one cluster per label kept
+    for traffic in ("control", "shifted"):
+        t = report["traffic"][traffic]
+        assert 0 < t["rows"] <= 40 and 0 <= t["outside"] <= 1
+        policies = {p["policy"]: p for p in t["policies"]}
+        best = f"heads:{report['heads']['best_exit']}"
+        assert policies[best]["balanced_lost"] == 0
+        for m in ("0.01", "0.02", "0.03"):
+            gated, ungated = policies[f"key-cascade:{m}"], policies[f"key-cascade-ungated:{m}"]
+            assert gated["key_share"] <= ungated["key_share"]  # the gate only ever stops fewer rows early
+            assert gated["low"] <= gated["balanced_lost"] <= gated["high"]
+    assert "| key-cascade:0.02 |" in (out / "coverage.md").read_text()
+    assert (out / "coverage.png").stat().st_size > 5000
 
 
 def test_scale_benchmark_measures_each_size_before_and_after_indexing(tmp_path: Path) -> None:

@@ -710,6 +710,44 @@ def bench_shift(obj: Context, tasks: tuple[str, ...], data_root: Path, train_row
     return {"tasks": list(tasks), "written": written}
 
 
+@cli.command("bench-coverage")
+@click.argument("tasks", nargs=-1, required=True)
+@data_option()
+@click.option("--construction", "constructions", multiple=True, type=click.Choice(["length", "subtopic"]),
+              help="per task, in order: how the records leave traffic out (default: length for sst2, else subtopic)")
+@click.option("--train-rows", default=2000, show_default=True,
+              help="the base database: the first N train rows (reused when a bench built it)")
+@click.option("--rows", default=400, show_default=True, help="dev rows per traffic (shifted, control), at most")
+@click.option("--dev-skip", default=500, show_default=True, help="dev rows after the first N (the report rows)")
+@click.option("--k", default=12, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/coverage"), show_default=True)
+@click.pass_obj
+@reports
+def bench_coverage(obj: Context, tasks: tuple[str, ...], data_root: Path, constructions: tuple[str, ...],
+                   train_rows: int, rows: int, dev_skip: int, k: int, out: Path) -> dict[str, Any]:
+    """Traffic unlike the records: cascades with and without the coverage gate, on dev rows the drawn
+    records cover and on rows they do not (raee_server.bench.coverage says how they are drawn).
+
+    Stores go to <out>/data unless --data-dir is given (point it at a bench's to reuse its records).
+    """
+    from raee_server.bench import coverage, harness
+
+    if obj.settings.data_dir == Settings().data_dir:
+        obj.settings = obj.settings.model_copy(update={"data_dir": out / "data"})
+    engine = obj.engine
+    done = []
+    for i, name in enumerate(tasks):
+        spec = shipped_spec(name)
+        harness.ensure_task(engine, spec)
+        harness.build(engine, name, data_root / name / "train.tsv", train_rows)
+        how = constructions[i] if i < len(constructions) else "length" if name == "sst2" else "subtopic"
+        done.append(coverage.coverage_task(engine, spec, data_root / name / "dev.tsv", how, rows, dev_skip, k))
+    written = [str(path) for path in coverage.write(done, out)]
+    for path in written:
+        obj.say(f"wrote {path}")
+    return {"tasks": list(tasks), "written": written}
+
+
 @cli.command("loadtest")
 @click.option("--server", required=True, metavar="HOST:PORT", help="a server on this machine (loopback only)")
 @click.option("--task", "task_name", required=True)
