@@ -35,20 +35,23 @@ def test_an_rpc_span_continues_the_callers_trace_and_holds_the_batch_stages(tmp_
         server.wait_ready()
         ingest(server.stub, "sentiment", ROWS)
         exporter.clear()
-        reply = server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie"),
+        # `paper` passes both stages: the key stage (key, retrieval) and the backbone
+        reply = server.stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great movie",
+                                                        options=pb.ClassifyOptions(policy="paper")),
                                      metadata=[("traceparent", f"00-{TRACE_ID}-{CALLER_SPAN}-01")])
         assert reply.label
         spans = {s.name: s for s in exporter.get_finished_spans()}
         rpc = spans["/raee.v1.RaeeService/Classify"]
         assert format(rpc.context.trace_id, "032x") == TRACE_ID
         assert rpc.parent is not None and format(rpc.parent.span_id, "016x") == CALLER_SPAN
-        batch = spans["raee.batch"]
-        assert batch.parent is not None and batch.parent.span_id == rpc.context.span_id
-        assert batch.attributes is not None and batch.attributes["task"] == "sentiment"
-        assert [link.context.span_id for link in batch.links] == [rpc.context.span_id]
-        for stage in ("raee.encode", "raee.retrieve", "raee.forward"):
-            assert spans[stage].parent is not None and spans[stage].parent.span_id == batch.context.span_id, stage
-            assert spans[stage].context.trace_id == rpc.context.trace_id
+        for name, stages in (("raee.key_stage", ("raee.encode", "raee.retrieve")), ("raee.batch", ("raee.forward",))):
+            batch = spans[name]
+            assert batch.parent is not None and batch.parent.span_id == rpc.context.span_id
+            assert batch.attributes is not None and batch.attributes["task"] == "sentiment"
+            assert [link.context.span_id for link in batch.links] == [rpc.context.span_id]
+            for stage in stages:
+                assert spans[stage].parent is not None and spans[stage].parent.span_id == batch.context.span_id, stage
+                assert spans[stage].context.trace_id == rpc.context.trace_id
     finally:
         tracing.use(None)
         server.stop()
