@@ -64,7 +64,9 @@ def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def test_the_key_stage_is_certified_with_the_exits_and_keeps_its_promise_on_new_rows() -> None:
-    features, keys, gold = synthetic(1500, 0)
+    # 2,500 records: 750 calibration rows; the bound needs about 2 ln(labels / delta) / m rows per label to
+    # certify m even where the key never disagrees with the best head (heads.betting_upper)
+    features, keys, gold = synthetic(2500, 0)
     ids = [f"r{i}" for i in range(len(gold))]
     heads = fit_with_key(features, keys, gold, 2, ids, ["a", "b"], np.arange(len(gold)), np.full(len(gold), 5))
     assert heads.key is not None and heads.coverage is not None
@@ -194,3 +196,16 @@ def test_the_response_and_task_stats_say_what_answered(served_with_heads: Server
     assert outside.exit_layer == served_with_heads.server.worker.engine.heads("sentiment").best_exit
     stats = stub.GetTaskStats(pb.GetTaskStatsRequest(name="sentiment"))
     assert stats.key_answers == 1 and stats.coverage_checked == 3 and stats.outside_coverage == 1
+
+
+def test_the_betting_bound_covers_the_mean_and_adapts_to_low_variance() -> None:
+    from raee_server.core.heads import betting_upper
+
+    rng = np.random.default_rng(5)
+    # d in {-1, 0, 1} as a cascade against its bound: 4 % lost, 3 % gained, the rest tied; true mean 0.505
+    draws = [rng.choice([0.0, 0.5, 1.0], size=300, p=[0.03, 0.93, 0.04]) for _ in range(300)]
+    bounds = np.array([betting_upper(x, 0.1) for x in draws])
+    assert np.mean(bounds < 0.505) <= 0.1  # covers at least 1 - delta of the time (0 misses expected here)
+    assert np.all(bounds <= 1.0) and np.median(2 * bounds - 1) < 0.06  # a bound on d of a few points, not ~1
+    assert betting_upper(np.full(300, 0.5), 0.1) > 0.5  # never certain from finite rows
+    assert betting_upper(np.array([]), 0.1) == 1.0
