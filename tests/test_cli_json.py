@@ -94,6 +94,8 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
                   "--latency-rows", "2", "--sweep", "k", "--out", str(root / "bench")],
         "bench-shift": ["bench-shift", "sst2", "--data", str(root / "corpora"), "--train-rows", "80", "--records",
                         "40", "--dev-rows", "20", "--out", str(root / "shift")],
+        "bench-coverage": ["bench-coverage", "sst2", "--construction", "subtopic", "--data", str(root / "corpora"),
+                           "--train-rows", "120", "--rows", "10", "--out", str(root / "coverage")],
         "bench-scale": ["bench-scale", "--size", "300", "--tenants", "3", "--queries", "5"],
         "bench-speed": ["bench-speed", "sst2:30", "--data", str(root / "corpora"), "--out", str(root / "speed")],
         "bench-keys": ["bench-keys", dev, "--limit", "20", "--out", str(root / "keys")],
