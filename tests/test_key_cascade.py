@@ -64,8 +64,8 @@ def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def test_the_key_stage_is_certified_with_the_exits_and_keeps_its_promise_on_new_rows() -> None:
-    # 2,500 records: 750 calibration rows; the bound needs about 2 ln(labels / delta) / m rows per label to
-    # certify m even where the key never disagrees with the best head (heads.betting_upper)
+    # 2,500 records: 750 calibration rows, 375 a label; the bound needs about ln(labels / delta) / m rows a
+    # label to certify m even where the key never disagrees with the best head (heads.betting_upper)
     features, keys, gold = synthetic(2500, 0)
     ids = [f"r{i}" for i in range(len(gold))]
     heads = fit_with_key(features, keys, gold, 2, ids, ["a", "b"], np.arange(len(gold)), np.full(len(gold), 5))
