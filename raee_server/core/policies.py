@@ -329,34 +329,27 @@ class CascadePolicy:
 
 
 @dataclass(frozen=True)
-class KeyCascadePolicy:
+class KeyCascadePolicy(CascadePolicy):
     """The cascade with a stage before the backbone: the task's key head answers from the retrieval key
     alone when it is sure, else the heads' cascade runs (`cascade:<margin>`). Both stages' thresholds are
-    certified together (`ExitHeads.cascade_thresholds(key_first=True)`), with the same promise. Gated
-    (`key-cascade`): an input the records do not cover (`Coverage`: its nearest record too far, or
-    longer than the records) never stops early and answers with the bound's head;
-    `key-cascade-ungated` stops wherever the thresholds say (for comparison)."""
+    certified together (`ExitHeads.cascade_thresholds(key_first=True)`), with the same promise;
+    `thresholds` holds the key head's first, then each exit's. Gated (`key-cascade`): an input the
+    records do not cover (`Coverage`: its nearest record too far, or longer than the records) never
+    stops early and answers with the bound's head; `key-cascade-ungated` stops wherever the thresholds
+    say (for comparison)."""
 
-    margin: float = 0.01
-    bound: int | None = None
     gated: bool = True
-    thresholds: tuple[float, ...] = ()  # per stage: the key head's, then each exit's, from `bind`
-    last: int = -1
     uses_neighbours: bool = True  # the nearest record's similarity is the coverage gate's evidence
-    uses_head_exits: bool = False
 
     @property
     def name(self) -> str:
-        base = f"key-cascade{'' if self.gated else '-ungated'}:{self.margin:g}"
-        return base if self.bound is None else f"{base}:{self.bound}"
+        return f"key-{'cascade' if self.gated else 'cascade-ungated'}{super().name[len('cascade'):]}"
 
     def decide(self, neighbours: Sequence[Neighbour], depth: int, labels: Sequence[str]) -> Decision:
-        if not self.thresholds or self.last < 0:
-            raise InvalidInput(f"policy: {self.name} needs the task's exit heads to calibrate its thresholds")
-        limit, exits = min(self.last, depth), self.thresholds[1:]
-        key = self.thresholds[0]
-        return Decision(limit, stop=lambda layer, probs: float(probs.max()) >= exits[layer], reader="heads",
-                        key_threshold=key if np.isfinite(key) else None, gated=self.gated)
+        exits = replace(self, thresholds=self.thresholds[1:])  # the heads' cascade after the key
+        key = self.thresholds[0] if self.thresholds else np.inf
+        return replace(CascadePolicy.decide(exits, neighbours, depth, labels),
+                       key_threshold=key if np.isfinite(key) else None, gated=self.gated)
 
 
 class Resolved(NamedTuple):
@@ -383,7 +376,7 @@ def bind(policy: ExitPolicy, heads: ExitHeads) -> ExitPolicy:
     cascade gets its bound and calibrated thresholds."""
     if isinstance(policy, HeadsPolicy) and policy.layer < 0:
         return HeadsPolicy(heads.best_exit)
-    if isinstance(policy, CascadePolicy | KeyCascadePolicy) and not policy.thresholds:
+    if isinstance(policy, CascadePolicy) and not policy.thresholds:
         bound = heads.best_exit if policy.bound is None else min(policy.bound, heads.exits - 1)
         thresholds = heads.cascade_thresholds(policy.margin, bound, key_first=isinstance(policy, KeyCascadePolicy))
         return replace(policy, last=bound, thresholds=tuple(float(t) for t in thresholds))
@@ -463,7 +456,7 @@ def _cascade(arg: str | None, name: str = "cascade") -> CascadePolicy:
 
 def _key_cascade(arg: str | None, gated: bool) -> KeyCascadePolicy:
     plain = _cascade(arg, "key-cascade" if gated else "key-cascade-ungated")
-    return KeyCascadePolicy(plain.margin, plain.bound, gated)
+    return KeyCascadePolicy(plain.margin, plain.bound, gated=gated)
 
 
 def parse_policy(spec: str | None) -> ExitPolicy:
@@ -480,7 +473,7 @@ def parse_policy(spec: str | None) -> ExitPolicy:
 
 def reads_heads(policy: ExitPolicy) -> bool:
     """The policy's exits are read by the task's exit heads, not the lens."""
-    return isinstance(policy, HeadsPolicy | PaperHeadsPolicy | KnnHeadsPolicy | CascadePolicy | KeyCascadePolicy)
+    return isinstance(policy, HeadsPolicy | PaperHeadsPolicy | KnnHeadsPolicy | CascadePolicy)
 
 
 def uses_head_exits(policy: ExitPolicy) -> bool:

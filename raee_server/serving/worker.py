@@ -265,8 +265,8 @@ class ModelWorker:
             return
         outcomes = await loop.run_in_executor(self._key_thread, self._prepare, batch)
         for (job, start, end), outcome in zip(batch, outcomes):
-            if isinstance(outcome, BaseException):
-                self._finish(job, outcome)
+            if isinstance(outcome, BaseException) or job not in self._active:  # failed, or dropped meanwhile
+                self._finish(job, outcome if isinstance(outcome, BaseException) else job.results)
                 continue
             prepared, answered = outcome
             for i, row in enumerate(range(start, end)):
@@ -314,45 +314,37 @@ class ModelWorker:
                 job.future.set_result(outcome)
         self._settle_job()
 
-    @staticmethod
-    def _round_robin(jobs: list[ClassifyJob], budget: int, left: Callable[[ClassifyJob], int]
-                     ) -> list[tuple[ClassifyJob, int]]:
-        """Up to `budget` texts, an equal share from each job in turn (oldest first): (job, count)."""
+    def _slices(self, jobs: list[ClassifyJob], counter: str, end: Callable[[ClassifyJob], int]) -> list[Slice]:
+        """Up to `max_batch_size` texts, an equal share from each job in turn (oldest first), each job's
+        from its `counter` ("keyed": its texts; "taken": its backlog) on, which advances; a job that was
+        served goes to the back of the line."""
+        budget = self.max_batch_size
         share = max(1, -(-budget // max(len(jobs), 1)))
-        out = []
+        batch: list[Slice] = []
         for job in jobs:
             if budget <= 0:
                 break
-            n = min(share, budget, left(job))
-            out.append((job, n))
+            at = getattr(job, counter)
+            n = min(share, budget, end(job) - at)
+            batch.append((job, at, at + n))
+            setattr(job, counter, at + n)
             budget -= n
-        return out
+            self._active.remove(job)
+            self._active.append(job)
+        return batch
 
     def _plan_keys(self) -> list[Slice]:
         """The key stage's next batch: texts of the validated jobs, round-robin; a job's texts in order."""
         jobs = [j for j in self._active if j.resolved is not None and j.keyed < len(j.texts)]
-        batch = []
-        for job, n in self._round_robin(jobs, self.max_batch_size, lambda j: len(j.texts) - j.keyed):
-            batch.append((job, job.keyed, job.keyed + n))
-            job.keyed += n
-            self._active.remove(job)
-            self._active.append(job)  # served: to the back of the line
-        return batch
+        return self._slices(jobs, "keyed", lambda j: len(j.texts))
 
     def _plan_ready(self) -> bool:
         return any(j.taken < len(j.backlog) for j in self._active)
 
     def _plan(self) -> list[Slice]:
-        """Up to `max_batch_size` backlog texts for the backbone, round-robin over the jobs that have
-        some (oldest first); a slice is the [start, end) of a job's backlog."""
-        jobs = [j for j in self._active if j.taken < len(j.backlog)]
-        batch = []
-        for job, n in self._round_robin(jobs, self.max_batch_size, lambda j: len(j.backlog) - j.taken):
-            batch.append((job, job.taken, job.taken + n))
-            job.taken += n
-            self._active.remove(job)
-            self._active.append(job)
-        return batch
+        """The backbone's next batch: backlog texts, round-robin over the jobs that have some; a slice is
+        the [start, end) of a job's backlog."""
+        return self._slices([j for j in self._active if j.taken < len(j.backlog)], "taken", lambda j: len(j.backlog))
 
     # -- on the worker thread ------------------------------------------------------
 
