@@ -22,3 +22,23 @@ done
 .venv/bin/raee-admin loadtest --server 127.0.0.1:50072 --task "$task" "$dev" --policy auto --policy full \
   --policy cascade:0.02 --policy cascade:0.05 --policy key-cascade:0.02 --policy key-cascade:0.05 \
   --clients 16 --seconds 30 --sequential 50 --json-out "$out/serving.json" | tee "$out/serving.txt"
+# the figures side by side, drawn
+.venv/bin/python - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+out = Path(sys.argv[1])
+runs = json.loads((out / "serving.json").read_text())
+names = list(runs)
+fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+a.bar(names, [runs[n]["sequential_p50_ms"] for n in names])
+a.set_ylabel("sequential p50 (ms)")
+b.bar(names, [runs[n]["throughput_rps"] for n in names])
+b.set_ylabel("16 clients: requests / s")
+for ax in (a, b):
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+fig.tight_layout()
+fig.savefig(out / "serving.png", dpi=120)
+PY
