@@ -176,7 +176,8 @@ class RaeeClient:
         return [
             Prediction(
                 label=r.label, scores=[s.score for s in r.scores], exit_layer=r.exit_layer, depth=r.depth,
-                labels=[s.label for s in r.scores], policy=r.policy,
+                labels=[s.label for s in r.scores], policy=r.policy, answered_by=r.answered_by or "backbone",
+                covered=None if not r.coverage else r.coverage == "inside",
                 neighbours=[Neighbour(n.id, n.similarity, n.label, tuple(zip(n.exit_layers, n.exit_probabilities)))
                             for n in r.neighbours],
                 timings_us={"queue_us": r.timings.queue_us, "encode_us": r.timings.encode_us,

@@ -196,6 +196,15 @@ def test_the_response_and_task_stats_say_what_answered(served_with_heads: Server
     assert outside.exit_layer == served_with_heads.server.worker.engine.heads("sentiment").best_exit
     stats = stub.GetTaskStats(pb.GetTaskStatsRequest(name="sentiment"))
     assert stats.key_answers == 1 and stats.coverage_checked == 3 and stats.outside_coverage == 1
+    # the client package carries both fields
+    from raee_server.client import RaeeClient
+
+    client = RaeeClient(f"127.0.0.1:{served_with_heads.port}", timeout=60)
+    try:
+        keyed, far = client.classify("sentiment", ["great film number 5", long_text], "key-cascade-ungated:1")
+        assert (keyed.answered_by, keyed.covered) == ("key", True) and far.covered is False
+    finally:
+        client.close()
 
 
 def test_the_betting_bound_covers_the_mean_and_adapts_to_low_variance() -> None:

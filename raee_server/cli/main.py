@@ -564,14 +564,15 @@ def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str |
     for text, pred in zip(texts, predictions):
         scores = dict(zip(labels, pred.scores))
         answer: dict[str, Any] = {"text": text, "label": pred.label, "exit_layer": pred.exit_layer,
-                                  "depth": pred.depth, "policy": pred.policy, "scores": scores,
-                                  "timings_us": pred.timings_us}
+                                  "depth": pred.depth, "policy": pred.policy, "answered_by": pred.answered_by,
+                                  "covered": pred.covered, "scores": scores, "timings_us": pred.timings_us}
         if show_neighbours:
             answer["neighbours"] = [{"id": n.id, "label": n.label, "similarity": n.similarity,
                                      "exits": [layer for layer, _ in n.exits]} for n in pred.neighbours]
         answers.append(answer)
         score_text = " ".join(f"{name}={p:.3f}" for name, p in scores.items())
-        obj.say(f"{pred.label:<12} exit {pred.exit_layer:>2}/{pred.depth}  {score_text}  [{pred.policy}]  {text}")
+        where = "key" if pred.answered_by == "key" else f"exit {pred.exit_layer:>2}/{pred.depth}"  # the key: no layer
+        obj.say(f"{pred.label:<12} {where:<8}  {score_text}  [{pred.policy}]  {text}")
         if show_neighbours:
             for n in pred.neighbours:
                 obj.say(f"    {n.similarity:.3f} {n.label:<12} exits {[l for l, _ in n.exits]}")
