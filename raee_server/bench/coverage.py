@@ -95,6 +95,9 @@ def coverage_task(engine: Engine, spec: TaskSpec, dev: Path, construction: str, 
     out: dict[str, Any] = {"task": task, "construction": construction, "records": len(records),
                            "heads": heads.summary(), "traffic": {}}
     for traffic, chosen in (("control", control), ("shifted", shifted)):
+        if not chosen:  # the dev rows hold none of this kind (e.g. no long row in a small file)
+            out["traffic"][traffic] = {"rows": 0, "outside": 0.0, "mean_words": 0.0, "policies": []}
+            continue
         with _bar(len(chosen), f"{sub}: {traffic}") as bar:
             measured = measure(engine, sub, chosen, k, progress=bar.update)
         results = {name: run_policy(bind(parse_policy(name), heads), measured, depth, labels, k) for name in names}
@@ -148,7 +151,9 @@ def plot(reports: Sequence[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(r, traffic) for r in reports for traffic in r["traffic"]]
+    panels = [(r, traffic) for r in reports for traffic, t in r["traffic"].items() if t["policies"]]
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (r, traffic) in zip(axes[0], panels):
         rows = r["traffic"][traffic]["policies"]
@@ -177,4 +182,4 @@ def write(reports: Sequence[dict[str, Any]], out: Path, command: str | None = No
     paths[0].write_text(markdown(reports, command) + "\n", encoding="utf-8")
     paths[1].write_text(json.dumps({"command": command, "reports": list(reports)}, indent=1), encoding="utf-8")
     plot(reports, paths[2])
-    return paths
+    return [p for p in paths if p.exists()]
