@@ -12,9 +12,9 @@ from sqlalchemy import text
 from raee_server.core import auto
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
-from raee_server.core.heads import Standardised, fit_heads
+from raee_server.core.heads import fit_heads
 from raee_server.stores import metadata as metadata_module
-from raee_server.stores.codec import CODED, RAW, FeatureCodec, learn_codec
+from raee_server.stores.codec import CODED, RAW, learn_codec
 
 from .conftest import SENTIMENT, write_tsv
 from .test_concurrent_writers import corpus
@@ -62,30 +62,6 @@ def test_heads_fit_on_coordinates_serve_raw_features_with_the_same_probabilities
     np.testing.assert_allclose(raw.all_probs(x), heads.all_probs(z), atol=1e-6)
     np.testing.assert_allclose(raw.probs(2, x[:4, 2]), heads.probs(2, z[:4, 2]), atol=1e-6)
     assert raw.best_exit == heads.best_exit and raw.record_ids == heads.record_ids
-
-
-def test_the_fit_sees_each_direction_with_its_spread_not_whitened() -> None:
-    """Whitened codes quantise every direction alike, but a head's L2 penalty must weigh directions as
-    on the standardised features: the fit restores the spreads the codec keeps (its gain), so the
-    fit's coordinates are the principal coordinates of the standardised features, faint ones faint."""
-    x = correlated(400)
-    codec = learn_codec(x, dim=6)
-    assert codec.gain is not None and np.all(np.diff(codec.gain, axis=1) <= 1e-4)  # strongest first
-    codes = codec.quantise(x)
-    seen = Standardised.fit(codes, np.arange(len(x)))(np.arange(len(x))).numpy()  # [E, N, d]
-    np.testing.assert_allclose(seen.std(1), codec.gain, rtol=0.02)
-    standardised = (x - x.astype(np.float64).mean(0)) / x.astype(np.float64).std(0)
-    spread = np.linalg.svd(standardised[:, 0], compute_uv=False)[:6] / np.sqrt(len(x) - 1)
-    np.testing.assert_allclose(codec.gain[0], spread, rtol=1e-3)
-    whitened = learn_codec(x, dim=6, gain=False).quantise(x)
-    assert whitened.gain is None
-    np.testing.assert_allclose(Standardised.fit(whitened, np.arange(len(x)))(np.arange(len(x))).numpy().std(1),
-                               1.0, atol=1e-3)
-    # The gain travels with the stored codec; a codec stored before it existed loads without one.
-    again = FeatureCodec.from_bytes(codec.to_bytes())
-    assert again.gain is not None and np.array_equal(again.gain, codec.gain)
-    assert FeatureCodec.from_bytes(FeatureCodec(codec.mean, codec.basis).to_bytes()).gain is None
-    assert codec.parse(codec.encode(x[:3])).gain is codec.gain
 
 
 @pytest.fixture

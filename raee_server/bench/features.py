@@ -54,9 +54,8 @@ def _fit(form: str, train: np.ndarray, gold: np.ndarray, texts: list[str], spec:
     ids, groups = [str(i) for i in range(len(gold))], near_duplicate_groups(texts)
     if form == BASELINE:
         return fit_heads(train, gold, len(spec.labels), ids, spec.label_names, groups=groups), train[0].nbytes
-    dim, _, variant = form.removeprefix("codec-").partition("-")  # codec-D, or codec-D-whitened (no gain)
-    # as the store learns it: from the first records
-    codec = learn_codec(train[:LEARN_ROWS], dim=int(dim), gain=variant != "whitened")
+    dim = int(form.removeprefix("codec-"))
+    codec = learn_codec(train[:LEARN_ROWS], dim=dim)  # as the store learns it: from the first records
     heads = fit_heads(codec.quantise(train), gold, len(spec.labels), ids, spec.label_names, groups=groups)
     return heads.in_raw_space(codec), codec.row_bytes
 

@@ -41,7 +41,7 @@ def _measure(n: int, added: int, exits: int, dim: int, labels: int, out: Any) ->
     features, gold = synthetic(n + added, exits, dim, labels, seed=n)
     ids = [f"{i:012d}" for i in range(n + added)]
     names = [f"l{i}" for i in range(labels)]
-    first = features.head(n)
+    first = FeatureMatrix(features.values[:n], None if features.scales is None else features.scales[:n])
     t0 = time.perf_counter()
     heads = fit_heads(first, gold[:n], labels, ids[:n], names)
     full = time.perf_counter() - t0

@@ -807,8 +807,7 @@ def bench_speed(obj: Context, tasks: tuple[str, ...], data_root: Path, out: Path
 @click.option("--dev-rows", default=500, show_default=True, help="measured: N dev rows")
 @click.option("--dev-skip", default=0, show_default=True, help="after the first N dev rows")
 @click.option("--form", "forms", multiple=True, default=["float16", "codec-152"], show_default=True,
-              help="stored forms compared: float16, codec-D (the store's codec at D coordinates per exit), or "
-                   "codec-D-whitened (the same codes, fit without restoring the directions' spread)")
+              help="stored forms compared: float16, or codec-D (the codec at D coordinates per exit)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/features"), show_default=True)
 @click.pass_obj
 @reports
@@ -820,9 +819,8 @@ def bench_features(obj: Context, tasks: tuple[str, ...], data_root: Path, train_
     from raee_server.bench import features
 
     for form in forms:
-        dim, _, variant = form.removeprefix("codec-").partition("-")
-        if form != "float16" and not (form.startswith("codec-") and dim.isdigit() and variant in ("", "whitened")):
-            raise click.UsageError(f"--form {form!r}: float16, codec-D or codec-D-whitened (e.g. codec-152)")
+        if form != "float16" and not (form.startswith("codec-") and form[6:].isdigit()):
+            raise click.UsageError(f"--form {form!r}: float16 or codec-D (e.g. codec-152)")
     if obj.settings.data_dir == Settings().data_dir:
         obj.settings = obj.settings.model_copy(update={"data_dir": out / "data"})
     chosen = [(shipped_spec(name), data_root / name) for name in tasks]

@@ -31,6 +31,7 @@ from raee_server.core.heads import MIN_RECORDS as HEADS_MIN_RECORDS
 from raee_server.core.heads import ExitHeads, fit_heads, fit_with_key
 from raee_server.core.policies import bind, parse_policy
 from raee_server.errors import InvalidInput
+from raee_server.stores.codec import FeatureMatrix
 from raee_server.stores.metadata import MetadataStore
 from raee_server.stores.vectors import VectorStore
 from raee_server.types import Choice
@@ -199,7 +200,7 @@ def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[
         if not keep.all():  # e.g. written to SQL after the keys were read: the next fit takes them
             at = np.flatnonzero(keep)
             ids, labels = [ids[i] for i in at], [labels[i] for i in at]
-            features = features.take(at)
+            features = FeatureMatrix(features.values[at], None if features.scales is None else features.scales[at])
         record_texts = [texts.get(rid, rid) for rid in ids]
         heads = fit_with_key(features, np.stack([found[rid] for rid in ids]) if ids else np.zeros((0, 1)),
                              [spec.label_index(label) for label in labels], len(spec.labels), ids, spec.label_names,

@@ -599,8 +599,6 @@ class Standardised:
         mean = total / max(len(rows), 1)
         scale = np.sqrt(np.maximum(squares / max(len(rows), 1) - mean**2, 0.0))
         scale[scale < 1e-6] = 1.0
-        if features.gain is not None:  # a codec's whitened coordinates: give each direction its spread back
-            scale = scale / np.where(features.gain > 0, features.gain, 1.0)
         return cls(features, mean, scale)
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:

@@ -34,7 +34,6 @@ class FeatureMatrix:
 
     values: np.ndarray  # [N, E, d]: int8 codes, or float features
     scales: np.ndarray | None = None  # [N, E] float16, with codes
-    gain: np.ndarray | None = None  # [E, d]: the codec's direction spreads, which the fit restores (FeatureCodec.gain)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -59,11 +58,7 @@ class FeatureMatrix:
         """n rows of this matrix's kind, to fill with `put`."""
         _, e, d = self.shape
         return FeatureMatrix(np.zeros((n, e, d), dtype=self.values.dtype),
-                             None if self.scales is None else np.zeros((n, e), dtype=self.scales.dtype), self.gain)
-
-    def take(self, index: np.ndarray | slice) -> FeatureMatrix:
-        """The rows at `index`, of this matrix's kind."""
-        return FeatureMatrix(self.values[index], None if self.scales is None else self.scales[index], self.gain)
+                             None if self.scales is None else np.zeros((n, e), dtype=self.scales.dtype))
 
     def put(self, at: int, part: FeatureMatrix) -> None:
         self.values[at : at + len(part)] = part.values
@@ -71,7 +66,7 @@ class FeatureMatrix:
             self.scales[at : at + len(part)] = part.scales
 
     def head(self, n: int) -> FeatureMatrix:
-        return self.take(slice(0, n))
+        return FeatureMatrix(self.values[:n], None if self.scales is None else self.scales[:n])
 
     @staticmethod
     def stack(parts: Sequence[FeatureMatrix]) -> FeatureMatrix:
@@ -79,23 +74,15 @@ class FeatureMatrix:
         if any(coded) and not all(coded):
             raise ValueError("codes and float features do not stack")
         return FeatureMatrix(np.concatenate([p.values for p in parts]),
-                             np.concatenate([p.scales for p in parts if p.scales is not None]) if all(coded) else None,
-                             parts[0].gain if parts else None)
+                             np.concatenate([p.scales for p in parts if p.scales is not None]) if all(coded) else None)
 
 
 @dataclass(frozen=True)
 class FeatureCodec:
-    """One task's codec: per exit, the mean [E, H] and a whitened principal basis [E, H, d].
-
-    The coordinates are whitened so that one int8 scale per exit quantises every direction alike;
-    `gain` keeps each direction's spread (in standardised-feature units) so that the fit can undo the
-    whitening: a head's L2 penalty then weighs every direction as it does on the standardised features,
-    instead of favouring the faint directions, which whitening inflates to unit variance. Codecs stored
-    before `gain` existed have none: the fit then sees whitened coordinates, as it did."""
+    """One task's codec: per exit, the mean [E, H] and a whitened principal basis [E, H, d]."""
 
     mean: np.ndarray  # [E, H] float32
     basis: np.ndarray  # [E, H, d] float32: principal directions divided by their standard deviation
-    gain: np.ndarray | None = None  # [E, d] float32: those standard deviations (0 where a direction is unused)
 
     @property
     def exits(self) -> int:
@@ -119,7 +106,7 @@ class FeatureCodec:
         z = self.project(features)
         scale = np.maximum(np.abs(z).max(-1) / 127.0, 2.0**-14).astype(np.float16)  # [N, E]; float16's least normal
         codes = np.clip(np.rint(z / scale[..., None].astype(np.float32)), -127, 127).astype(np.int8)
-        return FeatureMatrix(codes, scale, self.gain)
+        return FeatureMatrix(codes, scale)
 
     def encode(self, features: np.ndarray) -> list[bytes]:
         """[N, E, H] raw features -> one stored row each: int8 codes [E, d], then float16 scales [E]."""
@@ -137,7 +124,7 @@ class FeatureCodec:
                 raise ValueError(f"a coded feature row of {len(data)} bytes, this codec writes {self.row_bytes}")
             codes[i] = np.frombuffer(data, dtype=np.int8, count=e * d).reshape(e, d)
             scales[i] = np.frombuffer(data, dtype=np.float16, offset=e * d, count=e)
-        return FeatureMatrix(codes, scales, self.gain)
+        return FeatureMatrix(codes, scales)
 
     def decode(self, rows: Sequence[bytes]) -> np.ndarray:
         """Stored rows -> [N, E, d] float32 coordinates."""
@@ -145,31 +132,25 @@ class FeatureCodec:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        if self.gain is None:
-            np.savez_compressed(buffer, mean=self.mean, basis=self.basis)
-        else:
-            np.savez_compressed(buffer, mean=self.mean, basis=self.basis, gain=self.gain)
+        np.savez_compressed(buffer, mean=self.mean, basis=self.basis)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FeatureCodec:
         z = np.load(io.BytesIO(data), allow_pickle=False)
-        return cls(z["mean"].astype(np.float32), z["basis"].astype(np.float32),
-                   z["gain"].astype(np.float32) if "gain" in z.files else None)
+        return cls(z["mean"].astype(np.float32), z["basis"].astype(np.float32))
 
 
-def learn_codec(features: np.ndarray, dim: int = DIM, standardise: bool = True, gain: bool = True) -> FeatureCodec:
+def learn_codec(features: np.ndarray, dim: int = DIM, standardise: bool = True) -> FeatureCodec:
     """A codec from [N, E, H] raw features: per exit, the top `dim` principal directions of the
     records' features, each coordinate first scaled to unit variance (`standardise`: the heads see
     standardised features, so a few coordinates of huge variance must not take the basis), each
-    direction scaled to unit variance (fewer where the records span fewer), its spread kept as the
-    codec's `gain` unless `gain` is False."""
+    direction scaled to unit variance (fewer where the records span fewer)."""
     x = features.astype(np.float64)
     mean = x.mean(0)  # [E, H]
     n, e, h = x.shape
     d = min(dim, h, max(n - 1, 1))
     basis = np.zeros((e, h, d), dtype=np.float32)
-    spread = np.zeros((e, d), dtype=np.float32)
     for j in range(e):
         centred = x[:, j] - mean[j]
         unit = np.where(centred.std(0) > 1e-6, centred.std(0), 1.0) if standardise else np.ones(h)
@@ -177,5 +158,4 @@ def learn_codec(features: np.ndarray, dim: int = DIM, standardise: bool = True, 
         sd = s[:d] / np.sqrt(max(n - 1, 1))
         keep = sd > 1e-6 * max(float(sd[0]), 1e-12) if len(sd) else np.zeros(0, dtype=bool)
         basis[j, :, : int(keep.sum())] = (vt[:d][keep] / sd[keep, None]).T / unit[:, None]
-        spread[j, : int(keep.sum())] = sd[keep]
-    return FeatureCodec(mean.astype(np.float32), basis, spread if gain else None)
+    return FeatureCodec(mean.astype(np.float32), basis)

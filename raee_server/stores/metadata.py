@@ -702,7 +702,7 @@ def _matrix(rows: Sequence[Any], codec: FeatureCodec | None) -> FeatureMatrix:
     for at, part in ((raw, codec.quantise(np.stack([_raw(rows[i]) for i in raw]))),
                      (coded, codec.parse([rows[i].data for i in coded]))):
         values[at], scales[at] = part.values, part.scales
-    return FeatureMatrix(values, scales, codec.gain)
+    return FeatureMatrix(values, scales)
 
 
 def _feature_row(record: ExitRecord, codec: FeatureCodec | None) -> dict[str, Any]:
