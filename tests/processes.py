@@ -33,7 +33,7 @@ def start_server(base: list[str], address: str, env: dict[str, str], timeout: fl
     if log is None:
         log = Path(tempfile.mkstemp(prefix="raee-server-", suffix=".log")[1])
     stderr = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from raee_server.serving.server import main; main()", *base,
+    proc = subprocess.Popen([sys.executable, "-c", "from raee_server.cli.server import main; main()", *base,
                              "--address", address, "--metrics-port", str(metrics_port), "--http-address", http_address],
                             env=env, stderr=stderr)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))

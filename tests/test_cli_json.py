@@ -177,7 +177,7 @@ def test_every_server_setting_is_described_with_its_default_in_help() -> None:
 
     from raee_server.settings import Settings
 
-    shown = subprocess.run([sys.executable, "-c", "from raee_server.serving.server import main; main()", "--help"],
+    shown = subprocess.run([sys.executable, "-c", "from raee_server.cli.server import main; main()", "--help"],
                            capture_output=True, text=True, check=True).stdout
     blocks = {}  # option -> its whole (wrapped) help text
     for block in re.split(r"\n(?=  --)", shown):

@@ -265,7 +265,7 @@ def test_with_api_keys_on_the_console_asks_for_one_and_then_works(tmp_path: Path
     from selenium.webdriver.common.by import By
 
     key_file = tmp_path / "keys.toml"
-    admin = add_key(key_file, "ops", [], admin=True)
+    admin = add_key(key_file, "ops", [], scope="admin")
     settings = make_settings(tmp_path, api_keys_file=key_file)
     server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
     try:

@@ -183,7 +183,7 @@ def test_a_corrupt_data_dir_stops_the_server_with_a_clear_error(tmp_path: Path, 
         (shard / "segments").mkdir()
         expected = "partly written"
     proc = subprocess.run(
-        [sys.executable, "-c", "from raee_server.serving.server import main; main()", "--data-dir", str(data),
+        [sys.executable, "-c", "from raee_server.cli.server import main; main()", "--data-dir", str(data),
          "--backbone", str(model), "--encoder", "hashing:32", "--address", f"127.0.0.1:{free_port()}",
          "--metrics-port", "-1", "--http-address", ""], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

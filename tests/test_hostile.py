@@ -344,7 +344,7 @@ def test_made_up_task_names_do_not_become_metric_labels(served: Served) -> None:
 
 
 def test_an_open_address_without_keys_is_refused_unless_allowed(tmp_path: Path) -> None:
-    command = [sys.executable, "-c", "from raee_server.serving.server import main; main()", "--data-dir",
+    command = [sys.executable, "-c", "from raee_server.cli.server import main; main()", "--data-dir",
                str(tmp_path / "data"), "--address", f"0.0.0.0:{free_port()}", "--metrics-port", "-1",
                "--http-address", ""]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120,

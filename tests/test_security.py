@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import http.client
+import json
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +32,9 @@ LABELS = [pb.Label(name="negative", word=" negative"), pb.Label(name="positive",
 @pytest.fixture
 def keyed(tmp_path: Path) -> Iterator[tuple[ServerThread, dict[str, str]]]:
     key_file = tmp_path / "keys.toml"
-    keys = {"admin": add_key(key_file, "ops", [], admin=True),
-            "sentiment": add_key(key_file, "team-a", ["sentiment"], admin=False),
-            "other": add_key(key_file, "team-b", ["other"], admin=False)}
+    keys = {"admin": add_key(key_file, "ops", [], scope="admin"),
+            "sentiment": add_key(key_file, "team-a", ["sentiment"], scope="ingest"),
+            "other": add_key(key_file, "team-b", ["other"], scope="ingest")}
     settings = make_settings(tmp_path, api_keys_file=key_file)
     server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
     server.wait_ready()
@@ -172,8 +173,8 @@ def test_key_names_round_trip_through_the_key_file(tmp_path: Path, name: str) ->
     from raee_server.serving.auth import KeyRing
 
     path = tmp_path / "keys.toml"
-    first = add_key(path, "ops", [], admin=True)
-    key = add_key(path, name, ['task"x', "t\\y"], admin=False)
+    first = add_key(path, "ops", [], scope="admin")
+    key = add_key(path, name, ['task"x', "t\\y"], scope="ingest")
     ring = KeyRing.load(path)  # still parses
     principal = ring.authenticate(key)
     assert principal.name == name and principal.tasks == frozenset({'task"x', "t\\y"}) and not principal.admin
@@ -185,7 +186,7 @@ def test_a_key_file_that_does_not_parse_is_never_extended(tmp_path: Path) -> Non
     path = tmp_path / "keys.toml"
     path.write_text("[[keys]\nbroken", encoding="utf-8")
     with pytest.raises(InvalidInput, match="cannot read the API key file"):
-        add_key(path, "ops", [], admin=True)
+        add_key(path, "ops", [], scope="admin")
     assert path.read_text(encoding="utf-8") == "[[keys]\nbroken"
 
 
@@ -197,7 +198,7 @@ def test_the_client_sends_its_key_as_call_credentials_over_tls(tmp_path: Path) -
     server_pem, server_key, _, _ = _cert("localhost", (ca_name, ca_key), ca=False)
     (tmp_path / "server.pem").write_bytes(server_pem)
     (tmp_path / "server.key").write_bytes(server_key)
-    key = add_key(tmp_path / "keys.toml", "team-a", ["sentiment"], admin=False)
+    key = add_key(tmp_path / "keys.toml", "team-a", ["sentiment"], scope="ingest")
     settings = make_settings(tmp_path, address="localhost:0", tls_cert=tmp_path / "server.pem",
                              tls_key=tmp_path / "server.key", api_keys_file=tmp_path / "keys.toml")
     server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
@@ -213,3 +214,143 @@ def test_the_client_sends_its_key_as_call_credentials_over_tls(tmp_path: Path) -
         without.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_a_classify_only_key_cannot_write(keyed, tmp_path: Path, transport: str) -> None:  # type: ignore[no-untyped-def]
+    server, keys = keyed
+    reader = add_key(tmp_path / "keys.toml", "reader", ["sentiment"], scope="classify")  # taken live
+    stub = _stub(server, transport)
+    assert stub.Classify(pb.ClassifyRequest(task="sentiment", text="a great film"), metadata=md(reader)).label
+    assert stub.GetTask(pb.GetTaskRequest(name="sentiment"), metadata=md(reader)).task.name == "sentiment"
+    writes = [
+        lambda: stub.Ingest(iter([pb.IngestRequest(task="sentiment", examples=[
+            pb.Example(text="fine", label="positive")])]), metadata=md(reader)),
+        lambda: stub.DeleteRecords(pb.DeleteRecordsRequest(task="sentiment", texts=["good"]), metadata=md(reader)),
+        lambda: stub.RelabelRecords(pb.RelabelRecordsRequest(task="sentiment", records=[
+            pb.Relabel(text="good", label="negative")]), metadata=md(reader)),
+    ]
+    for write in writes:
+        code, details = code_of(write)
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "may only classify" in details, details
+    # An ingest key of the same task may write (Ingest includes delete).
+    assert stub.DeleteRecords(pb.DeleteRecordsRequest(task="sentiment", texts=["no such text"]),
+                              metadata=md(keys["sentiment"])).deleted_ids == []
+
+
+def test_a_revoked_key_is_refused_without_a_restart(keyed, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from raee_server.cli.main import cli
+
+    server, keys = keyed
+    key_file = str(tmp_path / "keys.toml")
+    request = pb.ClassifyRequest(task="sentiment", text="a great film")
+    assert server.stub.Classify(request, metadata=md(keys["sentiment"])).label
+    listed = CliRunner().invoke(cli, ["key", "list", "--file", key_file, "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert {(k["name"], k["scope"]) for k in json.loads(listed.output)["keys"]} == {
+        ("ops", "admin"), ("team-a", "ingest"), ("team-b", "ingest")}
+    assert all(k not in listed.output for k in keys.values())
+    revoked = CliRunner().invoke(cli, ["key", "revoke", "team-a", "--file", key_file])
+    assert revoked.exit_code == 0, revoked.output
+    code, details = code_of(lambda: server.stub.Classify(request, metadata=md(keys["sentiment"])))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "unknown API key" in details
+    assert server.stub.Classify(request, metadata=md(keys["admin"])).label  # the others stand
+    created = CliRunner().invoke(cli, ["key", "create", "--name", "team-c", "--task", "sentiment", "--scope",
+                                       "classify", "--file", key_file, "--json"])
+    assert created.exit_code == 0, created.output
+    assert server.stub.Classify(request, metadata=md(json.loads(created.output)["key"])).label
+    again = CliRunner().invoke(cli, ["key", "revoke", "team-a", "--file", key_file])
+    assert again.exit_code == 3 and "no key named 'team-a'" in again.output
+
+
+def test_a_key_file_that_stops_parsing_keeps_the_last_good_keys(tmp_path: Path) -> None:
+    from raee_server.errors import PermissionDenied, Unauthenticated
+    from raee_server.serving.auth import LiveKeys, revoke_key
+
+    path = tmp_path / "keys.toml"
+    ops = add_key(path, "ops", [], scope="admin")
+    live = LiveKeys(path)
+    reader = add_key(path, "reader", ["t"], scope="classify")
+    assert live.authorize(reader, "Classify", "t").scope == "classify"
+    with pytest.raises(PermissionDenied, match="may only classify"):
+        live.authorize(reader, "Ingest", "t")
+    path.write_text("[[keys]\nbroken", encoding="utf-8")  # an operator's half-finished edit
+    assert live.authenticate(ops).admin and live.authenticate(reader).name == "reader"
+    path.unlink()  # no file: no key is valid
+    with pytest.raises(Unauthenticated):
+        live.authenticate(ops)
+    with pytest.raises(InvalidInput, match="no key named"):
+        revoke_key(path, "ops")
+
+
+def test_a_key_file_written_before_scopes_keeps_its_grants(tmp_path: Path) -> None:
+    from raee_server.serving.auth import KeyRing, hash_key
+
+    path = tmp_path / "keys.toml"
+    path.write_text(f'[[keys]]\nname = "ops"\nsha256 = "{hash_key("a")}"\nadmin = true\n'
+                    f'[[keys]]\nname = "team"\nsha256 = "{hash_key("b")}"\ntasks = ["t"]\nadmin = false\n',
+                    encoding="utf-8")
+    ring = KeyRing.load(path)
+    assert ring.authorize("a", "CreateTask", None).admin
+    assert ring.authorize("b", "Ingest", "t").scope == "ingest"
+    path.write_text(f'[[keys]]\nname = "x"\nsha256 = "{hash_key("c")}"\nscope = "root"\n', encoding="utf-8")
+    with pytest.raises(InvalidInput, match=r"keys\[0\]: scope must be one of classify, ingest, admin"):
+        KeyRing.load(path)
+
+
+def _code(call: Any) -> grpc.StatusCode:
+    """The status a call ends with, OK included."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_sighup_reloads_the_key_file_of_a_server_process(tmp_path: Path) -> None:
+    """The whole path in a real `raee-server` process: a key added by editing the file in place (the
+    same inode, size and mtime kept, so only SIGHUP can tell the server) is taken after SIGHUP."""
+    import os
+    import signal
+    import time
+
+    from .processes import free_port, start_server
+    from .tiny_models import save_tiny_backbone
+
+    path = tmp_path / "keys.toml"
+    ops = add_key(path, "ops", [], scope="admin")
+    model = save_tiny_backbone(tmp_path / "model")
+    address = f"127.0.0.1:{free_port()}"
+    proc = start_server(["--data-dir", str(tmp_path / "data"), "--backbone", str(model), "--encoder", "hashing:32",
+                         "--api-keys-file", str(path)], address, dict(os.environ))
+    try:
+        stub = pb_grpc.RaeeServiceStub(grpc.insecure_channel(address))
+        assert _code(lambda: stub.ListTasks(pb.ListTasksRequest(), metadata=md(ops), timeout=10)) == \
+            grpc.StatusCode.OK
+        stamp = os.stat(path)
+        text = path.read_text(encoding="utf-8")
+        late = "raee_" + "x" * 43
+        from raee_server.serving.auth import hash_key
+
+        swapped = text.replace('name = "ops"', 'name = "op2"').replace(text.split('sha256 = "')[1][:64],
+                                                                       hash_key(late))
+        assert len(swapped) == len(text)
+        with path.open("r+", encoding="utf-8") as f:  # in place: the same inode and size
+            f.write(swapped)
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # and the same mtime
+        assert _code(lambda: stub.ListTasks(pb.ListTasksRequest(), metadata=md(late), timeout=10)) == \
+            grpc.StatusCode.UNAUTHENTICATED  # unseen without the signal
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while _code(lambda: stub.ListTasks(pb.ListTasksRequest(), metadata=md(late), timeout=10)) != \
+                grpc.StatusCode.OK:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the key file"
+            time.sleep(0.2)
+        assert _code(lambda: stub.ListTasks(pb.ListTasksRequest(), metadata=md(ops), timeout=10)) == \
+            grpc.StatusCode.UNAUTHENTICATED
+        assert proc.poll() is None  # SIGHUP does not stop the server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

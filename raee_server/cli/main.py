@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,14 +27,19 @@ import click
 from tqdm import tqdm
 
 from raee_server.cli import assets
+from raee_server.cli.config import load_settings, run_one_line, settings_options
 from raee_server.core.datafile import FORMATS, read_rows
 from raee_server.errors import RaeeError
+from raee_server.serving.auth import SCOPES
 from raee_server.settings import Settings
 from raee_server.stores.records import record_id
 from raee_server.types import Rejected, Row, TaskSpec, parse_label_flag
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_REJECTED, EXIT_USAGE, EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 2, 3, 4
+# The server's own certificate and key: raee-admin's --tls-cert/--tls-key are the client's (mutual TLS), so
+# `raee-admin serve` takes the server's from RAEE_TLS_CERT / RAEE_TLS_KEY or --config.
+SERVER_TLS = ("tls_cert", "tls_key")
 
 DEMO_SENTENCES = [
     "a gorgeous, witty and deeply moving film",
@@ -168,11 +174,7 @@ def shipped_spec(name: str) -> TaskSpec:
 
 
 @click.group()
-@click.option("--data-dir", type=click.Path(path_type=Path), help="stores directory [RAEE_DATA_DIR]")
-@click.option("--backbone", help="backbone spec [RAEE_BACKBONE]")
-@click.option("--encoder", help="key encoder spec [RAEE_ENCODER]")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [RAEE_DEVICE]")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="[RAEE_DTYPE]")
+@click.version_option(version("raee-serve"), prog_name="raee-admin")
 @click.option("--api-key", envvar="RAEE_API_KEY", help="key for a server that requires one [RAEE_API_KEY]")
 @click.option("--tls-ca", envvar="RAEE_TLS_CA", type=click.Path(path_type=Path),
               help="CA certificate (PEM) of a TLS server [RAEE_TLS_CA]")
@@ -184,9 +186,10 @@ def shipped_spec(name: str) -> TaskSpec:
 @click.option("--server", envvar="RAEE_SERVER", metavar="HOST:PORT",
               help="send the work of every command that can to this running raee-server [RAEE_SERVER]")
 @click.option("-v", "--verbose", is_flag=True, help="log progress of model loading and conversion")
+@settings_options(skip=SERVER_TLS)
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | None, tls_cert: Path | None,
-        tls_key: Path | None, as_json: bool, server: str | None, **overrides: Any) -> None:
+        tls_key: Path | None, as_json: bool, server: str | None, config_file: Path | None, **overrides: Any) -> None:
     """Administer a RAEE (retrieval-augmented early exit) inference service.
 
     Exit codes: 0 done; 1 done, some input rejected or a check failed; 2 usage error; 3 refused
@@ -194,7 +197,7 @@ def cli(ctx: click.Context, verbose: bool, api_key: str | None, tls_ca: Path | N
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    settings = load_settings(overrides, config_file)
     ctx.obj = Context(settings, api_key, tls_ca, tls_cert, tls_key)
     ctx.obj.server = server
     ctx.obj.json = as_json
@@ -326,23 +329,70 @@ def key() -> None:
 @key.command("create")
 @click.option("--name", required=True, help="who the key is for")
 @click.option("--task", "tasks", multiple=True, help="task the key grants (repeatable; '*' for all)")
-@click.option("--admin", is_flag=True, help="grant the admin RPCs (CreateTask, DeleteTask, ListTasks)")
+@click.option("--scope", type=click.Choice(SCOPES), default=None,
+              help="classify (answers and task info), ingest (also Ingest, delete, relabel) or admin (every RPC on "
+              "every task); default ingest, or admin with --admin")
+@click.option("--admin", is_flag=True, help="the same as --scope admin")
 @click.option("--file", "key_file", type=click.Path(path_type=Path), help="default: RAEE_API_KEYS_FILE")
 @click.pass_obj
 @reports
-def key_create(obj: Context, name: str, tasks: tuple[str, ...], admin: bool, key_file: Path | None
-               ) -> dict[str, Any]:
-    """Create a key: its hash goes into the key file, the key itself is printed once."""
+def key_create(obj: Context, name: str, tasks: tuple[str, ...], scope: str | None, admin: bool,
+               key_file: Path | None) -> dict[str, Any]:
+    """Create a key: its hash goes into the key file, the key itself is printed once. A running server
+    takes it from its next call on."""
     from raee_server.serving.auth import add_key
 
+    if admin and scope not in (None, "admin"):
+        raise click.UsageError(f"--admin contradicts --scope {scope}")
+    scope = "admin" if admin else scope or "ingest"
+    if not tasks and scope != "admin":
+        raise click.UsageError("a key needs --task (repeatable) or the admin scope")
+    path = key_path(obj, key_file)
+    key = add_key(path, name, tasks, scope)
+    obj.say(key)  # printed once: only its hash is stored
+    return {"name": name, "key": key, "tasks": list(tasks), "scope": scope, "admin": scope == "admin",
+            "file": str(path)}
+
+
+@key.command("list")
+@click.option("--file", "key_file", type=click.Path(path_type=Path), help="default: RAEE_API_KEYS_FILE")
+@click.pass_obj
+@reports
+def key_list(obj: Context, key_file: Path | None) -> dict[str, Any]:
+    """The keys the file grants: name, scope, tasks and the first 12 hex digits of the hash (no secret)."""
+    from raee_server.serving.auth import list_keys
+
+    keys = list_keys(key_path(obj, key_file))
+    for k in keys:
+        obj.say(f"{k['name']}\t{k['scope']}\t{','.join(k['tasks']) or '-'}\t{k['sha256']}")
+    return {"keys": keys}
+
+
+@key.command("revoke")
+@click.argument("name", required=False)
+@click.option("--sha256", help="revoke the one key whose hash starts with this (at least 6 hex digits; see key list)")
+@click.option("--file", "key_file", type=click.Path(path_type=Path), help="default: RAEE_API_KEYS_FILE")
+@click.pass_obj
+@reports
+def key_revoke(obj: Context, name: str | None, sha256: str | None, key_file: Path | None) -> dict[str, Any]:
+    """Revoke every key of NAME (or one by --sha256). A running server refuses it from its next call on,
+    without a restart (it reads the file again when it changes, and on SIGHUP)."""
+    from raee_server.serving.auth import revoke_key
+
+    if (name is None) == (sha256 is None):
+        raise click.UsageError("give a key NAME or --sha256 PREFIX")
+    if sha256 is not None and len(sha256) < 6:
+        raise click.UsageError("--sha256 needs at least 6 hex digits")
+    gone = revoke_key(key_path(obj, key_file), name, sha256)
+    obj.say(f"revoked {len(gone)} key(s): {', '.join(gone)}")
+    return {"revoked": gone}
+
+
+def key_path(obj: Context, key_file: Path | None) -> Path:
     path = key_file or obj.settings.api_keys_file
     if path is None:
         raise click.UsageError("give --file or set RAEE_API_KEYS_FILE")
-    if not tasks and not admin:
-        raise click.UsageError("a key needs --task (repeatable) or --admin")
-    key = add_key(path, name, tasks, admin)
-    obj.say(key)  # printed once: only its hash is stored
-    return {"name": name, "key": key, "tasks": list(tasks), "admin": admin, "file": str(path)}
+    return path
 
 
 # -- data ----------------------------------------------------------------------
@@ -1170,14 +1220,11 @@ def health(obj: Context, server: str | None, timeout: float, service: str) -> di
 @cli.command()
 @click.pass_obj
 def serve(obj: Context) -> None:
-    """Run the server: gRPC, HTTP/JSON and the web console (same as `raee-server`; settings from the global flags
-    and RAEE_* variables)."""
-    import asyncio
+    """Run the server: gRPC, HTTP/JSON and the web console (same as `raee-server`; settings from the global flags,
+    RAEE_* variables and --config)."""
+    from raee_server.cli.server import serve_until_stopped
 
-    from raee_server.serving.server import serve as run_server
-
-    logging.getLogger().setLevel(obj.settings.log_level.upper())
-    asyncio.run(run_server(obj.settings))
+    serve_until_stopped(obj.settings, "raee-admin serve")
 
 
 @cli.command()
@@ -1190,8 +1237,8 @@ def openapi() -> None:
     click.echo(json.dumps(document(), indent=2, ensure_ascii=False))
 
 
-def main() -> None:
-    cli()
+def main(args: list[str] | None = None) -> None:
+    run_one_line(cli, "raee-admin", args)
 
 
 if __name__ == "__main__":

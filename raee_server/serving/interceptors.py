@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from raee_server.errors import InvalidInput
 from raee_server.serving import logs
-from raee_server.serving.auth import KeyRing, Principal
+from raee_server.serving.auth import LiveKeys, Principal
 from raee_server.serving.metrics import Metrics
 from raee_server.serving.status import error_details, status_of
 from raee_server.types import METADATA_KEY
@@ -107,7 +107,7 @@ class Accounting:
     latency by method, task and code (task labels only for tasks that exist), and one access-log
     line. ObservedCalls applies it around whole calls; ClassifyStream per message."""
 
-    def __init__(self, metrics: Metrics, keys: KeyRing | None) -> None:
+    def __init__(self, metrics: Metrics, keys: LiveKeys | None) -> None:
         self.metrics = metrics
         self.keys = keys
         self.known_tasks: set[str] = set()  # filled when the engine loads; grows with answers and CreateTask

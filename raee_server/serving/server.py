@@ -31,11 +31,10 @@ from raee_server import tracing
 from raee_server.core import auto
 from raee_server.core.datafile import check_row
 from raee_server.core.engine import Engine, IngestSession
-from raee_server.errors import InvalidInput, NotReady, RaeeError, Unauthenticated, clip
+from raee_server.errors import InvalidInput, NotReady, Unauthenticated, clip
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee_server.serving import logs
-from raee_server.serving.auth import KeyRing
+from raee_server.serving.auth import LiveKeys
 from raee_server.serving.fitter import fit_heads_in_child
 from raee_server.serving.gateway import Gateway, tls_context
 from raee_server.serving.interceptors import (
@@ -464,7 +463,7 @@ class RaeeServer:
         self.worker = ModelWorker(settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
                                   self.metrics)
         limits = settings.max_message_bytes
-        keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
+        keys = LiveKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.accounting = Accounting(self.metrics, keys)
         interceptors = [*tracing.server_interceptors(), RequestDecoding(), ObservedCalls(SERVICE_NAME, self.accounting)]
         self.server = grpc.aio.server(interceptors=interceptors, options=[
@@ -661,6 +660,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if server.accounting.keys is not None:  # SIGHUP: read the API key file again now
+        loop.add_signal_handler(signal.SIGHUP, server.accounting.keys.reload)
     waits = [asyncio.create_task(stopping.wait()), asyncio.create_task(server.failed.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     if server.failed.is_set():
@@ -668,32 +669,3 @@ async def serve(settings: Settings) -> None:
         raise SystemExit(f"raee-server: cannot start: {server.load_error}")
     log.info("shutting down (grace %.1f s)", settings.grace_seconds)
     await server.stop()
-
-
-def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """One click option per Settings field, so flags and RAEE_* variables name the same things."""
-    import click
-
-    for name, field in reversed(list(Settings.model_fields.items())):
-        value = field.get_default(call_default_factory=True)
-        default = "unset" if value is None else value
-        func = click.option(f"--{name.replace('_', '-')}", name, default=None,
-                            help=f"{field.description or ''} (default: {default}) [RAEE_{name.upper()}]")(func)
-    return func
-
-
-def main() -> None:
-    import click
-
-    @click.command(name="raee-server")
-    @settings_options
-    def run(**flags: Any) -> None:
-        """Serve RAEE classification over gRPC and HTTP/JSON (with the web console)."""
-        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
-        logs.configure(settings.log_level, settings.log_format)
-        try:
-            asyncio.run(serve(settings))
-        except RaeeError as exc:  # a refused setting: one line, no traceback
-            raise SystemExit(f"raee-server: cannot start: {exc}") from None
-
-    run()
