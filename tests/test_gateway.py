@@ -303,3 +303,34 @@ def http_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThre
     server.wait_ready()
     yield server
     server.stop()
+
+
+def test_the_gateways_own_errors_carry_error_info(served: ServerThread) -> None:
+    cases = [("POST", "/v1/tasks/sentiment:classify", '{"text": ', "INVALID_INPUT", 400),
+             ("GET", "/nowhere", None, "NO_ROUTE", 404),
+             ("PUT", "/v1/tasks/sentiment", None, "METHOD_NOT_ALLOWED", 405),
+             ("POST", "/v1/tasks/sentiment:classify", '{"text": "' + "x" * MAX_BYTES + '"}', "BODY_TOO_LARGE", 413)]
+    for verb, path, body, reason, http_status in cases:
+        status, answer = error(served, verb, path, body)
+        info = [d for d in answer["details"] if d["@type"].endswith("google.rpc.ErrorInfo")]
+        assert status == http_status and info == [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                                   "reason": reason, "domain": "raee.v1"}], answer
+
+
+@pytest.mark.parametrize("wrap", [lambda d: "[" * d + "]" * d, lambda d: '{"text": "good", "options": ' + '{"a":' * d
+                                  + "1" + "}" * d + "}"])
+def test_a_hostile_deeply_nested_body_is_400_and_the_next_request_answers(tmp_path: Path, wrap: Any) -> None:
+    settings = make_settings(tmp_path)  # the default 4 MiB limit: 200,000 levels fit in it
+    server = ServerThread(settings, tiny_engine_factory(tmp_path, settings))
+    try:
+        server.wait_ready()
+        for path in ("/v1/tasks/sentiment:classify", "/v1/tasks/sentiment:ingest"):
+            status, answer = error(server, "POST", path, wrap(200_000))
+            assert (status, answer["code"]) == (400, 3) and "nested too deeply" in answer["message"], answer
+        status, head, _ = call(server, "POST", "/v1/tasks/sentiment:ingest", wrap(200_000),
+                               {"Content-Type": "application/x-ndjson"})
+        assert status == 400
+        status, _, raw = call(server, "POST", "/v1/tasks/sentiment:classify", '{"text": "good"}')
+        assert status == 200 and json.loads(raw)["label"]
+    finally:
+        server.stop()

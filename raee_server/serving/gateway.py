@@ -45,6 +45,7 @@ SERVICE: ServiceDescriptor = pb.DESCRIPTOR.services_by_name["RaeeService"]
 REQUEST_ID = "x-request-id"
 TIMEOUT_HEADER = "x-server-timeout"  # seconds, as Google's HTTP APIs take a deadline
 NDJSON = "application/x-ndjson"
+TRACE_HEADERS = ("traceparent", "tracestate")
 
 # google.rpc.Code -> HTTP status, as google/rpc/code.proto documents it.
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -119,12 +120,18 @@ def routes(service: ServiceDescriptor = SERVICE) -> list[Route]:
 
 
 class HttpFailure(Exception):
-    """A request the gateway answers itself, before or instead of a gRPC call."""
+    """A request the gateway answers itself, before or instead of a gRPC call. Its own failures carry
+    an ErrorInfo as the gRPC path's do (`reason`; default the code's name); a failure of the gRPC call
+    brings the servicer's details along instead."""
 
     def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None,
-                 details: status_pb2.Status | None = None, headers: dict[str, str] | None = None) -> None:
+                 details: status_pb2.Status | None = None, headers: dict[str, str] | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message)
-        self.status = details or status_pb2.Status(code=code.value[0], message=_clip(message))
+        if details is None:
+            details = status_pb2.Status(code=code.value[0], message=_clip(message))
+            details.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason or code.name, domain="raee.v1"))
+        self.status = details
         self.http_status = http_status or HTTP_STATUS.get(code, 500)
         self.headers = headers or {}
 
@@ -134,7 +141,7 @@ def _clip(message: str) -> str:
 
 
 def _invalid(message: str) -> HttpFailure:
-    return HttpFailure(grpc.StatusCode.INVALID_ARGUMENT, message)
+    return HttpFailure(grpc.StatusCode.INVALID_ARGUMENT, message, reason="INVALID_INPUT")
 
 
 def _from_rpc_error(exc: grpc.aio.AioRpcError) -> HttpFailure:
@@ -300,7 +307,7 @@ class Gateway:
             self.accounting.keys.authenticate(dict(metadata).get(METADATA_KEY))
         except Unauthenticated as exc:
             self.accounting.count(route.name, None, grpc.StatusCode.UNAUTHENTICATED, 0.0)
-            raise HttpFailure(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+            raise HttpFailure(grpc.StatusCode.UNAUTHENTICATED, str(exc), reason=exc.reason) from None
 
     @staticmethod
     async def _call(call: Any, argument: Any, metadata: tuple[tuple[str, str], ...], timeout: float | None) -> Any:
@@ -328,13 +335,17 @@ class Gateway:
             return route, values
         if verbs:
             raise HttpFailure(grpc.StatusCode.UNIMPLEMENTED, f"{request.method} {_clip(path)}: use {', '.join(verbs)}",
-                              http_status=405, headers={"Allow": ", ".join(verbs)})
+                              http_status=405, headers={"Allow": ", ".join(verbs)}, reason="METHOD_NOT_ALLOWED")
         raise HttpFailure(grpc.StatusCode.NOT_FOUND, f"no route {request.method} {_clip(path)}; "
-                          "see /openapi.json")
+                          "see /openapi.json", reason="NO_ROUTE")
 
     @staticmethod
     def _metadata(request: web.Request, request_id: str) -> tuple[tuple[str, str], ...]:
         metadata = [(REQUEST_ID, request_id)]
+        for header in TRACE_HEADERS:  # the caller's W3C trace context, for the gRPC side's span and logs
+            value = request.headers.get(header)
+            if value and len(value) <= 512 and all(" " <= c <= "~" for c in value):
+                metadata.append((header, value))
         key = request.headers.get(METADATA_KEY)
         authorization = request.headers.get("Authorization", "")
         if key is None and authorization.lower().startswith("bearer "):
@@ -367,6 +378,8 @@ class Gateway:
             json_format.ParseDict(data, message)
         except json_format.ParseError as exc:
             raise _invalid(f"{where}: {exc}") from None
+        except RecursionError:
+            raise _invalid(f"{where}: JSON nested too deeply") from None
         for name, value in values.items():
             given = getattr(message, name)
             if given and given != value:
@@ -382,6 +395,8 @@ class Gateway:
             raise _invalid(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
         except json.JSONDecodeError as exc:
             raise _invalid(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        except RecursionError:  # json's decoder recurses per level: a hostile body must not reach a 500
+            raise _invalid(f"{where}: JSON nested too deeply") from None
 
     async def _read_all(self, request: web.Request) -> bytes:
         try:
@@ -389,7 +404,7 @@ class Gateway:
         except web.HTTPRequestEntityTooLarge:
             raise HttpFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"body: over {self.max_message_bytes} bytes (RAEE_MAX_MESSAGE_BYTES)",
-                              http_status=413) from None
+                              http_status=413, reason="BODY_TOO_LARGE") from None
 
     async def _unary(self, request: web.Request, route: Route, values: dict[str, str]) -> Message:
         if not route.body:  # GET, DELETE: fields other than the path's come from the query
@@ -440,7 +455,7 @@ class Gateway:
             if len(pending) > self.max_message_bytes:
                 raise HttpFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"body: a line over {self.max_message_bytes} bytes (RAEE_MAX_MESSAGE_BYTES)",
-                                  http_status=413)
+                                  http_status=413, reason="BODY_TOO_LARGE")
         if pending:
             yield pending
 

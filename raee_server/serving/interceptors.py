@@ -141,6 +141,8 @@ class Accounting:
         start = time.monotonic()
         code = grpc.StatusCode.UNKNOWN
         rid = logs.request_id(context.invocation_metadata())
+        trace = logs.trace_id(context.invocation_metadata())
+        ids = logs.CALL.set((rid, trace))
         trailer = ((logs.REQUEST_ID_KEY, rid),)
         context.set_trailing_metadata(trailer)
         exit_layer = None
@@ -161,7 +163,8 @@ class Accounting:
         finally:
             elapsed = time.monotonic() - start
             self.count(method, task, code, elapsed)
-            logs.log_access(method, task, code.name, elapsed, rid, exit_layer)
+            logs.log_access(method, task, code.name, elapsed, rid, exit_layer, trace)
+            logs.CALL.reset(ids)
 
 
 def key_of(context: grpc.aio.ServicerContext) -> str | None:
