@@ -90,6 +90,8 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
         "bench-fit": ["bench-fit", "--size", "120", "--added", "20", "--exits", "3", "--dim", "8",
                       "--out", str(root / "fit")],
         "key create": ["key", "create", "--name", "ops", "--admin", "--file", str(root / "keys.toml")],
+        "key list": ["key", "list", "--file", str(root / "keys.toml")],
+        "key revoke": ["key", "revoke", "ops", "--file", str(root / "keys.toml")],
         "bench": ["bench", "sst2", "--data", str(root / "corpora"), "--train-rows", "60", "--dev-rows", "20",
                   "--latency-rows", "2", "--sweep", "k", "--out", str(root / "bench")],
         "bench-shift": ["bench-shift", "sst2", "--data", str(root / "corpora"), "--train-rows", "80", "--records",
