@@ -88,6 +88,9 @@ class KeyRing:
     def principals(self) -> list[Principal]:
         return list(self._by_hash.values())
 
+    def by_hash(self) -> list[tuple[str, Principal]]:
+        return list(self._by_hash.items())
+
     def authenticate(self, key: str | None) -> Principal:
         if not key:
             raise Unauthenticated(f"missing API key: send it in the '{METADATA_KEY}' metadata entry")
@@ -143,6 +146,8 @@ class LiveKeys:
 
     @property
     def ring(self) -> KeyRing:
+        if self._stamp() == self._seen:  # the common case: no lock on the request path, one stat
+            return self._ring
         return self.reload(force=False)
 
     def authenticate(self, key: str | None) -> Principal:
@@ -182,7 +187,7 @@ def add_key(path: Path, name: str, tasks: Sequence[str], scope: str) -> str:
 def list_keys(path: Path) -> list[dict[str, Any]]:
     """What the file grants, without the hashes' full length (enough to tell keys of one name apart)."""
     return [{"name": p.name, "tasks": sorted(p.tasks), "scope": p.scope, "sha256": digest[:12]}
-            for digest, p in KeyRing.load(path)._by_hash.items()] if path.exists() else []
+            for digest, p in KeyRing.load(path).by_hash()] if path.exists() else []
 
 
 def revoke_key(path: Path, name: str | None = None, sha256: str | None = None) -> list[str]:
