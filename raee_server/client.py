@@ -13,11 +13,13 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from raee_server.errors import (
+    DeadlineExpired,
     InvalidInput,
     NotReady,
     Overloaded,
     PermissionDenied,
     RaeeError,
+    StoreMismatch,
     TaskExists,
     TaskNotFound,
     Unauthenticated,
@@ -34,6 +36,8 @@ _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.UNAVAILABLE: NotReady,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExpired,
+    grpc.StatusCode.FAILED_PRECONDITION: StoreMismatch,
 }
 
 
@@ -119,6 +123,8 @@ def _raise(exc: grpc.RpcError, task: str) -> NoReturn:
     error: RaeeError
     if code == grpc.StatusCode.NOT_FOUND:
         error = TaskNotFound(task)
+    elif code == grpc.StatusCode.ALREADY_EXISTS:
+        error = TaskExists(task)
     elif code == grpc.StatusCode.INVALID_ARGUMENT:
         error = InvalidInput(f"server: {code.name}: {exc.details()}", next(iter(details.fields), None))
     else:
@@ -188,13 +194,15 @@ class RaeeClient:
         ]
 
     def create_task(self, spec: TaskSpec) -> None:
-        request = pb.CreateTaskRequest(name=spec.name, template=spec.template, description=spec.description,
-                                       labels=[pb.Label(name=lb.name, word=lb.word) for lb in spec.labels])
+        """The task as `spec` declares it, every field the wire carries: the same task as one
+        created locally."""
+        request = pb.CreateTaskRequest(
+            name=spec.name, template=spec.template, description=spec.description,
+            labels=[pb.Label(name=lb.name, word=lb.word, share=lb.share) for lb in spec.labels],
+            objective=spec.objective, prior_correction=spec.prior_correction, adapt_prior=spec.adapt_prior)
         try:
             self.stub.CreateTask(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                raise TaskExists(spec.name) from None
             _raise(exc, spec.name)
 
     def delete_task(self, name: str) -> None:

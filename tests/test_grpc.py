@@ -522,3 +522,23 @@ def test_an_ingest_stream_that_ended_with_its_call_is_recorded_cancelled(
     finally:
         store.close()
     assert (batch.status, batch.added) == (status, 4)  # what was written stays, and the row says how it ended
+
+
+def test_a_task_created_through_the_client_is_the_task_created_locally(served: ServerThread) -> None:
+    """Every TaskSpec field crosses the wire (shares, objective, both prior switches), and the
+    client's errors are the service's own types."""
+    from raee_server.client import RaeeClient
+    from raee_server.errors import TaskExists
+    from raee_server.types import Label, TaskSpec
+
+    spec = TaskSpec("pairs-of-news", "News: {text}\nTopic:",
+                    (Label("world", " world", 0.7), Label("sports", " sports", 0.3)), "shares declared",
+                    objective="macro_f1", prior_correction=False, adapt_prior=True)
+    client = RaeeClient(f"127.0.0.1:{served.port}", timeout=10)
+    try:
+        client.create_task(spec)
+        assert served.server.worker.engine.metadata.task(spec.name).spec == spec
+        with pytest.raises(TaskExists):
+            client.create_task(spec)
+    finally:
+        client.close()

@@ -104,11 +104,10 @@ class Context:
 def exit_code_of(exc: BaseException) -> int:
     """The one place that decides a failed command's exit code (see the module docstring)."""
     import grpc
-    from sqlalchemy.exc import OperationalError
 
     from raee_server.errors import DeadlineExpired, NotReady, Overloaded
 
-    if isinstance(exc, (NotReady, Overloaded, DeadlineExpired, OperationalError, ConnectionError)):
+    if isinstance(exc, (NotReady, Overloaded, DeadlineExpired, ConnectionError)):
         return EXIT_UNAVAILABLE
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if callable(getattr(exc, "code", None)) else None
@@ -122,13 +121,12 @@ def friendly_errors(func: F) -> F:
     """Report a failure as one line on stderr with its exit code: never a traceback for a user mistake
     or an unreachable service."""
     import grpc
-    from sqlalchemy.exc import OperationalError
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (RaeeError, OperationalError, ConnectionError) as exc:
+        except (RaeeError, ConnectionError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exit_code_of(exc))
         except grpc.RpcError as exc:  # a call the client does not type (e.g. health, benchmarks)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from sqlalchemy.exc import OperationalError
 
 from raee_server import tracing
 from raee_server.core.heads import ExitHeads
@@ -31,7 +30,7 @@ from raee_server.core.policies import (
     uses_head_exits,
 )
 from raee_server.core.prior import PriorTracker
-from raee_server.errors import InvalidInput, StoreMismatch, clip
+from raee_server.errors import InvalidInput, NotReady, StoreMismatch, clip
 from raee_server.models.backbone import Backbone, LabelHead
 from raee_server.models.encoders import KeyEncoder
 from raee_server.settings import Settings
@@ -258,7 +257,7 @@ class Engine:
         if cached is None or now - cached[0] > self.settings.retune_check_seconds:
             try:
                 cached = (now, self.metadata.task(task))
-            except OperationalError:
+            except NotReady:  # SQL down
                 cached = (now, cached[1] if cached else None)
             self._info[task] = cached
         return cached[1]
@@ -505,7 +504,7 @@ class Engine:
         current = cached[1] if cached else None
         try:
             stored = self.metadata.heads(task, newer_than=current.version if current else 0)
-        except OperationalError:  # SQL down: keep serving the loaded heads
+        except NotReady:  # SQL down: keep serving the loaded heads
             stored = None
         if stored is not None:
             current = ExitHeads.from_stored(stored)

@@ -36,14 +36,10 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    from sqlalchemy.exc import OperationalError
-
     for kind, code in STATUS_CODES.items():
         if isinstance(exc, kind):
             message = str(exc)  # gRPC drops a status whose message overflows its 8 KB metadata limit
             return code, message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
-    if isinstance(exc, OperationalError):  # the metadata database went away: retry later, nothing was stored
-        return grpc.StatusCode.UNAVAILABLE, "metadata database unreachable; retry later"
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
@@ -65,9 +61,6 @@ def error_details(exc: BaseException, code: grpc.StatusCode, message: str) -> tu
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(int(exc.retry_after * 1e9))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    elif code is grpc.StatusCode.UNAVAILABLE:  # the SQL store went away: worth a retry later
-        delay = duration_pb2.Duration(seconds=1)
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for detail in details:
         wrapper = any_pb2.Any()

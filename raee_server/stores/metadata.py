@@ -7,7 +7,8 @@ SQLite in the data directory by default; any SQLAlchemy URL (Postgres) through
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,6 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from raee_server.errors import NotReady, StoreMismatch, TaskExists, TaskNotFound
@@ -242,12 +244,37 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur.close()
 
 
+class _Sessions:
+    """sessionmaker's two forms, with a lost connection translated into NotReady: callers above
+    stores/ see the service's own error (UNAVAILABLE with a retry delay, exit code 4), never
+    SQLAlchemy's, and nothing was stored (the transaction rolled back)."""
+
+    def __init__(self, engine: Engine, where: str) -> None:
+        self._maker = sessionmaker(engine, expire_on_commit=False)
+        self._where = where
+
+    @contextmanager
+    def _unreachable_is_not_ready(self) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            raise NotReady(f"metadata database {self._where} is unreachable: {exc.orig}") from exc
+
+    @contextmanager
+    def __call__(self) -> Iterator[Session]:
+        with self._unreachable_is_not_ready(), self._maker() as s:
+            yield s
+
+    @contextmanager
+    def begin(self) -> Iterator[Session]:
+        with self._unreachable_is_not_ready(), self._maker.begin() as s:
+            yield s
+
+
 class MetadataStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = open_engine(url)
-        from sqlalchemy.exc import DatabaseError, OperationalError
-
         from raee_server.stores.migrate import ensure_schema
 
         where = self.engine.url.render_as_string(hide_password=True)
@@ -259,7 +286,7 @@ class MetadataStore:
             raise NotReady(f"metadata database {where} is unreachable: {exc.orig}") from exc
         except DatabaseError as exc:  # e.g. "file is not a database": never start on an empty replacement
             raise StoreMismatch(f"metadata database {where} is corrupt or not a database: {exc.orig}") from exc
-        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._session = _Sessions(self.engine, where)
 
     def close(self) -> None:
         self.engine.dispose()
