@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ["raee_pb2.py", "raee_pb2.pyi", "raee_pb2_grpc.py", "raee.desc"]
+GENERATED = [f"raee/v1/{name}" for name in ("raee_pb2.py", "raee_pb2.pyi", "raee_pb2_grpc.py", "raee.desc")] + [
+    f"inference/grpc_predict_v2_{name}" for name in ("pb2.py", "pb2.pyi", "pb2_grpc.py")]
 BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 
 
@@ -18,8 +19,8 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     subprocess.run(["bash", "admin/gen_proto.sh", str(tmp_path)], cwd=ROOT, check=True,
                    env={**os.environ, "PYTHON": sys.executable})
     for name in GENERATED:
-        fresh = (tmp_path / "raee_server/protos/raee/v1" / name).read_bytes()
-        committed = (ROOT / "raee_server/protos/raee/v1" / name).read_bytes()
+        fresh = (tmp_path / "raee_server/protos" / name).read_bytes()
+        committed = (ROOT / "raee_server/protos" / name).read_bytes()
         assert fresh == committed, f"{name} is stale: run admin/gen_proto.sh"
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -140,11 +140,11 @@ def _clip(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
-def _invalid(message: str) -> HttpFailure:
+def invalid(message: str) -> HttpFailure:
     return HttpFailure(grpc.StatusCode.INVALID_ARGUMENT, message, reason="INVALID_INPUT")
 
 
-def _from_rpc_error(exc: grpc.aio.AioRpcError) -> HttpFailure:
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> HttpFailure:
     """The failure with the details the servicer attached (grpc-status-details-bin), or code and message."""
     status = None
     trailers: Any = exc.trailing_metadata() or ()  # grpc-stubs type it as one entry; it is a sequence
@@ -162,14 +162,19 @@ def _status_body(status: status_pb2.Status) -> dict[str, Any]:
     return body
 
 
-def _error_response(failure: HttpFailure, request_id: str) -> web.Response:
+def failure_headers(failure: HttpFailure, request_id: str) -> dict[str, str]:
     headers = {REQUEST_ID: request_id, **failure.headers}
     for detail in failure.status.details:  # HTTP's own way to say when to retry (429, 503)
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
             headers["Retry-After"] = str(max(1, round(info.retry_delay.ToNanoseconds() / 1e9)))
-    return web.json_response(_status_body(failure.status), status=failure.http_status, headers=headers)
+    return headers
+
+
+def _error_response(failure: HttpFailure, request_id: str) -> web.Response:
+    return web.json_response(_status_body(failure.status), status=failure.http_status,
+                             headers=failure_headers(failure, request_id))
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -199,7 +204,9 @@ def _in_field_order(message: Message, data: dict[str, Any]) -> dict[str, Any]:
 class Gateway:
     """An aiohttp application in front of the gRPC server at `target` (this process's private socket)."""
 
-    def __init__(self, target: str, max_message_bytes: int, accounting: Accounting | None = None) -> None:
+    def __init__(self, target: str, max_message_bytes: int, accounting: Accounting | None = None,
+                 mounts: Sequence[Callable[[Gateway], None]] = ()) -> None:
+        """`mounts` add routes of other protocols (open_inference_http.py) before the catch-all RPC route."""
         self.max_message_bytes = max_message_bytes
         self.accounting = accounting
         limits = [("grpc.max_receive_message_length", max_message_bytes),
@@ -223,6 +230,8 @@ class Gateway:
         self.app.router.add_get("/openapi.json", self._openapi)
         self.app.router.add_get("/healthz", self._probe("liveness"))
         self.app.router.add_get("/readyz", self._probe("readiness"))
+        for mount in mounts:
+            mount(self)
         self.app.router.add_route("*", r"/{tail:[\s\S]*}", self._rpc)  # every other path: RPC routes, or a JSON 404
         self._runner: web.AppRunner | None = None
 
@@ -273,8 +282,8 @@ class Gateway:
         request_id = logs.request_id([(REQUEST_ID, request.headers.get(REQUEST_ID))])  # a sane one, else new
         try:
             route, values = self._match(request)
-            metadata = self._metadata(request, request_id)
-            timeout = self._timeout(request)
+            metadata = self.call_metadata(request, request_id)
+            timeout = self.call_timeout(request)
             call = self.calls[route.name]
             if route.method.client_streaming:
                 self._authenticate_stream(route, metadata)
@@ -314,7 +323,7 @@ class Gateway:
         try:
             return await call(argument, metadata=metadata, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _from_rpc_error(exc) from None
+            raise from_rpc_error(exc) from None
 
     def _match(self, request: web.Request) -> tuple[Route, dict[str, str]]:
         path = request.raw_path.split("?", 1)[0]
@@ -327,11 +336,11 @@ class Gateway:
                 verbs.append(route.verb)
                 continue
             if request.query_string and route.body:
-                raise _invalid(f"query parameters: {route.verb} {route.template} takes its fields in the body")
+                raise invalid(f"query parameters: {route.verb} {route.template} takes its fields in the body")
             try:
                 values = {name: unquote(value, errors="strict") for name, value in found.groupdict().items()}
             except UnicodeDecodeError as exc:
-                raise _invalid(f"path: a percent-encoded variable is not UTF-8 ({exc.reason})") from None
+                raise invalid(f"path: a percent-encoded variable is not UTF-8 ({exc.reason})") from None
             return route, values
         if verbs:
             raise HttpFailure(grpc.StatusCode.UNIMPLEMENTED, f"{request.method} {_clip(path)}: use {', '.join(verbs)}",
@@ -340,7 +349,7 @@ class Gateway:
                           "see /openapi.json", reason="NO_ROUTE")
 
     @staticmethod
-    def _metadata(request: web.Request, request_id: str) -> tuple[tuple[str, str], ...]:
+    def call_metadata(request: web.Request, request_id: str) -> tuple[tuple[str, str], ...]:
         metadata = [(REQUEST_ID, request_id)]
         for header in TRACE_HEADERS:  # the caller's W3C trace context, for the gRPC side's span and logs
             value = request.headers.get(header)
@@ -352,12 +361,12 @@ class Gateway:
             key = authorization[7:].strip()
         if key:
             if not all(" " <= c <= "~" for c in key):  # what gRPC metadata can carry
-                raise _invalid(f"{METADATA_KEY}: an API key is printable ASCII")
+                raise invalid(f"{METADATA_KEY}: an API key is printable ASCII")
             metadata.append((METADATA_KEY, key))
         return tuple(metadata)
 
     @staticmethod
-    def _timeout(request: web.Request) -> float | None:
+    def call_timeout(request: web.Request) -> float | None:
         raw = request.headers.get(TIMEOUT_HEADER)
         if raw is None:
             return None
@@ -366,39 +375,39 @@ class Gateway:
         except ValueError:
             seconds = -1.0
         if not 0 < seconds < 1e6:
-            raise _invalid(f"{TIMEOUT_HEADER}: {raw[:40]!r} is not a number of seconds over 0")
+            raise invalid(f"{TIMEOUT_HEADER}: {raw[:40]!r} is not a number of seconds over 0")
         return seconds
 
     def _parse(self, data: Any, route: Route, values: dict[str, str], where: str) -> Message:
         """One request message from its JSON value, path variables filled in."""
         if not isinstance(data, dict):
-            raise _invalid(f"{where}: a JSON object is expected, not {type(data).__name__}")
+            raise invalid(f"{where}: a JSON object is expected, not {type(data).__name__}")
         message = message_factory.GetMessageClass(route.method.input_type)()
         try:
             json_format.ParseDict(data, message)
         except json_format.ParseError as exc:
-            raise _invalid(f"{where}: {exc}") from None
+            raise invalid(f"{where}: {exc}") from None
         except RecursionError:
-            raise _invalid(f"{where}: JSON nested too deeply") from None
+            raise invalid(f"{where}: JSON nested too deeply") from None
         for name, value in values.items():
             given = getattr(message, name)
             if given and given != value:
-                raise _invalid(f"{name}: the path names {_clip(value)!r} and the body {_clip(given)!r}")
+                raise invalid(f"{name}: the path names {_clip(value)!r} and the body {_clip(given)!r}")
             setattr(message, name, value)
         return message
 
     @staticmethod
-    def _json(raw: bytes, where: str) -> Any:
+    def parse_json(raw: bytes, where: str) -> Any:
         try:
             return json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise _invalid(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise invalid(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
         except json.JSONDecodeError as exc:
-            raise _invalid(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+            raise invalid(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
         except RecursionError:  # json's decoder recurses per level: a hostile body must not reach a 500
-            raise _invalid(f"{where}: JSON nested too deeply") from None
+            raise invalid(f"{where}: JSON nested too deeply") from None
 
-    async def _read_all(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> bytes:
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -409,8 +418,8 @@ class Gateway:
     async def _unary(self, request: web.Request, route: Route, values: dict[str, str]) -> Message:
         if not route.body:  # GET, DELETE: fields other than the path's come from the query
             return self._parse(self._query(request, route), route, values, "query")
-        raw = await self._read_all(request)
-        return self._parse(self._json(raw, "body") if raw.strip() else {}, route, values, "body")
+        raw = await self.read_body(request)
+        return self._parse(self.parse_json(raw, "body") if raw.strip() else {}, route, values, "body")
 
     @staticmethod
     def _query(request: web.Request, route: Route) -> dict[str, Any]:
@@ -421,10 +430,10 @@ class Gateway:
         for key, value in request.query.items():
             field = by_name.get(key)
             if field is None or field.message_type is not None or field.is_repeated or key in route.variables:
-                raise _invalid(f"query parameter {_clip(key)!r}: not a field {route.verb} {route.template} takes")
+                raise invalid(f"query parameter {_clip(key)!r}: not a field {route.verb} {route.template} takes")
             if field.type == field.TYPE_BOOL:
                 if value not in ("true", "false"):
-                    raise _invalid(f"query parameter {key!r}: true or false, not {_clip(value)!r}")
+                    raise invalid(f"query parameter {key!r}: true or false, not {_clip(value)!r}")
                 data[field.name] = value == "true"
             else:
                 data[field.name] = value
@@ -435,7 +444,7 @@ class Gateway:
         Content-Type application/json, one JSON object or an array of them. A bad line fails the call
         (what earlier lines sent stays, as when a gRPC stream is cancelled)."""
         if request.content_type == "application/json":
-            data = self._json(await self._read_all(request), "body")
+            data = self.parse_json(await self.read_body(request), "body")
             for i, item in enumerate(data if isinstance(data, list) else [data]):
                 yield self._parse(item, route, values, f"body[{i}]")
             return
@@ -443,7 +452,7 @@ class Gateway:
         async for line in self._lines(request):
             number += 1
             if line.strip():
-                yield self._parse(self._json(line, f"body line {number}"), route, values, f"body line {number}")
+                yield self._parse(self.parse_json(line, f"body line {number}"), route, values, f"body line {number}")
 
     async def _lines(self, request: web.Request) -> AsyncIterator[bytes]:
         pending = b""
@@ -474,7 +483,7 @@ class Gateway:
                     await response.prepare(request)
                 await response.write(json.dumps(to_json(reply)).encode() + b"\n")
         except grpc.aio.AioRpcError as exc:
-            failure = _from_rpc_error(exc)
+            failure = from_rpc_error(exc)
         except asyncio.CancelledError:
             if not bad_input:
                 raise

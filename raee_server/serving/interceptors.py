@@ -181,20 +181,25 @@ def failure(exc: Exception, what: str) -> tuple[grpc.StatusCode, str]:
 
 
 def task_of(request: Any) -> str | None:
-    """The task a unary request names (`task`, or `name` for the task RPCs); None for the others."""
+    """The task a unary request names (`task`; `name` for the task RPCs and the inference protocol's
+    model RPCs; `model_name` for its ModelInfer); None for the others."""
     fields = request.DESCRIPTOR.fields_by_name
-    return request.task if "task" in fields else request.name if "name" in fields else None
+    for field in ("task", "name", "model_name"):
+        if field in fields:
+            return str(getattr(request, field))
+    return None
 
 
 class ObservedCalls(grpc.aio.ServerInterceptor):
     """Accounting around each unary and client-streaming call of `service`. A unary call's key is
     checked against the task its request names; Ingest's task comes with its first message, so the
     servicer checks it then. ClassifyStream is accounted per message by the servicer (each message
-    names its own task and gets its own outcome)."""
+    names its own task and gets its own outcome). `open_methods` are probes: neither keyed nor counted."""
 
-    def __init__(self, service: str, accounting: Accounting) -> None:
+    def __init__(self, service: str, accounting: Accounting, open_methods: frozenset[str] = frozenset()) -> None:
         self.prefix = f"/{service}/"
         self.accounting = accounting
+        self.open_methods = open_methods
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -202,6 +207,8 @@ class ObservedCalls(grpc.aio.ServerInterceptor):
         if handler is None or not str(details.method).startswith(self.prefix):
             return handler
         method = str(details.method)[len(self.prefix):]
+        if method in self.open_methods:
+            return handler
         observe = self.accounting.observe
         if handler.unary_unary:
             inner_uu = handler.unary_unary

@@ -32,8 +32,10 @@ from raee_server.core import auto
 from raee_server.core.datafile import check_row
 from raee_server.core.engine import Engine, IngestSession
 from raee_server.errors import InvalidInput, NotReady, Unauthenticated, clip
+from raee_server.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.serving import open_inference, open_inference_http
 from raee_server.serving.auth import LiveKeys
 from raee_server.serving.fitter import fit_heads_in_child
 from raee_server.serving.gateway import Gateway, tls_context
@@ -152,7 +154,7 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
         self.keys = accounting.keys
         self.recent = RecentAnswers()
 
-    async def _classify(self, task: str, texts: list[str], options: pb.ClassifyOptions,
+    async def answer(self, task: str, texts: list[str], options: pb.ClassifyOptions,
                         context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
         started = time.monotonic()
         if method:  # a stream: each request names its own task
@@ -177,7 +179,7 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
     # -- RPCs --------------------------------------------------------------------
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        response = (await self._classify(request.task, [request.text], request.options, context))[0]
+        response = (await self.answer(request.task, [request.text], request.options, context))[0]
         response.request_id = request.request_id
         return response
 
@@ -189,7 +191,7 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
             raise InvalidInput(f"texts: {len(request.texts)} texts, over the limit of "
                                f"{self.settings.max_batch_texts} per request (RAEE_MAX_BATCH_TEXTS)")
         return pb.ClassifyBatchResponse(
-            results=await self._classify(request.task, list(request.texts), request.options, context))
+            results=await self.answer(request.task, list(request.texts), request.options, context))
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest | Undecodable],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyStreamResponse]:
@@ -237,7 +239,7 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
         try:
             if isinstance(request, Undecodable):
                 raise request.error("ClassifyStreamRequest")
-            result = (await self._classify(request.task, [request.text], request.options, context,
+            result = (await self.answer(request.task, [request.text], request.options, context,
                                            "ClassifyStream"))[0]
             result.request_id = request.request_id
             code = grpc.StatusCode.OK
@@ -465,13 +467,17 @@ class RaeeServer:
         limits = settings.max_message_bytes
         keys = LiveKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.accounting = Accounting(self.metrics, keys)
-        interceptors = [*tracing.server_interceptors(), RequestDecoding(), ObservedCalls(SERVICE_NAME, self.accounting)]
+        interceptors = [*tracing.server_interceptors(), RequestDecoding(), ObservedCalls(SERVICE_NAME, self.accounting),
+                        ObservedCalls(open_inference.SERVICE_NAME, self.accounting, open_inference.OPEN_METHODS)]
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limits), ("grpc.max_send_message_length", limits)])
         self.servicer = RaeeServicer(self.worker, settings, self.accounting)
         pb_grpc.add_RaeeServiceServicer_to_server(self.servicer, self.server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(open_inference.InferenceServicer(
+            self.servicer.answer, lambda: self._serving, self._task_labels, settings.max_batch_texts), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, open_inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -483,6 +489,9 @@ class RaeeServer:
         self._loading: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._retuner: asyncio.Task[None] | None = None
+
+    async def _task_labels(self, name: str) -> tuple[Label, ...]:
+        return await self.worker.call(lambda e: e.metadata.task(name).spec.labels)
 
     async def _set_health(self, serving: bool) -> None:
         """Readiness."""
@@ -509,7 +518,7 @@ class RaeeServer:
         await self.server.start()
         if private is not None:
             s = self.settings
-            self.gateway = Gateway(private, s.max_message_bytes, self.accounting)
+            self.gateway = Gateway(private, s.max_message_bytes, self.accounting, [open_inference_http.mount])
             tls = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
             self.http_port = await self.gateway.start(s.http_address, tls, s.grace_seconds)
         if self.settings.metrics_port >= 0:
