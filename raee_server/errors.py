@@ -42,6 +42,14 @@ class TaskNotFound(RaeeError, LookupError):
         self.task = task
 
 
+class OperationNotFound(RaeeError, LookupError):
+    reason = "OPERATION_NOT_FOUND"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"operation {clip(name)} does not exist on this server (operations are kept in memory: "
+                         "a restart forgets them)")
+
+
 class TaskExists(RaeeError):
     reason = "TASK_EXISTS"
 

@@ -1029,23 +1029,21 @@ def tune(obj: Context, task_name: str, validation: int | None, show_all: bool) -
     """Choose the task's `auto` policy and k on a validation split of its own records, and store it."""
     from raee_server.core import auto as tuning
 
-    engine = obj.engine
-    validation = tuning.VALIDATION_ROWS if validation is None else validation
-    rows = tuning.validation_rows(engine, task_name, validation, max(tuning.K_CHOICES))
-    spec = engine.task_info(task_name).spec
-    ranked = tuning.choose(rows, engine.depth, spec.label_names, heads=engine.heads(task_name),
-                           objective=spec.objective)
-    objective = spec.objective.replace("_", " ")
-    shown = ranked if show_all else ranked[:10]
-    obj.say(f"{'policy':<22} {'k':>3} {objective:>17} {'mean exit':>10}")
-    for name, k, acc, mean in shown:
-        obj.say(f"{name:<22} {k:>3} {100 * acc:>16.1f}% {mean:>10.2f}")
-    choice = tuning.tune(engine, task_name, validation)
-    obj.say(f"auto: the least mean exit within half a standard error of the best {objective}")
-    obj.say(f"auto for {task_name}: {choice.policy} with k = {choice.k} ({objective} "
-            f"{100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f} on {choice.validation_rows} rows)")
-    return {"candidates": [{"policy": name, "k": k, spec.objective: acc, "mean_exit": mean}
-                           for name, k, acc, mean in shown], "choice": choice.to_dict()}
+    found = tuning.tune_report(obj.engine, task_name, validation, show_all)
+    say_tune(obj, task_name, found)
+    return found
+
+
+def say_tune(obj: Context, task_name: str, found: dict[str, Any]) -> None:
+    choice = found["choice"]
+    objective = choice["objective"]
+    obj.say(f"{'policy':<22} {'k':>3} {objective.replace('_', ' '):>17} {'mean exit':>10}")
+    for c in found["candidates"]:
+        obj.say(f"{c['policy']:<22} {c['k']:>3} {100 * c[objective]:>16.1f}% {c['mean_exit']:>10.2f}")
+    obj.say(f"auto: the least mean exit within half a standard error of the best {objective.replace('_', ' ')}")
+    obj.say(f"auto for {task_name}: {choice['policy']} with k = {choice['k']} ({objective.replace('_', ' ')} "
+            f"{100 * choice['accuracy']:.1f}% at mean exit {choice['mean_exit']:.2f} on "
+            f"{choice['validation_rows']} rows)")
 
 
 @cli.command("fit-heads")

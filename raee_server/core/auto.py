@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -149,6 +150,22 @@ def pick(ranked: Sequence[tuple[str, int, float, float]], rows: int, band_se: fl
 
 
 def tune(engine: Engine, task: str, validation: int = VALIDATION_ROWS, seed: int = 0) -> Choice:
+    return tune_ranked(engine, task, validation, seed)[0]
+
+
+def tune_report(engine: Engine, task: str, validation: int | None = None, show_all: bool = False) -> dict[str, Any]:
+    """Tune, and say how: every candidate (or the best ten) and the choice. `raee-admin tune` prints
+    it, locally or as a server's operation."""
+    choice, ranked = tune_ranked(engine, task, VALIDATION_ROWS if validation is None else validation)
+    objective = engine.task_info(task).spec.objective
+    shown = ranked if show_all else ranked[:10]
+    return {"candidates": [{"policy": name, "k": k, objective: acc, "mean_exit": mean} for name, k, acc, mean in shown],
+            "choice": choice.to_dict()}
+
+
+def tune_ranked(engine: Engine, task: str, validation: int = VALIDATION_ROWS, seed: int = 0
+                ) -> tuple[Choice, list[tuple[str, int, float, float]]]:
+    """Choose and store the task's `auto` policy; the choice and every candidate, best first."""
     start = time.perf_counter()
     rows = validation_rows(engine, task, validation, max(K_CHOICES), seed)
     spec = engine.task_info(task).spec
@@ -160,7 +177,7 @@ def tune(engine: Engine, task: str, validation: int = VALIDATION_ROWS, seed: int
                     heads.version if heads else 0, spec.objective)
     engine.metadata.set_tuned(task, choice)
     engine.forget_choice(task)
-    return choice
+    return choice, ranked
 
 
 def needs_tuning(engine: Engine, task: str) -> bool:

@@ -514,9 +514,11 @@ class Engine:
     def forget_heads(self, task: str) -> None:
         self._heads.pop(task, None)
 
-    def backfill_features(self, task: str, progress: Callable[[int], None] | None = None) -> int:
-        """Exit features for records stored before exit heads existed: one forward each."""
-        missing = self.metadata.without_features(task)
+    def backfill_features(self, task: str, progress: Callable[[int], None] | None = None,
+                          limit: int | None = None) -> int:
+        """Exit features for records stored before exit heads existed (at most `limit` of them this
+        call): one forward each."""
+        missing = self.metadata.without_features(task)[:limit]
         size = self.settings.ingest_batch_size
         for start in range(0, len(missing), size):
             chunk = missing[start : start + size]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -236,10 +237,22 @@ BASELINES = ("full", "knn-vote")
 def evaluate(engine: Engine, task: str, rows: Sequence[Row], policies: Sequence[str], k: int | None = None,
              progress: Callable[[int], None] | None = None) -> EvalReport:
     """The named policies plus the baselines (full depth, retrieval-only vote) on the same rows."""
-    spec = engine.task_info(task).spec
-    names = list(dict.fromkeys([*policies, *BASELINES]))
-    chosen = [engine.resolve_policy(task, name, k) for name in names]  # `auto`: the stored choice and its k
+    chosen = plan(engine, task, policies, k)
     measured = measure(engine, task, rows, max(r.k for r in chosen), progress=progress)
+    return report(engine, task, chosen, measured, k)
+
+
+def plan(engine: Engine, task: str, policies: Sequence[str], k: int | None = None) -> list[Any]:
+    """The policies an evaluation runs (the named ones and the baselines) as the task resolves them
+    (`auto`: its stored choice and k). Checked before any row is measured."""
+    names = list(dict.fromkeys([*policies, *BASELINES]))
+    return [engine.resolve_policy(task, name, k) for name in names]
+
+
+def report(engine: Engine, task: str, chosen: Sequence[Any], measured: Sequence[Measured],
+           k: int | None = None) -> EvalReport:
+    """Every planned policy's answers on the measured rows (`measure`, whole or in chunks)."""
+    spec = engine.task_info(task).spec
     results = []
     for policy, policy_k, served in chosen:
         result = run_policy(policy, measured, engine.depth, spec.label_names, policy_k)

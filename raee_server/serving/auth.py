@@ -30,8 +30,9 @@ from raee_server.types import METADATA_KEY
 
 log = logging.getLogger(__name__)
 
-ADMIN_METHODS = frozenset({"CreateTask", "DeleteTask", "ListTasks"})
-WRITE_METHODS = frozenset({"Ingest", "DeleteRecords", "RelabelRecords"})  # what `ingest` adds to `classify`
+ADMIN_METHODS = frozenset({"CreateTask", "DeleteTask", "ListTasks", "CheckRecords", "BuildIndex"})
+# What `ingest` adds to `classify`: changing a task's records, heads or `auto` choice.
+WRITE_METHODS = frozenset({"Ingest", "DeleteRecords", "RelabelRecords", "FitHeads", "Tune", "BackfillFeatures"})
 SCOPES = ("classify", "ingest", "admin")
 
 

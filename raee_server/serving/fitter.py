@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,26 @@ URL_VARIABLE = "RAEE_FIT_SQL_URL"
 KEYS_VARIABLE = "RAEE_FIT_KEYS"  # a file of the task's keys (auto.save_keys): the key head's features
 
 
-async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19, keys: Path | None = None) -> dict[str, Any]:
+async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19, keys: Path | None = None,
+                             full: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fit and store the task's heads in a low-priority child; its summary. With `keys` (the parent's
     `auto.save_keys` file: the child cannot open the embedded vector store), the key head too.
-    Cancelling the awaiting task kills the child (a shutdown never waits for a fit)."""
+    The child's progress lines reach `progress` as they come. Cancelling the awaiting task kills
+    the child (a shutdown never waits for a fit)."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "raee_server.serving.fitter", task, str(niceness),
+        sys.executable, "-m", "raee_server.serving.fitter", task, str(niceness), *(["--full"] if full else []),
         env={**os.environ, URL_VARIABLE: sql_url, **({KEYS_VARIABLE: str(keys)} if keys else {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await child.communicate()
+        errors = asyncio.create_task(child.stderr.read())  # type: ignore[union-attr]
+        last = b""
+        async for line in child.stdout:  # type: ignore[union-attr]
+            message = json.loads(line) if line.startswith(b"{") else {}
+            if "progress" in message and progress is not None:
+                progress(str(message["progress"]))
+            last = line
+        err = await errors
+        await child.wait()
     except asyncio.CancelledError:
         child.kill()
         await child.wait()
@@ -39,7 +50,7 @@ async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19, keys: 
     if child.returncode != 0:
         raise RuntimeError(f"exit-head fit of {task!r} failed (exit {child.returncode}): "
                            f"{err.decode(errors='replace')[-2000:]}")
-    summary: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    summary: dict[str, Any] = json.loads(last)
     return summary
 
 
@@ -50,7 +61,8 @@ def main() -> int:
 
     keys = os.environ.get(KEYS_VARIABLE)
     heads = fit_and_store_heads(MetadataStore(os.environ[URL_VARIABLE]), sys.argv[1],
-                                keys=load_keys(Path(keys)) if keys else None)
+                                lambda m: print(json.dumps({"progress": m}), flush=True),
+                                full="--full" in sys.argv[3:], keys=load_keys(Path(keys)) if keys else None)
     print(json.dumps(heads.summary()))
     return 0
 

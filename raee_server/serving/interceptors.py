@@ -25,6 +25,7 @@ from raee_server.types import METADATA_KEY
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+OPERATION_REQUESTS = frozenset({"GetOperationRequest", "CancelOperationRequest"})
 OTHER_TASK = "_other"  # the metrics label of every task name that does not exist (task names start alphanumeric)
 
 
@@ -182,11 +183,14 @@ def failure(exc: Exception, what: str) -> tuple[grpc.StatusCode, str]:
 
 def task_of(request: Any) -> str | None:
     """The task a unary request names (`task`; `name` for the task RPCs and the inference protocol's
-    model RPCs; `model_name` for its ModelInfer); None for the others."""
+    model RPCs; `model_name` for its ModelInfer); None for the others and for an empty name. An
+    operation's `name` is no task: the servicer checks the key against the operation's task."""
+    if request.DESCRIPTOR.name in OPERATION_REQUESTS:
+        return None
     fields = request.DESCRIPTOR.fields_by_name
     for field in ("task", "name", "model_name"):
         if field in fields:
-            return str(getattr(request, field))
+            return str(getattr(request, field)) or None
     return None
 
 

@@ -14,13 +14,11 @@ import functools
 import gc
 import ipaddress
 import logging
-import os
 import shutil
 import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
 
 import grpc
 from google.rpc import status_pb2
@@ -37,7 +35,6 @@ from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
 from raee_server.serving import open_inference, open_inference_http
 from raee_server.serving.auth import LiveKeys
-from raee_server.serving.fitter import fit_heads_in_child
 from raee_server.serving.gateway import Gateway, tls_context
 from raee_server.serving.interceptors import (
     Accounting,
@@ -49,7 +46,9 @@ from raee_server.serving.interceptors import (
     failure,
     key_of,
 )
+from raee_server.serving.jobs import Jobs, OperationRpcs
 from raee_server.serving.metrics import Metrics, RecentAnswers
+from raee_server.serving.operations import Operations
 from raee_server.serving.worker import ModelWorker
 from raee_server.settings import Settings
 from raee_server.stores.records import record_id
@@ -142,7 +141,7 @@ def to_response(p: Prediction, labels: Sequence[str], queued_since: float, start
     return response
 
 
-class RaeeServicer(pb_grpc.RaeeServiceServicer):
+class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
     """What each RPC does. ObservedCalls (interceptors.py) wraps the unary and client-streaming ones:
     key checks, metrics, the access log and the status code of a failure are not repeated here."""
 
@@ -153,6 +152,8 @@ class RaeeServicer(pb_grpc.RaeeServiceServicer):
         self.accounting = accounting
         self.keys = accounting.keys
         self.recent = RecentAnswers()
+        self.operations = Operations()
+        self.jobs = Jobs(worker, settings)
 
     async def answer(self, task: str, texts: list[str], options: pb.ClassifyOptions,
                         context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
@@ -610,29 +611,32 @@ class RaeeServer:
                 continue
             for task in tasks:  # one task's failure (e.g. deleted meanwhile) does not stop the others
                 try:
-                    if await asyncio.to_thread(auto.needs_heads, engine, task) and \
-                            not await asyncio.to_thread(engine.metadata.ingesting, task):
-                        summary = await self._fit_in_child(engine, task)
-                        engine.forget_heads(task)
-                        log.info("exit heads v%d for %s fitted (%.1f s, %d records)", summary["version"], task,
-                                 summary["seconds"], summary["records"])
-                    if await asyncio.to_thread(auto.needs_tuning, engine, task) or \
-                            await asyncio.to_thread(auto.needs_tuning_after_heads, engine, task):
-                        choice = await asyncio.to_thread(auto.tune, engine, task)
-                        log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice.policy, choice.k,
-                                 choice.seconds, choice.records)
+                    await self._maintain(engine, task)
                 except Exception:  # a store outage or the task deleted meanwhile: try again next round
                     log.warning("background tuning of %s failed; retrying in %.0f s", task,
                                 self.settings.retune_check_seconds, exc_info=True)
 
-    async def _fit_in_child(self, engine: Engine, task: str) -> dict[str, Any]:
-        """A background heads fit in the low-priority child, with the task's keys handed over in a file."""
-        keys = self.settings.data_dir / f".fit-keys-{os.getpid()}.npz"
-        try:
-            await asyncio.to_thread(auto.save_keys, engine.vectors, task, keys)
-            return await fit_heads_in_child(self.settings.sql_url, task, self.settings.fit_niceness, keys)
-        finally:
-            keys.unlink(missing_ok=True)
+    async def _maintain(self, engine: Engine, task: str) -> None:
+        """One task's background refit and retune, each as an operation (queued behind any other)."""
+        operations, jobs = self.servicer.operations, self.servicer.jobs
+        if await asyncio.to_thread(auto.needs_heads, engine, task) and \
+                not await asyncio.to_thread(engine.metadata.ingesting, task) and not operations.busy("fit-heads", task):
+            op = await operations.wait(operations.start("fit-heads", task, jobs.fit_heads(task, then_tune=False)))
+            if op.response is None:
+                log.warning("background exit-head fit of %s: %s", task, op.error.message if op.error else "cancelled")
+                return
+            log.info("exit heads v%d for %s fitted (%.1f s, %d records)", op.response["version"], task,
+                     op.response["seconds"], op.response["records"])
+        if (await asyncio.to_thread(auto.needs_tuning, engine, task)
+                or await asyncio.to_thread(auto.needs_tuning_after_heads, engine, task)) \
+                and not operations.busy("tune", task):
+            op = await operations.wait(operations.start("tune", task, jobs.tune(task)))
+            if op.response is None:
+                log.warning("background tuning of %s: %s", task, op.error.message if op.error else "cancelled")
+                return
+            choice = op.response["choice"]
+            log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice["policy"], choice["k"],
+                     choice["seconds"], choice["records"])
 
     async def wait_ready(self, timeout: float = 600) -> None:
         """Until serving; raises the error if loading failed for good."""
@@ -646,6 +650,7 @@ class RaeeServer:
         for task in (self._monitor, self._retuner, self._loading):
             if task and not task.done():
                 task.cancel()
+        await self.servicer.operations.close()
         await self._set_health(False)
         await self._set_live(False)
         if self.gateway is not None:  # stops listening; HTTP calls in flight finish (they need gRPC)

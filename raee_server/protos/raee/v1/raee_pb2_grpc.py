@@ -94,6 +94,51 @@ class RaeeServiceStub:
                 request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.FitHeads = channel.unary_unary(
+                '/raee.v1.RaeeService/FitHeads',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.FitHeadsRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.FitHeadsResponse.FromString,
+                _registered_method=True)
+        self.Tune = channel.unary_unary(
+                '/raee.v1.RaeeService/Tune',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TuneRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TuneResponse.FromString,
+                _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/raee.v1.RaeeService/Evaluate',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
+        self.BackfillFeatures = channel.unary_unary(
+                '/raee.v1.RaeeService/BackfillFeatures',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BackfillFeaturesRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BackfillFeaturesResponse.FromString,
+                _registered_method=True)
+        self.CheckRecords = channel.unary_unary(
+                '/raee.v1.RaeeService/CheckRecords',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CheckRecordsRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CheckRecordsResponse.FromString,
+                _registered_method=True)
+        self.BuildIndex = channel.unary_unary(
+                '/raee.v1.RaeeService/BuildIndex',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BuildIndexRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BuildIndexResponse.FromString,
+                _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/raee.v1.RaeeService/GetOperation',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetOperationResponse.FromString,
+                _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/raee.v1.RaeeService/ListOperations',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListOperationsResponse.FromString,
+                _registered_method=True)
+        self.CancelOperation = channel.unary_unary(
+                '/raee.v1.RaeeService/CancelOperation',
+                request_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CancelOperationRequest.SerializeToString,
+                response_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CancelOperationResponse.FromString,
+                _registered_method=True)
 
 
 class RaeeServiceServicer:
@@ -198,6 +243,80 @@ class RaeeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FitHeads(self, request, context):
+        """Long-running operations, in the style of AIP-151: each of these starts the work on the server
+        and answers at once with its Operation; GetOperation follows its progress to its result, and
+        CancelOperation stops it. One operation runs at a time, the others wait in order; the model work
+        of one goes through the request queue a chunk at a time, so requests never wait behind a whole
+        operation. Operations are kept in memory: a restart forgets them (the work they stored stays).
+
+        Fit the task's exit heads as a new version (a low-priority child process), then re-choose
+        `auto`. Authorised as Ingest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tune(self, request, context):
+        """Choose the task's `auto` policy on its own records, and store it. Authorised as Ingest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evaluate(self, request, context):
+        """Every named policy (and the baselines) on labelled rows: accuracy, mean exit, histograms.
+        Authorised as Classify.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackfillFeatures(self, request, context):
+        """Exit features for records stored before exit heads existed (one forward each). Authorised as Ingest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckRecords(self, request, context):
+        """Admin: compare the task's SQL rows with its vectors (`raee-admin doctor`); with `repair`,
+        recompute what is missing and delete orphans.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BuildIndex(self, request, context):
+        """Admin: build the vector store's pending indexes. On the embedded store this holds the store
+        while it runs: requests wait for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """One operation, by the name its start answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperations(self, request, context):
+        """The operations this server holds, newest first, of the tasks the caller's key grants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelOperation(self, request, context):
+        """Stop an operation: a queued one never starts, a running one stops at once (what it stored
+        stays; a fit or a tune stores nothing until its end). Cancelling a finished one changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaeeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +379,51 @@ def add_RaeeServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoRequest.FromString,
                     response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'FitHeads': grpc.unary_unary_rpc_method_handler(
+                    servicer.FitHeads,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.FitHeadsRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.FitHeadsResponse.SerializeToString,
+            ),
+            'Tune': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tune,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TuneRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TuneResponse.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.EvaluateRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'BackfillFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackfillFeatures,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BackfillFeaturesRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BackfillFeaturesResponse.SerializeToString,
+            ),
+            'CheckRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckRecords,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CheckRecordsRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CheckRecordsResponse.SerializeToString,
+            ),
+            'BuildIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.BuildIndex,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BuildIndexRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BuildIndexResponse.SerializeToString,
+            ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetOperationRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetOperationResponse.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListOperationsRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'CancelOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelOperation,
+                    request_deserializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CancelOperationRequest.FromString,
+                    response_serializer=raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CancelOperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -586,6 +750,249 @@ class RaeeService:
             '/raee.v1.RaeeService/GetServerInfo',
             raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoRequest.SerializeToString,
             raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FitHeads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/FitHeads',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.FitHeadsRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.FitHeadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/Tune',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TuneRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.TuneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/Evaluate',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.EvaluateRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackfillFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/BackfillFeatures',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BackfillFeaturesRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BackfillFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/CheckRecords',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CheckRecordsRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CheckRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BuildIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/BuildIndex',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BuildIndexRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.BuildIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/GetOperation',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetOperationRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.GetOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/ListOperations',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListOperationsRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raee.v1.RaeeService/CancelOperation',
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CancelOperationRequest.SerializeToString,
+            raee__server_dot_protos_dot_raee_dot_v1_dot_raee__pb2.CancelOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,
