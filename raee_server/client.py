@@ -281,3 +281,79 @@ class RaeeClient:
         report.rejected += [Rejected(lines[r.index], r.reason) for r in reply.rejections]
         report.rejected.sort(key=lambda r: r.line)
         return report
+
+    # -- long-running operations ------------------------------------------------------------------
+
+    def start(self, method: str, request: Any, task: str = "") -> pb.Operation:
+        """Start an operation (`method` is its RPC: FitHeads, Tune, Evaluate, BackfillFeatures,
+        CheckRecords, BuildIndex); the Operation as the server queued it."""
+        try:
+            reply = getattr(self.stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            _raise(exc, task)
+        operation: pb.Operation = reply.operation
+        return operation
+
+    def operation(self, name: str) -> pb.Operation:
+        try:
+            return _retrying(lambda: self.stub.GetOperation(pb.GetOperationRequest(name=name),
+                                                            timeout=self.timeout)).operation
+        except grpc.RpcError as exc:
+            _raise(exc, "")
+
+    def operations(self, task: str = "") -> list[pb.Operation]:
+        try:
+            return list(self.stub.ListOperations(pb.ListOperationsRequest(task=task), timeout=self.timeout).operations)
+        except grpc.RpcError as exc:
+            _raise(exc, task)
+
+    def cancel(self, name: str) -> pb.Operation:
+        try:
+            return self.stub.CancelOperation(pb.CancelOperationRequest(name=name), timeout=self.timeout).operation
+        except grpc.RpcError as exc:
+            _raise(exc, "")
+
+    def wait(self, operation: pb.Operation, progress: Callable[[pb.Operation], None] | None = None,
+             poll: float = 0.5) -> dict[str, Any]:
+        """Poll until the operation is done; its report, or its failure raised as the error type the
+        same call would have raised (a cancelled one: RaeeError with reason CANCELLED)."""
+        while True:
+            if progress is not None:
+                progress(operation)
+            if operation.done:
+                return operation_result(operation)
+            time.sleep(poll)
+            operation = self.operation(operation.name)
+
+
+def operation_result(operation: pb.Operation) -> dict[str, Any]:
+    """A finished operation's report (Struct numbers that are whole come back as ints, as the same
+    report made locally has them), or its failure as the service's error type."""
+    from google.protobuf import json_format
+
+    if operation.state == pb.Operation.STATE_SUCCEEDED:
+        return dict(_whole(json_format.MessageToDict(operation.response)))
+    code = CODE_OF_NUMBER.get(operation.error.code, grpc.StatusCode.UNKNOWN)
+    message = f"operation {operation.name} ({operation.kind} {operation.task}): {operation.error.message}"
+    error: RaeeError
+    if code == grpc.StatusCode.CANCELLED:
+        error = RaeeError(message)
+        error.reason = "CANCELLED"
+    elif code == grpc.StatusCode.NOT_FOUND:
+        error = TaskNotFound(operation.task)
+    else:
+        error = _ERRORS.get(code, RaeeError)(message)
+    raise error
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    return value
+
+
+CODE_OF_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

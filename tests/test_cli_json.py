@@ -59,7 +59,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     runner.invoke(cli, [*server_base[:2], "task", "create", "--file", str(root / "s.toml"), "--server", address],
                   catch_exceptions=False)
     runner.invoke(cli, ["ingest", "--task", "sentiment", str(data), "--server", address], catch_exceptions=False)
-    yield {"root": root, "base": base, "data": data, "address": address, "http": http}
+    from raee_server.client import RaeeClient
+    from raee_server.protos.raee.v1 import raee_pb2 as pb
+
+    client = RaeeClient(address)
+    operation = client.start("Tune", pb.TuneRequest(task="sentiment", validation=8), "sentiment").name
+    client.close()
+    yield {"root": root, "base": base, "data": data, "address": address, "http": http, "operation": operation}
     proc.terminate()
     proc.wait(60)
 
@@ -102,6 +108,9 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
         "bench-speed": ["bench-speed", "sst2:30", "--data", str(root / "corpora"), "--out", str(root / "speed")],
         "bench-keys": ["bench-keys", dev, "--limit", "20", "--out", str(root / "keys")],
         "health": ["health", "--server", address],
+        "operation list": ["operation", "list", "--server", address],
+        "operation show": ["operation", "show", s["operation"], "--server", address],
+        "operation cancel": ["operation", "cancel", s["operation"], "--server", address],
         "loadtest": ["loadtest", "--server", address, "--task", "sentiment", data, "--policy", "paper",
                      "--clients", "2", "--seconds", "1", "--sequential", "3"],
         "soak": ["soak", "--server", address, "--task", "sentiment", "--clients", "2", "--seconds", "1",
@@ -126,7 +135,8 @@ def test_each_reporting_command_prints_one_json_document_and_nothing_else(setup:
     assert set(runs) == set(COMMANDS) - set(NOT_REPORTING), "a reporting command is not exercised here"
     runner = CliRunner()
     for name, args in runs.items():
-        global_flags = setup["base"] if name not in ("health", "loadtest", "soak", "bench-transports") else []
+        global_flags = setup["base"] if name not in ("health", "loadtest", "soak", "bench-transports") \
+            and not name.startswith("operation") else []
         if name == "bench-keys":  # its subject is a sentence-transformers key: the packaged MiniLM
             global_flags = [*global_flags[:-1], "minilm"]
         result = runner.invoke(cli, [*global_flags, *args, "--json"], catch_exceptions=False)

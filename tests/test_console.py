@@ -280,3 +280,33 @@ def test_with_api_keys_on_the_console_asks_for_one_and_then_works(tmp_path: Path
     finally:
         browser.execute_script("sessionStorage.clear()")
         server.stop()
+
+
+def test_operations_are_listed_with_progress_and_started_from_the_task_panel(real_server: ServerThread,
+                                                                             browser: Any, shots: Path) -> None:
+    """The server's own background fit is an operation the console lists; "Fit exit heads" starts one
+    and the table follows it to its end."""
+    from selenium.webdriver.common.by import By
+
+    open_console(browser, real_server)
+
+    def rows(d: Any) -> list[list[str]]:
+        return [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
+                for r in d.find_elements(By.CSS_SELECTOR, "#operations tr.operation")]
+
+    until(browser, lambda d: any(r[1] == "fit-heads" and r[2] == "sst2" and r[3] == "succeeded" for r in rows(d)),
+          "the background fit is not listed")
+    before = {r[0] for r in rows(browser)}
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr.task-row[data-task='sst2']"), "no sst2 row")[0] \
+        .click()
+    until(browser, visible("task-section"), "the task panel did not open")
+    browser.find_element(By.ID, "fit-heads").click()
+    started = until(browser, lambda d: [r for r in rows(d) if r[0] not in before and r[1] == "fit-heads"],
+                    "the started fit is not listed")[0]
+    assert started[2] == "sst2" and browser.find_elements(
+        By.CSS_SELECTOR, f"#operations tr[data-operation='{started[0]}'] progress")
+    until(browser, lambda d: any(r[0] == started[0] and r[3] == "succeeded" for r in rows(d)),
+          "the started fit did not finish")
+    served = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task
+    assert served.heads.version >= 2  # the console's fit stored a new version
+    full_page(browser, shots / "operations.png")

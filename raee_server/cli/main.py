@@ -89,6 +89,12 @@ class Context:
 
     @property
     def engine(self) -> Any:
+        """The local stores and models. A command reaches here only when it runs locally: with a
+        server named (--server before the command, or RAEE_SERVER) that is a mistake, refused."""
+        if self.server:
+            verb = click.get_current_context().command_path.removeprefix("raee-admin ").strip()
+            raise click.UsageError(f"`{verb}` runs on this machine's stores, not on a server, and a server is named "
+                                   f"({self.server}): drop --server / unset RAEE_SERVER to run it here")
         if self._engine is None:
             from raee_server.core.engine import Engine
 
@@ -635,25 +641,33 @@ def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str |
               help="policy to measure (repeatable); `full` is always measured too")
 @click.option("--k", type=int, help="neighbours to retrieve (default 12)")
 @click.option("--json-out", type=click.Path(path_type=Path), help="also write the report as JSON")
+@server_option
 @click.pass_obj
 @reports
 def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
-                 limit: int | None, policies: tuple[str, ...], k: int | None, json_out: Path | None
-                 ) -> dict[str, Any]:
-    """Accuracy, mean exit layer and exit histogram of each policy and of full depth, on the same rows."""
+                 limit: int | None, policies: tuple[str, ...], k: int | None, json_out: Path | None,
+                 server: str | None = None) -> dict[str, Any]:
+    """Accuracy, mean exit layer and exit histogram of each policy and of full depth, on the same rows.
+    With --server, the server measures them (the rows travel in the request; nothing is stored)."""
     from raee_server.core.evaluation import evaluate, format_report
 
     items = list(_rows(file, text_column, label_column, fmt, limit))
     rows = [r for r in items if isinstance(r, Row)]
     if len(rows) != len(items):
         click.echo(f"skipping {len(items) - len(rows)} unusable row(s)", err=True)
-    engine = obj.engine
-    with tqdm(total=len(rows), unit="row", desc=f"eval {task_name}", file=sys.stderr) as bar:
-        report = evaluate(engine, task_name, rows, list(policies), k, progress=bar.update)
-    obj.say(format_report(report))
+    if server:
+        from raee_server.protos.raee.v1 import raee_pb2 as pb
+
+        request = pb.EvaluateRequest(task=task_name, examples=[pb.Example(text=r.text, label=r.label) for r in rows],
+                                     policies=list(policies), k=k or 0)
+        found = on_server(obj, server, "Evaluate", request, task_name)
+    else:
+        with tqdm(total=len(rows), unit="row", desc=f"eval {task_name}", file=sys.stderr) as bar:
+            found = evaluate(obj.engine, task_name, rows, list(policies), k, progress=bar.update).to_dict()
+    obj.say(format_report(found))
     if json_out:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2))
-    return dict(report.to_dict())
+        json_out.write_text(json.dumps(found, indent=2))
+    return dict(found)
 
 
 def data_option(help_text: str = "folder with <task>/train.tsv and <task>/dev.tsv") -> Callable[[F], F]:
@@ -955,23 +969,28 @@ def bench_transports(obj: Context, server: str, http_address: str, task_name: st
 
 
 @cli.command()
+@server_option
 @click.pass_obj
 @reports
-def index(obj: Context) -> dict[str, Any]:
+def index(obj: Context, server: str | None = None) -> dict[str, Any]:
     """Build the embedded vector store's pending indexes (also done at server start and after ingest).
 
-    Blocks whatever holds the store while it runs, so it runs here, with the server stopped."""
+    Blocks whatever holds the store while it runs: with --server, the server's requests wait for it."""
     from raee_server.errors import NotReady
 
-    try:
-        engine = obj.engine
-    except NotReady as exc:
-        raise NotReady(f"{exc}. A running server builds pending indexes when it starts "
-                       "(RAEE_INDEX_ON_START): restart it, or stop it and run `raee-admin index`") from None
-    seconds = engine.build_index()
-    points = engine.vectors.count()
-    obj.say(f"{points:,} points, indexes up to date ({seconds:.1f} s)")
-    return {"points": points, "seconds": seconds}
+    if server:
+        from raee_server.protos.raee.v1 import raee_pb2 as pb
+
+        found = on_server(obj, server, "BuildIndex", pb.BuildIndexRequest())
+    else:
+        try:
+            engine = obj.engine
+        except NotReady as exc:
+            raise NotReady(f"{exc}. A running server builds its indexes as an operation: "
+                           "`raee-admin index --server HOST:PORT`") from None
+        found = {"seconds": engine.build_index(), "points": engine.vectors.count()}
+    obj.say(f"{found['points']:,} points, indexes up to date ({found['seconds']:.1f} s)")
+    return found
 
 
 @cli.command("bench-scale")
@@ -1018,23 +1037,50 @@ def bench_scale(obj: Context, sizes: tuple[int, ...], tenants: int, queries: int
     return {"keys": keys, "store": qdrant_url or "embedded", "results": results}
 
 
+def on_server(obj: Context, server: str, method: str, request: Any, task: str = "") -> dict[str, Any]:
+    """Run a verb's work as an operation of the server: start it, show its progress, return its
+    report. Ctrl-C cancels the operation on the server, not only this command."""
+    client = obj.client(server)
+    try:
+        op = client.start(method, request, task)
+        click.echo(f"{op.kind} {task}: operation {op.name} on {server} (Ctrl-C cancels it)".replace("  ", " "),
+                   err=True)
+        with tqdm(desc=op.kind, file=sys.stderr, unit="") as bar:
+            def show(op: Any) -> None:
+                bar.total = op.progress_total or None
+                bar.n = op.progress_done
+                bar.set_postfix_str(op.progress_message, refresh=True)
+
+            try:
+                return client.wait(op, show)
+            except KeyboardInterrupt:
+                client.cancel(op.name)
+                click.echo(f"cancelled operation {op.name} on {server}", err=True)
+                sys.exit(130)
+    finally:
+        client.close()
+
+
 @cli.command()
 @click.option("--task", "task_name", required=True)
 @click.option("--validation", type=int, default=None, show_default="2000",
               help="validation records (leave-one-out; all of them when fewer)")
 @click.option("--all", "show_all", is_flag=True, help="print every candidate, not just the best ten")
+@server_option
 @click.pass_obj
 @reports
-def tune(obj: Context, task_name: str, validation: int | None, show_all: bool) -> dict[str, Any]:
+def tune(obj: Context, task_name: str, validation: int | None, show_all: bool, server: str | None = None
+         ) -> dict[str, Any]:
     """Choose the task's `auto` policy and k on a validation split of its own records, and store it."""
     from raee_server.core import auto as tuning
 
-    found = tuning.tune_report(obj.engine, task_name, validation, show_all)
-    say_tune(obj, task_name, found)
-    return found
+    if server:
+        from raee_server.protos.raee.v1 import raee_pb2 as pb
 
-
-def say_tune(obj: Context, task_name: str, found: dict[str, Any]) -> None:
+        found = on_server(obj, server, "Tune", pb.TuneRequest(task=task_name, validation=validation or 0,
+                                                              all_candidates=show_all), task_name)
+    else:
+        found = tuning.tune_report(obj.engine, task_name, validation, show_all)
     choice = found["choice"]
     objective = choice["objective"]
     obj.say(f"{'policy':<22} {'k':>3} {objective.replace('_', ' '):>17} {'mean exit':>10}")
@@ -1044,73 +1090,168 @@ def say_tune(obj: Context, task_name: str, found: dict[str, Any]) -> None:
     obj.say(f"auto for {task_name}: {choice['policy']} with k = {choice['k']} ({objective.replace('_', ' ')} "
             f"{100 * choice['accuracy']:.1f}% at mean exit {choice['mean_exit']:.2f} on "
             f"{choice['validation_rows']} rows)")
+    return found
 
 
 @cli.command("fit-heads")
 @click.option("--task", "task_name", required=True)
 @click.option("--full", is_flag=True, help="a full fit (C cross-validated anew), not a warm refit")
+@server_option
 @click.pass_obj
 @reports
-def fit_heads_cmd(obj: Context, task_name: str, full: bool) -> dict[str, Any]:
+def fit_heads_cmd(obj: Context, task_name: str, full: bool, server: str | None = None) -> dict[str, Any]:
     """Fit the task's exit heads (a linear head per exit on its records' exit features, C chosen by
     cross-validation) as a new version, then re-choose its `auto` policy. Warm where it can: from the
-    served version, keeping its C, until the records double since its full fit."""
+    served version, keeping its C, until the records double since its full fit. With --server, the
+    server fits them in a low-priority child process."""
     from raee_server.core import auto
 
-    engine = obj.engine
-    heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True), full=full)
-    choice = auto.tune(engine, task_name)
-    summary = heads.summary()
-    obj.say(f"exit heads v{heads.version} for {task_name}: {summary['fit_records']} records fit the heads, "
-            f"{summary['calibration_records']} certify the cascade, {heads.seconds:.1f} s")
+    if server:
+        from raee_server.protos.raee.v1 import raee_pb2 as pb
+
+        summary = on_server(obj, server, "FitHeads", pb.FitHeadsRequest(task=task_name, full=full), task_name)
+    else:
+        engine = obj.engine
+        heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True), full=full)
+        summary = {**heads.summary(), "auto": auto.tune(engine, task_name).to_dict()}
+    choice = summary["auto"]
+    obj.say(f"exit heads v{summary['version']} for {task_name}: {summary['fit_records']} records fit the heads, "
+            f"{summary['calibration_records']} certify the cascade, {summary['seconds']:.1f} s")
     obj.say("out-of-fold accuracy per exit: " + " ".join(
-        f"L{layer}={100 * a:.1f}%" for layer, a in enumerate(heads.accuracy)))
-    obj.say("C per exit: " + " ".join(f"L{layer}={c:g}" for layer, c in enumerate(heads.c))
+        f"L{layer}={100 * a:.1f}%" for layer, a in enumerate(summary["accuracy"])))
+    obj.say("C per exit: " + " ".join(f"L{layer}={c:g}" for layer, c in enumerate(summary["c"]))
             + f" ({summary['c_at_grid_edge']} at an edge of the grid)")
-    obj.say(f"best exit {heads.best_exit}; auto for {task_name}: {choice.policy} with k = {choice.k} "
-            f"({100 * choice.accuracy:.1f}% at mean exit {choice.mean_exit:.2f})")
-    return {**summary, "auto": choice.to_dict()}
+    obj.say(f"best exit {summary['best_exit']}; auto for {task_name}: {choice['policy']} with k = {choice['k']} "
+            f"({100 * choice['accuracy']:.1f}% at mean exit {choice['mean_exit']:.2f})")
+    return summary
 
 
 @cli.command("backfill-features")
 @click.option("--task", "task_name", required=True)
+@server_option
 @click.pass_obj
 @reports
-def backfill_features(obj: Context, task_name: str) -> dict[str, Any]:
+def backfill_features(obj: Context, task_name: str, server: str | None = None) -> dict[str, Any]:
     """Compute exit features for records stored before exit heads existed (one forward each)."""
-    engine = obj.engine
-    missing = len(engine.metadata.without_features(task_name))
-    with tqdm(total=missing, unit="record", desc=f"features {task_name}", file=sys.stderr) as bar:
-        done = engine.backfill_features(task_name, progress=bar.update)
-    obj.say(f"exit features added to {done} records of {task_name}")
-    return {"task": task_name, "records": done}
+    if server:
+        from raee_server.protos.raee.v1 import raee_pb2 as pb
+
+        found = on_server(obj, server, "BackfillFeatures", pb.BackfillFeaturesRequest(task=task_name), task_name)
+    else:
+        engine = obj.engine
+        missing = len(engine.metadata.without_features(task_name))
+        with tqdm(total=missing, unit="record", desc=f"features {task_name}", file=sys.stderr) as bar:
+            found = {"task": task_name, "records": engine.backfill_features(task_name, progress=bar.update)}
+    obj.say(f"exit features added to {found['records']} records of {task_name}")
+    return found
 
 
 @cli.command()
 @click.option("--task", "tasks", multiple=True, help="task to check (repeatable; default: all)")
 @click.option("--repair", is_flag=True, help="recompute rows missing from the vector store, delete orphan vectors")
+@server_option
 @click.pass_obj
 @reports
-def doctor(obj: Context, tasks: tuple[str, ...], repair: bool) -> list[dict[str, Any]]:
+def doctor(obj: Context, tasks: tuple[str, ...], repair: bool, server: str | None = None) -> list[dict[str, Any]]:
     """Report (and with --repair fix) records present in one store and missing in the other."""
     from raee_server.core import doctor as checks
 
-    engine = obj.engine
-    names = list(tasks) or [i.spec.name for i in engine.metadata.list_tasks()]
     found = []
-    for name in names:
-        diagnosis = checks.diagnose(engine, name)
-        first = diagnosis.summary()
-        obj.say(first)
-        if not diagnosis.healthy and repair:
-            diagnosis = checks.repair(engine, diagnosis)
-            obj.say("  repaired -> " + diagnosis.summary())
-        found.append({"task": name, "found": first, "healthy": diagnosis.healthy, "now": diagnosis.summary()})
+    if server:
+        from raee_server.protos.raee.v1 import raee_pb2 as pb
+
+        if not tasks:
+            client = obj.client(server)
+            tasks = tuple(t.name for t in client.tasks())
+            client.close()
+        for name in tasks:
+            one = on_server(obj, server, "CheckRecords", pb.CheckRecordsRequest(task=name, repair=repair), name)
+            obj.say(one["found"] + ("" if one["found"] == one["now"] else "\n  repaired -> " + one["now"]))
+            found.append(one)
+    else:
+        engine = obj.engine
+        for name in list(tasks) or [i.spec.name for i in engine.metadata.list_tasks()]:
+            diagnosis = checks.diagnose(engine, name)
+            first = diagnosis.summary()
+            obj.say(first)
+            if not diagnosis.healthy and repair:
+                diagnosis = checks.repair(engine, diagnosis)
+                obj.say("  repaired -> " + diagnosis.summary())
+            found.append({"task": name, "found": first, "healthy": diagnosis.healthy, "now": diagnosis.summary()})
     unhealthy = sum(not f["healthy"] for f in found)
     if unhealthy:
         click.echo(f"error: {unhealthy} task(s) inconsistent; run with --repair", err=True)
         obj.exit_code = EXIT_REJECTED
     return found
+
+
+@cli.group()
+def operation() -> None:
+    """The long-running operations of a running server (tune, fit-heads, eval, ... with --server)."""
+
+
+def _operation_dict(op: Any) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(op, preserving_proto_field_name=True)
+
+
+@operation.command("list")
+@click.option("--task", "task_name", default="", help="only this task's operations")
+@server_option
+@click.pass_obj
+@reports
+def operation_list(obj: Context, task_name: str, server: str | None) -> list[dict[str, Any]]:
+    """The server's operations, newest first, of the tasks your key grants."""
+    client = obj.client(need_server(server, "operation list"))
+    ops = client.operations(task_name)
+    client.close()
+    for op in ops:
+        total = f"/{op.progress_total}" if op.progress_total else ""
+        obj.say(f"{op.name}  {op.kind:<17} {op.task or '-':<16} {pb_state(op.state):<9} "
+                f"{op.progress_done}{total}  {op.progress_message}")
+    return [_operation_dict(op) for op in ops]
+
+
+@operation.command("show")
+@click.argument("name")
+@server_option
+@click.pass_obj
+@reports
+def operation_show(obj: Context, name: str, server: str | None) -> dict[str, Any]:
+    """One operation: its state, progress, and its report or error once done."""
+    client = obj.client(need_server(server, "operation show"))
+    op = client.operation(name)
+    client.close()
+    found = _operation_dict(op)
+    obj.say(json.dumps(found, indent=2))
+    return found
+
+
+@operation.command("cancel")
+@click.argument("name")
+@server_option
+@click.pass_obj
+@reports
+def operation_cancel(obj: Context, name: str, server: str | None) -> dict[str, Any]:
+    """Cancel an operation: a queued one never starts, a running one stops."""
+    client = obj.client(need_server(server, "operation cancel"))
+    op = client.cancel(name)
+    client.close()
+    obj.say(f"{op.name}: {pb_state(op.state)}")
+    return _operation_dict(op)
+
+
+def pb_state(state: int) -> str:
+    from raee_server.protos.raee.v1 import raee_pb2 as pb
+
+    return pb.Operation.State.Name(state).removeprefix("STATE_").lower()
+
+
+def need_server(server: str | None, verb: str) -> str:
+    if not server:
+        raise click.UsageError(f"{verb} reads a running server's operations: give --server HOST:PORT (or RAEE_SERVER)")
+    return server
 
 
 @cli.command()

@@ -261,26 +261,23 @@ def report(engine: Engine, task: str, chosen: Sequence[Any], measured: Sequence[
     return EvalReport(task, engine.depth, engine.check_k(k), spec.label_names, results, layer_accuracy(measured))
 
 
-def format_table(results: Sequence[PolicyResult], n_labels: int) -> list[str]:
-    lines = [f"{'policy':<18} {'accuracy':>9} {'balanced':>9} {'macro-F1':>9} {'mean exit':>10} {'p95 exit':>9} "
+def format_report(report: dict[str, Any]) -> str:
+    """An evaluation report (`EvalReport.to_dict()`, here or from a server's operation) as text."""
+    results = report["policies"]
+    n = results[0]["rows"] if results else 0
+    lines = [f"task {report['task']}: {n} rows, backbone depth {report['depth']} layers, k = {report['k']}", "",
+             f"{'policy':<18} {'accuracy':>9} {'balanced':>9} {'macro-F1':>9} {'mean exit':>10} {'p95 exit':>9} "
              f"{'saved':>7}"]
     for r in results:
-        lines.append(f"{r.name:<18} {100 * r.accuracy:>8.1f}% {100 * r.balanced_accuracy(n_labels):>8.1f}% "
-                     f"{100 * r.macro_f1(n_labels):>8.1f}% "
-                     f"{r.mean_exit:>10.2f} {r.p95_exit:>9.1f} {100 * r.layers_saved:>6.1f}%")
-    return lines
-
-
-def format_report(report: EvalReport) -> str:
-    n = report.results[0].rows if report.results else 0
-    lines = [f"task {report.task}: {n} rows, backbone depth {report.depth} layers, k = {report.k}", ""]
-    lines += format_table(report.results, len(report.labels))
-    for r in report.results:
-        hist = r.histogram()
+        lines.append(f"{r['policy']:<18} {100 * r['accuracy']:>8.1f}% {100 * r['balanced_accuracy']:>8.1f}% "
+                     f"{100 * r['macro_f1']:>8.1f}% {r['mean_exit_layer']:>10.2f} {r['p95_exit_layer']:>9.1f} "
+                     f"{100 * r['layers_saved']:>6.1f}%")
+    for r in results:
+        hist = r["exit_histogram"]
         peak = max(hist) or 1
-        lines += ["", f"exit-layer histogram, {r.name}:"]
+        lines += ["", f"exit-layer histogram, {r['policy']}:"]
         lines += [f"  L{layer:>2} {count:>6} {'#' * round(40 * count / peak)}" for layer, count in enumerate(hist)
                   if count]
     lines += ["", "accuracy of each single exit: " + " ".join(
-        f"L{l}={100 * a:.0f}%" for l, a in enumerate(report.by_layer))]
+        f"L{l}={100 * a:.0f}%" for l, a in enumerate(report["layer_accuracy"]))]
     return "\n".join(lines)

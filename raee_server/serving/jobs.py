@@ -20,6 +20,7 @@ from raee_server.core.datafile import check_row
 from raee_server.core.engine import Engine
 from raee_server.errors import InvalidInput, PermissionDenied, clip
 from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.serving.auth import ADMIN_METHODS
 from raee_server.serving.fitter import fit_heads_in_child
 from raee_server.serving.interceptors import Accounting
 from raee_server.serving.operations import Body, Operation, Operations, Progress
@@ -69,11 +70,11 @@ class Jobs:
 
         return body
 
-    def tune(self, task: str, validation: int | None = None) -> Body:
+    def tune(self, task: str, validation: int | None = None, show_all: bool = False) -> Body:
         async def body(progress: Progress) -> dict[str, Any]:
             await self._exists(task)
             progress("choosing auto on the task's records")
-            return await asyncio.to_thread(auto.tune_report, self.engine, task, validation)
+            return await asyncio.to_thread(auto.tune_report, self.engine, task, validation, show_all)
 
         return body
 
@@ -135,7 +136,7 @@ class Jobs:
         return body
 
 
-# The RPC that starts each kind: its key rule (auth.py) is also the rule to read or cancel one.
+# The RPC that starts each kind: its key rule (auth.py) is also the rule to cancel one.
 START_METHODS = {"fit-heads": "FitHeads", "tune": "Tune", "evaluate": "Evaluate",
                  "backfill-features": "BackfillFeatures", "check-records": "CheckRecords", "build-index": "BuildIndex"}
 
@@ -157,7 +158,7 @@ class OperationRpcs:
             "fit-heads", request.task, self.jobs.fit_heads(request.task, request.full)))
 
     async def Tune(self, request: pb.TuneRequest, context: Any) -> pb.TuneResponse:
-        body = self.jobs.tune(request.task, request.validation or None)
+        body = self.jobs.tune(request.task, request.validation or None, request.all_candidates)
         return pb.TuneResponse(operation=self._started("tune", request.task, body))
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: Any) -> pb.EvaluateResponse:
@@ -191,8 +192,12 @@ class OperationRpcs:
     async def BuildIndex(self, request: pb.BuildIndexRequest, context: Any) -> pb.BuildIndexResponse:
         return pb.BuildIndexResponse(operation=self._started("build-index", "", self.jobs.build_index()))
 
-    def _visible(self, context: Any, op: Operation) -> Operation:
-        self.accounting.authorize(context, START_METHODS[op.kind], op.task or None)
+    def _visible(self, context: Any, op: Operation, to_cancel: bool = False) -> Operation:
+        """A key that may use the task reads its operations; cancelling one, or reading an admin
+        operation, needs what starting it needs."""
+        start = START_METHODS[op.kind]
+        method = start if to_cancel or start in ADMIN_METHODS else "GetOperation"
+        self.accounting.authorize(context, method, op.task or None)
         return op
 
     async def GetOperation(self, request: pb.GetOperationRequest, context: Any) -> pb.GetOperationResponse:
@@ -212,5 +217,5 @@ class OperationRpcs:
         return pb.ListOperationsResponse(operations=[op.to_proto() for op in self.operations.list(visible)])
 
     async def CancelOperation(self, request: pb.CancelOperationRequest, context: Any) -> pb.CancelOperationResponse:
-        op = self._visible(context, self.operations.get(request.name))
+        op = self._visible(context, self.operations.get(request.name), to_cancel=True)
         return pb.CancelOperationResponse(operation=self.operations.cancel(op.name).to_proto())

@@ -400,6 +400,57 @@ async function loadServerInfo() {
   }
 }
 
+// -- operations -----------------------------------------------------------------------------------
+
+const STATES = { STATE_QUEUED: "queued", STATE_RUNNING: "running", STATE_SUCCEEDED: "succeeded",
+                 STATE_FAILED: "failed", STATE_CANCELLED: "cancelled" };
+
+async function loadOperations() {
+  let operations = [];
+  try {
+    operations = (await api("GET", "/v1/operations")).operations || [];
+  } catch (err) {
+    fill($("operations").tBodies[0], [el("tr", {}, el("td", { colspan: 6, class: "muted" }, explain(err)))]);
+    return;
+  }
+  const rows = operations.map((op) => {
+    const total = Number(op.progressTotal || 0), done = Number(op.progressDone || 0);
+    // A known total: a bar of done/total. Unknown: an indeterminate bar while it runs.
+    const bar = el("progress", total ? { max: total, value: done } : op.done ? { max: 1, value: 1 } : {});
+    const what = op.error && op.error.message ? op.error.message : op.progressMessage;
+    const state = STATES[op.state] || op.state;
+    const cancel = op.done ? "" : el("button", { type: "button", class: "cancel", onclick: () => cancelOperation(op.name) },
+                                     "Cancel");
+    return el("tr", { class: `operation ${state}`, "data-operation": op.name },
+      el("td", {}, el("code", {}, op.name)), el("td", {}, op.kind), el("td", {}, op.task || "-"),
+      el("td", { class: "state" }, state),
+      el("td", {}, bar, " ", el("span", { class: "muted" }, total ? `${done}/${total} ` : "", what || "")),
+      el("td", {}, cancel));
+  });
+  if (rows.length === 0) rows.push(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "no operations yet")));
+  fill($("operations").tBodies[0], rows);
+}
+
+async function cancelOperation(name) {
+  try {
+    await api("POST", `/v1/operations/${encodeURIComponent(name)}:cancel`, {});
+  } catch (err) {
+    notice(explain(err));
+  }
+  loadOperations();
+}
+
+async function fitHeads() {
+  if (!state.selected) return;
+  try {
+    await api("POST", `/v1/tasks/${encodeURIComponent(state.selected)}:fitHeads`, {});
+    notice("");
+  } catch (err) {
+    notice(explain(err));
+  }
+  loadOperations();
+}
+
 function start() {
   $("api-key").value = state.key;
   $("key-form").addEventListener("submit", (event) => {
@@ -413,12 +464,16 @@ function start() {
     sessionStorage.setItem("raee-api-key", state.key);
     loadTasks();
     loadServerInfo();
+    loadOperations();
     if (state.selected) refreshTask();
   });
   $("try-form").addEventListener("submit", classify);
+  $("fit-heads").addEventListener("click", fitHeads);
   $("ingest-form").addEventListener("submit", ingest);
   serverState();
   setInterval(serverState, 5000);
+  loadOperations();
+  setInterval(loadOperations, 1000);
   loadTasks();
   loadServerInfo();
 }

@@ -69,12 +69,14 @@ class FitHeadsResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[Operation, _Mapping]] = ...) -> None: ...
 
 class TuneRequest(_message.Message):
-    __slots__ = ("task", "validation")
+    __slots__ = ("task", "validation", "all_candidates")
     TASK_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    ALL_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     task: str
     validation: int
-    def __init__(self, task: _Optional[str] = ..., validation: _Optional[int] = ...) -> None: ...
+    all_candidates: bool
+    def __init__(self, task: _Optional[str] = ..., validation: _Optional[int] = ..., all_candidates: _Optional[bool] = ...) -> None: ...
 
 class TuneResponse(_message.Message):
     __slots__ = ("operation",)
