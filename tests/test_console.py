@@ -290,9 +290,10 @@ def test_operations_are_listed_with_progress_and_started_from_the_task_panel(rea
 
     open_console(browser, real_server)
 
-    def rows(d: Any) -> list[list[str]]:
-        return [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
-                for r in d.find_elements(By.CSS_SELECTOR, "#operations tr.operation")]
+    def rows(d: Any) -> list[list[str]]:  # read in one script: the table is redrawn every second
+        return list(d.execute_script(
+            "return [...document.querySelectorAll('#operations tr.operation')]"
+            ".map(r => [...r.querySelectorAll('td')].map(c => c.innerText.trim()))"))
 
     until(browser, lambda d: any(r[1] == "fit-heads" and r[2] == "sst2" and r[3] == "succeeded" for r in rows(d)),
           "the background fit is not listed")
@@ -303,8 +304,8 @@ def test_operations_are_listed_with_progress_and_started_from_the_task_panel(rea
     browser.find_element(By.ID, "fit-heads").click()
     started = until(browser, lambda d: [r for r in rows(d) if r[0] not in before and r[1] == "fit-heads"],
                     "the started fit is not listed")[0]
-    assert started[2] == "sst2" and browser.find_elements(
-        By.CSS_SELECTOR, f"#operations tr[data-operation='{started[0]}'] progress")
+    assert started[2] == "sst2" and browser.execute_script(
+        f"return document.querySelector(\"#operations tr[data-operation='{started[0]}'] progress\") !== null")
     until(browser, lambda d: any(r[0] == started[0] and r[3] == "succeeded" for r in rows(d)),
           "the started fit did not finish")
     served = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task

@@ -402,6 +402,7 @@ async function loadServerInfo() {
 
 // -- operations -----------------------------------------------------------------------------------
 
+const SHOWN_OPERATIONS = 12;  // the newest; `raee-admin operation list` has them all
 const STATES = { STATE_QUEUED: "queued", STATE_RUNNING: "running", STATE_SUCCEEDED: "succeeded",
                  STATE_FAILED: "failed", STATE_CANCELLED: "cancelled" };
 
@@ -413,7 +414,7 @@ async function loadOperations() {
     fill($("operations").tBodies[0], [el("tr", {}, el("td", { colspan: 6, class: "muted" }, explain(err)))]);
     return;
   }
-  const rows = operations.map((op) => {
+  const rows = operations.slice(0, SHOWN_OPERATIONS).map((op) => {
     const total = Number(op.progressTotal || 0), done = Number(op.progressDone || 0);
     // A known total: a bar of done/total. Unknown: an indeterminate bar while it runs.
     const bar = el("progress", total ? { max: total, value: done } : op.done ? { max: 1, value: 1 } : {});
