@@ -46,7 +46,8 @@ def layer(module: str) -> str:
 
 def test_no_import_cycle_between_modules() -> None:
     mods = modules()
-    graph = {m: {i for i in imports(p, top_level_only=True) if i in mods and i != m} for m, p in mods.items()}
+    # Lazy imports (inside a function) count: a cycle through one is a cycle all the same.
+    graph = {m: {i for i in imports(p, top_level_only=False) if i in mods and i != m} for m, p in mods.items()}
     state: dict[str, int] = {}
 
     def visit(m: str, path: list[str]) -> None:

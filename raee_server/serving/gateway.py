@@ -6,8 +6,9 @@ socket, and the answer, or the google.rpc.Status of the failure with its details
 JSON. Auth (the API key header), limits, the model worker, metrics and the access log are the gRPC
 path's: one place each. Streamed messages (ClassifyStream, Ingest) travel as newline-delimited JSON.
 
-It also serves the web console at `/`, the OpenAPI document at `/openapi.json` and HTTP probes at
-`/healthz` (liveness) and `/readyz` (readiness).
+It also serves the web console at `/` and HTTP probes at `/healthz` (liveness) and `/readyz`
+(readiness); other protocols' routes (the OpenAPI document, the Open Inference Protocol) are mounted
+on it by the server, so this module depends on none of them.
 """
 
 from __future__ import annotations
@@ -227,7 +228,6 @@ class Gateway:
         self.app = web.Application(client_max_size=max_message_bytes)
         self.app.router.add_get("/", self._console_index)
         self.app.router.add_static("/console/", console_dir(), show_index=False)
-        self.app.router.add_get("/openapi.json", self._openapi)
         self.app.router.add_get("/healthz", self._probe("liveness"))
         self.app.router.add_get("/readyz", self._probe("readiness"))
         for mount in mounts:
@@ -259,11 +259,6 @@ class Gateway:
 
     async def _console_index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(console_dir() / "index.html")
-
-    async def _openapi(self, request: web.Request) -> web.Response:
-        from raee_server.serving.openapi import openapi
-
-        return web.json_response(openapi())
 
     def _probe(self, service: str) -> Callable[[web.Request], Any]:
         async def probe(request: web.Request) -> web.Response:

@@ -12,10 +12,11 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from aiohttp import web
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from raee_server.serving.gateway import NDJSON, REQUEST_ID, SERVICE, TIMEOUT_HEADER, routes
+from raee_server.serving.gateway import NDJSON, REQUEST_ID, SERVICE, TIMEOUT_HEADER, Gateway, routes
 from raee_server.types import METADATA_KEY
 
 INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
@@ -181,3 +182,12 @@ def openapi() -> dict[str, Any]:
         },
         "security": [{}, {"apiKey": []}, {"bearer": []}],
     }
+
+
+def mount(gateway: Gateway) -> None:
+    """Serve the document at /openapi.json (the gateway mounts it; it does not import this module)."""
+
+    async def document(request: web.Request) -> web.Response:
+        return web.json_response(openapi())
+
+    gateway.app.router.add_get("/openapi.json", document)
