@@ -18,7 +18,8 @@ import grpc
 from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 
-from raee_server.serving.gateway import CODE_OF_NUMBER, HTTP_STATUS, NDJSON, TIMEOUT_HEADER, Route, routes
+from raee_server.serving.gateway import NDJSON, TIMEOUT_HEADER, Route, routes
+from raee_server.serving.http_errors import CODE_OF_NUMBER, HTTP_STATUS
 
 
 class HttpRpcError(grpc.RpcError):

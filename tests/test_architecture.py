@@ -72,3 +72,12 @@ def test_subpackages_depend_one_way() -> None:
             there = layer(imported)
             if there in RANK and there != here:
                 assert RANK[there] < RANK[here], f"{module} imports {imported}: {here} must not depend on {there}"
+
+
+def test_a_planted_lazy_upward_import_is_found(tmp_path: Path) -> None:
+    """An import inside a function counts: a store that lazily imports the server is caught."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("def later():\n    from raee_server.serving.server import serve\n    return serve\n")
+    found = imports(planted, top_level_only=False)
+    assert "raee_server.serving.server" in found and not imports(planted, top_level_only=True)
+    assert RANK[layer("raee_server.serving.server")] > RANK[layer("raee_server.stores.metadata")]

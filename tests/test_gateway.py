@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raee_server.protos.raee.v1 import raee_pb2 as pb
-from raee_server.serving.gateway import CODE_OF_NUMBER, HTTP_STATUS, routes
+from raee_server.serving.gateway import routes
+from raee_server.serving.http_errors import CODE_OF_NUMBER, HTTP_STATUS
 from raee_server.serving.openapi import openapi
 
 from .grpc_harness import ServerThread

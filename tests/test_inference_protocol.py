@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.serving.auth import add_key
-from raee_server.serving.gateway import HttpFailure
+from raee_server.serving.http_errors import HttpFailure
 from raee_server.serving.open_inference_http import infer_request
 
 from .grpc_harness import ServerThread

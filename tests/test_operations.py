@@ -214,3 +214,35 @@ def write_rows(server: ServerThread) -> Path:
     path = server.server.settings.data_dir / "dev.tsv"
     path.write_text("text\tlabel\n" + "".join(f"{t}\t{lb}\n" for t, lb in corpus(40)[:8]))
     return path
+
+
+def test_a_started_operation_outlives_its_client_and_a_cancel_stops_it(served: tuple[ServerThread, dict[str, str]]
+                                                                      ) -> None:
+    """The CLI can go away (a closed channel, a killed process): the operation goes on and another
+    client reads its result. A cancel sent while it is queued or running ends it CANCELLED, and the
+    next operation still runs."""
+    server, keys = served
+    first = _client(server, keys["admin"])
+    op = first.start("Tune", pb.TuneRequest(task="sentiment", validation=8), "sentiment")
+    first.close()  # disconnects at once
+    second = _client(server, keys["admin"])
+    assert second.wait(second.operation(op.name), poll=0.1)["choice"]["validation_rows"] == 8
+    # A fit's child takes at least a process start: a cancel sent right after the start finds it not done.
+    fit = second.start("FitHeads", pb.FitHeadsRequest(task="sentiment", full=True), "sentiment")
+    cancelled = second.cancel(fit.name)
+    assert cancelled.state in (State.STATE_QUEUED, State.STATE_RUNNING, State.STATE_CANCELLED)
+    deadline = time.monotonic() + 300
+    while not (now := second.operation(fit.name)).done:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert now.state == State.STATE_CANCELLED and now.error.code == grpc.StatusCode.CANCELLED.value[0]
+    from raee_server.errors import RaeeError
+
+    with pytest.raises(RaeeError, match="cancel") as info:
+        operation_result(now)
+    assert info.value.reason == "CANCELLED"
+    task = server.stub.GetTask(pb.GetTaskRequest(name="sentiment"), metadata=(("x-api-key", keys["admin"]),)).task
+    assert not task.HasField("heads")  # the cancelled fit stored nothing
+    assert second.wait(second.start("Tune", pb.TuneRequest(task="sentiment", validation=8), "sentiment"),
+                       poll=0.1)["choice"]["validation_rows"] == 8  # the runner goes on
+    second.close()

@@ -56,8 +56,9 @@ def test_cli_through_the_server_and_the_store_lock(server, tmp_path: Path) -> No
     # Opening the embedded store directly while the server holds it is refused with a pointer to --server.
     out = run("classify", "--task", "sentiment", "a great film", code=4)  # unavailable: the server holds it
     assert "open in another process" in out and "--server" in out
-    out = run("index", code=4)  # no --server form: the server indexes when it starts
-    assert "open in another process" in out and "builds pending indexes when it starts" in out
+    out = run("index", code=4)  # locally refused, with the pointer to the server's operation ...
+    assert "open in another process" in out and "index --server" in out
+    assert "points, indexes up to date" in run("index", "--server", address)  # ... which works
 
 
 def test_sigterm_finishes_work_in_flight_and_exits_cleanly(server) -> None:  # type: ignore[no-untyped-def]

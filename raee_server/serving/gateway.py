@@ -37,38 +37,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raee_server.errors import InvalidInput, Unauthenticated
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.serving import logs
+from raee_server.serving.http_errors import (
+    REQUEST_ID,
+    HttpFailure,
+    clip_message,
+    error_response,
+    from_rpc_error,
+    invalid,
+    status_body,
+)
 from raee_server.serving.interceptors import Accounting
-from raee_server.serving.status import MAX_MESSAGE
 from raee_server.types import METADATA_KEY
 
 log = logging.getLogger(__name__)
 SERVICE: ServiceDescriptor = pb.DESCRIPTOR.services_by_name["RaeeService"]
-REQUEST_ID = "x-request-id"
 TIMEOUT_HEADER = "x-server-timeout"  # seconds, as Google's HTTP APIs take a deadline
 NDJSON = "application/x-ndjson"
 TRACE_HEADERS = ("traceparent", "tracestate")
 
-# google.rpc.Code -> HTTP status, as google/rpc/code.proto documents it.
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-}
-CODE_OF_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def console_dir() -> Path:
@@ -116,66 +102,6 @@ def routes(service: ServiceDescriptor = SERVICE) -> list[Route]:
                            method))
     return found
 
-
-# -- errors --------------------------------------------------------------------------------------
-
-
-class HttpFailure(Exception):
-    """A request the gateway answers itself, before or instead of a gRPC call. Its own failures carry
-    an ErrorInfo as the gRPC path's do (`reason`; default the code's name); a failure of the gRPC call
-    brings the servicer's details along instead."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None,
-                 details: status_pb2.Status | None = None, headers: dict[str, str] | None = None,
-                 reason: str | None = None) -> None:
-        super().__init__(message)
-        if details is None:
-            details = status_pb2.Status(code=code.value[0], message=_clip(message))
-            details.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason or code.name, domain="raee.v1"))
-        self.status = details
-        self.http_status = http_status or HTTP_STATUS.get(code, 500)
-        self.headers = headers or {}
-
-
-def _clip(message: str) -> str:
-    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
-
-
-def invalid(message: str) -> HttpFailure:
-    return HttpFailure(grpc.StatusCode.INVALID_ARGUMENT, message, reason="INVALID_INPUT")
-
-
-def from_rpc_error(exc: grpc.aio.AioRpcError) -> HttpFailure:
-    """The failure with the details the servicer attached (grpc-status-details-bin), or code and message."""
-    status = None
-    trailers: Any = exc.trailing_metadata() or ()  # grpc-stubs type it as one entry; it is a sequence
-    for key, value in trailers:
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-    code = exc.code()
-    return HttpFailure(code, exc.details() or code.name, details=status)
-
-
-def _status_body(status: status_pb2.Status) -> dict[str, Any]:
-    body = json_format.MessageToDict(status)
-    body.setdefault("code", status.code)
-    body.setdefault("message", status.message)
-    return body
-
-
-def failure_headers(failure: HttpFailure, request_id: str) -> dict[str, str]:
-    headers = {REQUEST_ID: request_id, **failure.headers}
-    for detail in failure.status.details:  # HTTP's own way to say when to retry (429, 503)
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            headers["Retry-After"] = str(max(1, round(info.retry_delay.ToNanoseconds() / 1e9)))
-    return headers
-
-
-def _error_response(failure: HttpFailure, request_id: str) -> web.Response:
-    return web.json_response(_status_body(failure.status), status=failure.http_status,
-                             headers=failure_headers(failure, request_id))
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -296,7 +222,7 @@ class Gateway:
             else:
                 reply = await self._call(call, await self._unary(request, route, values), metadata, timeout)
         except HttpFailure as failure:
-            return _error_response(failure, request_id)
+            return error_response(failure, request_id)
         if route.response_body:
             reply = getattr(reply, route.response_body)
         return web.json_response(to_json(reply), headers={REQUEST_ID: request_id})
@@ -338,9 +264,10 @@ class Gateway:
                 raise invalid(f"path: a percent-encoded variable is not UTF-8 ({exc.reason})") from None
             return route, values
         if verbs:
-            raise HttpFailure(grpc.StatusCode.UNIMPLEMENTED, f"{request.method} {_clip(path)}: use {', '.join(verbs)}",
-                              http_status=405, headers={"Allow": ", ".join(verbs)}, reason="METHOD_NOT_ALLOWED")
-        raise HttpFailure(grpc.StatusCode.NOT_FOUND, f"no route {request.method} {_clip(path)}; "
+            raise HttpFailure(grpc.StatusCode.UNIMPLEMENTED,
+                              f"{request.method} {clip_message(path)}: use {', '.join(verbs)}", http_status=405,
+                              headers={"Allow": ", ".join(verbs)}, reason="METHOD_NOT_ALLOWED")
+        raise HttpFailure(grpc.StatusCode.NOT_FOUND, f"no route {request.method} {clip_message(path)}; "
                           "see /openapi.json", reason="NO_ROUTE")
 
     @staticmethod
@@ -387,7 +314,7 @@ class Gateway:
         for name, value in values.items():
             given = getattr(message, name)
             if given and given != value:
-                raise invalid(f"{name}: the path names {_clip(value)!r} and the body {_clip(given)!r}")
+                raise invalid(f"{name}: the path names {clip_message(value)!r} and the body {clip_message(given)!r}")
             setattr(message, name, value)
         return message
 
@@ -425,10 +352,10 @@ class Gateway:
         for key, value in request.query.items():
             field = by_name.get(key)
             if field is None or field.message_type is not None or field.is_repeated or key in route.variables:
-                raise invalid(f"query parameter {_clip(key)!r}: not a field {route.verb} {route.template} takes")
+                raise invalid(f"query parameter {clip_message(key)!r}: not a field {route.verb} {route.template} takes")
             if field.type == field.TYPE_BOOL:
                 if value not in ("true", "false"):
-                    raise invalid(f"query parameter {key!r}: true or false, not {_clip(value)!r}")
+                    raise invalid(f"query parameter {key!r}: true or false, not {clip_message(value)!r}")
                 data[field.name] = value == "true"
             else:
                 data[field.name] = value
@@ -485,8 +412,8 @@ class Gateway:
         failure = bad_input[0] if bad_input else failure
         if failure is not None:
             if not response.prepared:
-                return _error_response(failure, request_id)
-            await response.write(json.dumps({"error": _status_body(failure.status)}).encode() + b"\n")
+                return error_response(failure, request_id)
+            await response.write(json.dumps({"error": status_body(failure.status)}).encode() + b"\n")
         if not response.prepared:
             await response.prepare(request)
         await response.write_eof()

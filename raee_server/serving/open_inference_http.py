@@ -19,7 +19,8 @@ from aiohttp import web
 
 from raee_server.protos.inference import grpc_predict_v2_pb2 as v2
 from raee_server.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from raee_server.serving.gateway import Gateway, HttpFailure, failure_headers, from_rpc_error, invalid
+from raee_server.serving.gateway import Gateway
+from raee_server.serving.http_errors import HttpFailure, failure_headers, from_rpc_error, invalid
 from raee_server.serving.open_inference import decode_bytes, encode_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
