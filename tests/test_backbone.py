@@ -87,14 +87,26 @@ def test_layer_by_layer_forward_stops_where_the_rule_says(backbone: Backbone) ->
     head = backbone.label_head(backbone.label_token_ids([" negative", " positive"]))
     lens = backbone.all_exit_logits(PROMPTS[:1], head)[0]
     calls = count_layers_run(backbone)
+
+    def until(last: int, stop: int | None) -> tuple[torch.Tensor, int]:  # the engine's use of walk_exits
+        found: list[tuple[torch.Tensor, int]] = []
+
+        def visit(layer: int, rows: list[int], features: torch.Tensor) -> list[int]:
+            if layer in (last, stop):
+                found.append((backbone.lens(features[0], head), layer))
+                return rows
+            return []
+
+        backbone.walk_exits(PROMPTS[:1], last, visit)
+        return found[0]
+
     for target in range(backbone.depth + 1):
         calls[0] = 0
-        logits, exit_layer = backbone.exit_logits_until(PROMPTS[0], head, backbone.depth,
-                                                        lambda layer, _p, t=target: layer == t)
+        logits, exit_layer = until(backbone.depth, target)
         assert exit_layer == target == calls[0]
         torch.testing.assert_close(logits, lens[target], rtol=1e-4, atol=1e-5)
     calls[0] = 0
-    _, exit_layer = backbone.exit_logits_until(PROMPTS[0], head, 2, lambda *_: False)
+    _, exit_layer = until(2, None)
     assert exit_layer == 2 == calls[0]  # the bound holds when the rule never fires
 
 

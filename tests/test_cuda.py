@@ -36,7 +36,7 @@ def test_a_bfloat16_engine_on_cuda_ingests_and_answers_as_its_own_backbone(tmp_p
         report = engine.ingest(SENTIMENT.name, read_rows(write_tsv(tmp_path / "d.tsv", ROWS)))
         assert report.added == len(ROWS) and not report.rejected
         texts = [t for t, _ in ROWS]
-        full = engine.all_exit_logits(SENTIMENT.name, texts)
+        full = engine.all_exits(SENTIMENT.name, texts)[0]
         for policy in ("paper", "full", "knn-agree", "static:2"):
             for p, logits in zip(engine.classify(SENTIMENT.name, texts, policy=policy), full):
                 assert p.label == SENTIMENT.labels[int(logits[p.exit_layer].argmax())].name or policy == "knn-agree"
@@ -61,7 +61,7 @@ def test_gemma_in_bfloat16_on_cuda_agrees_with_float32_on_the_cpu(tmp_path: Path
         engine = Engine.open(Settings(data_dir=tmp_path / device, model_cache=Settings().models_dir,
                                       device=device, dtype=dtype))
         engine.create_task(TaskSpec.from_toml(SST2))
-        labels.append(engine.all_exit_logits("sst2", texts).argmax(-1))
+        labels.append(engine.all_exits("sst2", texts)[0].argmax(-1))
         engine.close()
     last = (labels[0][:, -1] == labels[1][:, -1]).mean()
     assert last >= 0.9, f"the full model's answer agrees on {last:.0%} of 64 dev rows"

@@ -48,7 +48,7 @@ def test_ingest_stores_every_exit_in_both_stores(engine: Engine, tmp_path: Path)
     assert (report.added, report.present, report.rejected) == (len(ROWS), 0, [])
     assert engine.vectors.count(SENTIMENT.name) == len(ROWS) == engine.task_info(SENTIMENT.name).records
     # The payload's exits are exactly the layers the backbone gets right for that row.
-    logits = engine.all_exit_logits(SENTIMENT.name, [ROWS[0][0]])[0]
+    logits = engine.all_exits(SENTIMENT.name, [ROWS[0][0]])[0][0]
     gold = SENTIMENT.label_index(ROWS[0][1])
     expected = [l for l in range(engine.depth + 1) if logits[l].argmax() == gold]
     hits = engine.vectors.search(SENTIMENT.name, engine.encoder.encode([ROWS[0][0]]), 1)[0]
@@ -87,7 +87,7 @@ def test_classify_exits_where_the_policy_says_and_runs_no_deeper(engine: Engine,
     predictions = engine.classify(SENTIMENT.name, texts, policy="paper")
     assert [p.exit_layer for p in predictions] == expected and {p.policy for p in predictions} == {"paper"}
     assert ran == list(range(max(expected)))  # one pass for the batch, no deeper than its last exit
-    full = engine.all_exit_logits(SENTIMENT.name, texts)
+    full = engine.all_exits(SENTIMENT.name, texts)[0]
     for p, lg, e in zip(predictions, full, expected):
         assert p.label == SENTIMENT.labels[int(lg[e].argmax())].name
         assert abs(sum(p.scores) - 1) < 1e-6 and p.depth == engine.depth
@@ -112,7 +112,7 @@ def test_fixed_exits_share_one_shrinking_pass(engine: Engine) -> None:
     for text, d, p in zip(texts, decisions, probs):
         alone, _ = engine.forward_at(spec, head, [text], [d])
         assert np.allclose(alone[0], p, atol=1e-5)
-        logits = engine.all_exit_logits(SENTIMENT.name, [text])[0, d.max_layer]
+        logits = engine.all_exits(SENTIMENT.name, [text])[0][0, d.max_layer]
         assert int(logits.argmax()) == int(p.argmax())
 
 
@@ -157,7 +157,7 @@ def test_online_and_backbone_free_policies(engine: Engine, tmp_path: Path) -> No
     engine.create_task(SENTIMENT)
     ingest_rows(engine, tmp_path, ROWS)
     texts = ["a great film", "the worst mess"]
-    lens = engine.all_exit_logits(SENTIMENT.name, texts)
+    lens = engine.all_exits(SENTIMENT.name, texts)[0]
     probs = np.exp(lens) / np.exp(lens).sum(-1, keepdims=True)
     ran: list[int] = []
     for i, layer in enumerate(engine.backbone.layers):

@@ -70,7 +70,7 @@ def test_ingest_then_eval_on_sst2(real: Engine) -> None:
     served = real.classify("sst2", [r.text for r in dev[:16]], policy="paper")
     found, _ = real.neighbours("sst2", [r.text for r in dev[:16]], 12)
     assert [p.exit_layer for p in served] == paper.exits[:16]
-    lens = real.all_exit_logits("sst2", [r.text for r in dev[:16]])
+    lens = real.all_exits("sst2", [r.text for r in dev[:16]])[0]
     labels = real.task_info("sst2").spec.label_names
     assert [p.label for p in served] == [labels[int(lens[i, e].argmax())] for i, e in enumerate(paper.exits[:16])]
     assert len(found) == 16

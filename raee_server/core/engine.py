@@ -488,10 +488,6 @@ class Engine:
         back = np.argsort(order)
         return np.concatenate(logits)[back], np.concatenate(features)[back]
 
-    def all_exit_logits(self, task: str, texts: Sequence[str]) -> np.ndarray:
-        """[n, L + 1, n_labels] label-word logits at every exit (one full forward per row)."""
-        return self.all_exits(task, texts)[0]
-
     # -- exit heads ----------------------------------------------------------
 
     def heads(self, task: str) -> ExitHeads | None:

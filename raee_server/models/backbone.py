@@ -15,7 +15,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -280,29 +279,6 @@ class Backbone:
                 self._run(inputs)
             except _ExitReached:
                 pass
-
-    def features_until(self, prompt: str, max_layer: int,
-                       stop: Callable[[int, torch.Tensor], bool]) -> tuple[torch.Tensor, int]:
-        """One prompt, exit by exit: the features [H] at the first exit where `stop(layer, features)`
-        holds (or at `max_layer`), and that exit. Layers past it never run."""
-        found: list[tuple[torch.Tensor, int]] = []
-
-        def visit(layer: int, rows: list[int], features: torch.Tensor) -> list[int]:
-            if layer == max_layer or stop(layer, features[0]):
-                found.append((features[0], layer))
-                return rows
-            return []
-
-        self.walk_exits([prompt], max_layer, visit)
-        return found[0]
-
-    def exit_logits_until(
-        self, prompt: str, head: LabelHead, max_layer: int, stop: Callable[[int, np.ndarray], bool]
-    ) -> tuple[torch.Tensor, int]:
-        """`features_until` with a rule on the lens' label probabilities; returns the logits there."""
-        features, layer = self.features_until(
-            prompt, max_layer, lambda l, f: stop(l, torch.softmax(self.lens(f, head), -1).numpy()))
-        return self.lens(features, head), layer
 
     @torch.inference_mode()
     def pooled_hidden(self, texts: Sequence[str], exit_layer: int) -> torch.Tensor:

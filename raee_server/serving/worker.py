@@ -126,10 +126,6 @@ class ModelWorker:
         if self.engine is not None:
             self.engine.close()
 
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None
-
     # -- submitting --------------------------------------------------------------
 
     def _submit(self, job: Job) -> None:
