@@ -52,7 +52,16 @@ def test_each_exit_runs_only_what_it_needs(bb: Seq2SeqBackbone) -> None:
         torch.testing.assert_close(bb.exit_logits(PROMPTS, head, exit_layer), lens[:, exit_layer],
                                    rtol=1e-4, atol=1e-5)
         assert (encoder_ran[0], decoder_ran[0]) == (enc, dec), exit_layer
-    logits, layer = bb.exit_logits_until(PROMPTS[0], head, 4, lambda l, _p: l == 3)
+    found: list[tuple[torch.Tensor, int]] = []
+
+    def visit(layer: int, rows: list[int], features: torch.Tensor) -> list[int]:  # stop the first row at 3
+        if layer == 3:
+            found.append((bb.lens(features[0], head), layer))
+            return rows
+        return []
+
+    bb.walk_exits(PROMPTS[:1], 4, visit)
+    logits, layer = found[0]
     assert layer == 3
     torch.testing.assert_close(logits, lens[0, 3], rtol=1e-4, atol=1e-5)
 
