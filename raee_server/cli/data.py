@@ -48,13 +48,14 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
             engine.build_index()
             from raee_server.core import auto
 
-            if auto.needs_heads(engine, task_name):  # here, not on a later request
-                heads = auto.fit_task_heads(engine, task_name)
-                click.echo(f"exit heads v{heads.version} for {task_name}: best exit {heads.best_exit} "
-                           f"({100 * heads.accuracy[heads.best_exit]:.1f}% out of fold)", err=True)
-            if auto.needs_tuning(engine, task_name) or auto.needs_tuning_after_heads(engine, task_name):
-                choice = auto.tune(engine, task_name)
-                click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k}", err=True)
+            for step in auto.maintenance(engine, task_name):  # here, not on a later request
+                if step == "fit-heads":
+                    heads = auto.fit_task_heads(engine, task_name)
+                    click.echo(f"exit heads v{heads.version} for {task_name}: best exit {heads.best_exit} "
+                               f"({100 * heads.accuracy[heads.best_exit]:.1f}% out of fold)", err=True)
+                else:
+                    choice = auto.tune(engine, task_name)
+                    click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k}", err=True)
     for rej in report.rejected:
         click.echo(f"{file}:{rej.line}: rejected: {rej.reason}", err=True)
     obj.say(f"added {report.added}, already present {report.present}, rejected {len(report.rejected)}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -279,6 +279,16 @@ def needs_heads(engine: Engine, task: str) -> bool:
     known, settings = len(heads.record_ids), engine.settings
     changed = max(info.records - known, 0) + info.edits - heads.edits  # added, deleted or relabelled since
     return changed >= settings.heads_refit_rows or info.records > known * (1 + settings.retune_growth)
+
+
+def maintenance(engine: Engine, task: str) -> Iterator[str]:
+    """The one rule after records change, for the server's background loop and a local ingest alike:
+    "fit-heads" when the heads are due (not while an ingest is writing), then, checked after the
+    caller has done that, "tune" when the `auto` choice is due. Each at most once per call."""
+    if needs_heads(engine, task) and not engine.metadata.ingesting(task):
+        yield "fit-heads"
+    if needs_tuning(engine, task) or needs_tuning_after_heads(engine, task):
+        yield "tune"
 
 
 def needs_tuning_after_heads(engine: Engine, task: str) -> bool:

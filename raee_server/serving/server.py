@@ -245,26 +245,25 @@ class RaeeServer:
                                 self.settings.retune_check_seconds, exc_info=True)
 
     async def _maintain(self, engine: Engine, task: str) -> None:
-        """One task's background refit and retune, each as an operation (queued behind any other)."""
+        """One task's background refit and retune (auto.maintenance's rule), each as an operation
+        queued behind any other; none is started while a twin is queued or running."""
         operations, jobs = self.servicer.operations, self.servicer.jobs
-        if await asyncio.to_thread(auto.needs_heads, engine, task) and \
-                not await asyncio.to_thread(engine.metadata.ingesting, task) and not operations.busy("fit-heads", task):
-            op = await operations.wait(operations.start("fit-heads", task, jobs.fit_heads(task, then_tune=False)))
+        steps = auto.maintenance(engine, task)
+        while (step := await asyncio.to_thread(next, steps, None)) is not None:
+            if operations.busy(step, task):
+                continue
+            body = jobs.fit_heads(task, then_tune=False) if step == "fit-heads" else jobs.tune(task)
+            op = await operations.wait(operations.start(step, task, body))
             if op.response is None:
-                log.warning("background exit-head fit of %s: %s", task, op.error.message if op.error else "cancelled")
+                log.warning("background %s of %s: %s", step, task, op.error.message if op.error else "cancelled")
                 return
-            log.info("exit heads v%d for %s fitted (%.1f s, %d records)", op.response["version"], task,
-                     op.response["seconds"], op.response["records"])
-        if (await asyncio.to_thread(auto.needs_tuning, engine, task)
-                or await asyncio.to_thread(auto.needs_tuning_after_heads, engine, task)) \
-                and not operations.busy("tune", task):
-            op = await operations.wait(operations.start("tune", task, jobs.tune(task)))
-            if op.response is None:
-                log.warning("background tuning of %s: %s", task, op.error.message if op.error else "cancelled")
-                return
-            choice = op.response["choice"]
-            log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice["policy"], choice["k"],
-                     choice["seconds"], choice["records"])
+            if step == "fit-heads":
+                log.info("exit heads v%d for %s fitted (%.1f s, %d records)", op.response["version"], task,
+                         op.response["seconds"], op.response["records"])
+            else:
+                choice = op.response["choice"]
+                log.info("auto for %s: %s with k = %d (%.1f s, %d records)", task, choice["policy"], choice["k"],
+                         choice["seconds"], choice["records"])
 
     async def wait_ready(self, timeout: float = 600) -> None:
         """Until serving; raises the error if loading failed for good."""
