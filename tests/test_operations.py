@@ -157,6 +157,11 @@ def test_operation_keys_follow_the_rpc_that_starts_them(served: tuple[ServerThre
         reader.start("FitHeads", pb.FitHeadsRequest(task="sentiment"), "sentiment")  # classify-only key
     with pytest.raises(PermissionDenied):
         reader.start("BuildIndex", pb.BuildIndexRequest())  # admin only
+    from raee_server.errors import TaskNotFound
+
+    with pytest.raises(TaskNotFound):  # refused at the start, not queued to fail later
+        admin.start("Tune", pb.TuneRequest(task="no-such-task"), "no-such-task")
+    assert "no-such-task" not in server.server.accounting.known_tasks
     op = admin.start("Tune", pb.TuneRequest(task="sentiment", validation=8), "sentiment")
     with pytest.raises(PermissionDenied):
         other.operation(op.name)  # another task's key cannot read it ...

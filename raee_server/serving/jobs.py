@@ -150,16 +150,20 @@ class OperationRpcs:
     accounting: Accounting
     settings: Settings
 
-    def _started(self, kind: str, task: str, body: Body) -> pb.Operation:
+    async def _started(self, kind: str, task: str, body: Body) -> pb.Operation:
+        """Queue the operation; a task that does not exist is refused now (NOT_FOUND), not later by the
+        operation, so a made-up name never counts as a task (the metrics label only real ones)."""
+        if kind != "build-index":  # every other kind works on a task, named or not
+            await asyncio.to_thread(self.jobs.engine.task_info, task)
         return self.operations.start(kind, task, body).to_proto()
 
     async def FitHeads(self, request: pb.FitHeadsRequest, context: Any) -> pb.FitHeadsResponse:
-        return pb.FitHeadsResponse(operation=self._started(
+        return pb.FitHeadsResponse(operation=await self._started(
             "fit-heads", request.task, self.jobs.fit_heads(request.task, request.full)))
 
     async def Tune(self, request: pb.TuneRequest, context: Any) -> pb.TuneResponse:
         body = self.jobs.tune(request.task, request.validation or None, request.all_candidates)
-        return pb.TuneResponse(operation=self._started("tune", request.task, body))
+        return pb.TuneResponse(operation=await self._started("tune", request.task, body))
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: Any) -> pb.EvaluateResponse:
         info = await asyncio.to_thread(self.jobs.engine.task_info, request.task)
@@ -179,18 +183,18 @@ class OperationRpcs:
         if not rows:
             raise InvalidInput("examples: no labelled example given", "examples")
         body = self.jobs.evaluate(request.task, rows, list(request.policies) or ["auto"], request.k or None)
-        return pb.EvaluateResponse(operation=self._started("evaluate", request.task, body))
+        return pb.EvaluateResponse(operation=await self._started("evaluate", request.task, body))
 
     async def BackfillFeatures(self, request: pb.BackfillFeaturesRequest, context: Any) -> pb.BackfillFeaturesResponse:
         body = self.jobs.backfill_features(request.task)
-        return pb.BackfillFeaturesResponse(operation=self._started("backfill-features", request.task, body))
+        return pb.BackfillFeaturesResponse(operation=await self._started("backfill-features", request.task, body))
 
     async def CheckRecords(self, request: pb.CheckRecordsRequest, context: Any) -> pb.CheckRecordsResponse:
         body = self.jobs.check_records(request.task, request.repair)
-        return pb.CheckRecordsResponse(operation=self._started("check-records", request.task, body))
+        return pb.CheckRecordsResponse(operation=await self._started("check-records", request.task, body))
 
     async def BuildIndex(self, request: pb.BuildIndexRequest, context: Any) -> pb.BuildIndexResponse:
-        return pb.BuildIndexResponse(operation=self._started("build-index", "", self.jobs.build_index()))
+        return pb.BuildIndexResponse(operation=await self._started("build-index", "", self.jobs.build_index()))
 
     def _visible(self, context: Any, op: Operation, to_cancel: bool = False) -> Operation:
         """A key that may use the task reads its operations; cancelling one, or reading an admin
