@@ -7,8 +7,8 @@ Per task, cascade (heads only, key first) and margin: the mean exit (the key cou
 answered by the key on the calibration split, for the rule certified by
 - the two-sided Clopper-Pearson bound (rows lost above, rows gained below, each at delta / (2 x labels))
   with the first 16 candidates and the last certified rule served (before issue 32);
-- the same bound with the service's candidates (heads.candidate_rules);
-- the service's betting bound (heads.risk_bound) with its candidates: what is served.
+- the same bound with the service's candidates (cascade.candidate_rules);
+- the service's betting bound (cascade.risk_bound) with its candidates: what is served.
 docs/results.md quotes its output.
 """
 
@@ -21,14 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import beta
 
-from raee_server.core.heads import (
-    RISK_LEVEL,
-    ExitHeads,
-    candidate_rules,
-    cascade_exits,
-    propose_thresholds,
-    risk_bound,
-)
+from raee_server.core.cascade import RISK_LEVEL, candidate_rules, cascade_exits, propose_thresholds, risk_bound
+from raee_server.core.heads import ExitHeads
 from raee_server.stores.metadata import MetadataStore
 
 FIRST_PROPOSALS = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)

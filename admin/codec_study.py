@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
+from raee_server.core.fitting import fit_heads
 from raee_server.core.groups import near_duplicate_groups
-from raee_server.core.heads import fit_heads
 from raee_server.stores.codec import FeatureCodec, learn_codec
 
 CACHE = sys.argv[1]

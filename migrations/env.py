@@ -12,7 +12,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from raee_server.settings import Settings
-from raee_server.stores.metadata import Base, open_engine
+from raee_server.stores.sql import Base, open_engine
 
 config = context.config
 target_metadata = Base.metadata

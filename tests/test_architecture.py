@@ -4,6 +4,7 @@ depend one way only (docs/architecture.md draws the order)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +82,52 @@ def test_a_planted_lazy_upward_import_is_found(tmp_path: Path) -> None:
     found = imports(planted, top_level_only=False)
     assert "raee_server.serving.server" in found and not imports(planted, top_level_only=True)
     assert RANK[layer("raee_server.serving.server")] > RANK[layer("raee_server.stores.metadata")]
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+MAX_LINES = 500  # a module past this holds more than one job (issue 26)
+
+
+def documented_tree() -> dict[str, set[str]]:
+    """docs/architecture.md's module tree: folder under raee_server/ ('' for the top) -> the .py files it names."""
+    text = ARCHITECTURE.read_text()
+    block = text[text.index("```\nraee_server/\n") + 4:]
+    block = block[: block.index("```")]
+    named: dict[str, set[str]] = {}
+    folder = ""
+    for line in block.splitlines()[1:]:
+        if not line.startswith("  "):  # migrations/, corpora/, ...: outside the package
+            break
+        head = line[2:].split(" ", 1)[0]
+        if head.endswith("/") and not line.startswith("   "):
+            folder = head.rstrip("/")
+        elif head.endswith(".py") and not line.startswith("   "):
+            folder = ""
+        named.setdefault(folder, set()).update(re.findall(r"\b(\w+\.py)\b", line))
+    return named
+
+
+def test_the_documented_module_tree_is_the_code() -> None:
+    named = documented_tree()
+    actual: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if "protos" in parts or path.name == "__init__.py" or len(parts) > 2:
+            continue
+        actual.setdefault(parts[0] if len(parts) == 2 else "", set()).add(path.name)
+    assert {folder: files for folder, files in named.items() if files} == actual
+
+
+def test_the_documented_failure_table_gives_every_status_code() -> None:
+    from raee_server.serving.status import STATUS_CODES
+
+    text = ARCHITECTURE.read_text()
+    table = text[text.index("| failure | status code |"):]
+    documented = set(re.findall(r"\| ([A-Z_]+)(?: \(|\s*\|)", table))
+    assert documented == {code.name for code in STATUS_CODES.values()} | {"INTERNAL"}
+
+
+def test_no_hand_written_module_is_over_the_limit() -> None:
+    long = {str(path.relative_to(ROOT)): n for path in [*PACKAGE.rglob("*.py"), *(ROOT / "migrations").rglob("*.py")]
+            if "protos" not in path.parts and (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}

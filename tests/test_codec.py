@@ -12,8 +12,8 @@ from sqlalchemy import text
 from raee_server.core import auto
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
-from raee_server.core.heads import fit_heads
-from raee_server.stores import metadata as metadata_module
+from raee_server.core.fitting import fit_heads
+from raee_server.stores import feature_rows as feature_rows_module
 from raee_server.stores.codec import CODED, RAW, learn_codec
 
 from .conftest import SENTIMENT, write_tsv
@@ -67,7 +67,7 @@ def test_heads_fit_on_coordinates_serve_raw_features_with_the_same_probabilities
 @pytest.fixture
 def small_codec(monkeypatch: pytest.MonkeyPatch) -> int:
     """Learn codecs from 40 records, not 1,000 (the tiny test backbone is as happy with either)."""
-    monkeypatch.setattr(metadata_module, "LEARN_ROWS", 40)
+    monkeypatch.setattr(feature_rows_module, "LEARN_ROWS", 40)
     return 40
 
 

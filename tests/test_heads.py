@@ -13,9 +13,11 @@ import pytest
 from sqlalchemy import text
 
 from raee_server.core import auto
+from raee_server.core.cascade import cascade_exits, risk_bound
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
-from raee_server.core.heads import C_GRID, ExitHeads, _fit, cascade_exits, fit_heads, risk_bound
+from raee_server.core.fitting import _fit, fit_heads
+from raee_server.core.heads import C_GRID, ExitHeads
 from raee_server.core.policies import CascadePolicy, HeadsPolicy, KnnHeadsPolicy, mix
 from raee_server.errors import InvalidInput
 from raee_server.serving.fitter import fit_heads_in_child
@@ -217,7 +219,7 @@ def test_doctor_reports_records_without_features_and_repair_backfills_them(grown
 
 def test_a_fit_stops_when_asked() -> None:
     """A server on SIGTERM must not wait minutes for a background fit: the fit checks a flag."""
-    from raee_server.core.heads import FitCancelled
+    from raee_server.core.fitting import FitCancelled
 
     x, y = separable(n=60)
     with pytest.raises(FitCancelled):
@@ -404,7 +406,7 @@ def test_past_the_cross_validation_sample_every_fit_record_trains_the_served_hea
         monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from raee_server.core import heads as heads_module
+    from raee_server.core import fitting as heads_module
 
     monkeypatch.setattr(heads_module, "CV_ROWS", 120)  # C chosen on 120 of the 280 fit records
     monkeypatch.setattr(heads_module, "CHUNK_ROWS", 50)  # and the gradient summed over 6 chunks

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from raee_server.core import auto
-from raee_server.core.heads import Coverage, ExitHeads, cascade_exits, fit_with_key
+from raee_server.core.cascade import cascade_exits
+from raee_server.core.fitting import fit_with_key
+from raee_server.core.heads import Coverage, ExitHeads
 from raee_server.core.policies import Decision, KeyCascadePolicy, bind, parse_policy, settle
 from raee_server.errors import InvalidInput
 from raee_server.protos.raee.v1 import raee_pb2 as pb
@@ -65,7 +67,7 @@ def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_the_key_stage_is_certified_with_the_exits_and_keeps_its_promise_on_new_rows() -> None:
     # 2,500 records: 750 calibration rows, 375 a label; the bound needs about ln(labels / delta) / m rows a
-    # label to certify m even where the key never disagrees with the best head (heads.betting_upper)
+    # label to certify m even where the key never disagrees with the best head (cascade.betting_upper)
     features, keys, gold = synthetic(2500, 0)
     ids = [f"r{i}" for i in range(len(gold))]
     heads = fit_with_key(features, keys, gold, 2, ids, ["a", "b"], np.arange(len(gold)), np.full(len(gold), 5))
@@ -119,7 +121,7 @@ def test_key_cascade_names_and_binding() -> None:
     with pytest.raises(InvalidInput, match="key-cascade"):
         parse_policy("key-cascade:abc")
     features, _, gold = synthetic(200, 3)
-    from raee_server.core.heads import fit_heads
+    from raee_server.core.fitting import fit_heads
 
     plain = fit_heads(features, gold, 2, [f"r{i}" for i in range(200)], ["a", "b"])
     with pytest.raises(InvalidInput, match="key head"):  # heads fit before key heads existed
@@ -208,7 +210,7 @@ def test_the_response_and_task_stats_say_what_answered(served_with_heads: Server
 
 
 def test_the_betting_bound_covers_the_mean_and_adapts_to_low_variance() -> None:
-    from raee_server.core.heads import betting_upper
+    from raee_server.core.cascade import betting_upper
 
     rng = np.random.default_rng(5)
     # d in {-1, 0, 1} as a cascade against its bound: 4 % lost, 3 % gained, the rest tied; true mean 0.505

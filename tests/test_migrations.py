@@ -15,7 +15,8 @@ from sqlalchemy import create_engine, inspect, text
 from raee_server.cli.main import cli
 from raee_server.errors import StoreMismatch
 from raee_server.stores import migrate
-from raee_server.stores.metadata import Base, MetadataStore
+from raee_server.stores.metadata import MetadataStore
+from raee_server.stores.sql import Base
 
 from .databases import database
 

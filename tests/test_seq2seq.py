@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from raee_server.cli.main import cli
 from raee_server.errors import InvalidInput
-from raee_server.models.backbone import Seq2SeqBackbone
+from raee_server.models.seq2seq import Seq2SeqBackbone
 
 from .conftest import admin_cli, write_tsv
 from .test_concurrent_writers import corpus

@@ -23,7 +23,7 @@ from raee_server.errors import InvalidInput, StoreMismatch, TaskExists
 from raee_server.models.backbone import Backbone
 from raee_server.models.encoders import HashingEncoder
 from raee_server.settings import Settings
-from raee_server.stores import metadata as metadata_module
+from raee_server.stores import feature_rows as feature_rows_module
 from raee_server.stores.metadata import MetadataStore
 from raee_server.stores.vectors import EdgeVectorStore, QdrantServerStore, VectorStore, collection_name
 
@@ -65,7 +65,7 @@ def answers(engine: Engine) -> dict[str, list[tuple[str, int, list[float]]]]:
 
 def test_export_then_import_gives_the_same_answers_across_deployments_and_back(
         tmp_path: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metadata_module, "LEARN_ROWS", 40)  # coded features, as a grown task has
+    monkeypatch.setattr(feature_rows_module, "LEARN_ROWS", 40)  # coded features, as a grown task has
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "c").mkdir()

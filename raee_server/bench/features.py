@@ -22,8 +22,9 @@ from raee_server.bench.harness import ensure_task
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
 from raee_server.core.evaluation import PolicyResult, paired_gap
+from raee_server.core.fitting import fit_heads
 from raee_server.core.groups import near_duplicate_groups
-from raee_server.core.heads import ExitHeads, fit_heads
+from raee_server.core.heads import ExitHeads
 from raee_server.stores.codec import LEARN_ROWS, learn_codec
 from raee_server.types import Row, TaskSpec
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from raee_server.bench import reports
-from raee_server.core.heads import fit_heads
+from raee_server.core.fitting import fit_heads
 from raee_server.stores.codec import FeatureMatrix
 
 

@@ -214,7 +214,7 @@ def key_path(obj: Context, key_file: Path | None) -> Path:
 def migrate(obj: Context, revision: str, downgrade: bool) -> dict[str, Any]:
     """Migrate the metadata database (SQLite in the data dir, or RAEE_DATABASE_URL) to a schema revision."""
     from raee_server.stores import migrate as migrations
-    from raee_server.stores.metadata import open_engine
+    from raee_server.stores.sql import open_engine
 
     obj.settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = open_engine(obj.settings.sql_url)

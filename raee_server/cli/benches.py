@@ -51,7 +51,7 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
 
     Stores go to <out>/data unless --data-dir is given, so a bench never touches the service's data.
     """
-    from raee_server.bench import harness
+    from raee_server.bench import harness, policy_report
     from raee_server.core.engine import Engine
     from raee_server.models.encoders import load_encoder
     from raee_server.stores.vectors import EdgeVectorStore, collection_name
@@ -72,10 +72,10 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
         report = harness.bench_task(engine, shipped_spec(name), data_root / name / "train.tsv",
                                     data_root / name / "dev.tsv", train_rows, dev_rows, k, latency_rows, sweeps,
                                     others, sizes or harness.SIZE_SWEEP, use_heads, dev_skip)
-        harness.print_summary(report, obj.say)
+        policy_report.print_summary(report, obj.say)
         done.append(report)
     command = "raee-admin " + " ".join(sys.argv[1:])
-    written = [str(path) for path in harness.write_reports(done, out, command)]
+    written = [str(path) for path in policy_report.write_reports(done, out, command)]
     for path in written:
         obj.say(f"wrote {path}")
     for other in others:

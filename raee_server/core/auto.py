@@ -27,9 +27,10 @@ import numpy as np
 
 from raee_server.core.engine import Engine
 from raee_server.core.evaluation import Measured, PolicyResult, run_policy
+from raee_server.core.fitting import MIN_RECORDS as HEADS_MIN_RECORDS
+from raee_server.core.fitting import fit_heads, fit_with_key
 from raee_server.core.groups import near_duplicate_groups
-from raee_server.core.heads import MIN_RECORDS as HEADS_MIN_RECORDS
-from raee_server.core.heads import ExitHeads, fit_heads, fit_with_key
+from raee_server.core.heads import ExitHeads
 from raee_server.core.policies import bind, parse_policy
 from raee_server.errors import InvalidInput
 from raee_server.stores.codec import FeatureMatrix
@@ -196,7 +197,7 @@ def fit_and_store_heads(metadata: MetadataStore, task: str, progress: Callable[[
                         keys: KeySource | None = None) -> ExitHeads:
     """Fit the task's exit heads on its records' features and store them as a new version; the
     served heads switch to it at the engine's next check (atomically: one row, one version). A warm
-    refit from the newest version where it can (raee_server.core.heads.fit_heads), unless `full`.
+    refit from the newest version where it can (raee_server.core.fitting.fit_heads), unless `full`.
     With `keys` (the vector store's, by record id), the key head and the records' coverage too
     (`fit_with_key`); records without a key then wait for the next fit. Needs only the SQL store
     and the keys, so a server runs it in a separate low-priority process (raee_server.serving.fitter)."""

@@ -8,14 +8,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from raee_server import tracing
 from raee_server.core.heads import ExitHeads
+from raee_server.core.ingest import RecordWrites
 from raee_server.core.policies import (
     DEFAULT_POLICY,
     Decision,
@@ -29,15 +30,16 @@ from raee_server.core.policies import (
     untuned_fallback,
     uses_head_exits,
 )
+from raee_server.core.prepared import Prepared
 from raee_server.core.prior import PriorTracker
-from raee_server.errors import InvalidInput, NotReady, StoreMismatch, clip
+from raee_server.errors import InvalidInput, NotReady, StoreMismatch
 from raee_server.models.backbone import Backbone, LabelHead
 from raee_server.models.encoders import KeyEncoder
 from raee_server.settings import Settings
 from raee_server.stores.metadata import MetadataStore, TaskInfo
-from raee_server.stores.records import ExitRecord, is_record_id, layer_results, record_id, to_features
-from raee_server.stores.vectors import VectorPoint, VectorStore
-from raee_server.types import IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec, is_blank
+from raee_server.stores.records import to_features
+from raee_server.stores.vectors import VectorStore
+from raee_server.types import Neighbour, Prediction, TaskSpec, is_blank
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def _us(seconds: float) -> int:
     return int(seconds * 1e6)
 
 
-class Engine:
+class Engine(RecordWrites):
     def __init__(
         self,
         backbone: Backbone,
@@ -113,15 +115,6 @@ class Engine:
         seconds = time.perf_counter() - start
         log.info("vector store %s in %.1f s", "indexed" if changed else "already indexed", seconds)
         return seconds
-
-    def store_records(self, task: str, records: Sequence[ExitRecord], keys: np.ndarray, batch_id: int) -> None:
-        """The one write order of both stores: SQL pending, then vectors, then SQL committed.
-
-        A crash in between leaves pending rows that a rerun or `raee-admin doctor --repair` finishes.
-        """
-        self.metadata.write_pending(task, list(records), batch_id)
-        self.vectors.upsert([VectorPoint(rec.id, key, rec.payload()) for rec, key in zip(records, keys)])
-        self.metadata.mark_committed([rec.id for rec in records])
 
     def close(self) -> None:
         self.vectors.close()
@@ -185,14 +178,6 @@ class Engine:
                                    f"{self.settings.max_text_chars}", where)
             if "\x00" in text:
                 raise InvalidInput(f"{where}: contains a NUL character", where)
-
-    @staticmethod
-    def check_ids(ids: Sequence[str], field_name: str) -> None:
-        for i, rid in enumerate(ids):
-            if not is_record_id(rid):
-                where = f"{field_name}[{i}]"
-                raise InvalidInput(f"{where}: {clip(rid)} is not a record id (a uuid, as Classify's neighbours "
-                                   "give it)", where)
 
     def check_k(self, k: int | None) -> int:
         k = self.settings.default_k if k is None or k == 0 else k
@@ -509,193 +494,3 @@ class Engine:
 
     def forget_heads(self, task: str) -> None:
         self._heads.pop(task, None)
-
-    def backfill_features(self, task: str, progress: Callable[[int], None] | None = None,
-                          limit: int | None = None) -> int:
-        """Exit features for records stored before exit heads existed (at most `limit` of them this
-        call): one forward each."""
-        missing = self.metadata.without_features(task)[:limit]
-        size = self.settings.ingest_batch_size
-        for start in range(0, len(missing), size):
-            chunk = missing[start : start + size]
-            _, features = self.all_exits(task, [text for _, text, _ in chunk])
-            self.metadata.write_features([ExitRecord(rid, task, text, label, 0, (), f)
-                                          for (rid, text, label), f in zip(chunk, features)])
-            if progress:
-                progress(len(chunk))
-        return len(missing)
-
-    # -- ingest --------------------------------------------------------------
-
-    def ingest(
-        self,
-        task: str,
-        rows: Iterable[Row | Rejected],
-        source: str = "",
-        progress: Callable[[int], None] | None = None,
-    ) -> IngestReport:
-        """Add labelled rows to the task's exit database; idempotent, and a rerun repairs a crashed one."""
-        with self.ingest_session(task, source, progress) as session:
-            session.add(rows)
-        return session.report
-
-    def ingest_session(
-        self, task: str, source: str = "", progress: Callable[[int], None] | None = None
-    ) -> IngestSession:
-        """An ingest fed in pieces (the gRPC stream hands it one chunk per worker turn)."""
-        spec, _ = self._task(task)
-        return IngestSession(self, spec, self.metadata.begin_batch(task, source), progress)
-
-    def delete_records(self, task: str, ids: Sequence[str] = (), texts: Sequence[str] = (),
-                       batch: int | None = None) -> list[str]:
-        """Delete the task's records named by id, by exact text, or by ingest batch; returns the ids
-        deleted (names that match no record are not an error: deleting is idempotent). Ingest's order
-        reversed: SQL rows marked `deleting`, vectors removed (from the next request on, no search
-        finds them), then the rows with their layer results and features. A crash in between leaves
-        `deleting` rows that `doctor --repair` finishes. The heads count the delete as an edit."""
-        self._task(task)  # TaskNotFound before touching anything
-        if not (ids or texts or batch is not None):
-            raise InvalidInput("ids: name the records to delete (ids, texts or an ingest batch)", "ids")
-        if texts:
-            self.check_texts(texts, "texts")
-        self.check_ids(ids, "ids")
-        chosen = self.metadata.mark_deleting(task, [*ids, *(record_id(task, t) for t in texts)], batch)
-        if chosen:
-            self.vectors.delete_ids(chosen)
-            self.metadata.delete_records(chosen)
-            self.forget_choice(task)
-        return chosen
-
-    def relabel(self, task: str, labels: dict[str, str], source: str = "relabel") -> tuple[int, list[str]]:
-        """Give records (by id) new labels; returns how many were relabelled and the ids not found.
-        Each is made pending with its new label and ingested again from its text (one forward each:
-        the layer results, vector payload and features follow the label), in ingest's order, so a
-        crash leaves pending rows that the doctor recomputes. An unknown label refuses the whole call."""
-        spec, _ = self._task(task)
-        self.check_ids(list(labels), "records")
-        for rid, label in labels.items():
-            if label not in spec.label_names:
-                raise InvalidInput(f"label: unknown label {clip(label)!r} for record {clip(rid)} "
-                                   f"(known: {', '.join(spec.label_names)})")
-        found = self.metadata.mark_relabelled(task, labels)
-        if found:
-            self.ingest(task, [Row(i + 1, text, labels[rid]) for i, (rid, text) in enumerate(found)], source)
-        known = {rid for rid, _ in found}
-        return len(found), [rid for rid in labels if rid not in known]
-
-    @staticmethod
-    def row_problem(spec: TaskSpec, row: Row, max_chars: int) -> str | None:
-        if row.label not in spec.label_names:
-            return f"unknown label {row.label!r} (known: {', '.join(spec.label_names)})"
-        if len(row.text) > max_chars:
-            return f"text of {len(row.text)} characters, over the limit of {max_chars}"
-        return None
-
-
-@dataclass
-class Prepared:
-    """Rows of one task and policy after `Engine.prepare`: what the backbone stage needs of them."""
-
-    task: str
-    texts: list[str]
-    served: str  # the policy as the answers name it
-    decisions: list[Decision]
-    found: list[list[Neighbour]]
-    covered: list[bool | None]  # the records cover the row (None: not checked)
-    timings: dict[str, int] = field(default_factory=dict)
-    heads: ExitHeads | None = None
-
-    def rows(self, index: Sequence[int]) -> Prepared:
-        """Some of the rows, in the order given."""
-        pick = list(index)
-        return Prepared(self.task, [self.texts[i] for i in pick], self.served, [self.decisions[i] for i in pick],
-                        [self.found[i] for i in pick], [self.covered[i] for i in pick], self.timings, self.heads)
-
-    @property
-    def without_backbone(self) -> list[int]:
-        """The rows answered before the backbone (by the key head, or retrieval)."""
-        return [i for i, d in enumerate(self.decisions) if d.answer is not None]
-
-    @staticmethod
-    def join(parts: Sequence[Prepared]) -> Prepared:
-        """Rows of one task and policy prepared apart, as one batch for the backbone."""
-        first = parts[0]
-        return Prepared(first.task, [t for p in parts for t in p.texts], first.served,
-                        [d for p in parts for d in p.decisions], [f for p in parts for f in p.found],
-                        [c for p in parts for c in p.covered], first.timings, first.heads)
-
-
-class IngestSession:
-    """One ingest batch: rows validated, deduplicated, and written batch by batch.
-
-    Order per batch: SQL rows written as pending, vectors upserted, rows marked
-    committed. A crash leaves pending rows that the next run recomputes.
-    """
-
-    def __init__(self, engine: Engine, spec: TaskSpec, batch_id: int, progress: Callable[[int], None] | None) -> None:
-        self.engine = engine
-        self.spec = spec
-        self.batch_id = batch_id
-        self.progress = progress
-        self.report = IngestReport()
-        self._seen: set[str] = set()
-
-    def __enter__(self) -> IngestSession:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self.finish("failed" if exc_type else "done")
-
-    def finish(self, status: str = "done") -> None:
-        r = self.report
-        self.engine.metadata.finish_batch(self.batch_id, r.added, r.present, len(r.rejected), status)
-        if r.added:  # the task may have enough records for its feature codec now (raee_server.stores.codec)
-            self.engine.metadata.compact_features(self.spec.name)
-        # the task's cached metadata (records, label mix: `auto`'s fallback, the prior correction) is stale now
-        self.engine.forget_choice(self.spec.name)
-
-    def add(self, rows: Iterable[Row | Rejected]) -> None:
-        pending: list[Row] = []
-        size = self.engine.settings.ingest_batch_size
-        for item in rows:
-            if isinstance(item, Rejected):
-                self.report.rejected.append(item)
-                continue
-            reason = Engine.row_problem(self.spec, item, self.engine.settings.max_text_chars)
-            if reason:
-                self.report.rejected.append(Rejected(item.line, reason))
-                continue
-            rid = record_id(self.spec.name, item.text)
-            if rid in self._seen:
-                self.report.present += 1  # a duplicate within this input
-                if self.progress:
-                    self.progress(1)
-                continue
-            self._seen.add(rid)
-            pending.append(item)
-            if len(pending) >= size:
-                self._write(pending)
-                pending = []
-        self._write(pending)
-
-    def _write(self, rows: list[Row]) -> None:
-        if not rows:
-            return
-        engine, spec, report = self.engine, self.spec, self.report
-        ids = [record_id(spec.name, r.text) for r in rows]
-        done = engine.metadata.committed_ids(spec.name, ids)
-        new = [(rid, r) for rid, r in zip(ids, rows) if rid not in done]
-        report.present += len(rows) - len(new)
-        if new:
-            texts = [r.text for _, r in new]
-            logits, features = engine.all_exits(spec.name, texts)
-            keys = engine.encoder.encode(texts)
-            records = [
-                ExitRecord(rid, spec.name, r.text, r.label, spec.label_index(r.label),
-                           layer_results(lg, spec.label_index(r.label)), f)
-                for (rid, r), lg, f in zip(new, logits, features)
-            ]
-            engine.store_records(spec.name, records, keys, self.batch_id)
-            report.added += len(records)
-        if self.progress:
-            self.progress(len(rows))

@@ -303,7 +303,7 @@ class CascadePolicy:
     `cascade:<margin>`: run layer by layer and stop at the first exit whose head's top probability
     reaches that exit's threshold, never past the best head's exit (or `bound`). The thresholds
     are certified on the task's calibration records so that, with probability at least 1 - delta
-    (heads.RISK_LEVEL), stopping early costs at most `margin` balanced accuracy against the bound's
+    (cascade.RISK_LEVEL), stopping early costs at most `margin` balanced accuracy against the bound's
     head on new rows like the records (`ExitHeads.cascade_thresholds`); where nothing can be
     certified, every row answers at the bound. `bind` fills them in from the task's heads. No
     retrieval: the heads alone decide where a row stops.

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from raee_server.errors import InvalidInput
-from raee_server.models.backbone import DTYPES, Backbone, CausalLMBackbone, MaskedLMBackbone, Seq2SeqBackbone
+from raee_server.models.backbone import DTYPES, Backbone, CausalLMBackbone, MaskedLMBackbone
+from raee_server.models.seq2seq import Seq2SeqBackbone
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import grpc
 from google.rpc import status_pb2
 
 from raee_server.core.datafile import check_row
-from raee_server.core.engine import Engine, IngestSession
+from raee_server.core.engine import Engine
+from raee_server.core.ingest import IngestSession
 from raee_server.errors import InvalidInput, Unauthenticated, clip
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from raee_server import tracing
-from raee_server.core.engine import Engine, Prepared
+from raee_server.core.engine import Engine
 from raee_server.core.policies import ExitPolicy, Resolved
+from raee_server.core.prepared import Prepared
 from raee_server.errors import DeadlineExpired, NotReady, Overloaded, RaeeError
 from raee_server.serving.metrics import Metrics
 from raee_server.types import Prediction
