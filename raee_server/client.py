@@ -26,7 +26,17 @@ from raee_server.errors import (
 )
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
-from raee_server.types import METADATA_KEY, IngestReport, Neighbour, Prediction, Rejected, Row, TaskSpec
+from raee_server.types import (
+    METADATA_KEY,
+    TEXT_INPUT,
+    Example,
+    IngestReport,
+    Neighbour,
+    Prediction,
+    Rejected,
+    Row,
+    TaskSpec,
+)
 
 T = TypeVar("T")
 
@@ -171,12 +181,18 @@ class RaeeClient:
     def close(self) -> None:
         self.channel.close()
 
-    def classify(self, task: str, texts: list[str], policy: str | None = None, k: int | None = None,
+    def classify(self, task: str, texts: Sequence[Example], policy: str | None = None, k: int | None = None,
                  neighbours: bool = False) -> list[Prediction]:
+        """Answers for texts, or (a task with several inputs) each example's inputs by name."""
         options = pb.ClassifyOptions(policy=policy or "", k=k or 0, return_neighbours=neighbours)
+        plain = [t for t in texts if isinstance(t, str)]
+        if len(plain) == len(texts):
+            request = pb.ClassifyBatchRequest(task=task, texts=plain, options=options)
+        else:
+            request = pb.ClassifyBatchRequest(task=task, options=options, inputs=[
+                pb.Inputs(values={TEXT_INPUT: t} if isinstance(t, str) else t) for t in texts])
         try:
-            reply = _retrying(lambda: self.stub.ClassifyBatch(
-                pb.ClassifyBatchRequest(task=task, texts=texts, options=options), timeout=self.timeout))
+            reply = _retrying(lambda: self.stub.ClassifyBatch(request, timeout=self.timeout))
         except grpc.RpcError as exc:
             _raise(exc, task)
         return [
@@ -199,7 +215,9 @@ class RaeeClient:
         request = pb.CreateTaskRequest(
             name=spec.name, template=spec.template, description=spec.description,
             labels=[pb.Label(name=lb.name, word=lb.word, share=lb.share) for lb in spec.labels],
-            objective=spec.objective, prior_correction=spec.prior_correction, adapt_prior=spec.adapt_prior)
+            objective=spec.objective, prior_correction=spec.prior_correction, adapt_prior=spec.adapt_prior,
+            inputs=list(spec.inputs) if spec.several else [],
+            retrieval_key=spec.retrieval_key if spec.several else "")
         try:
             self.stub.CreateTask(request, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -211,10 +229,12 @@ class RaeeClient:
         except grpc.RpcError as exc:
             _raise(exc, name)
 
-    def delete_records(self, task: str, ids: Sequence[str] = (), texts: Sequence[str] = (),
+    def delete_records(self, task: str, ids: Sequence[str] = (), texts: Sequence[Example] = (),
                        batch: int | None = None) -> list[str]:
-        """Delete records by id, exact text or ingest batch; returns the ids deleted."""
-        request = pb.DeleteRecordsRequest(task=task, ids=list(ids), texts=list(texts), batch=batch or 0)
+        """Delete records by id, exact text (or inputs) or ingest batch; returns the ids deleted."""
+        request = pb.DeleteRecordsRequest(task=task, ids=list(ids), texts=[t for t in texts if isinstance(t, str)],
+                                          inputs=[pb.Inputs(values=t) for t in texts if not isinstance(t, str)],
+                                          batch=batch or 0)
         try:
             return list(self.stub.DeleteRecords(request, timeout=self.timeout).deleted_ids)
         except grpc.RpcError as exc:
@@ -246,13 +266,18 @@ class RaeeClient:
                 return
             token = page.next_page_token
 
-    def labels(self, task: str) -> list[str]:
+    def task(self, name: str) -> pb.Task:
         try:
-            return [lb.name for lb in _retrying(lambda: self.stub.GetTask(pb.GetTaskRequest(name=task),
-                                                                          timeout=self.timeout)).task.labels]
+            return _retrying(lambda: self.stub.GetTask(pb.GetTaskRequest(name=name), timeout=self.timeout)).task
         except grpc.RpcError as exc:
-            _raise(exc, task)
-        return []
+            _raise(exc, name)
+
+    def labels(self, task: str) -> list[str]:
+        return [lb.name for lb in self.task(task).labels]
+
+    def inputs(self, task: str) -> list[str]:
+        """The task's named inputs (`text` alone for a single-text task, and from servers before inputs)."""
+        return list(self.task(task).inputs) or [TEXT_INPUT]
 
     def ingest(self, task: str, rows: Iterable[Row | Rejected], chunk: int = 256) -> IngestReport:
         """Stream rows to the server; rejections come back with the file's line numbers."""

@@ -6,10 +6,12 @@ them in a process that has only grpcio and protobuf installed.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tomllib
 import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,61 @@ def is_blank(text: str) -> bool:
 
 
 METADATA_KEY = "x-api-key"  # the gRPC metadata entry that carries an API key
+TEXT_INPUT = "text"  # the one input of a single-text task
 TEXT_SLOT = "{text}"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_INPUT_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_INPUTS = 8
+# How a task with several inputs (a sentence pair) makes its retrieval key: "template", the filled
+# template, as the paper's code encodes it; "joined", the inputs joined by newlines in declared order;
+# "mean", each input encoded alone and the unit keys averaged. Measured in docs/results.md
+# ("Sentence pairs"); a single-text task's key is its text.
+RETRIEVAL_KEYS = ("template", "joined", "mean")
+DEFAULT_RETRIEVAL_KEY = "template"
+
+# One example as a caller gives it: a text, or a task's inputs by name.
+Example = str | Mapping[str, str]
+
+
+def check_text(text: object, where: str, max_chars: int) -> None:
+    """The rules every input text meets: visible, no NUL, at most `max_chars` characters."""
+    if not isinstance(text, str) or is_blank(text):
+        raise InvalidInput(f"{where}: empty text", where)
+    if len(text) > max_chars:
+        raise InvalidInput(f"{where}: {len(text)} characters, over the limit of {max_chars}", where)
+    if "\x00" in text:
+        raise InvalidInput(f"{where}: contains a NUL character", where)
+
+
+def pack_inputs(values: Mapping[str, str]) -> str:
+    """An example's inputs as the service's one text form: a lone `text` input is the text itself;
+    several are a JSON object, names sorted (what a record stores and its id hashes: the same inputs
+    give the same record, in whatever order they came)."""
+    if list(values) == [TEXT_INPUT]:
+        return values[TEXT_INPUT]
+    return json.dumps({k: values[k] for k in sorted(values)}, ensure_ascii=False, separators=(",", ":"))
+
+
+def unpack_inputs(text: str) -> dict[str, str] | None:
+    """`pack_inputs` undone for several inputs: the names and texts of a JSON object of strings (None:
+    `text` is not one)."""
+    try:
+        values = json.loads(text)
+    except (ValueError, RecursionError):  # a hostile text may nest deeply
+        return None
+    if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+        return None
+    return values
+
+
+def truncate(example: Example, max_chars: int) -> Example:
+    """The example cut to `max_chars` characters in all: each input keeps its share of the length."""
+    if isinstance(example, str):
+        return example[:max_chars]
+    total = sum(len(v) for v in example.values() if isinstance(v, str))
+    if total <= max_chars:
+        return example
+    return {k: v[: max_chars * len(v) // total] if isinstance(v, str) else v for k, v in example.items()}
 
 
 def is_task_name(name: str) -> bool:
@@ -63,6 +118,8 @@ class TaskSpec:
     # Estimate the traffic's label mix from the service's own recent answers (EM, raee_server.core.prior)
     # and re-weight answers toward it. Opt-in: it acts on traffic, not on labelled data.
     adapt_prior: bool = False
+    inputs: tuple[str, ...] = (TEXT_INPUT,)  # named inputs, one template slot each (a pair: two)
+    retrieval_key: str = DEFAULT_RETRIEVAL_KEY  # how several inputs make one key (RETRIEVAL_KEYS)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,8 +130,17 @@ class TaskSpec:
                 f"task name {clip(self.name)}: use 1-64 letters, digits, '_', '-' or '.', "
                 "starting with a letter or digit"
             )
-        if TEXT_SLOT not in self.template:
-            raise InvalidInput(f"template of task {clip(self.name)} has no {TEXT_SLOT} slot: {clip(self.template)}")
+        if not 1 <= len(self.inputs) <= MAX_INPUTS or len(set(self.inputs)) != len(self.inputs):
+            raise InvalidInput(f"task {clip(self.name)}: inputs must be 1 to {MAX_INPUTS} distinct names")
+        for name in self.inputs:
+            if not isinstance(name, str) or not _INPUT_RE.fullmatch(name) or name == "mask":
+                raise InvalidInput(f"task {clip(self.name)}: input name {clip(str(name))}: use 1-32 lowercase "
+                                   "letters, digits or '_', starting with a letter ('mask' is the masked LM's slot)")
+            if "{" + name + "}" not in self.template:
+                raise InvalidInput(f"template of task {clip(self.name)} has no {{{name}}} slot: {clip(self.template)}")
+        if self.retrieval_key not in RETRIEVAL_KEYS:
+            raise InvalidInput(f"task {clip(self.name)}: retrieval_key {clip(self.retrieval_key)} is not one of "
+                               f"{', '.join(RETRIEVAL_KEYS)}")
         if len(self.labels) < 2:
             raise InvalidInput(f"task {clip(self.name)} needs at least two labels, got {len(self.labels)}")
         seen: set[str] = set()
@@ -120,9 +186,85 @@ class TaskSpec:
             f"unknown label {clip(name)} for task {clip(self.name)} (known: {', '.join(self.label_names)})"
         )
 
+    @property
+    def several(self) -> bool:
+        """The task takes more than one input (a sentence pair)."""
+        return len(self.inputs) > 1
+
     def prompt(self, text: str) -> str:
-        # str.replace, not str.format: user texts and templates may hold braces.
-        return self.template.replace(TEXT_SLOT, text)
+        # Not str.format: user texts and templates may hold braces. One pass over the template, so an
+        # input that holds another input's slot ("{hypothesis}") is never filled in again.
+        if not self.several:
+            return self.template.replace(TEXT_SLOT, text)
+        values = self.values_of(text)
+        slots = re.compile("|".join(re.escape("{" + name + "}") for name in self.inputs))
+        return slots.sub(lambda m: values[m.group(0)[1:-1]], self.template)
+
+    def values_of(self, text: str) -> dict[str, str]:
+        """A stored text's inputs by name (`pack_inputs` undone)."""
+        if not self.several:
+            return {TEXT_INPUT: text}
+        values = unpack_inputs(text)
+        if values is None or sorted(values) != sorted(self.inputs):
+            raise InvalidInput(f"task {clip(self.name)} takes the inputs {', '.join(self.inputs)}, by name")
+        return values
+
+    def text_of(self, example: Example, where: str, max_chars: int) -> str:
+        """A caller's example, checked, as the one text form (`pack_inputs`). `where` names the field
+        that holds it ("text", "inputs", "inputs[3].values"); an input's error names it below that. A
+        text (not inputs by name) for a task with several inputs must be their packed form (a record's
+        text, a neighbour's). `max_chars` bounds each input and all of them together."""
+        if isinstance(example, str):
+            if not self.several:
+                check_text(example, where, max_chars)
+                return example
+            parsed = unpack_inputs(example)
+            if parsed is None:
+                raise InvalidInput(f"{where}: task {clip(self.name)} takes the inputs {', '.join(self.inputs)} "
+                                   "by name (inputs)", where)
+            values = parsed
+        else:
+            values = dict(example)
+        at = (lambda name: f"{where}.{name}") if where else (lambda name: name)
+        for name in values:
+            if name not in self.inputs:
+                shown = at(name if len(name) <= 40 else name[:37] + "...")  # a path, not an echo of 10 KB
+                raise InvalidInput(f"{shown}: task {clip(self.name)} has no input {clip(name)} "
+                                   f"(its inputs: {', '.join(self.inputs)})", shown)
+        for name in self.inputs:
+            if name not in values:
+                raise InvalidInput(f"{at(name)}: missing (task {clip(self.name)} takes "
+                                   f"{', '.join(self.inputs)})", at(name))
+            check_text(values[name], at(name), max_chars)
+        total = sum(len(v) for v in values.values())
+        if total > max_chars:
+            raise InvalidInput(f"{where or 'inputs'}: {total} characters in all inputs, over the limit of "
+                               f"{max_chars}", where or None)
+        return pack_inputs({name: values[name] for name in self.inputs})
+
+    def texts_of(self, examples: Sequence[Example], field_name: str, max_chars: int) -> list[str]:
+        """A request's examples, each by `text_of`. Errors name the field: `text` or `inputs` for one
+        example, `text[i]` or `inputs[i].values` for several."""
+        if not examples:
+            raise InvalidInput(f"{field_name}: no text given", field_name)
+        one = len(examples) == 1
+
+        def where(i: int, example: Example) -> str:
+            if isinstance(example, str):
+                return field_name if one else f"{field_name}[{i}]"
+            return "inputs" if one else f"inputs[{i}].values"
+
+        return [self.text_of(ex, where(i, ex), max_chars) for i, ex in enumerate(examples)]
+
+    def key_text(self, text: str) -> str:
+        """What one key encodes: the text itself for a single-text task; for several inputs, the filled
+        template or the inputs joined (`retrieval_key`; "mean" keys each input: `values_of`)."""
+        if not self.several:
+            return text
+        if self.retrieval_key == "template":
+            return self.prompt(text)
+        values = self.values_of(text)
+        return "\n".join(values[name] for name in self.inputs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +276,7 @@ class TaskSpec:
             "objective": self.objective,
             "prior_correction": self.prior_correction,
             "adapt_prior": self.adapt_prior,
+            **({"inputs": list(self.inputs), "retrieval_key": self.retrieval_key} if self.several else {}),
         }
 
     @classmethod
@@ -160,6 +303,9 @@ class TaskSpec:
         for key, value in (("prior_correction", correction), ("adapt_prior", adapt)):
             if not isinstance(value, bool):
                 raise InvalidInput(f"{source}: {key} must be true or false, got {clip(repr(value))}")
+        inputs = data.get("inputs", [TEXT_INPUT])
+        if not isinstance(inputs, list | tuple) or not all(isinstance(name, str) for name in inputs):
+            raise InvalidInput(f"{source}: inputs must be a list of names, got {clip(repr(inputs))}")
         return cls(
             name=str(data["name"]),
             template=str(data["template"]),
@@ -168,6 +314,8 @@ class TaskSpec:
             objective=str(data.get("objective", "balanced_accuracy")),
             prior_correction=correction,
             adapt_prior=adapt,
+            inputs=tuple(inputs) or (TEXT_INPUT,),
+            retrieval_key=str(data.get("retrieval_key") or DEFAULT_RETRIEVAL_KEY),
         )
 
     @classmethod

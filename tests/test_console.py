@@ -311,3 +311,47 @@ def test_operations_are_listed_with_progress_and_started_from_the_task_panel(rea
     served = real_server.stub.GetTask(pb.GetTaskRequest(name="sst2")).task
     assert served.heads.version >= 2  # the console's fit stored a new version
     full_page(browser, shots / "operations.png")
+
+
+def test_a_pair_task_gets_a_box_per_input_and_its_file_a_column_per_input(real_server: ServerThread, browser: Any,
+                                                                          tmp_path: Path, shots: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    pairs = TaskSpec.from_toml(SST2.parent / "trec-pairs.toml")
+    real_server.stub.CreateTask(pb.CreateTaskRequest(name=pairs.name, template=pairs.template, inputs=pairs.inputs,
+                                                     labels=[pb.Label(name=lb.name, word=lb.word)
+                                                             for lb in pairs.labels]))
+    upload = tmp_path / "pairs.tsv"
+    upload.write_text("question1\tquestion2\tlabel\n"
+                      "Who wrote Hamlet ?\tWho painted the Mona Lisa ?\tsame\n"            # line 2
+                      "How far is the moon ?\tWhat is the capital of Peru ?\tdifferent\n"  # line 3
+                      "When did the war end ?\t\tdifferent\n",                            # line 4: empty input
+                      encoding="utf-8")
+    open_console(browser, real_server)
+    fill_in(browser, "ingest-task", pairs.name)
+    browser.find_element(By.ID, "ingest-file").send_keys(str(upload))
+    browser.find_element(By.ID, "ingest-submit").click()
+    until(browser, visible("ingest-summary"), "no ingest summary")
+    assert text_of(browser, "ingest-summary") == "pairs.tsv: 2 added, 0 already present, 1 rejected"
+    rows = [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
+            for r in browser.find_elements(By.CSS_SELECTOR, "#ingest-rejections tbody tr")]
+    assert rows == [["4", "question2: empty text"]]
+
+    fill_in(browser, "try-task", pairs.name)
+    until(browser, visible("try-inputs"), "no box per input")
+    assert not browser.find_element(By.ID, "try-text").is_displayed()
+    asked = {"question1": "Who invented the telephone ?", "question2": "Who discovered penicillin ?"}
+    for name, value in asked.items():
+        box = browser.find_element(By.CSS_SELECTOR, f"#try-inputs textarea[data-input={name}]")
+        box.clear()
+        box.send_keys(value)
+    fill_in(browser, "try-policy", "knn-vote")
+    browser.find_element(By.ID, "try-submit").click()
+    until(browser, visible("try-result"), "no answer")
+    expected = real_server.stub.Classify(pb.ClassifyRequest(task=pairs.name, inputs=asked,
+                                                            options=pb.ClassifyOptions(policy="knn-vote")))
+    assert text_of(browser, "try-label") == expected.label
+    full_page(browser, shots / "try-it-pair.png")
+    fill_in(browser, "try-task", "sst2")  # a single-text task: the one box again
+    until(browser, visible("try-text"), "the text box did not come back")
+    fill_in(browser, "try-policy", "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from raee_server.core.groups import near_duplicate_groups, words
 from raee_server.core.heads import ExitHeads
 from raee_server.core.policies import ExitPolicy, bind, parse_policy
 from raee_server.stores.records import ExitRecord, LayerResult, record_id
-from raee_server.types import Choice, Row, TaskSpec
+from raee_server.types import RETRIEVAL_KEYS, Choice, Row, TaskSpec
 
 K_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
 SIZE_SWEEP = (500, 1000, 2000, 5000, 10000, 20000, 60000)
@@ -40,6 +40,7 @@ KEY_CASCADE_SHOWN = ("key-cascade:0.01", "key-cascade:0.02", "key-cascade:0.03")
 BASELINES = ("key-logreg", "knn-vote", "paper")  # with the full-depth head: what `auto` must beat
 KEY_LOGREG_C = tuple(float(c) for c in np.logspace(-4, 3, 15))  # key-logreg's own cross-validated grid
 LEAK_NGRAM = 4  # a measured row that shares this many words in a row with a record is a leaked row
+KEY_POLICIES = ("knn-vote", "paper", "key-logreg")  # what a retrieval key alone decides: the key sweep's
 KNN_HEADS_SHOWN = ("knn-heads:0.9", "knn-heads:0.95")  # not among auto's candidates (raee_server.core.auto); shown
 
 
@@ -69,6 +70,7 @@ class TaskBench:
     key_logreg_c: float = 0.0
     leak_free: list[PolicyResult] = field(default_factory=list)  # the same policies on the rows that share
     # no LEAK_NGRAM-word phrase with a record
+    key_sweep: dict[str, list[PolicyResult]] = field(default_factory=dict)  # retrieval key -> KEY_POLICIES
 
     @property
     def best_baseline(self) -> PolicyResult | None:
@@ -130,8 +132,23 @@ class TaskBench:
             "cascades": self.cascade_promises(),
             "layer_accuracy": self.layer_accuracy, "latency_us": self.latency,
             "k_sweep": self.k_sweep, "size_sweep": self.size_sweep, "encoder_sweep": self.encoder_sweep,
-            "heads": self.heads,
+            "heads": self.heads, "key_sweep": self.key_sweep_gaps(),
         }
+
+    def key_sweep_gaps(self) -> dict[str, list[dict[str, Any]]]:
+        """Each retrieval key's results, with the accuracy difference against the same policy under the
+        task's own key (95 % paired bootstrap interval)."""
+        if not self.key_sweep:
+            return {}
+        own = {r.name: r for r in self.results}
+        out: dict[str, list[dict[str, Any]]] = {}
+        for mode, results in self.key_sweep.items():
+            out[mode] = []
+            for r in results:
+                gap, low, high = r.accuracy_gap(own[r.name])
+                out[mode].append({**r.summary(len(self.labels)), "vs_own_key": gap, "vs_own_key_low": low,
+                                  "vs_own_key_high": high})
+        return out
 
     def against_baselines(self) -> list[str]:
         """`auto` against the best baseline, and each per-input heads policy against the best fixed head
@@ -165,8 +182,9 @@ class TaskBench:
         return lines
 
 
-def first_rows(path: Path, n: int, skip: int = 0) -> list[Row]:
-    return [r for r in itertools.islice(read_rows(path), skip, skip + n) if isinstance(r, Row)]
+def first_rows(path: Path, n: int, skip: int = 0, inputs: Sequence[str] = ()) -> list[Row]:
+    """Rows skip + 1 .. skip + n of a labelled file (a column per input for a task with several)."""
+    return [r for r in itertools.islice(read_rows(path, inputs=inputs), skip, skip + n) if isinstance(r, Row)]
 
 
 def ensure_task(engine: Engine, spec: TaskSpec) -> None:
@@ -179,17 +197,19 @@ def ensure_task(engine: Engine, spec: TaskSpec) -> None:
 
 
 def build(engine: Engine, task: str, train: Path, n: int) -> None:
-    rows = list(itertools.islice(read_rows(train), n))
+    rows = list(itertools.islice(read_rows(train, inputs=engine.spec(task).inputs), n))
     with _bar(len(rows), f"{task}: database") as bar:
         engine.ingest(task, rows, source=str(train), progress=bar.update)
 
 
 def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int | None,
-                 examples: Sequence[tuple[str, str, str]] | None = None) -> int:
+                 examples: Sequence[tuple[str, str, str]] | None = None, retrieval_key: str | None = None) -> int:
     """A task's first `limit` records (or these `examples`) under another name and the destination's
-    key encoder, with their exit features, built from what SQL holds: no backbone forward."""
+    key encoder (and, for several inputs, `retrieval_key`), with their exit features, built from what
+    SQL holds: no backbone forward."""
     spec = src.task_info(task).spec
-    ensure_task(dst, TaskSpec(dst_task, spec.template, spec.labels, f"bench copy of {task}"))
+    ensure_task(dst, replace(spec, name=dst_task, description=f"bench copy of {task}",
+                             retrieval_key=retrieval_key or spec.retrieval_key))
     if dst.task_info(dst_task).records:
         return dst.task_info(dst_task).records
     examples = list(examples) if examples is not None else src.metadata.committed_examples(task, limit)
@@ -208,7 +228,7 @@ def copy_records(src: Engine, task: str, dst: Engine, dst_task: str, limit: int 
                             for l, (pred, p, gold_p) in enumerate(layers[rid]))
             records.append(ExitRecord(record_id(dst_task, text), dst_task, text, label, gold, results,
                                       features.get(rid)))
-        keys = dst.encoder.encode([r.text for r in records])
+        keys = dst.keys(dst.spec(dst_task), [r.text for r in records])
         batch = dst.metadata.begin_batch(dst_task, f"copy of {task}")
         dst.store_records(dst_task, records, keys, batch)
         dst.metadata.finish_batch(batch, len(records), 0, 0, "done")
@@ -252,15 +272,15 @@ def key_logreg(engine: Engine, spec: TaskSpec, train: Path, train_rows: int, row
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import GroupKFold
 
-    records = first_rows(train, train_rows)
-    keys = np.asarray(engine.encoder.encode([r.text for r in records]), dtype=np.float64)
+    records = first_rows(train, train_rows, inputs=spec.inputs)
+    keys = np.asarray(engine.keys(spec, [r.text for r in records]), dtype=np.float64)
     mean, scale = keys.mean(0), keys.std(0) + 1e-12
     labels = np.array([spec.label_index(r.label) for r in records])
     folds = list(GroupKFold(n_splits=5).split(keys, labels, near_duplicate_groups([r.text for r in records])))
     model = LogisticRegressionCV(Cs=list(KEY_LOGREG_C), l1_ratios=(0.0,), cv=folds, scoring="balanced_accuracy",
                                  class_weight="balanced", max_iter=3000, use_legacy_attributes=False
                                  ).fit((keys - mean) / scale, labels)
-    measured = (np.asarray(engine.encoder.encode([r.text for r in rows]), dtype=np.float64) - mean) / scale
+    measured = (np.asarray(engine.keys(spec, [r.text for r in rows]), dtype=np.float64) - mean) / scale
     predicted = model.predict(measured)
     return (PolicyResult("key-logreg", depth, [spec.label_index(r.label) for r in rows],
                          [int(p) for p in predicted], [0] * len(rows)), float(np.ravel(model.C_)[0]))
@@ -316,7 +336,7 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
     # the retrieval baselines get their own k from the same validation (auto searches k too)
     baseline_k = {name: tuned_k(validation, name, depth, labels, spec.objective) for name in ("paper", "knn-vote")}
 
-    rows = first_rows(dev, dev_rows, skip=dev_skip)
+    rows = first_rows(dev, dev_rows, skip=dev_skip, inputs=spec.inputs)
     with _bar(len(rows), f"{task}: measure") as bar:
         measured = measure(engine, task, rows, max(K_SWEEP), progress=bar.update)
     names = ["full", calibrated["static"], calibrated["confidence"], "paper", "paper-all", calibrated["paper-tol"],
@@ -341,7 +361,7 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
                              if m.head_probs is not None], depth)
         oracle.name = "oracle-heads"
         results.append(oracle)
-    clean = leak_free_rows([r.text for r in first_rows(train, train_rows)], rows)
+    clean = leak_free_rows([r.text for r in first_rows(train, train_rows, inputs=spec.inputs)], rows)
     report = TaskBench(task, depth, labels, train_rows, len(rows), k, tuned, calibrated, results,
                        layer_accuracy(measured), heads=heads.summary() if heads else {}, dev_skip=dev_skip,
                        baseline_k=baseline_k, key_logreg_c=logreg_c,
@@ -378,7 +398,29 @@ def bench_task(engine: Engine, spec: TaskSpec, train: Path, dev: Path, train_row
             report.encoder_sweep[other.encoder.model_id] = {
                 p: (r.accuracy, r.mean_exit) for p in SWEEP_POLICIES
                 for r in [run_policy(parse_policy(p), sub_rows, depth, labels, k)]}
+    if "key" in sweeps and spec.several:
+        report.key_sweep = key_sweep(engine, spec, train, train_rows, rows, measured, results, k, baseline_k)
     return report
+
+
+def key_sweep(engine: Engine, spec: TaskSpec, train: Path, train_rows: int, rows: Sequence[Row],
+              measured: Sequence[Measured], results: Sequence[PolicyResult], k: int, baseline_k: dict[str, int]
+              ) -> dict[str, list[PolicyResult]]:
+    """A task with several inputs, under each way of making its retrieval key (types.RETRIEVAL_KEYS):
+    the policies that read only the key, on the same measured rows (the exits do not depend on the key).
+    The spec's own key is the run's; the others are copies of its records, keyed again (no forward)."""
+    out: dict[str, list[PolicyResult]] = {spec.retrieval_key: [r for r in results if r.name in KEY_POLICIES]}
+    for mode in RETRIEVAL_KEYS:
+        if mode == spec.retrieval_key:
+            continue
+        sub = f"{spec.name}--key-{mode}"
+        copy_records(engine, spec.name, engine, sub, None, retrieval_key=mode)
+        sub_rows = with_neighbours(engine, sub, rows, measured, k)
+        keyed = [run_policy(parse_policy(n), sub_rows, engine.depth, spec.label_names, baseline_k.get(n, k))
+                 for n in KEY_POLICIES if n != "key-logreg"]
+        logreg, _ = key_logreg(engine, replace(spec, retrieval_key=mode), train, train_rows, rows, engine.depth)
+        out[mode] = [*keyed, logreg]
+    return out
 
 
 # -- reports -------------------------------------------------------------------------

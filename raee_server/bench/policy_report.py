@@ -80,6 +80,17 @@ def markdown(reports: Sequence[TaskBench], command: str) -> str:
             for enc, res in r.encoder_sweep.items():
                 out.append(f"| {enc} | " + " | ".join(f"{100 * res[p][0]:.1f} % @ {res[p][1]:.1f}"
                                                       for p in SWEEP_POLICIES) + " |")
+        if r.key_sweep:
+            own = next(iter(r.key_sweep))
+            out += ["", f"Retrieval keys (the task's own: {own}); accuracy, and the difference against the same "
+                    f"policy under {own} [95 % paired CI]:", "",
+                    "| key | " + " | ".join(p.name for p in r.key_sweep[own]) + " |",
+                    "|---|" + "---|" * len(r.key_sweep[own])]
+            for mode, keyed in r.key_sweep_gaps().items():
+                cells = [f"{100 * g['accuracy']:.1f} %" + ("" if mode == own else
+                         f" ({100 * g['vs_own_key']:+.1f} [{100 * g['vs_own_key_low']:+.1f}, "
+                         f"{100 * g['vs_own_key_high']:+.1f}])") for g in keyed]
+                out.append(f"| {mode} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 

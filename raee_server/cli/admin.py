@@ -22,7 +22,7 @@ from raee_server.cli.app import (
 from raee_server.cli.data import ingest
 from raee_server.cli.model import classify
 from raee_server.serving.auth import SCOPES
-from raee_server.types import TaskSpec, parse_label_flag
+from raee_server.types import DEFAULT_RETRIEVAL_KEY, RETRIEVAL_KEYS, TEXT_INPUT, TaskSpec, parse_label_flag
 
 # -- tasks ---------------------------------------------------------------------
 
@@ -35,21 +35,27 @@ def task() -> None:
 @task.command("create")
 @click.argument("name", required=False)
 @click.option("--file", "spec_file", type=click.Path(path_type=Path), help="TOML task spec")
-@click.option("--template", help="prompt template containing {text}")
+@click.option("--template", help="prompt template containing {text} (or a {name} slot per --input)")
 @click.option("--label", "labels", multiple=True, help="label as name=word (word with its leading space), repeatable")
+@click.option("--input", "inputs", multiple=True, metavar="NAME",
+              help="a named input, repeatable: a sentence-pair task names two (default: one, text)")
+@click.option("--retrieval-key", type=click.Choice(RETRIEVAL_KEYS), default=DEFAULT_RETRIEVAL_KEY,
+              show_default=True, help="how several inputs make the retrieval key")
 @click.option("--description", default="")
 @server_option
 @click.pass_obj
 @reports
 def task_create(obj: Context, name: str | None, spec_file: Path | None, template: str | None,
-                labels: tuple[str, ...], description: str, server: str | None) -> dict[str, Any]:
+                labels: tuple[str, ...], inputs: tuple[str, ...], retrieval_key: str, description: str,
+                server: str | None) -> dict[str, Any]:
     """Create a task from flags or from a TOML file (see raee_server/cli/tasks/*.toml)."""
     if spec_file:
         spec = TaskSpec.from_toml(spec_file)
     else:
         if not name or template is None:
             raise click.UsageError("give NAME, --template and --label ... or --file spec.toml")
-        spec = TaskSpec(name, template, tuple(parse_label_flag(v) for v in labels), description)
+        spec = TaskSpec(name, template, tuple(parse_label_flag(v) for v in labels), description,
+                        inputs=inputs or (TEXT_INPUT,), retrieval_key=retrieval_key)
     if server:
         obj.client(server).create_task(spec)
     else:

@@ -19,7 +19,7 @@ import itertools
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -233,9 +233,22 @@ def file_options(func: F) -> F:
 
 
 def rows_of(
-    path: Path, text_column: str, label_column: str, fmt: str | None, limit: int | None
+    path: Path, text_column: str, label_column: str, fmt: str | None, limit: int | None,
+    inputs: Sequence[str] = (),
 ) -> Iterator[Row | Rejected]:
-    return itertools.islice(read_rows(path, text_column, label_column, fmt), limit)
+    """A file's labelled rows; a task with several `inputs` reads a column per input."""
+    return itertools.islice(read_rows(path, text_column, label_column, fmt, inputs), limit)
+
+
+def task_inputs(obj: Context, task_name: str, server: str | None) -> list[str]:
+    """The task's named inputs (`text` alone for a single-text task), from the server or the stores."""
+    if server:
+        client = obj.client(server)
+        try:
+            return client.inputs(task_name)
+        finally:
+            client.close()
+    return list(obj.engine.spec(task_name).inputs)
 
 
 

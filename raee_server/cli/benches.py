@@ -30,8 +30,9 @@ from raee_server.types import Row
 @click.option("--dev-rows", default=500, show_default=True, help="measured: the first N dev rows")
 @click.option("--k", default=12, show_default=True)
 @click.option("--latency-rows", default=48, show_default=True, help="served requests timed per policy")
-@click.option("--sweep", "sweeps", multiple=True, type=click.Choice(["k", "size", "encoder"]),
-              default=["k", "size", "encoder"], show_default=True)
+@click.option("--sweep", "sweeps", multiple=True, type=click.Choice(["k", "size", "encoder", "key"]),
+              default=["k", "size", "encoder", "key"], show_default=True,
+              help="key: a task with several inputs under each way of making its retrieval key")
 @click.option("--alt-encoder", "alt_encoders", multiple=True, default=["backbone:3", "hashing:384"],
               show_default=True, help="key encoders compared with the main one in the encoder sweep")
 @click.option("--size", "sizes", multiple=True, type=int, help="database sizes of the size sweep "
@@ -81,6 +82,24 @@ def bench(obj: Context, tasks: tuple[str, ...], data_root: Path, train_rows: int
     for other in others:
         other.vectors.close()
     return {"tasks": list(tasks), "written": written}
+
+
+@cli.command()
+@data_option("folder with agnews/ and trec/ train.tsv and dev.tsv (the pairs' sources)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/pairs"), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.pass_obj
+@reports
+def pairs(obj: Context, data_root: Path, out: Path, seed: int) -> dict[str, Any]:
+    """Write the sentence-pair tasks agnews-pairs and trec-pairs, built from real single-text files
+    (raee_server.bench.pairs): then `raee-admin bench agnews-pairs trec-pairs --data OUT`."""
+    from raee_server.bench import pairs as pair_tasks
+
+    report = pair_tasks.build(data_root, out, seed)
+    for name, counts in report.items():
+        obj.say(f"{out / name}: {counts['train_rows']} train pairs ({counts['train_same']} same), "
+                f"{counts['dev_rows']} dev pairs ({counts['dev_same']} same)")
+    return report
 
 
 @cli.command("bench-shift")

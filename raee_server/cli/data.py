@@ -17,6 +17,7 @@ from raee_server.cli.app import (
     reports,
     rows_of,
     server_option,
+    task_inputs,
 )
 from raee_server.stores.records import record_id
 from raee_server.types import Rejected, Row
@@ -32,17 +33,18 @@ from raee_server.types import Rejected, Row
 def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_column: str, fmt: str | None,
            limit: int | None, server: str | None = None) -> dict[str, Any]:
     """Append labelled rows (TSV/CSV/JSONL with text and label columns) to a task's exit database."""
-    total = sum(1 for _ in rows_of(file, text_column, label_column, fmt, limit))  # reads it all: fails before writing
+    inputs = task_inputs(obj, task_name, server)
+    total = sum(1 for _ in rows_of(file, text_column, label_column, fmt, limit, inputs))  # fails before writing
     if server:
         click.echo(f"streaming {total} rows to {server} ...", err=True)
         client = obj.client(server, timeout=3600)
-        report = client.ingest(task_name, rows_of(file, text_column, label_column, fmt, limit))
+        report = client.ingest(task_name, rows_of(file, text_column, label_column, fmt, limit, inputs))
         client.close()
     else:
         engine = obj.engine
         with tqdm(total=total, unit="row", desc=f"ingest {task_name}", file=sys.stderr) as bar:
-            report = engine.ingest(task_name, rows_of(file, text_column, label_column, fmt, limit), source=str(file),
-                                   progress=bar.update)
+            report = engine.ingest(task_name, rows_of(file, text_column, label_column, fmt, limit, inputs),
+                                   source=str(file), progress=bar.update)
         if report.added:
             click.echo("indexing the new records ...", err=True)
             engine.build_index()
@@ -114,7 +116,7 @@ def records_relabel(obj: Context, task_name: str, label: str | None, ids: tuple[
             raise click.UsageError("--label: the new label of the records named by --id or --text")
         wanted += [(i, None, label) for i in ids] + [(None, t, label) for t in texts]
     if file:
-        rows = list(rows_of(file, text_column, label_column, fmt, limit))
+        rows = list(rows_of(file, text_column, label_column, fmt, limit, task_inputs(obj, task_name, server)))
         bad = [r for r in rows if isinstance(r, Rejected)]
         if bad:
             raise click.UsageError(f"{file}:{bad[0].line}: {bad[0].reason}")

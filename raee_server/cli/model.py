@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +24,44 @@ from raee_server.cli.app import (
     reports,
     rows_of,
     server_option,
+    task_inputs,
 )
-from raee_server.types import Row
+from raee_server.types import Example, Row
 
 
 @cli.command()
 @click.option("--task", "task_name", required=True)
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1)
+@click.option("--input", "named", multiple=True, metavar="NAME=TEXT",
+              help="one input of a task with several (repeatable): the example's inputs by name")
 @click.option("--policy", default="auto", show_default=True, help=POLICY_HELP)
 @click.option("--k", type=int, help="neighbours to retrieve (default 12)")
 @click.option("--neighbours", "show_neighbours", is_flag=True, help="print the retrieved neighbours")
 @server_option
 @click.pass_obj
 @reports
-def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str | None, k: int | None,
-             show_neighbours: bool, server: str | None = None) -> list[dict[str, Any]]:
-    """Classify texts with early exit: prints label, exit layer and label scores."""
+def classify(obj: Context, task_name: str, texts: tuple[str, ...], named: tuple[str, ...], policy: str | None,
+             k: int | None, show_neighbours: bool, server: str | None = None) -> list[dict[str, Any]]:
+    """Classify texts with early exit: prints label, exit layer and label scores. A task with several
+    inputs takes one example: its inputs in the task's order (positional), or by name (--input)."""
+    examples = examples_of(texts, named, task_inputs(obj, task_name, server))
     if server:
         client = obj.client(server)
         labels = client.labels(task_name)
-        predictions = client.classify(task_name, list(texts), policy, k, neighbours=show_neighbours)
+        predictions = client.classify(task_name, examples, policy, k, neighbours=show_neighbours)
         client.close()
     else:
         engine = obj.engine
         labels = engine.task_info(task_name).spec.label_names
-        predictions = engine.classify(task_name, list(texts), policy=policy, k=k)
+        predictions = engine.classify(task_name, examples, policy=policy, k=k)
     answers = []
-    for text, pred in zip(texts, predictions):
+    for example, pred in zip(examples, predictions):
+        text = example if isinstance(example, str) else " | ".join(example.values())
         scores = dict(zip(labels, pred.scores))
-        answer: dict[str, Any] = {"text": text, "label": pred.label, "exit_layer": pred.exit_layer,
-                                  "depth": pred.depth, "policy": pred.policy, "answered_by": pred.answered_by,
-                                  "covered": pred.covered, "scores": scores, "timings_us": pred.timings_us}
+        answer: dict[str, Any] = {"text" if isinstance(example, str) else "inputs": example,
+                                  "label": pred.label, "exit_layer": pred.exit_layer, "depth": pred.depth,
+                                  "policy": pred.policy, "answered_by": pred.answered_by, "covered": pred.covered,
+                                  "scores": scores, "timings_us": pred.timings_us}
         if show_neighbours:
             answer["neighbours"] = [{"id": n.id, "label": n.label, "similarity": n.similarity,
                                      "exits": [layer for layer, _ in n.exits]} for n in pred.neighbours]
@@ -65,6 +73,26 @@ def classify(obj: Context, task_name: str, texts: tuple[str, ...], policy: str |
             for n in pred.neighbours:
                 obj.say(f"    {n.similarity:.3f} {n.label:<12} exits {[l for l, _ in n.exits]}")
     return answers
+
+
+def examples_of(texts: Sequence[str], named: Sequence[str], inputs: Sequence[str]) -> list[Example]:
+    """The examples `classify` was given: texts, or one example's inputs (by --input, or in order)."""
+    if named:
+        if texts:
+            raise click.UsageError("give texts, or --input NAME=TEXT, not both")
+        pairs = [item.partition("=") for item in named]
+        bad = [item for item, (_, eq, _) in zip(named, pairs) if not eq]
+        if bad:
+            raise click.UsageError(f"--input {bad[0]!r}: write NAME=TEXT")
+        return [{name: value for name, _, value in pairs}]
+    if not texts:
+        raise click.UsageError("give the texts to classify (or --input NAME=TEXT)")
+    if len(inputs) > 1:
+        if len(texts) != len(inputs):
+            raise click.UsageError(f"this task takes {len(inputs)} inputs ({', '.join(inputs)}), one example at a "
+                                   f"time: give {len(inputs)} texts, or --input NAME=TEXT; got {len(texts)}")
+        return [dict(zip(inputs, texts))]
+    return list(texts)
 
 
 @cli.command("eval")
@@ -85,7 +113,7 @@ def evaluate_cmd(obj: Context, task_name: str, file: Path, text_column: str, lab
     With --server, the server measures them (the rows travel in the request; nothing is stored)."""
     from raee_server.core.evaluation import evaluate, format_report
 
-    items = list(rows_of(file, text_column, label_column, fmt, limit))
+    items = list(rows_of(file, text_column, label_column, fmt, limit, task_inputs(obj, task_name, server)))
     rows = [r for r in items if isinstance(r, Row)]
     if len(rows) != len(items):
         click.echo(f"skipping {len(items) - len(rows)} unusable row(s)", err=True)

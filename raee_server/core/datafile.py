@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from raee_server.errors import InvalidInput
-from raee_server.types import Rejected, Row, is_blank
+from raee_server.types import Rejected, Row, is_blank, pack_inputs
 
 FORMATS = ("tsv", "csv", "jsonl")
 csv.field_size_limit(sys.maxsize)
@@ -29,22 +29,26 @@ def detect_format(path: Path, fmt: str | None) -> str:
 
 
 def read_rows(
-    path: Path, text_column: str = "text", label_column: str = "label", fmt: str | None = None
+    path: Path, text_column: str = "text", label_column: str = "label", fmt: str | None = None,
+    inputs: Sequence[str] = (),
 ) -> Iterator[Row | Rejected]:
     """Yield a Row per usable line and a Rejected (with its reason) per unusable one.
 
     A missing column in the header is an InvalidInput for the whole file: no row can be read.
     Labels are stripped of surrounding spaces; their case is kept (labels are matched exactly).
+    `inputs`: a task's named inputs, when it has several (a sentence pair): a column (or JSON field)
+    each, named as the input, instead of `text_column`; the row's text is their packed form.
     """
     fmt = detect_format(path, fmt)
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
     with path.open("r", encoding="utf-8", errors="strict", newline="") as handle:
         try:
+            columns = list(inputs) if len(inputs) > 1 else [text_column]
             if fmt == "jsonl":
-                yield from _jsonl_rows(handle, path, text_column, label_column)
+                yield from _jsonl_rows(handle, path, columns, label_column)
             else:
-                yield from _delimited_rows(handle, path, "\t" if fmt == "tsv" else ",", text_column, label_column)
+                yield from _delimited_rows(handle, path, "\t" if fmt == "tsv" else ",", columns, label_column)
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
 
@@ -60,16 +64,35 @@ def check_row(line: int, text: object, label: object) -> Row | Rejected:
     return Row(line, text, str(label).strip())
 
 
-def _delimited_rows(handle, path: Path, delimiter: str, text_col: str, label_col: str) -> Iterator[Row | Rejected]:
+def _inputs_row(line: int, columns: Sequence[str], values: Sequence[object], label: object) -> Row | Rejected:
+    """`check_row` for one text column, or for several (a column per input, each checked by name)."""
+    if len(columns) == 1:
+        return check_row(line, values[0], label)
+    texts: dict[str, str] = {}
+    for column, value in zip(columns, values):
+        if not isinstance(value, str) or is_blank(value):
+            return Rejected(line, f"{column}: empty text")
+        if "\x00" in value:
+            return Rejected(line, f"{column}: text contains a NUL byte")
+        texts[column] = value
+    if label is None or is_blank(str(label)):
+        return Rejected(line, "empty label")
+    return Row(line, pack_inputs(texts), str(label).strip())
+
+
+def _delimited_rows(handle, path: Path, delimiter: str, text_cols: Sequence[str], label_col: str
+                    ) -> Iterator[Row | Rejected]:
     reader = csv.reader(handle, delimiter=delimiter)
     header = next(reader, None)
+    wanted = " and ".join(repr(c) for c in (*text_cols, label_col))
     if header is None:
-        raise InvalidInput(f"{path}: empty file (expected a header with {text_col!r} and {label_col!r})")
+        raise InvalidInput(f"{path}: empty file (expected a header with {wanted})")
     header = [h.strip() for h in header]
-    for col, flag in ((text_col, "--text-column"), (label_col, "--label-column")):
+    flags = ["--text-column" if len(text_cols) == 1 else "the task's inputs"] * len(text_cols) + ["--label-column"]
+    for col, flag in zip((*text_cols, label_col), flags):
         if col not in header:
             raise InvalidInput(f"{path}: line 1: no column {col!r} in header {header} (set it with {flag})")
-    ti, li = header.index(text_col), header.index(label_col)
+    tis, li = [header.index(c) for c in text_cols], header.index(label_col)
     line = reader.line_num + 1
     for fields in reader:
         start, line = line, reader.line_num + 1
@@ -78,10 +101,10 @@ def _delimited_rows(handle, path: Path, delimiter: str, text_col: str, label_col
         if len(fields) != len(header):
             yield Rejected(start, f"expected {len(header)} fields, found {len(fields)}")
             continue
-        yield check_row(start, fields[ti], fields[li])
+        yield _inputs_row(start, text_cols, [fields[i] for i in tis], fields[li])
 
 
-def _jsonl_rows(handle, path: Path, text_col: str, label_col: str) -> Iterator[Row | Rejected]:
+def _jsonl_rows(handle, path: Path, text_cols: Sequence[str], label_col: str) -> Iterator[Row | Rejected]:
     for number, raw in enumerate(handle, start=1):
         if not raw.strip():
             continue
@@ -93,8 +116,8 @@ def _jsonl_rows(handle, path: Path, text_col: str, label_col: str) -> Iterator[R
         if not isinstance(obj, dict):
             yield Rejected(number, "not a JSON object")
             continue
-        missing = [c for c in (text_col, label_col) if c not in obj]
+        missing = [c for c in (*text_cols, label_col) if c not in obj]
         if missing:
             yield Rejected(number, f"missing field {missing[0]!r}")
             continue
-        yield check_row(number, obj[text_col], obj[label_col])
+        yield _inputs_row(number, text_cols, [obj[c] for c in text_cols], obj[label_col])

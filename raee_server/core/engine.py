@@ -39,7 +39,7 @@ from raee_server.settings import Settings
 from raee_server.stores.metadata import MetadataStore, TaskInfo
 from raee_server.stores.records import to_features
 from raee_server.stores.vectors import VectorStore
-from raee_server.types import Neighbour, Prediction, TaskSpec, is_blank
+from raee_server.types import Example, Neighbour, Prediction, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,9 @@ class Engine(RecordWrites):
         self._info.pop(name, None)
         self._trackers.pop(name, None)
 
-    def labels(self, name: str) -> list[str]:
-        """The task's label names, from the in-memory cache (no SQL on the hot path)."""
-        return self._task(name)[0].label_names
+    def spec(self, name: str) -> TaskSpec:
+        """The task's spec, from the in-memory cache (no SQL on the hot path)."""
+        return self._task(name)[0]
 
     def task_info(self, name: str) -> TaskInfo:
         return self.metadata.task(name)
@@ -166,18 +166,20 @@ class Engine(RecordWrites):
 
     # -- classify ------------------------------------------------------------
 
-    def check_texts(self, texts: Sequence[str], field_name: str = "text") -> None:
-        if not texts:
-            raise InvalidInput(f"{field_name}: no text given", field_name)
-        for i, text in enumerate(texts):
-            where = field_name if len(texts) == 1 else f"{field_name}[{i}]"
-            if not isinstance(text, str) or is_blank(text):
-                raise InvalidInput(f"{where}: empty text", where)
-            if len(text) > self.settings.max_text_chars:
-                raise InvalidInput(f"{where}: {len(text)} characters, over the limit of "
-                                   f"{self.settings.max_text_chars}", where)
-            if "\x00" in text:
-                raise InvalidInput(f"{where}: contains a NUL character", where)
+    def texts_of(self, task: str, examples: Sequence[Example], field_name: str = "text") -> list[str]:
+        """A request's examples (texts, or the task's inputs by name), checked, in the engine's one text
+        form (`TaskSpec.texts_of`)."""
+        return self._task(task)[0].texts_of(examples, field_name, self.settings.max_text_chars)
+
+    def keys(self, spec: TaskSpec, texts: Sequence[str]) -> np.ndarray:
+        """The retrieval keys [n, d] of texts in the engine's form: a single-text task's texts as they are;
+        several inputs as `spec.retrieval_key` says (one text to encode, or each input alone, averaged)."""
+        if spec.several and spec.retrieval_key == "mean":
+            parts = [np.asarray(self.encoder.encode([spec.values_of(t)[name] for t in texts]), dtype=np.float32)
+                     for name in spec.inputs]
+            total = np.sum(parts, axis=0)
+            return np.asarray(total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12))
+        return np.asarray(self.encoder.encode([spec.key_text(t) for t in texts]))
 
     def check_k(self, k: int | None) -> int:
         k = self.settings.default_k if k is None or k == 0 else k
@@ -186,11 +188,10 @@ class Engine(RecordWrites):
         return k
 
     def validate(
-        self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None, k: int | None
+        self, task: str, texts: Sequence[Example], policy: str | ExitPolicy | None, k: int | None
     ) -> Resolved:
         """Check a classify request without computing anything: the policy to use, k, and its name as served."""
-        self._task(task)
-        self.check_texts(texts)
+        self.texts_of(task, texts)
         try:
             return self.resolve_policy(task, policy, k)
         except InvalidInput as exc:  # the policy's own checks know what is wrong, not where it came from
@@ -257,7 +258,7 @@ class Engine(RecordWrites):
         """`neighbours`, with the texts' keys [n, d]."""
         t0 = time.perf_counter()
         with tracing.span("raee.encode", texts=len(texts)):
-            keys = self.encoder.encode(texts)
+            keys = self.keys(self._task(task)[0], texts)
         t1 = time.perf_counter()
         with tracing.span("raee.retrieve", k=k):
             found = self.vectors.search(task, keys, k)
@@ -307,9 +308,11 @@ class Engine(RecordWrites):
                 for label, want in zip(info.spec.labels, info.spec.shares) if info.label_records.get(label.name)}
 
     def classify(
-        self, task: str, texts: Sequence[str], policy: str | ExitPolicy | None = None, k: int | None = None
+        self, task: str, examples: Sequence[Example], policy: str | ExitPolicy | None = None, k: int | None = None
     ) -> list[Prediction]:
-        """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it. No policy: `auto`."""
+        """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it. No policy: `auto`.
+        `examples`: texts, or the task's inputs by name."""
+        texts = self.texts_of(task, examples)
         chosen, k, served = self.validate(task, texts, policy, k)
         return self.classify_validated(task, texts, chosen, k, served)
 

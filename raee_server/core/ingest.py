@@ -16,7 +16,7 @@ from raee_server.settings import Settings
 from raee_server.stores.metadata import MetadataStore
 from raee_server.stores.records import ExitRecord, is_record_id, layer_results, record_id
 from raee_server.stores.vectors import VectorPoint, VectorStore
-from raee_server.types import IngestReport, Rejected, Row, TaskSpec
+from raee_server.types import Example, IngestReport, Rejected, Row, TaskSpec
 
 
 class Host(Protocol):
@@ -30,7 +30,8 @@ class Host(Protocol):
     def _task(self, name: str) -> tuple[TaskSpec, LabelHead]: ...
     def all_exits(self, task: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
     def forget_choice(self, task: str) -> None: ...
-    def check_texts(self, texts: Sequence[str], field_name: str = "text") -> None: ...
+    def texts_of(self, task: str, examples: Sequence[Example], field_name: str = "text") -> list[str]: ...
+    def keys(self, spec: TaskSpec, texts: Sequence[str]) -> np.ndarray: ...
     def store_records(self, task: str, records: Sequence[ExitRecord], keys: np.ndarray, batch_id: int) -> None: ...
     def ingest(self, task: str, rows: Iterable[Row | Rejected], source: str = "",
                progress: Callable[[int], None] | None = None) -> IngestReport: ...
@@ -82,9 +83,9 @@ class RecordWrites:
         spec, _ = self._task(task)
         return IngestSession(self, spec, self.metadata.begin_batch(task, source), progress)
 
-    def delete_records(self: Host, task: str, ids: Sequence[str] = (), texts: Sequence[str] = (),
+    def delete_records(self: Host, task: str, ids: Sequence[str] = (), texts: Sequence[Example] = (),
                        batch: int | None = None) -> list[str]:
-        """Delete the task's records named by id, by exact text, or by ingest batch; returns the ids
+        """Delete the task's records named by id, by exact text (or inputs), or by ingest batch; returns the ids
         deleted (names that match no record are not an error: deleting is idempotent). Ingest's order
         reversed: SQL rows marked `deleting`, vectors removed (from the next request on, no search
         finds them), then the rows with their layer results and features. A crash in between leaves
@@ -92,10 +93,9 @@ class RecordWrites:
         self._task(task)  # TaskNotFound before touching anything
         if not (ids or texts or batch is not None):
             raise InvalidInput("ids: name the records to delete (ids, texts or an ingest batch)", "ids")
-        if texts:
-            self.check_texts(texts, "texts")
+        exact = self.texts_of(task, texts, "texts") if texts else []
         check_ids(ids, "ids")
-        chosen = self.metadata.mark_deleting(task, [*ids, *(record_id(task, t) for t in texts)], batch)
+        chosen = self.metadata.mark_deleting(task, [*ids, *(record_id(task, t) for t in exact)], batch)
         if chosen:
             self.vectors.delete_ids(chosen)
             self.metadata.delete_records(chosen)
@@ -129,9 +129,16 @@ def check_ids(ids: Sequence[str], field_name: str) -> None:
 
 
 def row_problem(spec: TaskSpec, row: Row, max_chars: int) -> str | None:
+    """Why a labelled row cannot be ingested into the task (None: it can). A task with several inputs
+    names the input at fault ("article2: empty text")."""
     if row.label not in spec.label_names:
         return f"unknown label {row.label!r} (known: {', '.join(spec.label_names)})"
-    if len(row.text) > max_chars:
+    if spec.several:
+        try:
+            spec.text_of(row.text, "", max_chars)
+        except InvalidInput as exc:
+            return str(exc)
+    elif len(row.text) > max_chars:
         return f"text of {len(row.text)} characters, over the limit of {max_chars}"
     return None
 
@@ -176,6 +183,9 @@ class IngestSession:
             if reason:
                 self.report.rejected.append(Rejected(item.line, reason))
                 continue
+            if self.spec.several:  # the inputs in their one form: the same pair, the same record
+                item = Row(item.line, self.spec.text_of(item.text, "", self.engine.settings.max_text_chars),
+                           item.label)
             rid = record_id(self.spec.name, item.text)
             if rid in self._seen:
                 self.report.present += 1  # a duplicate within this input
@@ -200,7 +210,7 @@ class IngestSession:
         if new:
             texts = [r.text for _, r in new]
             logits, features = engine.all_exits(spec.name, texts)
-            keys = engine.encoder.encode(texts)
+            keys = engine.keys(spec, texts)
             records = [
                 ExitRecord(rid, spec.name, r.text, r.label, spec.label_index(r.label),
                            layer_results(lg, spec.label_index(r.label)), f)

@@ -26,7 +26,7 @@ from raee_server.serving.interceptors import Accounting
 from raee_server.serving.operations import Body, Operation, Operations, Progress
 from raee_server.serving.worker import ModelWorker
 from raee_server.settings import Settings
-from raee_server.types import Rejected, Row
+from raee_server.types import Example, Rejected, Row
 
 CHUNK = 16  # rows per model turn: a request waits behind at most this much of an operation
 
@@ -170,16 +170,17 @@ class OperationRpcs:
         labels = {label.name for label in info.spec.labels}
         rows = []
         for i, example in enumerate(request.examples):
-            row = check_row(i, example.text, example.label)
+            given: Example = dict(example.inputs) if example.inputs else example.text
+            row = check_row(i, "inputs" if example.inputs else example.text, example.label)  # the inputs: below
             if isinstance(row, Rejected):
                 raise InvalidInput(f"examples[{i}]: {row.reason}", f"examples[{i}]")
+            if example.inputs and example.text:
+                raise InvalidInput(f"examples[{i}]: give text or inputs, not both", f"examples[{i}]")
             if row.label not in labels:
                 raise InvalidInput(f"examples[{i}].label: {clip(row.label)} is not a label of task "
                                    f"{clip(request.task)}", f"examples[{i}].label")
-            if len(row.text) > self.settings.max_text_chars:
-                raise InvalidInput(f"examples[{i}].text: over {self.settings.max_text_chars} characters "
-                                   "(RAEE_MAX_TEXT_CHARS)", f"examples[{i}].text")
-            rows.append(row)
+            where = f"examples[{i}].inputs" if isinstance(given, dict) else f"examples[{i}].text"
+            rows.append(Row(i, info.spec.text_of(given, where, self.settings.max_text_chars), row.label))
         if not rows:
             raise InvalidInput("examples: no labelled example given", "examples")
         body = self.jobs.evaluate(request.task, rows, list(request.policies) or ["auto"], request.k or None)

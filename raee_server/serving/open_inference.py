@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -22,6 +22,7 @@ from raee_server.errors import InvalidInput, clip
 from raee_server.protos.inference import grpc_predict_v2_pb2 as v2
 from raee_server.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from raee_server.protos.raee.v1 import raee_pb2 as pb
+from raee_server.types import Example, TaskSpec
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes: no key, as grpc.health's
@@ -87,42 +88,62 @@ def classify_options(request: v2.ModelInferRequest) -> pb.ClassifyOptions:
     return options
 
 
-def input_texts(request: v2.ModelInferRequest, max_texts: int) -> list[str]:
-    """The texts of the one input, `text`: BYTES, shape [N] or [N, 1], UTF-8 elements."""
-    if len(request.inputs) != 1:
-        raise InvalidInput(f"inputs: this model takes one input, {MODEL_INPUT!r}; got {len(request.inputs)}",
-                           "inputs")
-    tensor = request.inputs[0]
-    if tensor.name != MODEL_INPUT:
-        raise InvalidInput(f"inputs[0].name: the input is {MODEL_INPUT!r}, not {clip(tensor.name, 40)}",
-                           "inputs[0].name")
+def input_examples(request: v2.ModelInferRequest, max_texts: int, inputs: Sequence[str] = (MODEL_INPUT,)
+                   ) -> list[Example]:
+    """The examples of a request: one BYTES tensor per input of the task (`text`, or a sentence pair's
+    two), each of shape [N] or [N, 1] with UTF-8 elements, all of the same N. A single-text task's
+    examples are its texts; a task with several inputs gets each row's inputs by name."""
+    names = ", ".join(repr(n) for n in inputs)
+    if len(request.inputs) != len(inputs):
+        raise InvalidInput(f"inputs: this model takes {'one input' if len(inputs) == 1 else f'{len(inputs)} inputs'}"
+                           f", {names}; got {len(request.inputs)}", "inputs")
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInput("raw_input_contents: one entry per input", "raw_input_contents")
+    columns: dict[str, list[str]] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in inputs or tensor.name in columns:
+            raise InvalidInput(f"inputs[{i}].name: the input{' is' if len(inputs) == 1 else 's are'} {names}, "
+                               f"not {clip(tensor.name, 40)}", f"inputs[{i}].name")
+        raw = request.raw_input_contents[i] if request.raw_input_contents else None
+        columns[tensor.name] = tensor_texts(tensor, i, raw, max_texts)
+        if len(columns[tensor.name]) != len(columns[request.inputs[0].name]):
+            raise InvalidInput(f"inputs[{i}].shape: {len(columns[tensor.name])} texts; inputs[0] has "
+                               f"{len(columns[request.inputs[0].name])}", f"inputs[{i}].shape")
+    if list(inputs) == [MODEL_INPUT]:
+        return list(columns[MODEL_INPUT])
+    return [{name: columns[name][row] for name in inputs} for row in range(len(columns[inputs[0]]))]
+
+
+def tensor_texts(tensor: v2.ModelInferRequest.InferInputTensor, i: int, raw: bytes | None, max_texts: int
+                 ) -> list[str]:
+    """The UTF-8 texts of input tensor `i` (its raw contents, where the request sent them so)."""
     if tensor.datatype != "BYTES":
-        raise InvalidInput(f"inputs[0].datatype: {MODEL_INPUT!r} is BYTES (UTF-8 texts), not "
-                           f"{clip(tensor.datatype, 20)}", "inputs[0].datatype")
+        raise InvalidInput(f"inputs[{i}].datatype: {clip(tensor.name, 40)!r} is BYTES (UTF-8 texts), not "
+                           f"{clip(tensor.datatype, 20)}", f"inputs[{i}].datatype")
     shape = list(tensor.shape)
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
-        raise InvalidInput(f"inputs[0].shape: [N] or [N, 1] with N >= 1, not {shape}", "inputs[0].shape")
+        raise InvalidInput(f"inputs[{i}].shape: [N] or [N, 1] with N >= 1, not {shape}", f"inputs[{i}].shape")
     count = shape[0]
     if count > max_texts:
-        raise InvalidInput(f"inputs[0].shape: {count} texts, over the limit of {max_texts} per request "
-                           "(RAEE_MAX_BATCH_TEXTS)", "inputs[0].shape")
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1 or tensor.contents.bytes_contents:
+        raise InvalidInput(f"inputs[{i}].shape: {count} texts, over the limit of {max_texts} per request "
+                           "(RAEE_MAX_BATCH_TEXTS)", f"inputs[{i}].shape")
+    if raw is not None:
+        if tensor.contents.bytes_contents:
             raise InvalidInput("raw_input_contents: one entry per input, and no input's contents beside it",
                                "raw_input_contents")
-        items = decode_bytes(request.raw_input_contents[0], count, "raw_input_contents[0]")
+        items = decode_bytes(raw, count, f"raw_input_contents[{i}]")
     else:
         items = list(tensor.contents.bytes_contents)
         if len(items) != count:
-            raise InvalidInput(f"inputs[0].contents: {len(items)} elements for shape {shape}",
-                               "inputs[0].contents")
+            raise InvalidInput(f"inputs[{i}].contents: {len(items)} elements for shape {shape}",
+                               f"inputs[{i}].contents")
     texts = []
-    for i, item in enumerate(items):
+    for j, item in enumerate(items):
         try:
             texts.append(item.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise InvalidInput(f"inputs[0] element {i}: not UTF-8 ({exc.reason} at byte {exc.start})",
-                               "inputs[0].contents") from None
+            raise InvalidInput(f"inputs[{i}] element {j}: not UTF-8 ({exc.reason} at byte {exc.start})",
+                               f"inputs[{i}].contents") from None
     return texts
 
 
@@ -161,18 +182,18 @@ def infer_response(request: v2.ModelInferRequest, names: Sequence[str],
     return response
 
 
-Classify = Callable[[str, list[str], pb.ClassifyOptions, grpc.aio.ServicerContext], Any]
+Classify = Callable[[str, list[Example], pb.ClassifyOptions, grpc.aio.ServicerContext], Any]
 
 
 class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     """The protocol's RPCs. `classify` is RaeeServicer's own path; `ready` says whether models and
-    stores are loaded; `task_labels(name)` reads a task's labels (TaskNotFound when there is none)."""
+    stores are loaded; `task_spec(name)` reads a task's spec (TaskNotFound when there is none)."""
 
     def __init__(self, classify: Classify, ready: Callable[[], bool],
-                 task_labels: Callable[[str], Any], max_texts: int) -> None:
+                 task_spec: Callable[[str], Awaitable[TaskSpec]], max_texts: int) -> None:
         self.classify = classify
         self.ready = ready
-        self.task_labels = task_labels
+        self.task_spec = task_spec
         self.max_texts = max_texts
 
     @staticmethod
@@ -191,17 +212,17 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: v2.ModelReadyRequest, context: Any) -> v2.ModelReadyResponse:
         self._version(request.version)
-        await self.task_labels(request.name)  # an unknown task is NOT_FOUND, as the protocol's servers answer
+        await self.task_spec(request.name)  # an unknown task is NOT_FOUND, as the protocol's servers answer
         return v2.ModelReadyResponse(ready=self.ready())
 
     async def ModelMetadata(self, request: v2.ModelMetadataRequest, context: Any) -> v2.ModelMetadataResponse:
         self._version(request.version)
-        labels = await self.task_labels(request.name)
+        spec = await self.task_spec(request.name)
         tensor = v2.ModelMetadataResponse.TensorMetadata
         return v2.ModelMetadataResponse(
             name=request.name, versions=[VERSION], platform=PLATFORM,
-            inputs=[tensor(name=MODEL_INPUT, datatype="BYTES", shape=[-1])],
-            outputs=[tensor(name=name, datatype=datatype, shape=[-1, *(len(labels) for _ in per_row)])
+            inputs=[tensor(name=name, datatype="BYTES", shape=[-1]) for name in spec.inputs],
+            outputs=[tensor(name=name, datatype=datatype, shape=[-1, *(len(spec.labels) for _ in per_row)])
                      for name, (datatype, per_row) in OUTPUTS.items()])
 
     async def ModelInfer(self, request: v2.ModelInferRequest, context: Any) -> v2.ModelInferResponse:
@@ -209,7 +230,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"model_version: a task has one version, {VERSION!r}; not "
                                f"{clip(request.model_version, 20)}", "model_version")
         options = classify_options(request)
-        texts = input_texts(request, self.max_texts)
+        texts = input_examples(request, self.max_texts, (await self.task_spec(request.model_name)).inputs)
         names = requested_outputs(request)
         results = await self.classify(request.model_name, texts, options, context)
         return infer_response(request, names, results)

@@ -41,7 +41,7 @@ from raee_server.serving.metrics import Metrics
 from raee_server.serving.servicer import RaeeServicer
 from raee_server.serving.worker import ModelWorker
 from raee_server.settings import Settings
-from raee_server.types import Label
+from raee_server.types import TaskSpec
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RaeeService"].full_name
@@ -102,7 +102,7 @@ class RaeeServer:
         self.servicer = RaeeServicer(self.worker, settings, self.accounting)
         pb_grpc.add_RaeeServiceServicer_to_server(self.servicer, self.server)
         v2_grpc.add_GRPCInferenceServiceServicer_to_server(open_inference.InferenceServicer(
-            self.servicer.answer, lambda: self._serving, self._task_labels, settings.max_batch_texts), self.server)
+            self.servicer.answer, lambda: self._serving, self._task_spec, settings.max_batch_texts), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, open_inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
@@ -118,8 +118,8 @@ class RaeeServer:
         self._monitor: asyncio.Task[None] | None = None
         self._retuner: asyncio.Task[None] | None = None
 
-    async def _task_labels(self, name: str) -> tuple[Label, ...]:
-        return await self.worker.call(lambda e: e.metadata.task(name).spec.labels)
+    async def _task_spec(self, name: str) -> TaskSpec:
+        return await self.worker.call(lambda e: e.spec(name))
 
     async def _set_health(self, serving: bool) -> None:
         """Readiness."""

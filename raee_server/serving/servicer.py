@@ -9,7 +9,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 from google.rpc import status_pb2
@@ -34,7 +34,18 @@ from raee_server.serving.operations import Operations
 from raee_server.serving.worker import ModelWorker
 from raee_server.settings import Settings
 from raee_server.stores.records import record_id
-from raee_server.types import Label, Prediction, Rejected, Row, TaskSpec
+from raee_server.types import (
+    DEFAULT_RETRIEVAL_KEY,
+    TEXT_INPUT,
+    Example,
+    Label,
+    Prediction,
+    Rejected,
+    Row,
+    TaskSpec,
+    pack_inputs,
+    truncate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,13 @@ def page_token_name(token: str) -> str | None:
     except (ValueError, UnicodeError):
         raise InvalidInput("page_token: not a token this server gave (pass next_page_token as it came)",
                            field="page_token") from None
+
+
+def example_of(text: str, inputs: Mapping[str, str]) -> Example:
+    """A request's one example: its text, or (a task with several inputs) its inputs by name."""
+    if inputs and text:
+        raise InvalidInput("text: give text or inputs, not both", "text")
+    return dict(inputs) if inputs else text
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -106,13 +124,13 @@ class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
         self.operations = Operations()
         self.jobs = Jobs(worker, settings)
 
-    async def answer(self, task: str, texts: list[str], options: pb.ClassifyOptions,
+    async def answer(self, task: str, texts: list[Example], options: pb.ClassifyOptions,
                         context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
         started = time.monotonic()
         if method:  # a stream: each request names its own task
             self.accounting.authorize(context, method, task)
         if options.truncate:
-            texts = [t[: self.settings.max_text_chars] for t in texts]
+            texts = [truncate(t, self.settings.max_text_chars) for t in texts]
         predictions, queued_since = await self.worker.classify(
             task, texts, options.policy or None, options.k or None, _deadline(context))
         responses = [to_response(p, p.labels, queued_since, started, options.return_neighbours) for p in predictions]
@@ -131,19 +149,22 @@ class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
     # -- RPCs --------------------------------------------------------------------
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        response = (await self.answer(request.task, [request.text], request.options, context))[0]
+        response = (await self.answer(request.task, [example_of(request.text, request.inputs)], request.options,
+                                      context))[0]
         response.request_id = request.request_id
         return response
 
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
                             context: grpc.aio.ServicerContext) -> pb.ClassifyBatchResponse:
-        if not request.texts:
+        if request.texts and request.inputs:
+            raise InvalidInput("texts: give texts or inputs, not both", "texts")
+        examples: list[Example] = list(request.texts) or [dict(row.values) for row in request.inputs]
+        if not examples:
             raise InvalidInput("texts: no text given")
-        if len(request.texts) > self.settings.max_batch_texts:
-            raise InvalidInput(f"texts: {len(request.texts)} texts, over the limit of "
+        if len(examples) > self.settings.max_batch_texts:
+            raise InvalidInput(f"texts: {len(examples)} texts, over the limit of "
                                f"{self.settings.max_batch_texts} per request (RAEE_MAX_BATCH_TEXTS)")
-        return pb.ClassifyBatchResponse(
-            results=await self.answer(request.task, list(request.texts), request.options, context))
+        return pb.ClassifyBatchResponse(results=await self.answer(request.task, examples, request.options, context))
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest | Undecodable],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyStreamResponse]:
@@ -191,8 +212,8 @@ class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
         try:
             if isinstance(request, Undecodable):
                 raise request.error("ClassifyStreamRequest")
-            result = (await self.answer(request.task, [request.text], request.options, context,
-                                           "ClassifyStream"))[0]
+            result = (await self.answer(request.task, [example_of(request.text, request.inputs)], request.options,
+                                        context, "ClassifyStream"))[0]
             result.request_id = request.request_id
             code = grpc.StatusCode.OK
             return pb.ClassifyStreamResponse(index=index, request_id=request.request_id, result=result)
@@ -234,7 +255,10 @@ class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
                 elif message.task and message.task != task:
                     raise InvalidInput(
                         f"task: one Ingest call takes one task ({clip(task)}, then {clip(message.task)})")
-                rows = [check_row(seen + i, ex.text, ex.label) for i, ex in enumerate(message.examples)]
+                rows = [check_row(seen + i, ex.text, ex.label) if not ex.inputs else
+                        Rejected(seen + i, "give text or inputs, not both") if ex.text else
+                        check_row(seen + i, pack_inputs(dict(ex.inputs)), ex.label)
+                        for i, ex in enumerate(message.examples)]
                 seen += len(rows)
                 for start in range(0, len(rows), size):  # one worker turn per chunk: Classify interleaves
 
@@ -317,13 +341,16 @@ class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
                               for lb in request.labels), request.description,
                         objective=request.objective or "balanced_accuracy",
                         prior_correction=request.prior_correction if request.HasField("prior_correction")
-                        else True, adapt_prior=request.adapt_prior)
+                        else True, adapt_prior=request.adapt_prior,
+                        inputs=tuple(request.inputs) or (TEXT_INPUT,),
+                        retrieval_key=request.retrieval_key or DEFAULT_RETRIEVAL_KEY)
         await self.worker.call(lambda e: e.create_task(spec))
         return pb.CreateTaskResponse(task=await self._task_message(request.name))
 
     async def DeleteRecords(self, request: pb.DeleteRecordsRequest,
                             context: grpc.aio.ServicerContext) -> pb.DeleteRecordsResponse:
-        ids, texts, batch = list(request.ids), list(request.texts), request.batch or None
+        texts: list[Example] = [*request.texts, *(dict(row.values) for row in request.inputs)]
+        ids, batch = list(request.ids), request.batch or None
         deleted = await self.worker.call(lambda e: e.delete_records(request.task, ids, texts, batch))
         return pb.DeleteRecordsResponse(deleted_ids=deleted)
 
@@ -378,7 +405,8 @@ class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
                 records=info.records, depth=engine.depth, earliest_exit_counts=counts, never_correct=never,
                 backbone=info.backbone_id, encoder=info.encoder_id, label_records=info.label_records,
                 imbalanced=info.imbalanced, objective=info.spec.objective,
-                prior_correction=info.spec.prior_correction, adapt_prior=info.spec.adapt_prior)
+                prior_correction=info.spec.prior_correction, adapt_prior=info.spec.adapt_prior,
+                inputs=list(info.spec.inputs), retrieval_key=info.spec.retrieval_key if info.spec.several else "")
             tracker = engine.prior_tracker(name)
             if tracker is not None and tracker.active:
                 message.traffic_prior.update(dict(zip(tracker.labels, map(float, tracker.estimate))))

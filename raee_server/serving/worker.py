@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -35,7 +35,7 @@ from raee_server.core.policies import ExitPolicy, Resolved
 from raee_server.core.prepared import Prepared
 from raee_server.errors import DeadlineExpired, NotReady, Overloaded, RaeeError
 from raee_server.serving.metrics import Metrics
-from raee_server.types import Prediction
+from raee_server.types import Example, Prediction
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,11 +44,12 @@ T = TypeVar("T")
 @dataclass
 class ClassifyJob:
     task: str
-    texts: list[str]
+    examples: list[Example]  # as the caller gave them
     policy: str | ExitPolicy | None
     k: int | None
     deadline: float | None  # time.monotonic() by which the caller stops waiting
     future: asyncio.Future[list[Prediction]]
+    texts: list[str] = field(default_factory=list)  # the examples in the engine's text form, once validated
     enqueued: float = field(default_factory=time.monotonic)
     # Set by the scheduler once the job has been validated on the worker thread.
     resolved: Resolved | None = None
@@ -140,11 +141,11 @@ class ModelWorker:
         self._unsettled += 1
         self._gauge()
 
-    async def classify(self, task: str, texts: list[str], policy: str | ExitPolicy | None, k: int | None,
+    async def classify(self, task: str, texts: Sequence[Example], policy: str | ExitPolicy | None, k: int | None,
                        deadline: float | None = None) -> tuple[list[Prediction], float]:
         """Answers and the time the job was queued (time.monotonic())."""
         future: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
-        job = ClassifyJob(task, texts, policy, k, deadline, future, trace_context=tracing.current())
+        job = ClassifyJob(task, list(texts), policy, k, deadline, future, trace_context=tracing.current())
         self._submit(job)
         result = await future
         return result, job.enqueued
@@ -189,7 +190,7 @@ class ModelWorker:
 
     def _key_work(self) -> int:
         """Texts waiting for the key stage (or jobs for validation)."""
-        return sum(len(j.texts) - j.keyed + (j.resolved is None) for j in self._active)
+        return sum(len(j.examples) - j.keyed + (j.resolved is None) for j in self._active)
 
     async def _collect(self) -> None:
         """Move queued jobs into the scheduler; with nothing for the key stage, wait for work, then up
@@ -351,6 +352,7 @@ class ModelWorker:
         errors: list[BaseException | None] = []
         for job in jobs:
             try:
+                job.texts = self.engine.texts_of(job.task, job.examples)
                 job.resolved = self.engine.validate(job.task, job.texts, job.policy, job.k)
                 job.results = [None] * len(job.texts)  # type: ignore[list-item]  # filled chunk by chunk
                 errors.append(None)

@@ -113,7 +113,8 @@ class MetadataStore(FeatureRows):
             s.add(TaskRow(name=spec.name, template=spec.template, labels=d["labels"], description=spec.description,
                           backbone_id=backbone_id, encoder_id=encoder_id,
                           options={"objective": spec.objective, "prior_correction": spec.prior_correction,
-                                   "adapt_prior": spec.adapt_prior}))
+                                   "adapt_prior": spec.adapt_prior, "inputs": list(spec.inputs),
+                                   "retrieval_key": spec.retrieval_key}))
 
     def task(self, name: str) -> TaskInfo:
         with self._session() as s:

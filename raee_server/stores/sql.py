@@ -32,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from raee_server.errors import NotReady, TaskNotFound
 from raee_server.stores.codec import RAW
-from raee_server.types import Label, TaskSpec, is_task_name
+from raee_server.types import DEFAULT_RETRIEVAL_KEY, TEXT_INPUT, Label, TaskSpec, is_task_name
 
 # A naming convention gives every constraint a stable name, so that migrations can drop
 # and alter them on every database (SQLite batch mode included).
@@ -86,6 +86,8 @@ class TaskRow(Base):
             objective=str(options.get("objective", "balanced_accuracy")),
             prior_correction=bool(options.get("prior_correction", True)),
             adapt_prior=bool(options.get("adapt_prior", False)),
+            inputs=tuple(options.get("inputs") or (TEXT_INPUT,)),
+            retrieval_key=str(options.get("retrieval_key") or DEFAULT_RETRIEVAL_KEY),
         )
 
 

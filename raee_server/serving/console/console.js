@@ -164,6 +164,7 @@ function renderTasks() {
   for (const id of ["try-task", "ingest-task"]) {
     if (!$(id).value && state.tasks.length) $(id).value = state.selected || state.tasks[0].name;
   }
+  renderTryInputs();
 }
 
 async function selectTask(name) {
@@ -173,6 +174,7 @@ async function selectTask(name) {
   }
   $("try-task").value = name;
   $("ingest-task").value = name;
+  renderTryInputs();
   $("task-name").textContent = name;
   show("task-section", true);
   clearInterval(state.timer);
@@ -221,17 +223,40 @@ function renderStats(stats) {
 
 // -- try it -----------------------------------------------------------------------------------------
 
+function inputsOf(name) {
+  // A task's named inputs: one text box each for a sentence-pair task; `text` alone otherwise.
+  const task = state.tasks.find((t) => t.name === name);
+  return task && task.inputs && task.inputs.length > 1 ? task.inputs : ["text"];
+}
+
+function renderTryInputs() {
+  const inputs = inputsOf($("try-task").value.trim());
+  const several = inputs.length > 1;
+  show("try-text", !several);
+  show("try-inputs", several);
+  const shown = [...$("try-inputs").querySelectorAll("textarea")].map((box) => box.dataset.input);
+  if (several && shown.join("\n") !== inputs.join("\n")) {
+    $("try-inputs").replaceChildren(...inputs.map((name) => el("label", { class: "input" }, name,
+      el("textarea", { rows: "2", "data-input": name, placeholder: `the ${name}` }))));
+  }
+}
+
 async function classify(event) {
   event.preventDefault();
   const task = $("try-task").value.trim();
   const options = { returnNeighbours: true };
+  const inputs = inputsOf(task);
+  const example = inputs.length > 1
+    ? { inputs: Object.fromEntries([...$("try-inputs").querySelectorAll("textarea")]
+        .map((box) => [box.dataset.input, box.value])) }
+    : { text: $("try-text").value };
   if ($("try-policy").value.trim()) options.policy = $("try-policy").value.trim();
   if ($("try-k").value) options.k = Number($("try-k").value);
   show("try-error", false);
   $("try-submit").disabled = true;
   try {
     const reply = await api("POST", `/v1/tasks/${encodeURIComponent(task)}:classify`,
-                            { text: $("try-text").value, options });
+                            { ...example, options });
     renderAnswer(reply, task);
     if (task === state.selected) refreshTask();
   } catch (err) {
@@ -297,8 +322,14 @@ function parseFile(name, content) {
       try {
         const item = JSON.parse(line);
         if (item === null || typeof item !== "object" || Array.isArray(item)) throw new Error("not an object");
-        rows.push({ line: i + 1, text: typeof item.text === "string" ? item.text : "",
-                    label: item.label === undefined || item.label === null ? "" : String(item.label) });
+        const label = item.label === undefined || item.label === null ? "" : String(item.label);
+        if ("text" in item) {
+          rows.push({ line: i + 1, text: typeof item.text === "string" ? item.text : "", label });
+        } else {  // a task with several inputs: every other field is an input, named as the task names it
+          const inputs = Object.fromEntries(Object.entries(item).filter(([k]) => k !== "label")
+            .map(([k, v]) => [k, typeof v === "string" ? v : ""]));
+          rows.push({ line: i + 1, inputs, label });
+        }
       } catch (err) {
         rejected.push({ line: i + 1, reason: `not a JSON object (${err.message})` });
       }
@@ -307,13 +338,20 @@ function parseFile(name, content) {
   }
   const header = (lines[0] || "").split("\t");
   const textAt = header.indexOf("text"), labelAt = header.indexOf("label");
-  if (textAt < 0 || labelAt < 0) throw new Error("line 1: the header needs a 'text' and a 'label' column, tab-separated");
+  // a 'text' column, or (a task with several inputs) a column per input, named as the task names it
+  const inputAt = header.map((name, at) => [name, at]).filter(([name]) => name !== "label");
+  if (labelAt < 0 || !inputAt.length) {
+    throw new Error("line 1: the header needs a 'text' (or a column per input) and a 'label' column, tab-separated");
+  }
   lines.slice(1).forEach((line, i) => {
     const cells = line.split("\t");
     if (cells.length !== header.length) {
       rejected.push({ line: i + 2, reason: `${cells.length} tab-separated fields; the header has ${header.length}` });
-    } else {
+    } else if (textAt >= 0) {
       rows.push({ line: i + 2, text: cells[textAt], label: cells[labelAt] });
+    } else {
+      rows.push({ line: i + 2, inputs: Object.fromEntries(inputAt.map(([name, at]) => [name, cells[at]])),
+                  label: cells[labelAt] });
     }
   });
   return { rows, rejected };
@@ -348,7 +386,8 @@ async function ingest(event) {
       let reply;
       try {
         reply = await api("POST", `/v1/tasks/${encodeURIComponent(task)}:ingest`,
-                          { examples: chunk.map((r) => ({ text: r.text, label: r.label })) });
+                          { examples: chunk.map((r) => (r.inputs ? { inputs: r.inputs, label: r.label }
+                                                                 : { text: r.text, label: r.label })) });
       } catch (err) {
         const stored = start ? `; the rows before line ${chunk[0].line} were stored` : "";
         throw new ApiError(err.status, { message: `${explain(err)} (stopped at line ${chunk[0].line}${stored})` });
@@ -469,6 +508,7 @@ function start() {
     if (state.selected) refreshTask();
   });
   $("try-form").addEventListener("submit", classify);
+  $("try-task").addEventListener("input", renderTryInputs);
   $("fit-heads").addEventListener("click", fitHeads);
   $("ingest-form").addEventListener("submit", ingest);
   serverState();

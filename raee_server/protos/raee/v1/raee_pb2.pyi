@@ -187,16 +187,38 @@ class ClassifyOptions(_message.Message):
     def __init__(self, k: _Optional[int] = ..., policy: _Optional[str] = ..., return_neighbours: _Optional[bool] = ..., truncate: _Optional[bool] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("task", "text", "options", "request_id")
+    __slots__ = ("task", "text", "options", "request_id", "inputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     task: str
     text: str
     options: ClassifyOptions
     request_id: str
-    def __init__(self, task: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    inputs: _containers.ScalarMap[str, str]
+    def __init__(self, task: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Inputs(_message.Message):
+    __slots__ = ("values",)
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.ScalarMap[str, str]
+    def __init__(self, values: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "score")
@@ -259,16 +281,25 @@ class ClassifyResponse(_message.Message):
     def __init__(self, label: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., exit_layer: _Optional[int] = ..., depth: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., policy: _Optional[str] = ..., answered_by: _Optional[str] = ..., coverage: _Optional[str] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
-    __slots__ = ("task", "text", "options", "request_id")
+    __slots__ = ("task", "text", "options", "request_id", "inputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     task: str
     text: str
     options: ClassifyOptions
     request_id: str
-    def __init__(self, task: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    inputs: _containers.ScalarMap[str, str]
+    def __init__(self, task: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ClassifyStreamResponse(_message.Message):
     __slots__ = ("index", "request_id", "result", "error")
@@ -283,14 +314,16 @@ class ClassifyStreamResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., request_id: _Optional[str] = ..., result: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
-    __slots__ = ("task", "texts", "options")
+    __slots__ = ("task", "texts", "options", "inputs")
     TASK_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     task: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     options: ClassifyOptions
-    def __init__(self, task: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[Inputs]
+    def __init__(self, task: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[ClassifyOptions, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Inputs, _Mapping]]] = ...) -> None: ...
 
 class ClassifyBatchResponse(_message.Message):
     __slots__ = ("results",)
@@ -299,12 +332,21 @@ class ClassifyBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ClassifyResponse, _Mapping]]] = ...) -> None: ...
 
 class Example(_message.Message):
-    __slots__ = ("text", "label")
+    __slots__ = ("text", "label", "inputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     text: str
     label: str
-    def __init__(self, text: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+    inputs: _containers.ScalarMap[str, str]
+    def __init__(self, text: _Optional[str] = ..., label: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
     __slots__ = ("task", "examples")
@@ -335,16 +377,18 @@ class IngestResponse(_message.Message):
     def __init__(self, added: _Optional[int] = ..., already_present: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
 
 class DeleteRecordsRequest(_message.Message):
-    __slots__ = ("task", "ids", "texts", "batch")
+    __slots__ = ("task", "ids", "texts", "batch", "inputs")
     TASK_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     task: str
     ids: _containers.RepeatedScalarFieldContainer[str]
     texts: _containers.RepeatedScalarFieldContainer[str]
     batch: int
-    def __init__(self, task: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., texts: _Optional[_Iterable[str]] = ..., batch: _Optional[int] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[Inputs]
+    def __init__(self, task: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., texts: _Optional[_Iterable[str]] = ..., batch: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Inputs, _Mapping]]] = ...) -> None: ...
 
 class DeleteRecordsResponse(_message.Message):
     __slots__ = ("deleted_ids",)
@@ -457,7 +501,7 @@ class Label(_message.Message):
     def __init__(self, name: _Optional[str] = ..., word: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto", "heads", "label_records", "imbalanced", "objective", "prior_correction", "adapt_prior", "traffic_prior", "traffic_prior_updated_at", "traffic_prior_answers")
+    __slots__ = ("name", "template", "labels", "description", "records", "depth", "earliest_exit_counts", "never_correct", "backbone", "encoder", "auto", "heads", "label_records", "imbalanced", "objective", "prior_correction", "adapt_prior", "traffic_prior", "traffic_prior_updated_at", "traffic_prior_answers", "inputs", "retrieval_key")
     class LabelRecordsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -492,6 +536,8 @@ class Task(_message.Message):
     TRAFFIC_PRIOR_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_PRIOR_UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_PRIOR_ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
@@ -512,7 +558,9 @@ class Task(_message.Message):
     traffic_prior: _containers.ScalarMap[str, float]
     traffic_prior_updated_at: str
     traffic_prior_answers: int
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ..., heads: _Optional[_Union[ExitHeadsInfo, _Mapping]] = ..., label_records: _Optional[_Mapping[str, int]] = ..., imbalanced: _Optional[bool] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ..., adapt_prior: _Optional[bool] = ..., traffic_prior: _Optional[_Mapping[str, float]] = ..., traffic_prior_updated_at: _Optional[str] = ..., traffic_prior_answers: _Optional[int] = ...) -> None: ...
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    retrieval_key: str
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., records: _Optional[int] = ..., depth: _Optional[int] = ..., earliest_exit_counts: _Optional[_Iterable[int]] = ..., never_correct: _Optional[int] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ..., heads: _Optional[_Union[ExitHeadsInfo, _Mapping]] = ..., label_records: _Optional[_Mapping[str, int]] = ..., imbalanced: _Optional[bool] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ..., adapt_prior: _Optional[bool] = ..., traffic_prior: _Optional[_Mapping[str, float]] = ..., traffic_prior_updated_at: _Optional[str] = ..., traffic_prior_answers: _Optional[int] = ..., inputs: _Optional[_Iterable[str]] = ..., retrieval_key: _Optional[str] = ...) -> None: ...
 
 class ExitHeadsInfo(_message.Message):
     __slots__ = ("version", "fitted_at", "fit_seconds", "records", "validation_accuracy", "best_exit")
@@ -553,7 +601,7 @@ class AutoChoice(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., k: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_mean_exit: _Optional[float] = ..., validation_rows: _Optional[int] = ..., records: _Optional[int] = ..., chosen_at: _Optional[str] = ..., objective: _Optional[str] = ..., heads_version: _Optional[int] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
-    __slots__ = ("name", "template", "labels", "description", "objective", "prior_correction", "adapt_prior")
+    __slots__ = ("name", "template", "labels", "description", "objective", "prior_correction", "adapt_prior", "inputs", "retrieval_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -561,6 +609,8 @@ class CreateTaskRequest(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     PRIOR_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     ADAPT_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
@@ -568,7 +618,9 @@ class CreateTaskRequest(_message.Message):
     objective: str
     prior_correction: bool
     adapt_prior: bool
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ..., adapt_prior: _Optional[bool] = ...) -> None: ...
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    retrieval_key: str
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., description: _Optional[str] = ..., objective: _Optional[str] = ..., prior_correction: _Optional[bool] = ..., adapt_prior: _Optional[bool] = ..., inputs: _Optional[_Iterable[str]] = ..., retrieval_key: _Optional[str] = ...) -> None: ...
 
 class DeleteTaskRequest(_message.Message):
     __slots__ = ("name",)
