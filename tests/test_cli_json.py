@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from raee_server.cli.main import EXIT_REFUSED, EXIT_REJECTED, EXIT_UNAVAILABLE, EXIT_USAGE, cli
 
-from .conftest import corpus, task_data, write_tsv
+from .conftest import CORPORA, corpus, task_data, write_tsv
 from .processes import free_port, start_server
 from .test_cli import SPEC
 from .tiny_models import save_tiny_backbone
@@ -107,6 +107,7 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
         "bench-scale": ["bench-scale", "--size", "300", "--tenants", "3", "--queries", "5"],
         "bench-speed": ["bench-speed", "sst2:30", "--data", str(root / "corpora"), "--out", str(root / "speed")],
         "bench-keys": ["bench-keys", dev, "--limit", "20", "--out", str(root / "keys")],
+        "pairs": ["pairs", "--data", str(CORPORA), "--out", str(root / "pairs")],
         "health": ["health", "--server", address],
         "operation list": ["operation", "list", "--server", address],
         "operation show": ["operation", "show", s["operation"], "--server", address],
