@@ -310,3 +310,41 @@ def test_a_pair_task_locally_through_the_cli(tmp_path: Path) -> None:
     assert out[0]["inputs"] == {"first": "a great movie", "second": "the worst plot"}
     assert out[0]["label"] in ("same", "different")
     assert json.loads(run("--json", "task", "show", "pair").splitlines()[-1])["inputs"] == ["first", "second"]
+
+
+def test_a_pair_task_moves_as_one_export_file_with_its_inputs(engine: Engine, tmp_path: Path) -> None:
+    from raee_server.core import transfer
+
+    engine.create_task(TaskSpec.from_dict({**PAIR.to_dict(), "retrieval_key": "mean"}))
+    engine.ingest("pair", [Row(i + 1, pack_inputs(values), label) for i, (values, label) in enumerate(PAIR_ROWS)])
+    query = engine.texts_of("pair", [PAIR_ROWS[4][0]])
+    before = [(n.id, round(n.similarity, 5)) for n in engine.neighbours("pair", query, 4)[0][0]]
+    assert transfer.export_task(engine, "pair", tmp_path / "pair.raee.gz") == len(PAIR_ROWS)
+    engine.delete_task("pair")
+    assert transfer.import_task(engine, tmp_path / "pair.raee.gz") == ("pair", len(PAIR_ROWS))
+    moved = engine.task_info("pair").spec
+    assert (moved.inputs, moved.retrieval_key) == (PAIR.inputs, "mean")
+    after = [(n.id, round(n.similarity, 5)) for n in engine.neighbours("pair", query, 4)[0][0]]
+    assert after == before
+
+
+def test_the_bench_measures_a_pair_task_under_each_retrieval_key(engine: Engine, tmp_path: Path) -> None:
+    from raee_server.bench.harness import bench_task
+
+    from .conftest import corpus
+
+    texts = corpus(160)
+    lines = ["first\tsecond\tlabel"] + [f"{a}\t{b}\t{'same' if la == lb else 'different'}"
+                                        for (a, la), (b, lb) in zip(texts[::2], texts[1::2])]
+    (tmp_path / "train.tsv").write_text("\n".join(lines[:61]) + "\n", encoding="utf-8")
+    (tmp_path / "dev.tsv").write_text("\n".join(lines[:1] + lines[61:]) + "\n", encoding="utf-8")
+    report = bench_task(engine, PAIR, tmp_path / "train.tsv", tmp_path / "dev.tsv", 60, 20, latency_rows=2,
+                        sweeps=("key",))
+    assert report.dev_rows == 20 and {r.name for r in report.results} >= {"full", "knn-vote", "key-logreg"}
+    keyed = report.to_dict()["key_sweep"]
+    assert list(keyed) == ["template", "joined", "mean"]
+    assert all([p["policy"] for p in results] == ["knn-vote", "paper", "key-logreg"] for results in keyed.values())
+    assert all(p["vs_own_key"] == 0 for p in keyed["template"])  # the run's own key against itself
+    for mode in ("joined", "mean"):  # a copy of the records, keyed again: no forward, the same records
+        copy = engine.task_info(f"pair--key-{mode}")
+        assert copy.spec.retrieval_key == mode and copy.records == engine.task_info("pair").records

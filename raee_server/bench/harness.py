@@ -409,7 +409,8 @@ def key_sweep(engine: Engine, spec: TaskSpec, train: Path, train_rows: int, rows
     """A task with several inputs, under each way of making its retrieval key (types.RETRIEVAL_KEYS):
     the policies that read only the key, on the same measured rows (the exits do not depend on the key).
     The spec's own key is the run's; the others are copies of its records, keyed again (no forward)."""
-    out: dict[str, list[PolicyResult]] = {spec.retrieval_key: [r for r in results if r.name in KEY_POLICIES]}
+    by_name = {r.name: r for r in results}
+    out: dict[str, list[PolicyResult]] = {spec.retrieval_key: [by_name[n] for n in KEY_POLICIES]}
     for mode in RETRIEVAL_KEYS:
         if mode == spec.retrieval_key:
             continue
