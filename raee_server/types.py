@@ -226,7 +226,7 @@ class TaskSpec:
         else:
             values = dict(example)
         at = (lambda name: f"{where}.{name}") if where else (lambda name: name)
-        for name in values:
+        for name in sorted(values):  # sorted: a map's order is the transport's, the error must not be
             if name not in self.inputs:
                 shown = at(name if len(name) <= 40 else name[:37] + "...")  # a path, not an echo of 10 KB
                 raise InvalidInput(f"{shown}: task {clip(self.name)} has no input {clip(name)} "

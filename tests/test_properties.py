@@ -257,7 +257,7 @@ def _abbreviated(message: Any) -> Any:
                 value[:] = [_short(v) for v in value]
             else:
                 setattr(copy, fd.name, _short(value))
-        elif fd.message_type is not None:
+        elif fd.message_type is not None and not fd.message_type.GetOptions().map_entry:
             for sub in value if fd.is_repeated else [value]:
                 sub.CopyFrom(_abbreviated(sub))
     return copy
@@ -924,3 +924,49 @@ def test_a_task_never_reads_or_is_influenced_by_another(engine_factory_dir: Path
 @pytest.fixture(scope="module")
 def engine_factory_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tenants")
+
+
+# -- a task with several inputs (a sentence pair) ----------------------------------------------------------
+
+PAIRS = TaskSpec("pairs", "first {first} second {second} ? the answer is", SENTIMENT.labels, inputs=("first", "second"))
+pair_inputs = st.dictionaries(st.one_of(st.sampled_from(["first", "second", "third", "text"]),
+                                        weird_strings(long=False)), texts, max_size=3)
+
+
+def test_a_pair_tasks_inputs_are_answered_or_refused_naming_the_input(server: LiveServer) -> None:
+    """Any inputs, with or beside a text, truncated or not: an answer exactly when the task's own rule
+    (TaskSpec.text_of) takes them, else INVALID_ARGUMENT whose message starts with the field at fault."""
+    from raee_server.errors import InvalidInput
+    from raee_server.types import truncate as cut
+
+    if PAIRS.name not in server.task_names():
+        server.call("CreateTask", lambda s: s.CreateTask(pb.CreateTaskRequest(
+            name=PAIRS.name, template=PAIRS.template, inputs=list(PAIRS.inputs),
+            labels=[pb.Label(name=lb.name, word=lb.word) for lb in PAIRS.labels]), timeout=CALL_TIMEOUT))
+
+    @examples(60)
+    @given(values=pair_inputs, text=st.one_of(st.just(""), words), shorten=st.booleans())
+    def prop(values: dict[str, str], text: str, shorten: bool) -> None:
+        request = pb.ClassifyRequest(task=PAIRS.name, text=text, inputs=values,
+                                     options=pb.ClassifyOptions(truncate=shorten, policy="knn-vote"))
+        field: str | None = None
+        if values and text:
+            field = "text"
+        else:
+            try:
+                example = values or text
+                PAIRS.text_of(cut(example, MAX_CHARS) if shorten else example, "inputs" if values else "text",
+                              MAX_CHARS)
+            except InvalidInput as exc:
+                field = exc.field or "inputs"
+        try:
+            reply = server.call("Classify(pair)", lambda s: s.Classify(request, timeout=CALL_TIMEOUT))
+        except grpc.RpcError as exc:
+            assert field is not None, f"{show(request)} failed with {exc.code().name} {show(exc.details())}"
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details().startswith(field[:20]), \
+                f"{show(request)}: {exc.code().name} {show(exc.details())}, expected one naming {show(field)}"
+            return
+        assert field is None, f"{show(request)} was answered but must be refused at {show(field)}"
+        assert reply.label in PAIRS.label_names
+
+    run_then_check(server, prop)
