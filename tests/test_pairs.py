@@ -348,3 +348,21 @@ def test_the_bench_measures_a_pair_task_under_each_retrieval_key(engine: Engine,
     for mode in ("joined", "mean"):  # a copy of the records, keyed again: no forward, the same records
         copy = engine.task_info(f"pair--key-{mode}")
         assert copy.spec.retrieval_key == mode and copy.records == engine.task_info("pair").records
+
+
+def test_the_glue_pair_specs_read_glues_own_columns(tmp_path: Path) -> None:
+    """No GLUE file is on this machine; where one is, `raee-admin bench rte --data DIR` reads it as GLUE
+    writes it (a header with index, sentence1, sentence2, label): here a file in that layout."""
+    from raee_server.cli.assets import task_spec
+
+    rte = task_spec("rte")
+    assert rte is not None and rte.inputs == ("sentence1", "sentence2")
+    assert rte.label_names == ["entailment", "not_entailment"]
+    glue = tmp_path / "train.tsv"
+    glue.write_text("index\tsentence1\tsentence2\tlabel\n0\tA man is sleeping.\tNobody sleeps.\tnot_entailment\n",
+                    encoding="utf-8")
+    (row,) = read_rows(glue, inputs=rte.inputs)
+    assert isinstance(row, Row) and rte.values_of(row.text) == {"sentence1": "A man is sleeping.",
+                                                                 "sentence2": "Nobody sleeps."}
+    qnli = task_spec("qnli")
+    assert qnli is not None and qnli.inputs == ("question", "sentence")

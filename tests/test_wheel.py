@@ -139,9 +139,9 @@ for module in (raee_server, raee_server.migrations):
 specs = [assets.task_spec(name) for name in assets.task_spec_names()]
 rows = list(read_rows(assets.demo_sample(), "text", "label"))
 console = sorted(p.name for p in console_dir().iterdir())
-print(" ".join(s.name for s in specs if s), len(rows), " ".join(console))
+print(",".join(s.name for s in specs if s), len(rows), " ".join(console))
 """
     tasks_and_files = run([python, "-c", script], cwd=tmp_path, env=env).split()
-    assert tasks_and_files[:3] == ["agnews", "sst2", "trec"]
-    assert int(tasks_and_files[3]) == 400
-    assert {"index.html", "console.js", "console.css"} <= set(tasks_and_files[4:])
+    assert tasks_and_files[0].split(",") == ["agnews", "agnews-pairs", "qnli", "rte", "sst2", "trec", "trec-pairs"]
+    assert int(tasks_and_files[1]) == 400
+    assert {"index.html", "console.js", "console.css"} <= set(tasks_and_files[2:])

@@ -18,7 +18,8 @@ def task_spec_names() -> list[str]:
 
 
 def task_spec(name: str) -> TaskSpec | None:
-    """The shipped spec of a task (sst2, agnews, trec), or None where none ships by that name."""
+    """The shipped spec of a task (sst2, agnews, trec, their pair tasks, GLUE's rte and qnli), or None
+    where none ships by that name."""
     path = _assets() / "tasks" / f"{name}.toml"
     return TaskSpec.from_toml(path) if name in task_spec_names() else None
 
