@@ -71,6 +71,17 @@ class StoreMismatch(RaeeError):
     reason = "STORE_MISMATCH"
 
 
+class RunningElsewhere(RaeeError):
+    """Another replica holds the task's lease on background work (a fit or tune) now; retry after it
+    ends or lapses."""
+
+    reason = "RUNNING_ELSEWHERE"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Overloaded(RaeeError):
     """The request queue is full; retry with backoff."""
 

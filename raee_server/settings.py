@@ -64,6 +64,10 @@ class Settings(BaseSettings):
                               "exit-head fit (19: it gets only what requests leave)")
     retune_check_seconds: float = Field(default=30.0, description="how often the server checks whether a task "
                                         "needs new exit heads or a new auto choice (and loads newer heads)")
+    replica_id: str = Field(default="", description="this server's name among replicas over one database "
+                            "(its leases, logs and console show it); empty: host:pid:random")
+    lease_seconds: float = Field(default=60.0, gt=0, description="a replica's lease on a task's fit or tune "
+                                 "lasts this long unless renewed; another replica takes the work over after it")
     index_on_start: bool = Field(
         default=True, description="embedded store: build pending indexes while the server loads, before SERVING"
     )

@@ -152,6 +152,9 @@ def test_the_console_lists_tasks_with_records_labels_auto_and_heads(real_server:
     assert text_of(browser, "server-state") == "serving"
     # The policy box offers what the server knows (GetServerInfo), and the header names its models.
     until(browser, lambda d: "depth 18" in text_of(d, "server-info"), "no server info in the header")
+    # Which replica this console shows (its recent-request figures are that replica's own).
+    replica = real_server.stub.GetServerInfo(pb.GetServerInfoRequest()).replica
+    assert replica and text_of(browser, "server-info").startswith(f"replica {replica} ")
     offered = {o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#policies option")}
     assert {"auto", "paper", "cascade", "heads"} <= offered
     full_page(browser, shots / "tasks.png")
@@ -188,6 +191,8 @@ def test_try_it_shows_the_label_exit_layer_and_neighbours_of_a_real_text(real_se
     assert [(row[1], row[2]) for row in neighbours] == [(n.label, f"{n.similarity:.3f}") for n in expected.neighbours]
     # The task panel counts the answer among the recent requests (refreshed every few seconds).
     until(browser, lambda d: "answers" in text_of(d, "recent-summary"), "recent requests not shown")
+    replica = real_server.stub.GetServerInfo(pb.GetServerInfoRequest()).replica
+    assert f"answers on replica {replica} " in text_of(browser, "recent-summary")
     assert browser.find_elements(By.CSS_SELECTOR, "#recent-exits rect")
     full_page(browser, shots / "try-it.png")
 

@@ -65,9 +65,9 @@ def test_raee_admin_migrate(tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["--data-dir", str(tmp_path)]
     up = runner.invoke(cli, [*base, "migrate"], catch_exceptions=False)
-    assert up.exit_code == 0 and "schema empty -> 0005" in up.output
+    assert up.exit_code == 0 and "schema empty -> 0006" in up.output
     down = runner.invoke(cli, [*base, "migrate", "--downgrade", "--revision", "base"], catch_exceptions=False)
-    assert down.exit_code == 0 and "0005 -> base" in down.output
+    assert down.exit_code == 0 and "0006 -> base" in down.output
     assert not TABLES & set(inspect(create_engine(f"sqlite:///{tmp_path / 'metadata.sqlite'}")).get_table_names())
 
 
@@ -105,7 +105,7 @@ def test_alembic_from_the_root_gives_the_schema_raee_admin_migrate_gives(kind: s
         run = subprocess.run([str(alembic), "upgrade", "head"], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, run.stderr
-        assert "Running upgrade 0004 -> 0005" in run.stderr
+        assert "Running upgrade 0005 -> 0006" in run.stderr
         assert not (tmp_path / "unused").exists()  # the URL was the one given, not the data dir's SQLite
         admin = CliRunner().invoke(cli, ["migrate"], env={"RAEE_DATABASE_URL": by_admin}, catch_exceptions=False)
         assert admin.exit_code == 0, admin.output
@@ -124,10 +124,32 @@ def test_downgrades_keep_the_records(database_url: str) -> None:
     from raee_server.stores.records import ExitRecord, record_id
 
     store.write_pending("t", [ExitRecord(record_id("t", "x"), "t", "x", "a", 0, ())], None)
-    for revision in ("0004", "0003", "0001"):
+    for revision in ("0005", "0004", "0003", "0001"):
         migrate.downgrade(store.engine, revision)
         with store.engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM exit_records")).scalar() == 1, revision
             assert conn.execute(text("SELECT count(*) FROM tasks")).scalar() == 1, revision
     migrate.upgrade(store.engine)
     store.close()
+
+
+def test_heads_versions_stored_twice_are_numbered_again_before_they_become_unique(database_url: str) -> None:
+    """Two servers fitting at once could store version N twice before 0006; the upgrade numbers a
+    task's versions again in the order they were stored, so the newest stays the newest."""
+    engine = create_engine(database_url)
+    migrate.upgrade(engine, "0005")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tasks (id, name, template, labels, description, backbone_id, encoder_id, "
+                          "created_at, edits) VALUES (1, 't', '{text}', '[]', '', 'b', 'e', '2026-01-01', 0)"))
+        for row_id, version in ((1, 1), (2, 2), (3, 2), (4, 3)):
+            conn.execute(text("INSERT INTO task_heads (id, task_id, version, fitted_at, summary, data) "
+                              "VALUES (:i, 1, :v, '2026-01-01', '{}', :d)"), {"i": row_id, "v": version, "d": b""})
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, version FROM task_heads ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+        with pytest.raises(Exception, match="(?i)unique"):
+            conn.execute(text("INSERT INTO task_heads (task_id, version, fitted_at, summary, data) "
+                              "VALUES (1, 4, '2026-01-01', '{}', :d)"), {"d": b""})
+    migrate.downgrade(engine, "base")
+    engine.dispose()

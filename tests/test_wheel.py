@@ -124,7 +124,7 @@ def test_the_server_install_starts_migrates_and_finds_its_files(wheel: Path, tmp
 
     assert "--address" in run([bin_dir / "raee-server", "--help"], cwd=tmp_path, env=env)
     migrated = run([bin_dir / "raee-admin", "migrate"], cwd=tmp_path, env=env)
-    assert f"sqlite:///{tmp_path / 'data' / 'metadata.sqlite'}: schema empty -> 0005" in migrated
+    assert f"sqlite:///{tmp_path / 'data' / 'metadata.sqlite'}: schema empty -> 0006" in migrated
     document = json.loads(run([bin_dir / "raee-admin", "openapi"], cwd=tmp_path, env=env))
     classify = document["paths"]["/v1/tasks/{task}:classify"]["post"]
     assert classify["description"]  # the proto's comments, read from the shipped descriptor

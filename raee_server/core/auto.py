@@ -292,6 +292,11 @@ def maintenance(engine: Engine, task: str) -> Iterator[str]:
         yield "tune"
 
 
+def due(engine: Engine, task: str) -> bool:
+    """Some step of `maintenance` is due now."""
+    return next(maintenance(engine, task), None) is not None
+
+
 def needs_tuning_after_heads(engine: Engine, task: str) -> bool:
     """The stored `auto` choice was made among older exit heads (or none): their policies changed."""
     heads, tuned = engine.heads(task), engine.task_info(task).tuned

@@ -21,6 +21,7 @@ from raee_server.core.engine import Engine
 from raee_server.errors import InvalidInput, PermissionDenied, clip
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.serving.auth import ADMIN_METHODS
+from raee_server.serving.claims import Claims
 from raee_server.serving.fitter import fit_heads_in_child
 from raee_server.serving.interceptors import Accounting
 from raee_server.serving.operations import Body, Operation, Operations, Progress
@@ -34,9 +35,10 @@ CHUNK = 16  # rows per model turn: a request waits behind at most this much of a
 class Jobs:
     """The bodies, bound to the server's worker and settings."""
 
-    def __init__(self, worker: ModelWorker, settings: Settings) -> None:
+    def __init__(self, worker: ModelWorker, settings: Settings, replica: str) -> None:
         self.worker = worker
         self.settings = settings
+        self.claims = Claims(lambda: self.engine.metadata, replica, settings.lease_seconds)
 
     @property
     def engine(self) -> Engine:
@@ -51,8 +53,12 @@ class Jobs:
 
     def fit_heads(self, task: str, full: bool = False, then_tune: bool = True) -> Body:
         async def body(progress: Progress) -> dict[str, Any]:
-            engine = self.engine
             await self._exists(task)
+            async with self.claims.hold(task):  # one replica at a time fits a task
+                return await fit(progress)
+
+        async def fit(progress: Progress) -> dict[str, Any]:
+            engine = self.engine
             progress("reading the records' keys")
             keys = self.settings.data_dir / f".fit-keys-{os.getpid()}-{task}.npz"
             try:
@@ -73,8 +79,9 @@ class Jobs:
     def tune(self, task: str, validation: int | None = None, show_all: bool = False) -> Body:
         async def body(progress: Progress) -> dict[str, Any]:
             await self._exists(task)
-            progress("choosing auto on the task's records")
-            return await asyncio.to_thread(auto.tune_report, self.engine, task, validation, show_all)
+            async with self.claims.hold(task):
+                progress("choosing auto on the task's records")
+                return await asyncio.to_thread(auto.tune_report, self.engine, task, validation, show_all)
 
         return body
 

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from raee_server import tracing
 from raee_server.core import auto
 from raee_server.core.engine import Engine
-from raee_server.errors import InvalidInput, NotReady
+from raee_server.errors import InvalidInput, NotReady, RunningElsewhere
 from raee_server.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
@@ -246,7 +246,20 @@ class RaeeServer:
 
     async def _maintain(self, engine: Engine, task: str) -> None:
         """One task's background refit and retune (auto.maintenance's rule), each as an operation
-        queued behind any other; none is started while a twin is queued or running."""
+        queued behind any other; none is started while a twin is queued or running. Replicas over one
+        database take turns: this one works on the task only while it holds the task's lease, and
+        judges what is due after taking it, on fresh reads (another replica may have just done it)."""
+        if not await asyncio.to_thread(auto.due, engine, task):
+            return
+        try:
+            async with self.servicer.jobs.claims.hold(task):
+                engine.forget_heads(task)
+                engine.forget_choice(task)
+                await self._steps(engine, task)
+        except RunningElsewhere as exc:
+            log.debug("background work on %s: %s", task, exc)
+
+    async def _steps(self, engine: Engine, task: str) -> None:
         operations, jobs = self.servicer.operations, self.servicer.jobs
         steps = auto.maintenance(engine, task)
         while (step := await asyncio.to_thread(next, steps, None)) is not None:

@@ -20,6 +20,7 @@ from raee_server.core.ingest import IngestSession
 from raee_server.errors import InvalidInput, Unauthenticated, clip
 from raee_server.protos.raee.v1 import raee_pb2 as pb
 from raee_server.protos.raee.v1 import raee_pb2_grpc as pb_grpc
+from raee_server.serving.claims import replica_name
 from raee_server.serving.interceptors import (
     Accounting,
     Undecodable,
@@ -122,7 +123,8 @@ class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
         self.keys = accounting.keys
         self.recent = RecentAnswers()
         self.operations = Operations()
-        self.jobs = Jobs(worker, settings)
+        self.replica = replica_name(settings)
+        self.jobs = Jobs(worker, settings, self.replica)
 
     async def answer(self, task: str, texts: list[Example], options: pb.ClassifyOptions,
                         context: grpc.aio.ServicerContext, method: str | None = None) -> list[pb.ClassifyResponse]:
@@ -332,7 +334,7 @@ class RaeeServicer(OperationRpcs, pb_grpc.RaeeServiceServicer):
             depth=engine.depth, device=s.device, dtype=s.dtype, policies=policy_names(),
             default_k=s.default_k, max_k=s.max_k, max_text_chars=s.max_text_chars,
             max_batch_texts=s.max_batch_texts, max_message_bytes=s.max_message_bytes,
-            api_keys_required=self.keys is not None)
+            api_keys_required=self.keys is not None, replica=self.replica)
 
     async def CreateTask(self, request: pb.CreateTaskRequest,
                          context: grpc.aio.ServicerContext) -> pb.CreateTaskResponse:

@@ -13,6 +13,7 @@ from raee_server.errors import (
     Overloaded,
     PermissionDenied,
     RaeeError,
+    RunningElsewhere,
     StoreMismatch,
     TaskExists,
     TaskNotFound,
@@ -34,6 +35,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     StoreMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    RunningElsewhere: grpc.StatusCode.ABORTED,
 }
 
 

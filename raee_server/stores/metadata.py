@@ -17,6 +17,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 
 from raee_server.errors import NotReady, StoreMismatch, TaskExists
 from raee_server.stores.feature_rows import FeatureRows
+from raee_server.stores.leases import Leases
 from raee_server.stores.records import ExitRecord, text_hash
 from raee_server.stores.sql import (
     COMMITTED,
@@ -83,7 +84,7 @@ class TaskInfo:
                    for label, want in zip(self.spec.labels, self.spec.shares))
 
 
-class MetadataStore(FeatureRows):
+class MetadataStore(FeatureRows, Leases):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = open_engine(url)
@@ -264,13 +265,15 @@ class MetadataStore(FeatureRows):
             self._write_features(s, [r for r in records if r.features is not None])
 
     def save_heads(self, task: str, summary: dict[str, Any], data: bytes) -> int:
-        """Store a new version of the task's exit heads; returns its version number."""
+        """Store a new version of the task's exit heads; returns its version number, one above the
+        newest. Writers take turns on the task's row (Postgres: FOR UPDATE; SQLite: one writer at a
+        time), and (task, version) is unique besides."""
         with self._session.begin() as s:
-            task_id = task_row(s, task).id
+            task_id = s.scalar(select(TaskRow.id).where(TaskRow.id == task_row(s, task).id).with_for_update())
             version = int(s.scalar(select(func.max(TaskHeadsRow.version))
                                    .where(TaskHeadsRow.task_id == task_id)) or 0) + 1
             s.add(TaskHeadsRow(task_id=task_id, version=version, summary=summary, data=data))
-            return version
+        return version
 
     def heads(self, task: str, newer_than: int = 0) -> StoredHeads | None:
         """The task's newest exit heads (None if none, or none newer than `newer_than`)."""

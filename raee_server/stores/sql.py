@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -150,15 +151,29 @@ class FeatureCodecRow(Base):
 
 
 class TaskHeadsRow(Base):
-    """One fitted set of exit heads of a task (a version); the newest is served."""
+    """One fitted set of exit heads of a task (a version); the newest is served. A version number is
+    unique per task, so two replicas that fit at once cannot both store version N."""
 
     __tablename__ = "task_heads"
+    __table_args__ = (Index("uq_task_heads_version", "task_id", "version", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
     version: Mapped[int] = mapped_column(Integer)
     fitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     summary: Mapped[dict] = mapped_column(JSON)  # records, C and accuracy per exit
     data: Mapped[bytes] = mapped_column(LargeBinary)  # npz: weights, scaling, out-of-fold judgments
+
+
+class JobLeaseRow(Base):
+    """A replica's claim on a task's background work (exit-head fit and `auto` tune): one holder until
+    `expires_at`, renewed while the work runs; once it lapses (the holder died) another replica may
+    take it (raee_server.stores.leases)."""
+
+    __tablename__ = "job_leases"
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 def _dialect_insert(dialect: str) -> Callable[..., Any]:

@@ -208,9 +208,11 @@ function renderStats(stats) {
   const layers = counts.map((_, i) => String(i));
   barChart($("recent-exits"), counts, layers, { labelValues: true });
   const mean = stats.answers ? counts.reduce((s, c, i) => s + c * i, 0) / stats.answers : 0;
+  // Each replica counts its own answers: say whose these are.
+  const whose = replica ? ` on replica ${replica}` : "";
   $("recent-summary").textContent = stats.answers
-    ? `last ${stats.answers} answers (window ${stats.window}) since ${stats.since}; mean exit ${mean.toFixed(2)} of ${stats.depth}`
-    : "no answers since the server started";
+    ? `last ${stats.answers} answers${whose} (window ${stats.window}) since ${stats.since}; mean exit ${mean.toFixed(2)} of ${stats.depth}`
+    : `no answers${whose} since it started`;
   if (stats.answers && Number(stats.coverageChecked)) {  // drift: traffic unlike the records
     const outside = Number(stats.outsideCoverage || 0), checked = Number(stats.coverageChecked);
     $("recent-summary").textContent += `; answered by the key ${Number(stats.keyAnswers || 0)}; outside the records' `
@@ -428,11 +430,14 @@ async function serverState() {
   }
 }
 
+let replica = "";  // this server's name among replicas (GetServerInfo)
+
 async function loadServerInfo() {
   // What the server runs and the policies it knows (GetServerInfo); the policy box offers them.
   try {
     const info = await api("GET", "/v1/server");
-    $("server-info").textContent = `${info.backbone} · depth ${info.depth} · keys ${info.encoder} · v${info.version}`;
+    $("server-info").textContent = `replica ${info.replica} · ${info.backbone} · depth ${info.depth} · keys ${info.encoder} · v${info.version}`;
+    replica = info.replica;
     $("policies").replaceChildren(...info.policies.map((name) => el("option", { value: name })));
   } catch (err) {
     $("server-info").textContent = "";

@@ -461,7 +461,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "backbone", "encoder", "depth", "device", "dtype", "policies", "default_k", "max_k", "max_text_chars", "max_batch_texts", "max_message_bytes", "api_keys_required")
+    __slots__ = ("version", "backbone", "encoder", "depth", "device", "dtype", "policies", "default_k", "max_k", "max_text_chars", "max_batch_texts", "max_message_bytes", "api_keys_required", "replica")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
@@ -475,6 +475,7 @@ class GetServerInfoResponse(_message.Message):
     MAX_BATCH_TEXTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     API_KEYS_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     version: str
     backbone: str
     encoder: str
@@ -488,7 +489,8 @@ class GetServerInfoResponse(_message.Message):
     max_batch_texts: int
     max_message_bytes: int
     api_keys_required: bool
-    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., depth: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[str]] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_batch_texts: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., api_keys_required: _Optional[bool] = ...) -> None: ...
+    replica: str
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., encoder: _Optional[str] = ..., depth: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[str]] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_batch_texts: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., api_keys_required: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class Label(_message.Message):
     __slots__ = ("name", "word", "share")
