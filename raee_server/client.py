@@ -57,7 +57,10 @@ _ERRORS = {
 # retry", and only the server's RetryInfo tells them apart (the client reads it: `_retrying`).
 # Ingest is not retried: a client stream cannot be replayed once sent (re-running it is
 # harmless, rows are deduplicated). Other gRPC clients can use the same service config.
-RETRY_SERVICE_CONFIG = {
+# round_robin: a name that resolves to several replicas (DNS) gets its calls spread over all of them
+# (gRPC's default, pick_first, pins a channel to one); with one address it is the same as pick_first.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "raee.v1.RaeeService", "method": m}
                  for m in ("Classify", "ClassifyBatch", "GetTask", "ListTasks")],
@@ -70,7 +73,7 @@ RETRY_SERVICE_CONFIG = {
         },
     }]
 }
-CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG))]
+CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
 
 
 class _WithMetadata:

@@ -91,3 +91,18 @@ def test_a_replicated_collection_waits_for_the_cluster_peers() -> None:
     with pytest.raises(NotReady, match="disabled"):
         check_peers(_Cluster("disabled", 0), 2)
     check_peers(_Cluster("enabled", 3), 2)  # enough peers: no error
+
+
+def test_the_replicas_variant_adds_a_second_server_sharing_the_stores_and_the_key_file() -> None:
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    replicas = yaml.safe_load((ROOT / "docker-compose.replicas.yml").read_text())["services"]
+    second = replicas["server-2"]
+    assert replicas["server"]["environment"]["RAEE_REPLICA_ID"] != second["environment"]["RAEE_REPLICA_ID"]
+    shared = ("RAEE_DATABASE_URL", "RAEE_QDRANT_URL", "RAEE_MODEL_CACHE", "RAEE_API_KEYS_FILE")
+    assert {k: second["environment"][k] for k in shared} == {k: base["server"]["environment"][k] for k in shared}
+    assert second["environment"]["RAEE_QDRANT_API_KEY"].startswith("${QDRANT_API_KEY:?")
+    assert second["image"] == base["server"]["image"] and second["secrets"] == base["server"]["secrets"]
+    assert second["healthcheck"]["test"] == base["server"]["healthcheck"]["test"]
+    published = {p.split(":")[0] for s in (base["server"], second) for p in s["ports"]}
+    assert len(published) == len(base["server"]["ports"]) + len(second["ports"])  # no host port twice
+    assert second["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}

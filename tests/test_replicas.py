@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 from sqlalchemy import text
 
@@ -323,3 +327,22 @@ def test_a_client_balances_calls_over_two_replicas(replicas: Callable[..., Repli
             stub.Classify(pb.ClassifyRequest(task=SENTIMENT.name, text=f"film number {i}"), timeout=60)
     counts = [s.stub.GetTaskStats(pb.GetTaskStatsRequest(name=SENTIMENT.name)).answers for s in (a, b)]
     assert sum(counts) == 20 and min(counts) > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_background_fit_dies_with_its_server() -> None:
+    """A replica killed mid-fit must not leave its fit running to race the replica that takes over."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'from raee_server.serving.fitter import _die_with_parent;"
+        " _die_with_parent(); print(flush=True); import time; time.sleep(600)'], stdout=subprocess.PIPE)\n"
+        "child.stdout.readline()\n"
+        "print(child.pid, flush=True)\n"
+        "import time; time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert psutil.pid_exists(child)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(30)
+    until(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+          "the fit outlived its server", timeout=30)

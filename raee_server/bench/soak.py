@@ -137,15 +137,30 @@ def soak(address: str, task: str, clients: int = 32, seconds: float = 60.0, warm
     return result
 
 
-def compare_policies(address: str, task: str, texts: Sequence[str], policies: Sequence[str], clients: int = 16,
-                     seconds: float = 30.0, sequential: int = 50, api_key: str | None = None
+def balanced_target(addresses: Sequence[str]) -> str:
+    """One channel target over several replicas' addresses (gRPC's ipv4: form, which round_robin
+    spreads calls over, as it does over the addresses of a DNS name); one address as it is."""
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts = []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        hosts.append(f"{socket.gethostbyname(host.strip('[]'))}:{port}")
+    return "ipv4:" + ",".join(hosts)
+
+
+def compare_policies(address: str | Sequence[str], task: str, texts: Sequence[str], policies: Sequence[str],
+                     clients: int = 16, seconds: float = 30.0, sequential: int = 50, api_key: str | None = None
                      ) -> dict[str, dict[str, float]]:
     """Per policy, in the same run: sequential latency (one request at a time) and throughput and
-    latency with `clients` concurrent clients, on real texts."""
-    _check_local(address)
+    latency with `clients` concurrent clients, on real texts. Several addresses (replicas of one
+    deployment): one channel balancing the calls over them, round robin."""
+    addresses = [address] if isinstance(address, str) else list(address)
+    for one in addresses:
+        _check_local(one)
     metadata = [(METADATA_KEY, api_key)] if api_key else []
     out: dict[str, dict[str, float]] = {}
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(balanced_target(addresses), options=[("grpc.lb_policy_name", "round_robin")]) as channel:
         stub = pb_grpc.RaeeServiceStub(channel)
         for policy in policies:
             options = pb.ClassifyOptions(policy=policy)

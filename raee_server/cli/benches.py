@@ -177,7 +177,8 @@ def bench_coverage(obj: Context, tasks: tuple[str, ...], data_root: Path, constr
 
 
 @cli.command("loadtest")
-@click.option("--server", required=True, metavar="HOST:PORT", help="a server on this machine (loopback only)")
+@click.option("--server", "servers", required=True, multiple=True, metavar="HOST:PORT",
+              help="a server on this machine (loopback only); repeat for replicas: the calls are balanced over them")
 @click.option("--task", "task_name", required=True)
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--policy", "policies", multiple=True, default=["auto", "full"], show_default=True)
@@ -187,13 +188,13 @@ def bench_coverage(obj: Context, tasks: tuple[str, ...], data_root: Path, constr
 @click.option("--json-out", type=click.Path(path_type=Path))
 @click.pass_obj
 @reports
-def loadtest(obj: Context, server: str, task_name: str, file: Path, policies: tuple[str, ...], clients: int,
-             seconds: float, sequential: int, json_out: Path | None) -> dict[str, Any]:
+def loadtest(obj: Context, servers: tuple[str, ...], task_name: str, file: Path, policies: tuple[str, ...],
+             clients: int, seconds: float, sequential: int, json_out: Path | None) -> dict[str, Any]:
     """Policies side by side against a running server: sequential latency, then N concurrent clients."""
     from raee_server.bench.soak import compare_policies
 
     texts = [r.text for r in read_rows(file) if isinstance(r, Row)]
-    results = compare_policies(server, task_name, texts, policies, clients, seconds, sequential, obj.api_key)
+    results = compare_policies(servers, task_name, texts, policies, clients, seconds, sequential, obj.api_key)
     obj.say(f"{'policy':<12} {'seq p50 ms':>10} {'rps':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for name, r in results.items():
         obj.say(f"{name:<12} {r['sequential_p50_ms']:>10.1f} {r['throughput_rps']:>7.2f} {r['p50_ms']:>8.1f} "

@@ -54,7 +54,18 @@ async def fit_heads_in_child(sql_url: str, task: str, niceness: int = 19, keys: 
     return summary
 
 
+def _die_with_parent() -> None:
+    """Linux: end this fit when its server dies (SIGKILL included). A replica's lease lapses when it
+    dies and another replica fits the task; an orphaned fit would race it to store the next version."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 def main() -> int:
+    _die_with_parent()
     os.nice(int(sys.argv[2]) if len(sys.argv) > 2 else 19)  # the model worker first; the fit takes the idle CPU
     from raee_server.core.auto import fit_and_store_heads, load_keys
     from raee_server.stores.metadata import MetadataStore

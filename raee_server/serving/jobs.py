@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from raee_server.core import auto, evaluation
@@ -60,7 +62,9 @@ class Jobs:
         async def fit(progress: Progress) -> dict[str, Any]:
             engine = self.engine
             progress("reading the records' keys")
-            keys = self.settings.data_dir / f".fit-keys-{os.getpid()}-{task}.npz"
+            handle, name = tempfile.mkstemp(prefix=f".fit-keys-{task}-", suffix=".npz", dir=self.settings.data_dir)
+            os.close(handle)  # a name of its own: replicas may share the data directory
+            keys = Path(name)
             try:
                 await asyncio.to_thread(auto.save_keys, engine.vectors, task, keys)
                 summary = await fit_heads_in_child(self.settings.sql_url, task, self.settings.fit_niceness, keys,
