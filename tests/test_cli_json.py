@@ -114,6 +114,8 @@ def invocations(s: dict[str, Any]) -> dict[str, list[str]]:
         "operation cancel": ["operation", "cancel", s["operation"], "--server", address],
         "loadtest": ["loadtest", "--server", address, "--task", "sentiment", data, "--policy", "paper",
                      "--clients", "2", "--seconds", "1", "--sequential", "3"],
+        "loadtest-open": ["loadtest-open", "--server", address, "--task", "sentiment", data, "--policy", "paper",
+                          "--rate", "4", "--seconds", "0.5", "--out", str(root / "openloop")],
         "soak": ["soak", "--server", address, "--task", "sentiment", "--clients", "2", "--seconds", "1",
                  "--warmup", "0"],
         "bench-transports": ["bench-transports", "--server", address, "--http", s["http"], "--task", "sentiment",
@@ -136,8 +138,9 @@ def test_each_reporting_command_prints_one_json_document_and_nothing_else(setup:
     assert set(runs) == set(COMMANDS) - set(NOT_REPORTING), "a reporting command is not exercised here"
     runner = CliRunner()
     for name, args in runs.items():
-        global_flags = setup["base"] if name not in ("health", "loadtest", "soak", "bench-transports") \
-            and not name.startswith("operation") else []
+        remote = name in ("health", "loadtest", "loadtest-open", "soak", "bench-transports") \
+            or name.startswith("operation")
+        global_flags = [] if remote else setup["base"]
         if name == "bench-keys":  # its subject is a sentence-transformers key: the packaged MiniLM
             global_flags = [*global_flags[:-1], "minilm"]
         result = runner.invoke(cli, [*global_flags, *args, "--json"], catch_exceptions=False)

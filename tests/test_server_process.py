@@ -104,3 +104,29 @@ def test_loadtest_compares_policies_in_one_run(server) -> None:  # type: ignore[
     assert set(results) == {"paper", "full"}
     for r in results.values():
         assert r["errors"] == 0 and r["throughput_rps"] > 0 and r["sequential_p50_ms"] > 0
+
+
+def test_the_open_loop_load_sends_every_request_at_its_rate_and_draws_latency_against_load(  # type: ignore[no-untyped-def]
+        server, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from raee_server.cli.main import cli
+
+    _, address, _ = server
+    sentiment_task(pb_grpc.RaeeServiceStub(grpc.insecure_channel(address)), "t", ROWS)
+    rows = tmp_path / "texts.tsv"
+    rows.write_text("text\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in ROWS))
+    out = tmp_path / "openloop"
+    run = CliRunner().invoke(cli, ["--json", "loadtest-open", "--server", address, "--task", "t", str(rows),
+                                   "--rate", "8", "--rate", "2", "--seconds", "1.5", "--policy", "paper",
+                                   "--out", str(out)], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    report = json.loads((out / "openloop.json").read_text())["policies"]
+    assert [r["offered_rps"] for r in report["paper"]] == [2, 8]  # ascending
+    for r in report["paper"]:
+        assert r["requests"] == round(r["offered_rps"] * 1.5)  # every one sent, whatever the answers
+        assert r["errors"] == 0 and r["codes"] == {"OK": r["requests"]} and r["p99_ms"] >= r["p50_ms"] > 0
+    assert (out / "openloop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| paper | 8 |" in (out / "openloop.md").read_text()
+    refused = CliRunner().invoke(cli, ["loadtest-open", "--server", "10.1.2.3:50051", "--task", "t", str(rows)])
+    assert refused.exit_code != 0 and "not a loopback address" in refused.output

@@ -204,6 +204,33 @@ def loadtest(obj: Context, servers: tuple[str, ...], task_name: str, file: Path,
     return results
 
 
+@cli.command("loadtest-open")
+@click.option("--server", "servers", required=True, multiple=True, metavar="HOST:PORT",
+              help="a server on this machine (loopback only); repeat for replicas: the calls are balanced over them")
+@click.option("--task", "task_name", required=True)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--rate", "rates", type=click.FloatRange(min=0, min_open=True), multiple=True,
+              default=[5.0, 10.0, 20.0, 40.0], show_default=True, help="arrival rates (requests/s), each in turn")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="per rate")
+@click.option("--policy", "policies", multiple=True, default=["auto", "full"], show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/openloop"), show_default=True)
+@click.pass_obj
+@reports
+def loadtest_open(obj: Context, servers: tuple[str, ...], task_name: str, file: Path, rates: tuple[float, ...],
+                  seconds: float, policies: tuple[str, ...], out: Path) -> dict[str, Any]:
+    """Open-loop load: requests at fixed arrival rates for a fixed time, each sent when due whatever
+    the server's pace; p50/p99 and errors per rate, drawn as latency against offered load."""
+    from raee_server.bench import openloop
+
+    texts = [r.text for r in read_rows(file) if isinstance(r, Row)]
+    report = openloop.run(servers, task_name, texts, rates, seconds, policies, obj.api_key,
+                          progress=lambda line: click.echo(line, err=True))
+    written = [str(p) for p in openloop.write(report, out, "raee-admin " + " ".join(sys.argv[1:]))]
+    obj.say((out / "openloop.md").read_text())
+    return {"policies": report, "written": written}
+
+
 @cli.command("bench-speed")
 @click.argument("tasks", nargs=-1, required=True, metavar="TASK:ROWS...")
 @data_option("folder with <task>/train.tsv")

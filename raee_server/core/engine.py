@@ -35,6 +35,7 @@ from raee_server.core.prior import PriorTracker
 from raee_server.errors import InvalidInput, NotReady, StoreMismatch
 from raee_server.models.backbone import Backbone, LabelHead
 from raee_server.models.encoders import KeyEncoder
+from raee_server.models.hardware import dtype_problem
 from raee_server.settings import Settings
 from raee_server.stores.metadata import MetadataStore, TaskInfo
 from raee_server.stores.records import to_features
@@ -93,22 +94,22 @@ class Engine(RecordWrites):
 
     @classmethod
     def open_for_serving(cls, settings: Settings) -> Engine:
-        """Engine.open, then build pending vector indexes (RAEE_INDEX_ON_START) before any request."""
+        """Engine.open, then build pending vector indexes (RAEE_INDEX_ON_START) before any request. A dtype
+        the processor would only emulate is refused first: a server must not answer many times slower."""
+        if problem := dtype_problem(settings.device, settings.dtype):
+            raise InvalidInput(problem, field="dtype")
         engine = cls.open(settings)
-        if engine.vectors.exclusive:  # no other process can be ingesting: a `running` batch was cut off
-            stale = engine.metadata.close_stale_batches()
-            if stale:
-                log.warning("%d ingest batch(es) left running by a process that stopped: marked interrupted", stale)
+        # Exclusive: no other process can be ingesting, so a `running` batch was cut off.
+        if engine.vectors.exclusive and (stale := engine.metadata.close_stale_batches()):
+            log.warning("%d ingest batch(es) left running by a process that stopped: marked interrupted", stale)
         if settings.index_on_start:
             engine.build_index()
         return engine
 
     def build_index(self) -> float:
-        """Build the vector store's pending indexes; returns the seconds it took.
-
-        On the embedded store this blocks the whole process (see EdgeVectorStore), so callers
-        run it where no request waits: while the server loads, or at the end of a local ingest.
-        """
+        """Build the vector store's pending indexes; returns the seconds it took. On the embedded store
+        this blocks the whole process (EdgeVectorStore): callers run it where no request waits (while
+        the server loads, or at the end of a local ingest)."""
         start = time.perf_counter()
         log.info("indexing the vector store (%d points) ...", self.vectors.count())
         changed = self.vectors.optimize()

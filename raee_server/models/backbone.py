@@ -163,9 +163,11 @@ class Backbone:
         head = self._heads.get(token_ids)
         if head is None:
             index = torch.tensor(token_ids, device=self.device)
-            weight = self.lm_head.weight.detach().index_select(0, index)
+            # float32 whatever the backbone's dtype: the lens is a few rows, and a label's score is read
+            # off small differences between them (bfloat16 keeps 8 bits of mantissa)
+            weight = self.lm_head.weight.detach().index_select(0, index).float()
             bias = getattr(self.lm_head, "bias", None)
-            head = LabelHead(token_ids, weight, None if bias is None else bias.detach().index_select(0, index))
+            head = LabelHead(token_ids, weight, None if bias is None else bias.detach().index_select(0, index).float())
             self._heads[token_ids] = head
         return head
 
@@ -173,7 +175,7 @@ class Backbone:
 
     def lens(self, features: torch.Tensor, head: LabelHead) -> torch.Tensor:
         """The logit lens on exit features: the label-word rows of the output layer, [..., H] -> [..., C]."""
-        return nn.functional.linear(features.to(head.weight.dtype), head.weight, head.bias).float()
+        return nn.functional.linear(features.float(), head.weight, head.bias)
 
     def _project(self, hidden: torch.Tensor, head: LabelHead) -> torch.Tensor:
         """The family's transform, then the lens: [..., H] -> [..., C]."""

@@ -16,6 +16,7 @@ import torch
 
 from raee_server.errors import InvalidInput
 from raee_server.models.backbone import DTYPES, Backbone, CausalLMBackbone, MaskedLMBackbone
+from raee_server.models.hardware import dtype_problem
 from raee_server.models.seq2seq import Seq2SeqBackbone
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def load_backbone(
     hf_logging.disable_progress_bar()  # one line per load in our own log instead
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if problem := dtype_problem(device, dtype):  # a local run may go on, slowly; the server refuses (Engine)
+        log.warning("%s", problem)
     model_id, source = resolve_backbone(spec, models_dir)
     start = time.perf_counter()
     local_only = {"local_files_only": True}
