@@ -174,6 +174,12 @@ def test_bench_speed_compares_both_ingest_paths_and_their_records(tmp_path: Path
     report = json.loads(result.stdout)
     task = report["tasks"][0]
     assert report["machine_gflops"] > 0 and task["rows"] == 50 and task["gflop_per_row"] > 0
+    # float32 beside bfloat16, and which native units this CPU has (what the comparison means)
+    assert set(report["matmul_512_gflops"]) == {"float32", "bfloat16"} and min(report["matmul_512_gflops"].values()) > 0
+    from raee_server.models.hardware import bfloat16_units
+
+    assert report["bfloat16_units"] == bfloat16_units()
+    assert "bfloat16 " in (out / "speed.md").read_text()
     assert set(task["paths"]) == {"file order", "by length"}
     assert all(p["added"] == 50 and p["rows_per_second"] > 0 for p in task["paths"].values())
     # Batching by length changes how rows are grouped, not what each record says.

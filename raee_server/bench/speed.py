@@ -22,6 +22,7 @@ import torch
 from raee_server.bench import reports
 from raee_server.core.datafile import read_rows
 from raee_server.core.engine import Engine
+from raee_server.models.hardware import bfloat16_units
 from raee_server.stores.metadata import MetadataStore
 from raee_server.stores.vectors import EdgeVectorStore, collection_name
 from raee_server.types import Row, TaskSpec
@@ -31,9 +32,9 @@ PATHS = {"file order": {"ingest_sort_by_length": False, "ingest_batch_size": 32}
          "by length": {"ingest_sort_by_length": True, "ingest_batch_size": 128}}
 
 
-def machine_gflops(size: int = 1024, seconds: float = 3.0) -> float:
-    """fp32 matrix-multiply rate of this machine with torch's threads, GFLOP/s (best of the run)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def machine_gflops(size: int = 1024, seconds: float = 3.0, dtype: torch.dtype = torch.float32) -> float:
+    """Matrix-multiply rate of this machine with torch's threads, GFLOP/s (best of the run)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)  # warm up
     best = 0.0
     stop = time.perf_counter() + seconds
@@ -128,7 +129,9 @@ def bench_task(base: Engine, spec: TaskSpec, data: Path, rows: int, out: Path,
 def write(report: dict[str, Any], out: Path, command: str) -> list[Path]:
     machine = report["machine_gflops"]
     lines = [f"This machine's fp32 matrix multiply, measured in the same run: {machine:.1f} GFLOP/s "
-             f"({report['threads']} torch threads).", "",
+             f"({report['threads']} torch threads). A 512-wide multiply in the same run: "
+             + ", ".join(f"{name} {g:.1f} GFLOP/s" for name, g in report["matmul_512_gflops"].items())
+             + f" (native bfloat16 units: {', '.join(report['bfloat16_units']) or 'none'}).", "",
              "| task | rows | tokens (mean / max) | GFLOP per row | path | rows/s | achieved GFLOP/s | % of the "
              "machine | speed-up | records identical |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in report["tasks"]:
@@ -159,5 +162,9 @@ def run(base: Engine, tasks: Sequence[tuple[TaskSpec, Path, int]], out: Path,
         progress: Callable[[str], None]) -> dict[str, Any]:
     progress("measuring this machine's fp32 matrix multiply")
     machine = machine_gflops()
+    # float32 beside bfloat16 on the same 512-wide multiply (small: emulated bfloat16 is ~70x slower)
+    peaks = {name: machine_gflops(512, 1.5, dtype) for name, dtype in (("float32", torch.float32),
+                                                                        ("bfloat16", torch.bfloat16))}
     done = [bench_task(base, spec, data, rows, out, progress) for spec, data, rows in tasks]
-    return {"machine_gflops": machine, "threads": torch.get_num_threads(), "tasks": done}
+    return {"machine_gflops": machine, "threads": torch.get_num_threads(), "tasks": done,
+            "matmul_512_gflops": peaks, "bfloat16_units": bfloat16_units()}
