@@ -346,3 +346,26 @@ def test_a_background_fit_dies_with_its_server() -> None:
     parent.wait(30)
     until(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
           "the fit outlived its server", timeout=30)
+
+
+def test_a_local_fit_takes_turns_with_the_servers_of_its_database(tmp_path: Path) -> None:
+    """raee-admin's local fit and tune (after an ingest, or fit-heads) take the task's lease too."""
+    from .conftest import admin_cli, write_tsv
+    from .tiny_models import save_tiny_backbone
+
+    run = admin_cli(tmp_path / "data", save_tiny_backbone(tmp_path / "model"))
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'name = "{SENTIMENT.name}"\ntemplate = "{SENTIMENT.template}"\n'
+                    'labels = [{ name = "negative", word = " negative" }, { name = "positive", word = " positive" }]\n')
+    run("task", "create", "--file", str(spec))
+    store = MetadataStore(f"sqlite:///{tmp_path / 'data' / 'metadata.sqlite'}")
+    assert store.claim_lease(SENTIMENT.name, "server-1", 3600)  # a server is fitting the task
+    out = run("ingest", "--task", SENTIMENT.name, str(write_tsv(tmp_path / "rows.tsv", corpus(40))))
+    assert "added 40" in out and "not fitting here" in out and "server-1" in out  # the rows are in
+    assert store.heads(SENTIMENT.name) is None
+    refused = run("fit-heads", "--task", SENTIMENT.name, code=4)
+    assert "replica server-1 is fitting or tuning task" in refused
+    store.release_lease(SENTIMENT.name, "server-1")
+    assert "exit heads v1" in run("fit-heads", "--task", SENTIMENT.name)
+    assert store.lease(SENTIMENT.name) is None  # given back
+    store.close()

@@ -6,7 +6,8 @@ Exit codes (the same for every command):
   1  done, but some input was rejected or a check failed (ingest rejections, doctor, health)
   2  usage: a bad flag, argument or combination (nothing was done)
   3  refused: invalid input, an unknown task, a missing permission
-  4  unavailable: the server or a store cannot be reached, or the store is held by a running server
+  4  unavailable: the server or a store cannot be reached, the store is held by a running server, or a
+     server is fitting or tuning the task now (try again later)
 
 Every command that reports takes --json (also before the command: `raee-admin --json ...`):
 one JSON document on stdout and nothing else; progress and warnings go to stderr.
@@ -110,14 +111,14 @@ def exit_code_of(exc: BaseException) -> int:
     """The one place that decides a failed command's exit code (see the module docstring)."""
     import grpc
 
-    from raee_server.errors import DeadlineExpired, NotReady, Overloaded
+    from raee_server.errors import DeadlineExpired, NotReady, Overloaded, RunningElsewhere
 
-    if isinstance(exc, (NotReady, Overloaded, DeadlineExpired, ConnectionError)):
+    if isinstance(exc, (NotReady, Overloaded, DeadlineExpired, RunningElsewhere, ConnectionError)):
         return EXIT_UNAVAILABLE
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if callable(getattr(exc, "code", None)) else None
         unavailable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED)
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)
         return EXIT_UNAVAILABLE if code in unavailable else EXIT_REFUSED
     return EXIT_REFUSED
 

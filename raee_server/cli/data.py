@@ -19,6 +19,7 @@ from raee_server.cli.app import (
     server_option,
     task_inputs,
 )
+from raee_server.errors import RunningElsewhere
 from raee_server.stores.records import record_id
 from raee_server.types import Rejected, Row
 
@@ -49,15 +50,24 @@ def ingest(obj: Context, task_name: str, file: Path, text_column: str, label_col
             click.echo("indexing the new records ...", err=True)
             engine.build_index()
             from raee_server.core import auto
+            from raee_server.serving.claims import holding, replica_name
 
-            for step in auto.maintenance(engine, task_name):  # here, not on a later request
-                if step == "fit-heads":
-                    heads = auto.fit_task_heads(engine, task_name)
-                    click.echo(f"exit heads v{heads.version} for {task_name}: best exit {heads.best_exit} "
-                               f"({100 * heads.accuracy[heads.best_exit]:.1f}% out of fold)", err=True)
-                else:
-                    choice = auto.tune(engine, task_name)
-                    click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k}", err=True)
+            def maintain() -> None:
+                for step in auto.maintenance(engine, task_name):  # here, not on a later request
+                    if step == "fit-heads":
+                        heads = auto.fit_task_heads(engine, task_name)
+                        click.echo(f"exit heads v{heads.version} for {task_name}: best exit {heads.best_exit} "
+                                   f"({100 * heads.accuracy[heads.best_exit]:.1f}% out of fold)", err=True)
+                    else:
+                        choice = auto.tune(engine, task_name)
+                        click.echo(f"auto for {task_name}: {choice.policy} with k = {choice.k}", err=True)
+
+            try:  # servers over the same database take turns with it
+                if auto.due(engine, task_name):
+                    holding(engine.metadata, task_name, replica_name(engine.settings, "raee-admin:"),
+                            engine.settings.lease_seconds, maintain)
+            except RunningElsewhere as exc:  # the rows are in; that server refits them
+                click.echo(f"not fitting here: {exc}", err=True)
     for rej in report.rejected:
         click.echo(f"{file}:{rej.line}: rejected: {rej.reason}", err=True)
     obj.say(f"added {report.added}, already present {report.present}, rejected {len(report.rejected)}")

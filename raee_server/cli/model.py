@@ -209,9 +209,18 @@ def fit_heads_cmd(obj: Context, task_name: str, full: bool, server: str | None =
 
         summary = on_server(obj, server, "FitHeads", pb.FitHeadsRequest(task=task_name, full=full), task_name)
     else:
+        from raee_server.serving.claims import holding, replica_name
+
         engine = obj.engine
-        heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True), full=full)
-        summary = {**heads.summary(), "auto": auto.tune(engine, task_name).to_dict()}
+
+        def fit_and_tune() -> dict[str, Any]:
+            heads = auto.fit_task_heads(engine, task_name, progress=lambda m: click.echo(f"  {m}", err=True),
+                                        full=full)
+            return {**heads.summary(), "auto": auto.tune(engine, task_name).to_dict()}
+
+        # servers over the same database take turns with it (docs/deployment.md)
+        summary = holding(engine.metadata, task_name, replica_name(engine.settings, "raee-admin:"),
+                          engine.settings.lease_seconds, fit_and_tune)
     choice = summary["auto"]
     obj.say(f"exit heads v{summary['version']} for {task_name}: {summary['fit_records']} records fit the heads, "
             f"{summary['calibration_records']} certify the cascade, {summary['seconds']:.1f} s")

@@ -20,18 +20,31 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from raee_server.errors import NotReady, RunningElsewhere
 from raee_server.settings import Settings
 from raee_server.stores.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def replica_name(settings: Settings) -> str:
+def replica_name(settings: Settings, program: str = "") -> str:
     """RAEE_REPLICA_ID, else host, process and a random suffix: unique among the replicas of now."""
-    return settings.replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return settings.replica_id or f"{program}{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def holding(metadata: MetadataStore, task: str, holder: str, seconds: float, work: Callable[[], T]) -> T:
+    """`work()` while holding the task's lease, from synchronous code: raee-admin's local fit and tune
+    against a database that servers may share. RunningElsewhere if one of them holds it now. (A work
+    that loses the lease midway still ends in its thread: a local run is not cancelled.)"""
+
+    async def run() -> T:
+        async with Claims(lambda: metadata, holder, seconds).hold(task):
+            return await asyncio.to_thread(work)
+
+    return asyncio.run(run())
 
 
 @dataclass
