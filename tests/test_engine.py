@@ -123,6 +123,19 @@ def test_static_and_full_policies(engine: Engine) -> None:
     assert engine.classify(SENTIMENT.name, ["good"])[0].exit_layer == engine.depth  # no records: no evidence
 
 
+def test_a_request_is_parsed_and_checked_once(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples are checked and put in their one text form once per request, not again when the
+    policy is resolved (for a pair task that parses JSON)."""
+    from raee_server.types import TaskSpec
+
+    engine.create_task(SENTIMENT)
+    calls: list[int] = []
+    real = TaskSpec.texts_of
+    monkeypatch.setattr(TaskSpec, "texts_of", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    engine.classify(SENTIMENT.name, ["good", "bad"], policy="full")
+    assert calls == [1]
+
+
 def test_classify_errors_name_the_problem(engine: Engine) -> None:
     with pytest.raises(TaskNotFound, match="task 'nope' does not exist"):
         engine.classify("nope", ["good"])

@@ -188,11 +188,9 @@ class Engine(RecordWrites):
             raise InvalidInput(f"k: {k} out of range 1..{self.settings.max_k}", "options.k")
         return k
 
-    def validate(
-        self, task: str, texts: Sequence[Example], policy: str | ExitPolicy | None, k: int | None
-    ) -> Resolved:
-        """Check a classify request without computing anything: the policy to use, k, and its name as served."""
-        self.texts_of(task, texts)
+    def validate(self, task: str, policy: str | ExitPolicy | None, k: int | None) -> Resolved:
+        """A classify request's policy, k and served name, computing nothing (`texts_of` checks its examples:
+        the worker has their normalised form from it already, so they are not parsed twice)."""
         try:
             return self.resolve_policy(task, policy, k)
         except InvalidInput as exc:  # the policy's own checks know what is wrong, not where it came from
@@ -314,7 +312,7 @@ class Engine(RecordWrites):
         """RAEE inference: retrieve neighbours, decide each row's exit, run only up to it. No policy: `auto`.
         `examples`: texts, or the task's inputs by name."""
         texts = self.texts_of(task, examples)
-        chosen, k, served = self.validate(task, texts, policy, k)
+        chosen, k, served = self.validate(task, policy, k)
         return self.classify_validated(task, texts, chosen, k, served)
 
     def classify_validated(self, task: str, texts: Sequence[str], chosen: ExitPolicy, k: int,

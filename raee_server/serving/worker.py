@@ -353,7 +353,7 @@ class ModelWorker:
         for job in jobs:
             try:
                 job.texts = self.engine.texts_of(job.task, job.examples)
-                job.resolved = self.engine.validate(job.task, job.texts, job.policy, job.k)
+                job.resolved = self.engine.validate(job.task, job.policy, job.k)
                 job.results = [None] * len(job.texts)  # type: ignore[list-item]  # filled chunk by chunk
                 errors.append(None)
             except RaeeError as exc:
