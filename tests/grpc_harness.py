@@ -36,8 +36,9 @@ class ServerThread:
     def submit(self, coro: Any) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def wait_ready(self) -> None:
-        self.run(self.server.wait_ready())
+    def wait_ready(self, timeout: float = 900) -> None:
+        # An upper bound: the first real-model server of a fresh machine converts the weights first.
+        self.run(self.server.wait_ready(), timeout)
 
     def stop(self, grace: float = 5.0) -> None:
         self.channel.close()
